@@ -1,0 +1,53 @@
+"""The ``xmllm`` entry point: builds the parser from the discovered subcommands."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from typing import Sequence
+
+from . import commands
+from .errors import XmllmError
+
+
+def package_version() -> str:
+    """The installed distribution's version (falls back for a bare checkout)."""
+    try:
+        return version("xmllm")
+    except PackageNotFoundError:  # running from a checkout that was never installed
+        return "0+unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xmllm",
+        description="Explain multimodal LLMs: catalog, explainers, reports, site.",
+    )
+    parser.add_argument("--version", action="version", version=f"xmllm {package_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{commands.__name__}.{info.name}")
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except XmllmError as exc:
+        print(f"xmllm: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("xmllm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""The ``xmllm`` entry point: version, help, and the explainer listing."""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from importlib.metadata import version
+
+import pytest
+
+from explainers.ids import KNOWN_EXPLAINER_IDS
+from explainers.registry import registered
+from reports.cli import build_parser, main
+
+
+def test_version(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"xmllm {version('xmllm')}"
+
+
+def test_help_lists_every_subcommand(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert {"catalog", "explainers"} <= set(sub.choices)
+    for name in sub.choices:
+        assert name in out
+
+
+def test_no_arguments_prints_help(capsys) -> None:
+    assert main([]) == 0
+    assert "usage: xmllm" in capsys.readouterr().out
+
+
+def test_explainers_json_lists_every_known_id(capsys) -> None:
+    assert main(["explainers", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids))
+    assert set(ids) == set(KNOWN_EXPLAINER_IDS) | set(registered())
+    assert len(KNOWN_EXPLAINER_IDS) == 26
+    for r in rows:
+        assert r["status"] == ("implemented" if r["id"] in registered() else "planned")
+
+
+def test_module_entry_point_runs() -> None:
+    """``python -m reports.cli`` works in a fresh interpreter, as the console script does."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "reports.cli", "catalog", "--json"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)["leaves"]) == 16
