@@ -1,0 +1,187 @@
+"""Demo samples: a scene, a question about it, the answer and the mask it depends on.
+
+Sample ``i`` of seed ``S`` is a pure function of ``(S, i)``. Training draws from a
+separate stream (:data:`TRAIN_STREAM`), so no user seed ever reproduces training data.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+
+from .questions import FAMILIES, Question
+from .world import Scene
+
+FAMILY_NAMES: tuple[str, ...] = tuple(FAMILIES)
+TRAIN_STREAM = 0x7A11_7EA1
+"""First element of every training rng key; user-facing seeds use 2-element keys."""
+
+
+@dataclass
+class DemoSample:
+    """One question about one scene, with everything needed to check an explanation."""
+
+    id: str
+    scene: Scene
+    question: Question
+    answer: str
+    pair: str | None = None
+    edit: str | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def family(self) -> str:
+        return self.question.family
+
+    @property
+    def text(self) -> str:
+        return self.question.text()
+
+    @property
+    def grounding(self) -> list[int]:
+        return self.question.grounding(self.scene)
+
+    def image(self) -> Image.Image:
+        return self.scene.render()
+
+    def mask(self) -> np.ndarray:
+        """Pixels of the objects the answer depends on."""
+        return self.scene.mask_of(self.grounding)
+
+    def edited(self, suffix: str, scene: Scene | None = None, question: Question | None = None,
+               edit: str | None = None) -> "DemoSample | None":
+        """The same sample after a scene or wording edit, with its answer recomputed."""
+        scene = scene or self.scene
+        question = question or self.question
+        answer = question.answer(scene)
+        if answer is None:
+            return None
+        return DemoSample(f"{self.id}-{suffix}", scene, question, answer, edit=edit)
+
+
+def generate_sample(seed: int, index: int, family: str | None = None, *, stream: tuple[int, ...] = ()) -> DemoSample:
+    """Sample ``index`` of ``seed``; its family cycles through the families unless given."""
+    rng = np.random.default_rng([*stream, seed, index])
+    fam = FAMILIES[family or FAMILY_NAMES[index % len(FAMILY_NAMES)]]
+    scene, question = fam.generate(rng)
+    answer = question.answer(scene)
+    assert answer is not None, f"family {fam.name} generated an ill-posed question"
+    prefix = "t" if stream else "s"
+    return DemoSample(f"{prefix}{seed}-{index:05d}", scene, question, answer)
+
+
+def generate_samples(n: int, seed: int, families: list[str] | None = None) -> list[DemoSample]:
+    """``n`` samples of ``seed``; with ``families`` only those families, cycling."""
+    if families:
+        unknown = [f for f in families if f not in FAMILIES]
+        if unknown:
+            raise ValueError(f"unknown question family {unknown[0]!r}; choose from {', '.join(FAMILY_NAMES)}")
+        return [generate_sample(seed, i, families[i % len(families)]) for i in range(n)]
+    return [generate_sample(seed, i) for i in range(n)]
+
+
+def make_pair(sample: DemoSample, seed: int = 0) -> DemoSample | None:
+    """An MMVP-style partner: one detail of the image changed, and with it the answer."""
+    rng = np.random.default_rng([seed, 0x9A12, *map(ord, sample.id)])
+    for _ in range(10):
+        flip = sample.question.kind.flip(rng, sample.question, sample.scene)
+        if flip is None:
+            continue
+        edit, scene = flip
+        partner = sample.edited("pair", scene=scene, edit=edit)
+        if partner is not None and partner.answer != sample.answer:
+            partner.pair, sample.pair = sample.id, partner.id
+            return partner
+    return None
+
+
+def counterfactuals(sample: DemoSample, seed: int = 0) -> list[DemoSample]:
+    """Edits of the sample: recolour, move or remove the asked-about object, and rephrase.
+
+    Each edit keeps everything else fixed; its answer is recomputed from the edited
+    scene, so a model that does not follow the edit shows up as a wrong answer.
+    """
+    from .world import COLOURS, random_object
+
+    rng = np.random.default_rng([seed, 0xCF, *map(ord, sample.id)])
+    out: list[DemoSample] = []
+    targets = sample.grounding
+    if targets:
+        i = targets[0]
+        obj = sample.scene.objects[i]
+        new_colour = str(rng.choice([c for c in COLOURS if c != obj.colour]))
+        out.append(sample.edited("recolour", scene=sample.scene.with_object(i, colour=new_colour),
+                                 edit=f"recolour the {obj.name} {new_colour}"))
+        others = sample.scene.without(i)
+        moved = random_object(rng, others, colour=obj.colour, shape=obj.shape)
+        if moved is not None:
+            out.append(sample.edited("move", scene=sample.scene.with_object(i, cx=moved.cx, cy=moved.cy),
+                                     edit=f"move the {obj.name}"))
+        out.append(sample.edited("remove", scene=others, edit=f"remove the {obj.name}"))
+    for t in range(sample.question.n_templates):
+        if t != sample.question.template:
+            out.append(sample.edited(f"rephrase{t}", question=sample.question.rephrased(t),
+                                     edit=f"rephrase: {sample.question.rephrased(t).text()}"))
+    return [s for s in out if s is not None]
+
+
+def iter_training_samples(step: int, batch: int) -> Iterator[DemoSample]:
+    """The training stream: never overlaps a user seed (different key length and tag)."""
+    for i in range(batch):
+        yield generate_sample(step, i, stream=(TRAIN_STREAM,))
+
+
+def sample_record(sample: DemoSample, image_path: str, mask_path: str) -> dict:
+    """The JSONL record of the project's sample-set format."""
+    rec = {
+        "id": sample.id,
+        "image": image_path,
+        "question": sample.text,
+        "answer": sample.answer,
+        "mask": mask_path,
+        "family": sample.family,
+    }
+    if sample.pair:
+        rec["pair"] = sample.pair
+    if sample.edit:
+        rec["edit"] = sample.edit
+    rec["objects"] = sample.scene.to_json()
+    rec["grounding"] = sample.grounding
+    return rec
+
+
+def write_sample_set(samples: list[DemoSample], out_dir: Path, progress: bool = True) -> Path:
+    """Write PNGs and ``samples.jsonl`` into ``out_dir``; the JSONL appears atomically last."""
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    (out_dir / "masks").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for s in tqdm(samples, desc="writing samples", unit="sample", disable=not progress):
+        image_rel, mask_rel = f"images/{s.id}.png", f"masks/{s.id}.png"
+        _save_png(s.image(), out_dir / image_rel)
+        _save_png(Image.fromarray(s.mask().astype(np.uint8) * 255), out_dir / mask_rel)
+        lines.append(json.dumps(sample_record(s, image_rel, mask_rel)))
+    target = out_dir / "samples.jsonl"
+    _atomic_write_text(target, "\n".join(lines) + "\n")
+    return target
+
+
+def _save_png(img: Image.Image, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)

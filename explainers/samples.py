@@ -1,0 +1,120 @@
+"""The project's sample-set format: a JSONL file, one sample a line, paths relative to it.
+
+Fields: ``id``, ``image``, ``question`` (required), ``answer``, ``mask``, ``family``,
+``pair`` (optional), and any extra ground truth (``objects``, ``grounding``, ``edit``).
+Reading validates every line and refuses paths that leave the set's folder unless
+absolute paths are explicitly allowed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from reports.errors import XmllmError
+
+
+class SampleSetError(XmllmError):
+    """A sample set that cannot be read; the message names file, line and field."""
+
+
+@dataclass(frozen=True)
+class SampleRecord:
+    """One sample of a sample set, with its paths resolved."""
+
+    id: str
+    image: Path
+    question: str
+    answer: str | None = None
+    mask: Path | None = None
+    family: str | None = None
+    pair: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def load_image(self):
+        """The image as RGB; a one-line error for a missing or unreadable file."""
+        from .images import load_image
+
+        return load_image(self.image)
+
+    def load_mask(self):
+        """The ground-truth mask as a boolean array, or None."""
+        if self.mask is None:
+            return None
+        import numpy as np
+
+        from .images import load_image
+
+        return np.asarray(load_image(self.mask, mode="L")) >= 128
+
+    def sha256(self) -> str:
+        """Hash of the image bytes and the question: what makes this sample this sample."""
+        h = hashlib.sha256()
+        h.update(self.image.read_bytes())
+        h.update(b"\0")
+        h.update(self.question.encode("utf-8"))
+        return h.hexdigest()
+
+
+_REQUIRED = ("id", "image", "question")
+_OPTIONAL_STR = ("answer", "family", "pair", "mask")
+
+
+def read_sample_set(path: str | Path, *, allow_absolute: bool = False) -> list[SampleRecord]:
+    """Read and validate a JSONL sample set; every error is one line naming file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise SampleSetError(f"{path}: sample set not found")
+    root = path.parent.resolve()
+    records: list[SampleRecord] = []
+    seen: set[str] = set()
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SampleSetError(f"{where}: not valid JSON ({exc.msg})") from None
+        if not isinstance(data, dict):
+            raise SampleSetError(f"{where}: each line must be a JSON object")
+        for key in _REQUIRED:
+            if not isinstance(data.get(key), str) or not data[key].strip():
+                raise SampleSetError(f"{where}: field {key!r} must be a non-empty string")
+        for key in _OPTIONAL_STR:
+            if key in data and data[key] is not None and not isinstance(data[key], str):
+                raise SampleSetError(f"{where}: field {key!r} must be a string")
+        if data["id"] in seen:
+            raise SampleSetError(f"{where}: duplicate sample id {data['id']!r}")
+        seen.add(data["id"])
+        extra = {k: v for k, v in data.items() if k not in (*_REQUIRED, *_OPTIONAL_STR)}
+        records.append(
+            SampleRecord(
+                id=data["id"],
+                image=_resolve(root, data["image"], where, "image", allow_absolute),
+                question=data["question"],
+                answer=data.get("answer"),
+                mask=_resolve(root, data["mask"], where, "mask", allow_absolute) if data.get("mask") else None,
+                family=data.get("family"),
+                pair=data.get("pair"),
+                extra=extra,
+            )
+        )
+    if not records:
+        raise SampleSetError(f"{path}: sample set is empty")
+    return records
+
+
+def _resolve(root: Path, rel: str, where: str, key: str, allow_absolute: bool) -> Path:
+    """A path inside the sample set's folder (or absolute, when allowed)."""
+    candidate = Path(rel)
+    if candidate.is_absolute():
+        if not allow_absolute:
+            raise SampleSetError(f"{where}: field {key!r} is an absolute path ({rel!r}); allow absolute paths explicitly")
+        return candidate
+    resolved = (root / candidate).resolve()
+    if not allow_absolute and not resolved.is_relative_to(root):
+        raise SampleSetError(f"{where}: field {key!r} leaves the sample set's folder ({rel!r})")
+    return resolved
