@@ -13,7 +13,20 @@ from .registry import (
     status,
 )
 
+
+
+def __getattr__(name: str):
+    """``load_model`` and ``LoadedModel`` without importing torch at package import."""
+    if name in ("load_model", "LoadedModel"):
+        from . import models
+
+        return getattr(models, name)
+    raise AttributeError(f"module 'explainers' has no attribute {name!r}")
+
+
 __all__ = [
+    "LoadedModel",
+    "load_model",
     "KNOWN_EXPLAINER_IDS",
     "Citation",
     "Explainer",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import importlib
+import pkgutil
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -53,9 +54,8 @@ class Explainer:
 
 _REGISTRY: dict[str, type[Explainer]] = {}
 
-# Modules that define the built-in explainers; each registers its classes on import.
-# Later issues append their modules here.
-BUILTIN_MODULES: tuple[str, ...] = ()
+BUILTIN_PACKAGE = "explainers.methods"
+"""Every module in this package defines built-in explainers (discovered, not listed)."""
 
 
 class RegistryError(ValueError):
@@ -76,10 +76,18 @@ def register(cls: type[Explainer]) -> type[Explainer]:
     return cls
 
 
+_LOADED = False
+
+
 def load_builtin_explainers() -> None:
-    """Import every built-in explainer module so that their classes register."""
-    for name in BUILTIN_MODULES:
-        importlib.import_module(name)
+    """Import every built-in explainer module so that their classes register (once)."""
+    global _LOADED
+    if _LOADED:
+        return
+    package = importlib.import_module(BUILTIN_PACKAGE)
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        importlib.import_module(f"{BUILTIN_PACKAGE}.{info.name}")
+    _LOADED = True
 
 
 def registered() -> dict[str, type[Explainer]]:

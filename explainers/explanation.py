@@ -1,0 +1,133 @@
+"""What every explainer returns: named arrays with named axes, scores and the target they explain.
+
+Arrays are addressed by name with declared axes, so reports render any explainer generically:
+a map whose last two axes are ``("row", "col")`` is drawn over the image grid, one whose last
+axis is ``"prompt_token"`` over the prompt words, one with a leading ``"answer_token"`` axis
+per answer token (by position: a repeated word keeps its own map). Saving writes ``.npz``
+(arrays) and ``.json`` (everything else) and loads back exactly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Target:
+    """The answer being explained, token by token, and where its tokens sit in the sequence."""
+
+    text: str
+    token_ids: list[int]
+    tokens: list[str]
+    positions: list[int]
+    """Sequence positions of the answer tokens in the final (prompt + answer) sequence."""
+    probs: list[float]
+    prompt_positions: list[int] = field(default_factory=list)
+    """Positions of the prompt's text tokens (not image tokens), the axis of prompt maps."""
+    prompt_tokens: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Explanation:
+    """One explainer's result on one sample."""
+
+    explainer: str
+    params: dict[str, Any]
+    target: Target
+    maps: dict[str, np.ndarray] = field(default_factory=dict)
+    axes: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    scores: dict[str, float] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, name: str, array: Any, axes: Iterable[str]) -> None:
+        """Store an array under ``name`` with one axis name per dimension."""
+        arr = np.asarray(array.detach().float().cpu().numpy() if hasattr(array, "detach") else array)
+        axes = tuple(axes)
+        if arr.ndim != len(axes):
+            raise ValueError(f"{self.explainer}: map {name!r} has {arr.ndim} dims but axes {axes}")
+        self.maps[name] = arr
+        self.axes[name] = axes
+
+    def image_maps(self) -> dict[str, np.ndarray]:
+        """The maps over an image's patch grid (last axes row, col)."""
+        return {k: v for k, v in self.maps.items() if self.axes[k][-2:] == ("row", "col")}
+
+    def header(self) -> dict[str, Any]:
+        """Everything but the arrays, as JSON-ready data."""
+        return {
+            "format": FORMAT_VERSION,
+            "explainer": self.explainer,
+            "params": self.params,
+            "target": asdict(self.target),
+            "axes": {k: list(v) for k, v in self.axes.items()},
+            "shapes": {k: list(v.shape) for k, v in self.maps.items()},
+            "scores": self.scores,
+            "meta": self.meta,
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Write ``path.npz`` and ``path.json`` atomically."""
+        save_explanations([self], Path(path).with_suffix(".npz"), Path(path).with_suffix(".json"))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Explanation":
+        (only,) = load_explanations(Path(path).with_suffix(".npz"), Path(path).with_suffix(".json"))
+        return only
+
+
+def save_explanations(explanations: list[Explanation], npz_path: Path, json_path: Path,
+                      extra: dict[str, Any] | None = None) -> None:
+    """Many explanations in one ``.npz`` (keys ``explainer/map``) plus one JSON manifest."""
+    arrays = {f"{e.explainer}/{name}": arr for e in explanations for name, arr in e.maps.items()}
+    manifest = {**(extra or {}), "explanations": [e.header() for e in explanations]}
+    _atomic(npz_path, lambda fh: np.savez_compressed(fh, **arrays), binary=True)
+    _atomic(json_path, lambda fh: fh.write(json.dumps(manifest, indent=1, sort_keys=True, default=_json_default)))
+
+
+def load_explanations(npz_path: Path, json_path: Path) -> list[Explanation]:
+    manifest = json.loads(Path(json_path).read_text(encoding="utf-8"))
+    out = []
+    with np.load(npz_path, allow_pickle=False) as data:
+        for head in manifest["explanations"]:
+            eid = head["explainer"]
+            exp = Explanation(eid, head["params"], Target(**head["target"]), scores=head["scores"], meta=head["meta"])
+            for name, axes in head["axes"].items():
+                exp.maps[name] = data[f"{eid}/{name}"]
+                exp.axes[name] = tuple(axes)
+            out.append(exp)
+    return out
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _atomic(path: Path, write, binary: bool = False) -> None:
+    """Write to a temporary file beside ``path``, then rename: no half-written output."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,141 @@
+"""Run chosen explainers on one sample and keep what is needed to redo it."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from .errors import XmllmError
+from .provenance import package_versions, sample_sha256, utc_now
+
+if TYPE_CHECKING:  # pragma: no cover
+    from explainers.context import ExplainSample, Prepared
+    from explainers.explanation import Explanation
+    from explainers.models import LoadedModel
+
+
+@dataclass
+class RunResult:
+    """The explanations of one sample with the manifest that says how they were made."""
+
+    prepared: "Prepared"
+    explanations: "list[Explanation]"
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, out_dir: Path) -> tuple[Path, Path]:
+        from explainers.explanation import save_explanations
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        npz, manifest = out_dir / "explanations.npz", out_dir / "manifest.json"
+        save_explanations(self.explanations, npz, manifest, extra=self.manifest)
+        return npz, manifest
+
+
+def resolve_explainers(ids: list[str] | None = None, leaf: str | None = None) -> list[str]:
+    """Explainer ids from an explicit list or a catalog leaf; one-line errors otherwise."""
+    from explainers.registry import RegistryError, get_explainer, registered
+
+    if ids and leaf:
+        raise XmllmError("give either --explainers or --leaf, not both")
+    if leaf:
+        from catalog import load_catalog
+        from catalog.view import json_view
+
+        leaves = {l["id"]: l for l in json_view(load_catalog())["leaves"]}
+        if leaf not in leaves:
+            raise XmllmError(f"--leaf: unknown catalog leaf {leaf!r}; run 'xmllm catalog' to list them")
+        ids = [e["id"] for e in leaves[leaf]["explainers"] if e["status"] == "implemented"]
+        if not ids:
+            raise XmllmError(f"--leaf {leaf}: none of its explainers is implemented yet")
+    if not ids:
+        ids = [eid for eid, cls in registered().items() if cls.scope == "sample"]
+        if not ids:
+            raise XmllmError("no sample-level explainer is implemented yet; run 'xmllm explainers'")
+    for eid in ids:
+        try:
+            cls = get_explainer(eid)
+        except RegistryError as exc:
+            raise XmllmError(str(exc)) from None
+        if cls.scope != "sample":
+            raise XmllmError(f"explainer {eid!r} runs over a sample set, not one sample; use 'xmllm run'")
+    return list(dict.fromkeys(ids))
+
+
+def needs_attention(ids: list[str]) -> bool:
+    """Whether any of the explainers needs eager attention weights."""
+    from explainers.registry import Need, get_explainer
+
+    return any(Need.ATTENTION in get_explainer(eid).needs for eid in ids)
+
+
+def run_explainers(
+    loaded: "LoadedModel",
+    sample: "ExplainSample",
+    ids: list[str],
+    params: dict[str, dict[str, Any]] | None = None,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Explain the model's greedy answer on ``sample`` with each explainer in turn;
+    ``progress`` is called with each explainer's id when it is done."""
+    import torch
+
+    from explainers.context import prepare
+    from explainers.registry import get_explainer
+
+    params = params or {}
+    torch.manual_seed(seed)
+    started = utc_now()
+    t0 = time.perf_counter()
+    prepared = prepare(loaded, sample)
+    timings = {"prepare": time.perf_counter() - t0}
+    explanations = []
+    for eid in ids:
+        torch.manual_seed(seed)
+        t = time.perf_counter()
+        try:
+            exp = get_explainer(eid)().explain(loaded, prepared, **params.get(eid, {}))
+        except (TypeError, ValueError) as exc:
+            raise XmllmError(f"explainer {eid}: {str(exc).splitlines()[0]}") from None
+        timings[eid] = time.perf_counter() - t
+        exp.meta.setdefault("seconds", timings[eid])
+        explanations.append(exp)
+        if progress:
+            progress(eid)
+    manifest = {
+        "created": started,
+        "seed": seed,
+        "model": loaded.provenance(),
+        "sample": {
+            "id": sample.id,
+            "question": sample.question,
+            "expected": sample.expected,
+            "sha256": sample_sha256(sample.images, sample.question),
+            "image_sizes": [list(img.size) for img in sample.images],
+        },
+        "answer": prepared.answer.to_json(),
+        "explainers": ids,
+        "params": {eid: params.get(eid, {}) for eid in ids},
+        "timings_seconds": {k: round(v, 4) for k, v in timings.items()},
+        "versions": package_versions(),
+    }
+    return RunResult(prepared, explanations, manifest)
+
+
+def parse_params(pairs: list[str]) -> dict[str, dict[str, Any]]:
+    """``--param ID.KEY=VALUE`` (VALUE parsed as JSON when it parses, else a string)."""
+    import json
+
+    out: dict[str, dict[str, Any]] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        eid, dot, name = key.rpartition(".")
+        if not sep or not dot or not eid or not name:
+            raise XmllmError(f"--param {pair!r}: expected EXPLAINER.NAME=VALUE, e.g. perturbation.occlusion.window=2")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.setdefault(eid, {})[name] = value
+    return out
