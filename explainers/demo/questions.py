@@ -32,7 +32,7 @@ class Question:
 
     @property
     def kind(self) -> "Family":
-        return FAMILIES[self.family]
+        return ALL_FAMILIES[self.family]
 
     def text(self) -> str:
         return self.kind.templates_for(self.slot)[self.template].format(**self.slot)
@@ -324,7 +324,34 @@ def _place(rng: np.random.Generator, scene: Scene, anchor: Obj, where: str,
     return None
 
 
+class Describe(Family):
+    """List every object from left to right: a many-token answer that makes the decoder read
+    each object off the image tokens. Used as a dense training signal and for multi-token
+    explanations; not one of the five evaluated families."""
+
+    name = "describe"
+    templates = ("Describe the image.", "What is in the image?", "List the objects.")
+
+    def generate(self, rng):
+        return random_scene(rng), self._question(rng)
+
+    def answer(self, slot, scene):
+        ordered = sorted(scene.objects, key=lambda o: o.cx)
+        return ", ".join(o.name for o in ordered) if ordered else None
+
+    def grounding(self, slot, scene):
+        return list(range(len(scene.objects)))
+
+    def flip(self, rng, q, scene):
+        i = int(rng.integers(len(scene.objects)))
+        new = _other(rng, list(COLOURS), scene.objects[i].colour)
+        return f"recolour the {scene.objects[i].name} {new}", scene.with_object(i, colour=new)
+
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (ColourOfShape(), ShapeOfColour(), Count(), Presence(), Position())}
-"""Every question family, by name, in a fixed order (sample i gets family i mod 5)."""
+"""The evaluated question families, by name, in a fixed order (sample i gets family i mod 5)."""
+EXTRA_FAMILIES: dict[str, Family] = {"describe": Describe()}
+"""Families the model also answers, outside the evaluated five."""
+ALL_FAMILIES: dict[str, Family] = {**FAMILIES, **EXTRA_FAMILIES}
 
 ANSWER_VOCABULARY: tuple[str, ...] = (*COLOURS, *SHAPES, *NUMBER_WORDS, "yes", "no", *RELATIONS)

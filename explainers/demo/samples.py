@@ -15,7 +15,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from .questions import FAMILIES, Question
+from .questions import ALL_FAMILIES, FAMILIES, Question
 from .world import Scene
 
 FAMILY_NAMES: tuple[str, ...] = tuple(FAMILIES)
@@ -68,7 +68,7 @@ class DemoSample:
 def generate_sample(seed: int, index: int, family: str | None = None, *, stream: tuple[int, ...] = ()) -> DemoSample:
     """Sample ``index`` of ``seed``; its family cycles through the families unless given."""
     rng = np.random.default_rng([*stream, seed, index])
-    fam = FAMILIES[family or FAMILY_NAMES[index % len(FAMILY_NAMES)]]
+    fam = ALL_FAMILIES[family or FAMILY_NAMES[index % len(FAMILY_NAMES)]]
     scene, question = fam.generate(rng)
     answer = question.answer(scene)
     assert answer is not None, f"family {fam.name} generated an ill-posed question"
@@ -79,9 +79,9 @@ def generate_sample(seed: int, index: int, family: str | None = None, *, stream:
 def generate_samples(n: int, seed: int, families: list[str] | None = None) -> list[DemoSample]:
     """``n`` samples of ``seed``; with ``families`` only those families, cycling."""
     if families:
-        unknown = [f for f in families if f not in FAMILIES]
+        unknown = [f for f in families if f not in ALL_FAMILIES]
         if unknown:
-            raise ValueError(f"unknown question family {unknown[0]!r}; choose from {', '.join(FAMILY_NAMES)}")
+            raise ValueError(f"unknown question family {unknown[0]!r}; choose from {', '.join(ALL_FAMILIES)}")
         return [generate_sample(seed, i, families[i % len(families)]) for i in range(n)]
     return [generate_sample(seed, i) for i in range(n)]
 

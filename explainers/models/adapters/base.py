@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import AdapterError, UnsupportedModelError
 from ..layout import FULL_IMAGE, ImageLayout, PatchGrid, Region
+from . import pixels as px
 
 # --- plans: what an adapter says about one image, before positions are laid over it ------------
 
@@ -307,6 +308,51 @@ class ModelAdapter:
         if exclude is not None:
             keep[torch.as_tensor(exclude, dtype=torch.long).cpu()] = False
         return torch.nonzero(keep).flatten()
+
+    # --- pixels -------------------------------------------------------------------------------
+
+    @property
+    def patch_size(self) -> int:
+        """Pixels per side of one vision-tower patch."""
+        return int(self.config.vision_config.patch_size)
+
+    def pixel_cell_map(self, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """For every value of ``inputs["pixel_values"]``, the position of the grid cell covering it.
+
+        A LongTensor of the same shape as ``pixel_values`` (possibly an expanded view over the
+        channel dims), on its device, holding the decoder sequence position (within the image's
+        own batch row) of the image token whose grid cell covers that value, or -1 where no grid
+        cell does (padding, cropped margins, pixels feeding only extra tokens). Pixel scores pool
+        onto a grid by scatter-adding over positions, then ``PatchGrid.gather``; a cell is
+        occluded by writing ``pixel_values`` where the map equals its position.
+        """
+        raise AdapterError(f"{self.model_type}: the {type(self).__name__} has no pixel-to-grid map")
+
+    def vision_token_map(self, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """For the tokens a vision block sees, the decoder position each one feeds (-1: none).
+
+        Shaped like a vision block's activations without the hidden axis (e.g. ``(images,
+        tokens)``; Qwen: ``(patches,)`` in the blocks' window order), so block activations or
+        gradients pool onto grids by position; the class token and padding views get -1 or are
+        absent, as they are in the blocks. This default serves towers fed ``(N, C, H, W)``.
+        """
+        cells = self.pixel_cell_map(inputs)
+        if cells.dim() != 4:
+            raise AdapterError(f"{self.model_type}: no vision-token map for pixel_values of {cells.dim()} dims")
+        patches = px.patch_map(cells[:, 0], self.patch_size)
+        return px.with_leading_tokens(patches, self.vision_extra_tokens())
+
+    def vision_extra_tokens(self) -> int:
+        """Tokens the vision embeddings put before the patches (CLIP's class token): 0 or more."""
+        for path in ("vision_model.embeddings", "embeddings"):
+            try:
+                embeddings = self.vision_tower.get_submodule(path)
+            except AttributeError:
+                continue
+            positions, patches = getattr(embeddings, "num_positions", None), getattr(embeddings, "num_patches", None)
+            if isinstance(positions, int) and isinstance(patches, int):
+                return positions - patches
+        return 0
 
     # --- modules ------------------------------------------------------------------------------
 

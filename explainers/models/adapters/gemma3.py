@@ -6,7 +6,10 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
 from ..errors import AdapterError
+from . import pixels as px
 from .base import GridPlan, ImagePlan, ModelAdapter, _tensor, register_adapter
 
 
@@ -37,3 +40,18 @@ class Gemma3Adapter(ModelAdapter):
     def _marker_ids(self, inputs: Mapping[str, Any], row: int) -> set[int]:
         ids = (getattr(self.config, "boi_token_id", None), getattr(self.config, "eoi_token_id", None))
         return {int(i) for i in ids if i is not None}
+
+    def pooling_kernel(self) -> int:
+        """Patches per side of the block the projector averages into one soft token."""
+        vision = self.config.vision_config
+        patches_per_side = int(vision.image_size) // int(vision.patch_size)
+        tokens_per_side = math.isqrt(int(self.config.mm_tokens_per_image))
+        if tokens_per_side == 0 or patches_per_side % tokens_per_side:
+            raise AdapterError(
+                f"gemma3: {patches_per_side} patches per side do not pool evenly to {tokens_per_side} tokens"
+            )
+        return patches_per_side // tokens_per_side
+
+    def pixel_cell_map(self, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """Each pooled token covers a ``kernel x kernel`` block of patches of its vision input."""
+        return px.single_view_map(self, inputs, self.model_type, self.patch_size * self.pooling_kernel())

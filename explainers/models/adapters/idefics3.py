@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from ..errors import AdapterError
-from .base import GridPlan, ImagePlan, ModelAdapter, register_adapter
+from . import pixels as px
+from .base import GridPlan, ImagePlan, ModelAdapter, _tensor, register_adapter
 
 TILE_TAG = re.compile(r"<row_(\d+)_col_(\d+)>")
 """How the Idefics3 / SmolVLM processors name a tile (1-based row and column)."""
@@ -102,3 +103,52 @@ class Idefics3Adapter(ModelAdapter):
         if bool((ids == self.image_token_id).any()):
             markers |= {int(ids[int(run[0]) - 1]) for run in self._runs(ids)}
         return markers
+
+    def _token_of_patch(self, patches: int) -> torch.Tensor:
+        """``(patches,)``: the tile token each patch is pixel-shuffled into, by the connector itself."""
+        index = torch.arange(patches).view(1, patches, 1)
+        shuffled = self.projector.pixel_shuffle(index, int(self.config.scale_factor))[0]
+        token_of = torch.empty(patches, dtype=torch.long)
+        token_of[shuffled.flatten()] = torch.arange(shuffled.shape[0]).repeat_interleave(shuffled.shape[1])
+        return token_of
+
+    def _tile_maps(self, inputs: Mapping[str, Any]) -> tuple[torch.Tensor, list[int]]:
+        """``(batch, views, H, W)`` maps and, per batch row, how many views are real tiles."""
+        values = px.check_pixels(_tensor(inputs, "pixel_values"), (5,), self.model_type)
+        mask = _tensor(inputs, "pixel_attention_mask")
+        batch, views, height, width = values.shape[0], values.shape[1], values.shape[-2], values.shape[-1]
+        patch = self.patch_size
+        rows, cols = height // patch, width // patch
+        token_of = self._token_of_patch(rows * cols)
+        maps = torch.full((batch, views, height, width), px.NO_CELL, dtype=torch.long)
+        real = []
+        for row, layouts in enumerate(px.batch_layouts(self, inputs)):
+            grids = [grid for layout in layouts for grid in layout.grids]
+            if len(grids) > views:
+                raise AdapterError(f"{self.model_type}: row {row} has {len(grids)} tiles but pixel_values hold {views}")
+            for view, grid in enumerate(grids):
+                if grid.size != int(token_of.max()) + 1:
+                    raise AdapterError(
+                        f"{self.model_type}: {rows}x{cols} patches do not shuffle into {grid.size} tokens"
+                    )
+                cells = grid.positions[token_of].view(rows, cols)
+                maps[row, view] = px.block_map(height, width, cells, patch, patch)
+                if mask is not None:
+                    maps[row, view][mask[row, view].cpu() == 0] = px.NO_CELL
+            real.append(len(grids))
+        return maps, real
+
+    def pixel_cell_map(self, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """Tiles then the global view, per batch row; each patch maps to the token it is shuffled into.
+
+        Padding views (the model drops all-zero ones) and masked padding pixels get -1.
+        """
+        values = px.check_pixels(_tensor(inputs, "pixel_values"), (5,), self.model_type)
+        maps, _ = self._tile_maps(inputs)
+        return px.expand_channels(maps.to(values.device), values.shape, (2,))
+
+    def vision_token_map(self, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """``(real tiles, patches)``: the tiles the model keeps, in batch order."""
+        maps, real = self._tile_maps(inputs)
+        kept = torch.cat([maps[row, :count] for row, count in enumerate(real)])
+        return px.patch_map(kept, self.patch_size).to(_tensor(inputs, "pixel_values").device)

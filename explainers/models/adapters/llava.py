@@ -4,8 +4,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
 from ..errors import AdapterError
 from ..layout import FULL_IMAGE, Region
+from . import pixels as px
 from .base import ExtraPlan, GridPlan, ImagePlan, ModelAdapter, _tensor, register_adapter
 
 
@@ -71,3 +74,7 @@ class LlavaAdapter(ModelAdapter):
 
     def _grid_region(self, grid: GridPlan, image_size: tuple[int, int]) -> Region | None:
         return center_crop_region(getattr(self.processor, "image_processor", None), image_size)
+
+    def pixel_cell_map(self, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """Each ``patch_size`` square of a vision input maps to its patch's grid cell."""
+        return px.single_view_map(self, inputs, self.model_type, self.patch_size)

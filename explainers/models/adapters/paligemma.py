@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+import torch
+
+from . import pixels as px
 from .base import GridPlan, ImagePlan, ModelAdapter, _tensor, register_adapter
 
 
@@ -25,3 +28,7 @@ class PaliGemmaAdapter(ModelAdapter):
         patch = int(self.config.vision_config.patch_size)
         rows, cols = pixels.shape[-2] // patch, pixels.shape[-1] // patch
         return [ImagePlan((GridPlan("image", rows, cols),)) for _ in range(pixels.shape[0])]
+
+    def pixel_cell_map(self, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """Each SigLIP patch of a vision input maps to its own grid cell."""
+        return px.single_view_map(self, inputs, self.model_type, self.patch_size)

@@ -1,0 +1,49 @@
+"""Exact-match accuracy of a model on freshly generated demo samples, per question family."""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+from ..answering import generate_answer, is_correct
+from .samples import generate_samples
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..models import LoadedModel
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (sound near 0 and 1, unlike the normal one)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def evaluate(loaded: "LoadedModel", n: int, seed: int, progress: bool = True) -> dict:
+    """Answer ``n`` samples of ``seed`` greedily; accuracy overall and per family."""
+    from tqdm import tqdm
+
+    hits: dict[str, list[bool]] = defaultdict(list)
+    mistakes = []
+    for s in tqdm(generate_samples(n, seed), desc="evaluating", unit="sample", disable=not progress):
+        got = generate_answer(loaded, [s.image()], s.text).text
+        ok = is_correct(got, s.answer)
+        hits[s.family].append(ok)
+        if not ok and len(mistakes) < 20:
+            mistakes.append({"id": s.id, "question": s.text, "expected": s.answer, "got": got})
+    every = [h for v in hits.values() for h in v]
+    report = {
+        "n": len(every),
+        "seed": seed,
+        "accuracy": sum(every) / len(every),
+        "interval": wilson(sum(every), len(every)),
+        "families": {
+            fam: {"n": len(v), "accuracy": sum(v) / len(v), "interval": wilson(sum(v), len(v))}
+            for fam, v in sorted(hits.items())
+        },
+        "mistakes": mistakes,
+    }
+    return report

@@ -1,0 +1,268 @@
+"""Training recipe of the demo model, reproducible on two CPU cores.
+
+A plain end-to-end run learns the answer priors and stalls. The recipe is a curriculum:
+
+1. **Vision pretraining.** The CLIP tower learns, for each 16x16 patch, the colour and
+   the shape of the object covering it and whether an object's centre lies in it
+   (labels come from the world's ground truth). Its features then say "what is where".
+2. **Answer training.** The whole LLaVA learns to answer, loss on the answer tokens only;
+   the vision tower keeps a small learning rate and the patch loss as an auxiliary term,
+   so what it learned in step 1 is not washed out.
+
+Each step draws fresh samples from the training stream; rendering runs in a worker
+process so that it overlaps the model's arithmetic.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from .model import PATCH_SIZE, build_model, build_processor
+from .questions import FAMILIES
+from .samples import DemoSample, generate_sample, TRAIN_STREAM
+from .world import COLOURS, IMAGE_SIZE, SHAPES
+
+COLOUR_CLASSES = ("none", *COLOURS)
+SHAPE_CLASSES = ("none", *SHAPES)
+GRID = IMAGE_SIZE // PATCH_SIZE
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run; saved next to the weights."""
+
+    seed: int = 0
+    batch: int = 64
+    vision_steps: int = 500
+    vision_lr: float = 3e-3
+    qa_steps: int = 2000
+    qa_lr: float = 2e-3
+    vision_lr_in_qa: float = 3e-4
+    aux_weight: float = 0.5
+    warmup: int = 100
+    early_step: int = 200
+    threads: int = 2
+    describe_every: int = 4
+    """Every n-th answer-training sample asks for a description (a dense training signal)."""
+    coverage: float = 0.2
+    """Share of a patch an object must cover for the patch to carry its label."""
+
+
+def patch_labels(sample: DemoSample, coverage: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-patch colour class, shape class and object-centre flag, each (GRID*GRID,).
+    (Row and column targets are the patch's own index, added in :class:`PatchHeads`.)"""
+    masks = sample.scene.object_masks()  # (n, H, W)
+    colour = np.zeros(GRID * GRID, dtype=np.int64)
+    shape = np.zeros(GRID * GRID, dtype=np.int64)
+    centre = np.zeros(GRID * GRID, dtype=np.int64)
+    if len(masks):
+        cover = masks.reshape(len(masks), GRID, PATCH_SIZE, GRID, PATCH_SIZE).mean(axis=(2, 4))
+        cover = cover.reshape(len(masks), -1)
+        best = cover.argmax(axis=0)
+        has = cover.max(axis=0) >= coverage
+        for p in np.flatnonzero(has):
+            obj = sample.scene.objects[best[p]]
+            colour[p] = COLOUR_CLASSES.index(obj.colour)
+            shape[p] = SHAPE_CLASSES.index(obj.shape)
+        for obj in sample.scene.objects:
+            r = min(int(obj.cy // PATCH_SIZE), GRID - 1)
+            c = min(int(obj.cx // PATCH_SIZE), GRID - 1)
+            centre[r * GRID + c] = 1
+    return colour, shape, centre
+
+
+class PatchHeads(nn.Module):
+    """Linear read-outs of the vision tower's patch features (training only)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.colour = nn.Linear(hidden, len(COLOUR_CLASSES))
+        self.shape = nn.Linear(hidden, len(SHAPE_CLASSES))
+        self.centre = nn.Linear(hidden, 2)
+        self.row = nn.Linear(hidden, GRID)
+        self.col = nn.Linear(hidden, GRID)
+
+    def loss(self, feats: torch.Tensor, labels: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        ce = nn.functional.cross_entropy
+        parts = {
+            "colour": ce(self.colour(feats).flatten(0, 1), labels["colour"].flatten()),
+            "shape": ce(self.shape(feats).flatten(0, 1), labels["shape"].flatten()),
+            "centre": ce(self.centre(feats).flatten(0, 1), labels["centre"].flatten()),
+        }
+        # where each patch is: RoPE puts position into attention scores, not into values,
+        # so the features themselves must say where they are for "left of" to be readable
+        idx = torch.arange(GRID * GRID, device=feats.device).expand(feats.shape[0], -1)
+        parts["row"] = ce(self.row(feats).flatten(0, 1), (idx // GRID).flatten())
+        parts["col"] = ce(self.col(feats).flatten(0, 1), (idx % GRID).flatten())
+        return sum(parts.values()), {k: float(v.detach()) for k, v in parts.items()}
+
+
+def training_sample(step: int, index: int, describe_every: int) -> DemoSample:
+    """Sample ``index`` of training step ``step``; every ``describe_every``-th is a description."""
+    describe = describe_every and index % describe_every == describe_every - 1
+    return generate_sample(step, index, "describe" if describe else None, stream=(TRAIN_STREAM,))
+
+
+class TrainingBatches(torch.utils.data.IterableDataset):
+    """Batches from the training stream: step ``s`` always yields the same samples."""
+
+    def __init__(self, processor, steps: range, batch: int, coverage: float, with_text: bool, describe_every: int):
+        self.processor, self.steps, self.batch = processor, steps, batch
+        self.coverage, self.with_text, self.describe_every = coverage, with_text, describe_every
+
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for step in self.steps:
+            samples = [training_sample(step, i, self.describe_every if self.with_text else 0) for i in range(self.batch)]
+            yield collate(self.processor, samples, self.coverage, self.with_text)
+
+
+def collate(processor, samples: list[DemoSample], coverage: float, with_text: bool) -> dict[str, torch.Tensor]:
+    """Pixels, patch labels and (for answer training) left-padded prompt+answer ids."""
+    images = [s.image() for s in samples]
+    pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    labels = [patch_labels(s, coverage) for s in samples]
+    out = {
+        "pixel_values": pixels,
+        "colour": torch.from_numpy(np.stack([l[0] for l in labels])),
+        "shape": torch.from_numpy(np.stack([l[1] for l in labels])),
+        "centre": torch.from_numpy(np.stack([l[2] for l in labels])),
+    }
+    if with_text:
+        out.update(answer_batch(processor, samples))
+    return out
+
+
+def answer_batch(processor, samples: list[DemoSample]) -> dict[str, torch.Tensor]:
+    """Prompt through the chat template, then answer tokens and EOS; loss on those only."""
+    tok = processor.tokenizer
+    seqs, targets = [], []
+    for s in samples:
+        ids = _prompt_ids(processor, s.text)
+        answer = tok(s.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        seqs.append(ids + answer)
+        targets.append([-100] * len(ids) + answer)
+    width = max(map(len, seqs))
+    pad = tok.pad_token_id
+    input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, (ids, tgt) in enumerate(zip(seqs, targets)):
+        input_ids[r, width - len(ids):] = torch.tensor(ids)
+        labels[r, width - len(ids):] = torch.tensor(tgt)
+        mask[r, width - len(ids):] = 1
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "position_ids": position_ids}
+
+
+_PROMPTS: dict[str, list[int]] = {}
+
+
+def _prompt_ids(processor, question: str) -> list[int]:
+    """Token ids of the chat-templated prompt with its image tokens expanded (memoised:
+    the world has a few hundred distinct questions)."""
+    if question not in _PROMPTS:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        _PROMPTS[question] = processor.tokenizer(expand_image_tokens(processor, prompt), add_special_tokens=True)["input_ids"]
+    return _PROMPTS[question]
+
+
+def expand_image_tokens(processor, prompt: str) -> str:
+    """The prompt with its ``<image>`` expanded exactly as the processor expands it."""
+    n = processor._get_num_multimodal_tokens(image_sizes=[(IMAGE_SIZE, IMAGE_SIZE)])["num_image_tokens"][0]
+    return prompt.replace(processor.image_token, processor.image_token * n)
+
+
+def _lr(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _loader(processor, steps: range, cfg: TrainConfig, with_text: bool):
+    return torch.utils.data.DataLoader(
+        TrainingBatches(processor, steps, cfg.batch, cfg.coverage, with_text, cfg.describe_every),
+        batch_size=None, num_workers=1, prefetch_factor=4, persistent_workers=False,
+    )
+
+
+def train(out_dir: Path, cfg: TrainConfig | None = None, log=print) -> dict:
+    """Run the whole recipe and save ``final/`` and ``early/`` checkpoints under ``out_dir``."""
+    cfg = cfg or TrainConfig()
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    processor = build_processor()
+    model = build_model(processor.tokenizer, seed=cfg.seed)
+    tower = model.model.vision_tower
+    heads = PatchHeads(tower.config.hidden_size)
+    history: dict[str, list] = {"vision": [], "qa": []}
+    t0 = time.time()
+
+    # Stage 1: the vision tower learns what is where.
+    opt = torch.optim.AdamW([*tower.parameters(), *heads.parameters()], lr=cfg.vision_lr, weight_decay=0.01)
+    model.train()
+    for step, batch in enumerate(_loader(processor, range(cfg.vision_steps), cfg, with_text=False)):
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, cfg.vision_steps, cfg.vision_lr, cfg.warmup)
+        feats = tower(pixel_values=batch["pixel_values"]).last_hidden_state[:, 1:]
+        loss, parts = heads.loss(feats, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == cfg.vision_steps - 1:
+            history["vision"].append({"step": step, "loss": float(loss.detach()), **parts, "t": time.time() - t0})
+            log(f"vision {step:5d}  loss {float(loss.detach()):.4f}  " + "  ".join(f"{k} {v:.3f}" for k, v in parts.items()))
+
+    # Stage 2: the whole model learns to answer.
+    vision_params = [*tower.parameters(), *heads.parameters()]
+    vision_ids = {id(p) for p in vision_params}
+    rest = [p for p in model.parameters() if id(p) not in vision_ids]
+    opt = torch.optim.AdamW(
+        [{"params": rest, "peak": cfg.qa_lr}, {"params": vision_params, "peak": cfg.vision_lr_in_qa}],
+        lr=cfg.qa_lr, weight_decay=0.01,
+    )
+    offset = cfg.vision_steps  # fresh samples: stage 2 starts where stage 1 stopped
+    seen: dict[str, torch.Tensor] = {}  # the tower's output inside the LLaVA forward, for the patch loss
+    hook = tower.register_forward_hook(lambda _m, _i, o: seen.__setitem__("feats", o.last_hidden_state[:, 1:]))
+    for step, batch in enumerate(_loader(processor, range(offset, offset + cfg.qa_steps), cfg, with_text=True)):
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, cfg.qa_steps, g["peak"], cfg.warmup)
+        out = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"], pixel_values=batch["pixel_values"],
+            labels=batch["labels"], output_hidden_states=False,
+        )
+        aux, _ = heads.loss(seen.pop("feats"), batch)
+        loss = out.loss + cfg.aux_weight * aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0 or step == cfg.qa_steps - 1:
+            history["qa"].append({"step": step, "answer_loss": float(out.loss), "aux": float(aux), "t": time.time() - t0})
+            log(f"answer {step:5d}  loss {float(out.loss):.4f}  aux {float(aux):.3f}  {time.time() - t0:.0f}s")
+        if step + 1 == cfg.early_step:
+            save(model, processor, out_dir / "early", cfg, history, step + 1)
+    hook.remove()
+    save(model, processor, out_dir / "final", cfg, history, cfg.qa_steps)
+    return {"seconds": time.time() - t0, "history": history}
+
+
+def save(model, processor, folder: Path, cfg: TrainConfig, history: dict, qa_step: int) -> None:
+    """Hugging Face format plus the recipe that produced it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+    meta = {"train_config": asdict(cfg), "answer_steps_done": qa_step, "history": history,
+            "families": list(FAMILIES)}
+    (folder / "xmllm_training.json").write_text(json.dumps(meta, indent=1))

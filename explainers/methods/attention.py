@@ -1,0 +1,259 @@
+"""Attention views: raw answer->input attention, head x layer summaries, and attention rollout.
+
+All three read each answer token's *generating row* (the query at its logit position), so a
+repeated word keeps its own maps, and every grid comes from the adapter's layouts (no token
+counts or offsets are assumed). Raw and summary capture during the model's own ``generate``
+when given a fresh sample, or in one teacher-forced forward when given a :class:`Prepared`;
+rollout needs every row of every layer and always uses the forward (see explainers.capture).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..capture import (
+    RolloutOptions,
+    capture,
+    capture_forward,
+)
+from ..context import Prepared, as_prepared
+from ..explanation import Explanation
+from ..models.layout import ImageLayout, PatchGrid
+from ..registry import Citation, Explainer, Need, register
+
+FAMILY = "attention"
+
+ABNAR_ZUIDEMA = Citation("Quantifying Attention Flow in Transformers", 2020, "2005.00928", "Abnar, Zuidema")
+LVLM_INTERPRET = Citation(
+    "LVLM-Interpret: An Interpretability Tool for Large Vision-Language Models", 2024, "2404.03118",
+    "Ben Melech Stan et al.",
+)
+VL_INTERPRET = Citation(
+    "VL-InterpreT: An Interactive Visualization Tool for Interpreting Vision-Language Transformers", 2022,
+    "2203.17247", "Aflalo et al.",
+)
+
+RAW_IMAGE_AXES = ("answer_token", "layer", "head", "row", "col")
+RAW_PROMPT_AXES = ("answer_token", "layer", "head", "prompt_token")
+HEAD_AXES = ("layer", "head")
+TEXT_MEANING = "the prompt's text tokens (question and template; target.prompt_positions), not image tokens"
+
+
+def grid_names(layouts: list[ImageLayout]) -> list[tuple[str, PatchGrid]]:
+    """``image`` for the first image's main grid, ``image{k}.{grid}`` for every other grid."""
+    named = []
+    for layout in layouts:
+        main = layout.main_grid
+        for grid in layout.grids:
+            first = layout.image_index == 0 and grid is main
+            named.append(("image" if first else f"image{layout.image_index}.{grid.name}", grid))
+    return named
+
+
+def zscore(values: torch.Tensor) -> torch.Tensor:
+    """Standard scores over all entries (VL-InterpreT's head summaries); zeros when all are equal.
+
+    In float64: heads with near-equal means would otherwise lose their differences to rounding.
+    """
+    values = values.double()
+    centred = values - values.mean()
+    std = values.std(unbiased=False)
+    return centred / std if float(std) > 0 else torch.zeros_like(values)
+
+
+def _layers_param(layers: Any, count: int) -> list[int]:
+    if layers is None:
+        return list(range(count))
+    if isinstance(layers, (int, str)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+        raise ValueError(f"layers must be a list of decoder block indices or None, not {layers!r}")
+    picked = [i + count if i < 0 else i for i in layers]
+    if not picked or any(not 0 <= i < count for i in picked):
+        raise ValueError(f"layers={list(layers)!r}: the decoder has blocks 0..{count - 1}")
+    return picked
+
+
+def _meta(prepared: Prepared, source: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "source": source,
+        "answer_row": "each answer token's generating row: the query at its logit position",
+        "model_type": prepared.adapter.model_type,
+        **(extra or {}),
+    }
+
+
+@register
+class RawAttention(Explainer):
+    id = "attention.raw"
+    title = "Raw attention from each answer token to image patches and prompt words"
+    family = FAMILY
+    needs = frozenset({Need.ATTENTION})
+    citations = (LVLM_INTERPRET,)
+    summary = (
+        "Per layer and head, the attention row that produced each answer token, laid over every "
+        "image grid and over the prompt's words (LVLM-Interpret's answer->image view, per position)."
+    )
+
+    def explain(self, model: Any, sample: Any, layers: list[int] | None = None, **params: Any) -> Explanation:
+        _no_extra(self.id, params)
+        picked = _layers_param(layers, len(model.adapter.decoder_layers()))
+        prepared, record = capture(model, sample, blocks=False)
+        rows = record.rows.index_select(1, torch.as_tensor(picked))
+        exp = Explanation(
+            self.id, {"layers": picked}, prepared.target(),
+            meta=_meta(prepared, record.source, {"layers": picked, "retained_bytes": record.nbytes()}),
+        )
+        for name, grid in grid_names(prepared.layouts):
+            exp.add(name, grid.gather(rows), RAW_IMAGE_AXES)
+        exp.add("prompt", rows.index_select(-1, prepared.text_positions), RAW_PROMPT_AXES)
+        return exp
+
+
+@register
+class AttentionSummary(Explainer):
+    id = "attention.summary"
+    title = "Head x layer attention summary between answer, prompt text and image"
+    family = FAMILY
+    needs = frozenset({Need.ATTENTION})
+    citations = (LVLM_INTERPRET, VL_INTERPRET)
+    summary = (
+        "Mean attention per layer and head (all layers): answer->image and answer->text from the "
+        "answer tokens' generating rows, text->image, image->image, text->text and image->text over "
+        "the prompt, each also as z-scores across heads and layers (VL-InterpreT)."
+    )
+
+    def explain(self, model: Any, sample: Any, **params: Any) -> Explanation:
+        _no_extra(self.id, params)
+        prepared, record = capture(model, sample, blocks=True)
+        images, text = prepared.image_positions, prepared.text_positions
+        means: dict[str, torch.Tensor] = {}
+        masses: dict[str, float] = {}
+        for name, keys in (("answer_to_image", images), ("answer_to_text", text)):
+            if keys.numel():
+                picked = record.rows.index_select(-1, keys)  # (T, L, H, keys)
+                means[name] = picked.mean(dim=(0, 3))
+                masses[name.replace("answer_to_", "answer_mass_")] = float(picked.sum(-1).mean())
+        means.update(record.blocks)
+        exp = Explanation(
+            self.id, {}, prepared.target(), scores=masses,
+            meta=_meta(prepared, record.source, {
+                "text": TEXT_MEANING,
+                "mean": "mean weight over the block's (query, key) pairs; masked pairs count as zero",
+                "z": "z-score over all layers and heads of the same map",
+                "retained_bytes": record.nbytes(),
+            }),
+        )
+        for name, values in means.items():
+            exp.add(name, values, HEAD_AXES)
+            exp.add(f"{name}.z", zscore(values), HEAD_AXES)
+        return exp
+
+
+@register
+class AttentionRollout(Explainer):
+    id = "attention.rollout"
+    title = "Attention rollout through the decoder (and optionally the vision tower)"
+    family = FAMILY
+    needs = frozenset({Need.ATTENTION})
+    citations = (ABNAR_ZUIDEMA, LVLM_INTERPRET)
+    summary = (
+        "Abnar & Zuidema's rollout: per layer 0.5 I + 0.5 A with heads fused, rows normalised, "
+        "multiplied through the decoder and read at each answer token's generating row; with "
+        "through_vision, carried on through the vision tower onto its patch grid."
+    )
+
+    def explain(
+        self,
+        model: Any,
+        sample: Any,
+        head_fusion: str = "mean",
+        discard_ratio: float = 0.0,
+        through_vision: bool = False,
+        **params: Any,
+    ) -> Explanation:
+        _no_extra(self.id, params)
+        options = RolloutOptions(head_fusion, discard_ratio)
+        if not isinstance(through_vision, bool):
+            raise ValueError(f"through_vision must be true or false, not {through_vision!r}")
+        depth = vision_depth(model) if through_vision else None
+        prepared = as_prepared(model, sample)
+        try:
+            record = capture_forward(
+                prepared, blocks=False, rollout=options, vision=options if through_vision else None, vision_depth=depth
+            )
+        except ValueError as error:
+            if through_vision:
+                raise ValueError(f"through_vision=True is not supported for {prepared.adapter.model_type}: {error}") from None
+            raise
+        rollout = record.decoder_rollout
+        assert rollout is not None
+        meta = _meta(prepared, record.source, {"residual": "0.5 I + 0.5 A, rows normalised",
+                                               "discard": "per row, smallest non-zero weights"})
+        params_used = {"head_fusion": head_fusion, "discard_ratio": float(discard_ratio), "through_vision": through_vision}
+        exp = Explanation(self.id, params_used, prepared.target(), meta=meta)
+        for name, grid in grid_names(prepared.layouts):
+            per_token = grid.gather(rollout)
+            exp.add(name, per_token, ("answer_token", "row", "col"))
+            exp.add(f"{name}.answer", per_token.mean(0), ("row", "col"))
+        prompt = rollout.index_select(-1, prepared.text_positions)
+        exp.add("prompt", prompt, ("answer_token", "prompt_token"))
+        exp.add("prompt.answer", prompt.mean(0), ("prompt_token",))
+        if through_vision:
+            assert record.vision_rollout is not None
+            projected = project_through_vision(prepared, rollout, record.vision_rollout)
+            exp.add("image.vision", projected, ("answer_token", "row", "col"))
+            exp.add("image.vision.answer", projected.mean(0), ("row", "col"))
+            meta["vision_layers"] = depth
+        return exp
+
+
+# --- through the vision tower ---------------------------------------------------------------------
+
+
+def vision_depth(loaded: Any) -> int:
+    """How many vision blocks feed the projector (LLaVA reads ``hidden_states[vision_feature_layer]``)."""
+    total = len(loaded.adapter.vision_layers())
+    chosen = getattr(loaded.model.config, "vision_feature_layer", None)
+    if chosen is None:
+        return total
+    indices = [i if i >= 0 else total + 1 + i for i in (chosen if isinstance(chosen, (list, tuple)) else [chosen])]
+    return max(indices)
+
+
+def _class_tokens(loaded: Any) -> int:
+    """Leading class tokens of the vision tower's sequence (CLIP: one; SigLIP: none)."""
+    names = (name for name, _ in loaded.adapter.vision_tower.named_parameters())
+    return sum(1 for name in names if name.split(".")[-1] == "class_embedding")
+
+
+def project_through_vision(prepared: Prepared, rollout: torch.Tensor, vision: torch.Tensor) -> torch.Tensor:
+    """Carry the decoder rollout over a one-to-one image grid on through the vision rollout.
+
+    Grid cell j's image token stands for vision patch j; its decoder relevance is spread over
+    the patches by the vision rollout's row j (class-token rows and columns excluded), giving
+    ``(T, rows, cols)``. Needs one image, one grid, one vision sequence and as many patches as
+    cells: what LLaVA (CLIP) and PaliGemma (SigLIP) give; merged or tiled towers do not.
+    """
+    model_type = prepared.adapter.model_type
+    layouts = prepared.layouts
+    if len(layouts) != 1 or len(layouts[0].grids) != 1 or vision.shape[0] != 1:
+        raise ValueError(
+            f"through_vision=True needs one image with one grid and one vision sequence; {model_type} gives "
+            f"{len(layouts)} image(s), {sum(len(l.grids) for l in layouts)} grid(s), {vision.shape[0]} sequence(s)"
+        )
+    grid = layouts[0].grids[0]
+    lead = _class_tokens(prepared.loaded)
+    patches = vision.shape[-1] - lead
+    if patches != grid.size:
+        raise ValueError(
+            f"through_vision=True: {model_type}'s vision tower has {patches} patch tokens but the grid has "
+            f"{grid.rows}x{grid.cols} cells; only one-to-one towers are supported"
+        )
+    patch_rollout = vision[0, lead:, lead:].to(rollout.device)  # (patches, patches), class token excluded
+    cells = rollout.index_select(-1, grid.positions.to(rollout.device))  # (T, cells)
+    return (cells @ patch_rollout).reshape(-1, grid.rows, grid.cols)
+
+
+def _no_extra(explainer: str, params: dict[str, Any]) -> None:
+    if params:
+        raise ValueError(f"{explainer}: unknown parameter(s) {', '.join(sorted(params))}")

@@ -1,0 +1,553 @@
+"""Perturbation explainers: occlude image cells or ablate question words, re-run the model, measure.
+
+Every number here comes from a real, teacher-forced forward of the final sequence (prompt +
+answer): one forward gives every answer token's log-probability at once, and many perturbed
+copies share one batched forward. A cell is occluded in pixel space through the adapter's
+``pixel_cell_map`` (each pixel value -> the sequence position of the image token covering
+it), so the same code serves every family, tiles and dynamic resolutions included.
+
+The helpers below (baselines, cell masks, batched scoring, question positions) are shared
+with :mod:`explainers.methods.causal`.
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+
+from ..capture import attn_implementations
+from ..context import Prepared, as_prepared
+from ..explanation import Explanation
+from ..models.layout import ImageLayout, PatchGrid
+from ..registry import Citation, Explainer, register
+
+FAMILY = "perturbation"
+BASELINES: tuple[str, ...] = ("black", "mean", "blur", "noise")
+"""What an occluded cell shows: a black image, the image's mean colour, a blurred copy, noise."""
+VIEWS: tuple[str, ...] = ("all", "main")
+"""Which grids an occlusion reaches: every grid covering the region (all views of the image:
+tiles, global view, base view) or only the main grid."""
+BATCH_SIZE_CPU = 8
+"""Perturbed copies per forward on a CPU: larger batches spill the caches and gain nothing."""
+BATCH_SIZE_ACCELERATOR = 32
+"""Perturbed copies per forward on a GPU, which needs large batches to fill."""
+BLUR_RADIUS_IN_CELLS = 0.5
+"""Default Gaussian blur radius, in cells of the main grid: enough to erase detail within a cell."""
+NOISE_LEVELS = 256
+"""Pixel values 0..255 of the uniform noise image."""
+TEXT_MODES: tuple[str, ...] = ("drop", "replace")
+FUSED_KERNEL = "sdpa"
+"""The attention kernel perturbation forwards run with: they never need attention weights."""
+
+SIGN_NOTE = "drop = log p(original input) - log p(perturbed input); positive means the part supported the answer"
+
+ZEILER_FERGUS = Citation(
+    "Visualizing and Understanding Convolutional Networks", 2013, "1311.2901", "Zeiler, Fergus"
+)
+
+
+# --- parameters ------------------------------------------------------------------------------------
+
+
+def positive_int(name: str, value: Any) -> int:
+    """``value`` as an int >= 1, or a one-line error naming the parameter."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"parameter {name}={value!r} must be an integer >= 1")
+    return int(value)
+
+
+def an_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"parameter {name}={value!r} must be an integer")
+    return int(value)
+
+
+def choice(name: str, value: Any, options: Sequence[str]) -> str:
+    if value not in options:
+        raise ValueError(f"parameter {name}={value!r} must be one of {', '.join(options)}")
+    return str(value)
+
+
+# --- batched scoring -------------------------------------------------------------------------------
+
+
+def _uses_only(found: Mapping[str, Any], kernel: str) -> bool:
+    return all(_uses_only(v, kernel) if isinstance(v, Mapping) else v in (kernel, None) for v in found.values())
+
+
+@contextmanager
+def fused_attention(model: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Run the block with the fused attention kernel, then restore the model's own.
+
+    A model loaded with eager attention (for attention explainers) would otherwise pay for
+    materialised attention matrices in every perturbed forward; a model without the fused kernel
+    keeps its own.
+    """
+    before = attn_implementations(model.config)
+    switched = False
+    if enabled and hasattr(model, "set_attn_implementation") and not _uses_only(before, FUSED_KERNEL):
+        try:
+            model.set_attn_implementation(FUSED_KERNEL)
+            switched = True
+        except (ValueError, ImportError, NotImplementedError):
+            switched = False
+    try:
+        yield
+    finally:
+        if switched:
+            model.set_attn_implementation(before)
+
+
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def repeat_inputs(inputs: Mapping[str, Any], copies: int) -> dict[str, Any]:
+    """``copies`` copies of a one-row input, concatenated along dim 0.
+
+    For inputs with a batch axis (ids, masks, LLaVA-NeXT's patches) that is the batch; for those
+    without one (LLaVA's or Qwen's per-image pixels and grid sizes) the copies' images follow
+    each other in batch order, which is how the models read them.
+    """
+    return {k: v.repeat(copies, *([1] * (v.dim() - 1))) if torch.is_tensor(v) else v for k, v in inputs.items()}
+
+
+def logprobs_at(model: torch.nn.Module, inputs: Mapping[str, Any], logit_positions: torch.Tensor,
+                token_ids: torch.Tensor | None) -> torch.Tensor:
+    """One forward; log-softmax at ``logit_positions``: (batch, T, vocab), or with ``token_ids``
+    the log-probability of token t at position t: (batch, T)."""
+    kwargs: dict[str, Any] = {"use_cache": False}
+    device = inputs["input_ids"].device
+    pos = logit_positions.to(device)
+    if _accepts_logits_to_keep(model):
+        kwargs["logits_to_keep"] = pos
+        logits = model(**inputs, **kwargs).logits
+    else:
+        logits = model(**inputs, **kwargs).logits[:, pos]
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    if token_ids is None:
+        return logp
+    ids = token_ids.to(logp.device)
+    return logp[:, torch.arange(ids.numel(), device=logp.device), ids]
+
+
+@torch.inference_mode()
+def batched_logprobs(model: torch.nn.Module, count: int, make_batch: Callable[[int, int], dict[str, Any]],
+                     batch_size: int, logit_positions: torch.Tensor,
+                     token_ids: torch.Tensor | None) -> torch.Tensor:
+    """Score ``count`` perturbed copies, ``batch_size`` per forward; ``make_batch(start, stop)``
+    builds the model inputs of copies ``start..stop-1``. Returns (count, T) or (count, T, vocab)."""
+    chunks = []
+    for start in range(0, count, batch_size):
+        stop = min(count, start + batch_size)
+        chunks.append(logprobs_at(model, make_batch(start, stop), logit_positions, token_ids).cpu())
+    return torch.cat(chunks) if chunks else torch.empty(0)
+
+
+def batch_size_for(prep: Prepared, batch_size: int | None) -> int:
+    """``batch_size`` checked, or the device's default when None."""
+    if batch_size is None:
+        return BATCH_SIZE_CPU if torch.device(prep.loaded.device).type == "cpu" else BATCH_SIZE_ACCELERATOR
+    return positive_int("batch_size", batch_size)
+
+
+def answer_ids(prep: Prepared) -> torch.Tensor:
+    return torch.as_tensor(prep.answer.token_ids, dtype=torch.long)
+
+
+def base_logprobs(prep: Prepared) -> torch.Tensor:
+    """The unperturbed answer tokens' log-probabilities, (T,)."""
+    with torch.inference_mode():
+        return logprobs_at(prep.model, dict(prep.inputs), prep.logit_positions, answer_ids(prep))[0].cpu()
+
+
+# --- image cells -----------------------------------------------------------------------------------
+
+
+def cell_map(prep: Prepared) -> torch.Tensor:
+    """The adapter's pixel -> image-token position map, on the pixels' device."""
+    if "pixel_values" not in prep.inputs:
+        raise ValueError(f"sample {prep.sample.id!r} has no image: nothing to occlude")
+    mapping = prep.adapter.pixel_cell_map(prep.inputs)
+    pixels = prep.inputs["pixel_values"]
+    if tuple(mapping.shape) != tuple(pixels.shape):
+        raise ValueError(f"pixel_cell_map shape {tuple(mapping.shape)} != pixel_values shape {tuple(pixels.shape)}")
+    return mapping.to(pixels.device)
+
+
+def first_layout(prep: Prepared) -> ImageLayout:
+    if not prep.layouts or not prep.layouts[0].grids:
+        raise ValueError(f"sample {prep.sample.id!r} has no image grid to occlude")
+    return prep.layouts[0]
+
+
+def region_of(grid: PatchGrid, rows: tuple[int, int], cols: tuple[int, int]) -> tuple[float, float, float, float]:
+    """(top, left, bottom, right) image fractions of the cells ``rows[0]:rows[1]``, ``cols[0]:cols[1]``."""
+    top, left, bottom, right = grid.region
+    h, w = (bottom - top) / grid.rows, (right - left) / grid.cols
+    return (top + rows[0] * h, left + cols[0] * w, top + rows[1] * h, left + cols[1] * w)
+
+
+def cells_in_region(grid: PatchGrid, region: tuple[float, float, float, float]) -> torch.Tensor:
+    """Positions of ``grid``'s cells whose centre lies in ``region`` (half-open), so every cell of
+    a coarser or finer view is occluded by exactly one window of a tiling of the main grid."""
+    top, left, bottom, right = grid.region
+    ys = top + (torch.arange(grid.rows, dtype=torch.float64) + 0.5) * (bottom - top) / grid.rows
+    xs = left + (torch.arange(grid.cols, dtype=torch.float64) + 0.5) * (right - left) / grid.cols
+    inside = ((ys >= region[0]) & (ys < region[2]))[:, None] & ((xs >= region[1]) & (xs < region[3]))[None, :]
+    return grid.positions.view(grid.rows, grid.cols)[inside]
+
+
+def window_positions(layout: ImageLayout, rows: tuple[int, int], cols: tuple[int, int], views: str) -> torch.Tensor:
+    """The image-token positions a window of the main grid occludes: its own cells, and with
+    ``views="all"`` the cells of every other grid of the image over the same region."""
+    main = layout.main_grid
+    own = main.positions.view(main.rows, main.cols)[rows[0] : rows[1], cols[0] : cols[1]].flatten()
+    if views == "main" or main.region is None:
+        return own
+    region = region_of(main, rows, cols)
+    parts = [own] + [cells_in_region(g, region) for g in layout.grids if g is not main and g.region is not None]
+    return torch.unique(torch.cat(parts))
+
+
+@dataclass(frozen=True)
+class Window:
+    """A ``k x k`` (clipped) block of main-grid cells and the positions its occlusion reaches."""
+
+    row: int
+    col: int
+    rows: tuple[int, int]
+    cols: tuple[int, int]
+    positions: torch.Tensor
+
+    def cells(self) -> list[tuple[int, int]]:
+        return [(r, c) for r in range(*self.rows) for c in range(*self.cols)]
+
+
+def _starts(size: int, window: int, stride: int) -> list[int]:
+    """Window starts covering 0..size-1: every ``stride``, plus one flush with the end if needed."""
+    last = max(0, size - window)
+    starts = list(range(0, last + 1, stride))
+    if starts[-1] != last:
+        starts.append(last)
+    return starts
+
+
+def windows(layout: ImageLayout, window: int, stride: int, views: str) -> list[Window]:
+    grid = layout.main_grid
+    k_r, k_c = min(window, grid.rows), min(window, grid.cols)
+    out = []
+    for r in _starts(grid.rows, k_r, stride):
+        for c in _starts(grid.cols, k_c, stride):
+            rows, cols = (r, r + k_r), (c, c + k_c)
+            out.append(Window(r, c, rows, cols, window_positions(layout, rows, cols, views)))
+    return out
+
+
+def baseline_images(images: Sequence[Image.Image], kind: str, seed: int, blur_radius: float) -> list[Image.Image]:
+    """What each image looks like fully occluded, as an image the processor can read."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for image in images:
+        rgb = image.convert("RGB")
+        if kind == "black":
+            out.append(Image.new("RGB", rgb.size, (0, 0, 0)))
+        elif kind == "mean":
+            colour = np.asarray(rgb, dtype=np.float64).reshape(-1, 3).mean(axis=0)
+            out.append(Image.new("RGB", rgb.size, tuple(int(round(v)) for v in colour)))
+        elif kind == "blur":
+            out.append(rgb.filter(ImageFilter.GaussianBlur(blur_radius)))
+        else:  # noise
+            noise = rng.integers(0, NOISE_LEVELS, size=(rgb.height, rgb.width, 3), dtype=np.uint8)
+            out.append(Image.fromarray(noise, "RGB"))
+    return out
+
+
+def default_blur_radius(prep: Prepared) -> float:
+    """Half a main-grid cell, in pixels of the original image."""
+    return blur_radius_for(prep, None)
+
+
+def blur_radius_for(prep: Prepared, blur_radius: float | None) -> float:
+    """``blur_radius`` checked, or by default half a main-grid cell in pixels of the original image."""
+    if blur_radius is not None:
+        if isinstance(blur_radius, bool) or not isinstance(blur_radius, (int, float)) or not blur_radius > 0:
+            raise ValueError(f"parameter blur_radius={blur_radius!r} must be a number of pixels > 0")
+        return float(blur_radius)
+    grid = first_layout(prep).main_grid
+    image = prep.sample.images[0]
+    return BLUR_RADIUS_IN_CELLS * max(image.height / grid.rows, image.width / grid.cols)
+
+
+def baseline_pixels(prep: Prepared, kind: str, seed: int = 0, blur_radius: float | None = None) -> torch.Tensor:
+    """``pixel_values`` of the baseline images, through the model's own processor, so that a
+    "black" cell is exactly what the model sees of black pixels, whatever its normalisation."""
+    kind = choice("baseline", kind, BASELINES)
+    images = baseline_images(prep.sample.images, kind, an_int("seed", seed), blur_radius_for(prep, blur_radius))
+    inputs, _ = prep.adapter.build_inputs(images, prep.sample.question)
+    pixels = prep.inputs["pixel_values"]
+    base = inputs["pixel_values"].to(device=pixels.device, dtype=pixels.dtype)
+    if base.shape != pixels.shape:
+        raise ValueError(f"baseline {kind!r}: processed shape {tuple(base.shape)} != {tuple(pixels.shape)}")
+    return base
+
+
+def masked_pixels(pixels: torch.Tensor, baseline: torch.Tensor, mapping: torch.Tensor,
+                  position_sets: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One copy of ``pixels`` per position set, those positions' pixels set to the baseline,
+    concatenated along dim 0 (the layout :func:`repeat_inputs` gives the other inputs)."""
+    copies = []
+    for positions in position_sets:
+        hit = torch.isin(mapping, positions.to(mapping.device))
+        copies.append(torch.where(hit, baseline, pixels))
+    return torch.cat(copies, dim=0)
+
+
+def pixel_batches(prep: Prepared, baseline: torch.Tensor, mapping: torch.Tensor,
+                  position_sets: Sequence[torch.Tensor]) -> Callable[[int, int], dict[str, Any]]:
+    """``make_batch`` for :func:`batched_logprobs`: copy i has ``position_sets[i]`` occluded."""
+    inputs = dict(prep.inputs)
+    pixels = inputs["pixel_values"]
+
+    def make(start: int, stop: int) -> dict[str, Any]:
+        batch = repeat_inputs(inputs, stop - start)
+        batch["pixel_values"] = masked_pixels(pixels, baseline, mapping, position_sets[start:stop])
+        return batch
+
+    return make
+
+
+# --- prompt words ----------------------------------------------------------------------------------
+
+
+def _find(haystack: list[int], needle: list[int]) -> list[int]:
+    n = len(needle)
+    return [i for i in range(len(haystack) - n + 1) if n and haystack[i : i + n] == needle]
+
+
+def question_positions(prep: Prepared) -> list[int]:
+    """Positions of the question's own tokens in the prompt (not template or special tokens).
+
+    Found by tokenising the question alone and locating that id sequence in the prompt; BPE
+    tokenisers may merge the first word with a preceding space, so the space-prefixed form is
+    tried too, then the match without the first token (whose merge depends on context). The last
+    occurrence wins: templates put the question after any system text.
+    """
+    tok = prep.loaded.processor.tokenizer
+    question = prep.sample.question
+    prompt = prep.inputs["input_ids"][0, : int(prep.answer_positions[0])].tolist()
+    allowed = set(prep.text_positions.tolist()) - {
+        i for i, t in enumerate(prompt) if t in set(tok.all_special_ids)
+    }
+    forms = [tok(text, add_special_tokens=False)["input_ids"] for text in (question, " " + question, question.strip())]
+    for ids in forms:
+        hits = _find(prompt, ids)
+        if hits:
+            start = hits[-1]
+            return [p for p in range(start, start + len(ids)) if p in allowed]
+    for ids in forms:
+        hits = _find(prompt, ids[1:]) if len(ids) > 1 else []
+        if hits:
+            start = hits[-1]
+            first = tok.decode([ids[0]]).strip()
+            before = tok.decode([prompt[start - 1]]).strip() if start > 0 else ""
+            lead = [start - 1] if first and before and (before.endswith(first) or first.endswith(before)) else []
+            return [p for p in [*lead, *range(start, start + len(ids) - 1)] if p in allowed]
+    raise ValueError(f"sample {prep.sample.id!r}: cannot locate the question's tokens in the prompt")
+
+
+def replacement_id(prep: Prepared, replacement: int | str | None) -> int:
+    """The token id that stands in for an ablated word: given, else unk, else pad."""
+    tok = prep.loaded.processor.tokenizer
+    if replacement is None:
+        for candidate in (tok.unk_token_id, tok.pad_token_id):
+            if candidate is not None:
+                return int(candidate)
+        raise ValueError("parameter replacement=None: the tokenizer has neither an unk nor a pad token; pass one")
+    if isinstance(replacement, str):
+        ids = tok.convert_tokens_to_ids([replacement])
+        if not ids or ids[0] is None or (ids[0] == tok.unk_token_id and replacement != tok.unk_token):
+            raise ValueError(f"parameter replacement={replacement!r} is not a single token of the tokenizer")
+        return int(ids[0])
+    if isinstance(replacement, bool) or not isinstance(replacement, (int, np.integer)) or not (
+        0 <= int(replacement) < len(tok)
+    ):
+        raise ValueError(f"parameter replacement={replacement!r} must be a token string or an id below {len(tok)}")
+    return int(replacement)
+
+
+def per_token_keys(prep: Prepared) -> list[str]:
+    """Inputs aligned with ``input_ids`` (the adapter declares which), to edit along with it."""
+    ids = prep.inputs["input_ids"]
+    keys = ["input_ids"]
+    for key in prep.adapter.per_token_fill:
+        value = prep.inputs.get(key)
+        if torch.is_tensor(value) and value.shape == ids.shape:
+            keys.append(key)
+    return keys
+
+
+def edited_inputs(prep: Prepared, position: int, mode: str, replacement: int) -> dict[str, Any]:
+    """The final sequence's inputs with the token at ``position`` dropped or replaced (one row)."""
+    inputs = dict(prep.inputs)
+    for key in per_token_keys(prep):
+        value = inputs[key]
+        if mode == "drop":
+            inputs[key] = torch.cat([value[:, :position], value[:, position + 1 :]], dim=1)
+        elif key == "input_ids":
+            value = value.clone()
+            value[:, position] = replacement
+            inputs[key] = value
+    return inputs
+
+
+def text_batches(prep: Prepared, positions: Sequence[int], mode: str,
+                 replacement: int) -> Callable[[int, int], dict[str, Any]]:
+    """``make_batch``: copy i has the token at ``positions[i]`` dropped or replaced. Drops all
+    shorten the sequence by one, so they batch too."""
+    keys = per_token_keys(prep)
+
+    def make(start: int, stop: int) -> dict[str, Any]:
+        rows = [edited_inputs(prep, p, mode, replacement) for p in positions[start:stop]]
+        batch = repeat_inputs({k: v for k, v in rows[0].items() if k not in keys}, len(rows))
+        for key in keys:
+            batch[key] = torch.cat([row[key] for row in rows], dim=0)
+        return batch
+
+    return make
+
+
+# --- explainers ------------------------------------------------------------------------------------
+
+
+@register
+class Occlusion(Explainer):
+    id = "perturbation.occlusion"
+    title = "Occlusion (batched)"
+    family = FAMILY
+    citations = (ZEILER_FERGUS,)
+    summary = (
+        "Occlude each window of image cells with a baseline and measure the drop in every answer "
+        "token's log-probability; many occluded copies per teacher-forced forward."
+    )
+
+    def explain(self, model: Any, sample: Any, *, window: int = 1, stride: int | None = None,
+                baseline: str = "black", batch_size: int | None = None, seed: int = 0,
+                blur_radius: float | None = None, views: str = "all", fast_attention: bool = True,
+                **params: Any) -> Explanation:
+        if params:
+            raise ValueError(f"{self.id}: unknown parameter(s) {', '.join(sorted(params))}")
+        window = positive_int("window", window)
+        stride = window if stride is None else positive_int("stride", stride)
+        baseline = choice("baseline", baseline, BASELINES)
+        views = choice("views", views, VIEWS)
+        prep = as_prepared(model, sample)
+        batch_size = batch_size_for(prep, batch_size)
+        layout = first_layout(prep)
+        grid = layout.main_grid
+        radius = blur_radius_for(prep, blur_radius)
+        mapping = cell_map(prep)
+        base = baseline_pixels(prep, baseline, seed, radius)
+        wins = windows(layout, window, stride, views)
+        ids = answer_ids(prep)
+        with fused_attention(prep.model, fast_attention):
+            original = base_logprobs(prep)
+            perturbed = batched_logprobs(prep.model, len(wins),
+                                         pixel_batches(prep, base, mapping, [w.positions for w in wins]),
+                                         batch_size, prep.logit_positions, ids)
+        drops = original[None, :] - perturbed  # (windows, T)
+        total = torch.zeros(len(ids), grid.rows, grid.cols, dtype=torch.float64)
+        count = torch.zeros(grid.rows, grid.cols, dtype=torch.float64)
+        for w, d in zip(wins, drops.double()):
+            total[:, w.rows[0] : w.rows[1], w.cols[0] : w.cols[1]] += d[:, None, None]
+            count[w.rows[0] : w.rows[1], w.cols[0] : w.cols[1]] += 1
+        per_token = total / count
+        answer_drop = drops.sum(dim=1)
+        worst = int(torch.argmax(answer_drop))
+        exp = Explanation(
+            self.id,
+            {"window": window, "stride": stride, "baseline": baseline, "batch_size": batch_size, "seed": seed,
+             "blur_radius": radius if baseline == "blur" else None, "views": views,
+             "fast_attention": fast_attention},
+            prep.target(),
+        )
+        exp.add("image", per_token, ("answer_token", "row", "col"))
+        exp.add("image.answer", per_token.sum(dim=0), ("row", "col"))
+        exp.scores.update({
+            "logprob_answer": float(original.sum()),
+            "prob_answer": float(original.sum().exp()),
+            "prob_answer_worst": float((original.sum() - answer_drop[worst]).exp()),
+            "max_drop": float(answer_drop[worst]),
+            "windows": float(len(wins)),
+            "forwards": float(1 + -(-len(wins) // batch_size)),
+        })
+        exp.meta.update({
+            "grid": grid.name,
+            "sign": SIGN_NOTE,
+            "worst_window": {"row": wins[worst].row, "col": wins[worst].col, "cells": wins[worst].cells()},
+            "answer_logprobs": original.tolist(),
+        })
+        return exp
+
+
+@register
+class TextAblation(Explainer):
+    id = "perturbation.text_ablation"
+    title = "Question-word ablation"
+    family = FAMILY
+    summary = (
+        "Drop or replace each word of the question and measure the drop in every answer token's "
+        "log-probability; all ablations batched, positions recomputed."
+    )
+
+    def explain(self, model: Any, sample: Any, *, mode: str = "drop", replacement: int | str | None = None,
+                batch_size: int | None = None, fast_attention: bool = True, **params: Any) -> Explanation:
+        if params:
+            raise ValueError(f"{self.id}: unknown parameter(s) {', '.join(sorted(params))}")
+        mode = choice("mode", mode, TEXT_MODES)
+        prep = as_prepared(model, sample)
+        batch_size = batch_size_for(prep, batch_size)
+        repl = replacement_id(prep, replacement)
+        words = question_positions(prep)
+        if not words:
+            raise ValueError(f"sample {prep.sample.id!r}: the question has no ablatable tokens")
+        ids = answer_ids(prep)
+        # a drop shifts every later position, answer included, left by one
+        shift = 1 if mode == "drop" else 0
+        with fused_attention(prep.model, fast_attention):
+            original = base_logprobs(prep)
+            ablated = batched_logprobs(prep.model, len(words), text_batches(prep, words, mode, repl), batch_size,
+                                       prep.logit_positions - shift, ids)
+        drops = original[None, :] - ablated  # (words, T)
+        target = prep.target()
+        columns = {p: j for j, p in enumerate(target.prompt_positions)}
+        grid = torch.full((len(ids), len(target.prompt_positions)), float("nan"), dtype=torch.float64)
+        for i, p in enumerate(words):
+            grid[:, columns[p]] = drops[i].double()
+        tokens = prep.tokens()
+        tok = prep.loaded.processor.tokenizer
+        exp = Explanation(self.id, {"mode": mode, "replacement": repl if mode == "replace" else None,
+                                    "batch_size": batch_size, "fast_attention": fast_attention}, target)
+        exp.add("prompt", grid, ("answer_token", "prompt_token"))
+        exp.add("prompt.answer", grid.sum(dim=0), ("prompt_token",))
+        exp.scores.update({
+            "logprob_answer": float(original.sum()),
+            "words": float(len(words)),
+            "max_drop": float(drops.sum(dim=1).max()) if words else 0.0,
+        })
+        exp.meta.update({
+            "sign": SIGN_NOTE,
+            "words": [{"position": p, "prompt_index": columns[p], "token": tokens[p]} for p in words],
+            "replacement_token": tok.convert_ids_to_tokens([repl])[0] if mode == "replace" else None,
+            "answer_logprobs": original.tolist(),
+        })
+        return exp

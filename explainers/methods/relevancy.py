@@ -1,0 +1,624 @@
+"""Relevancy maps (Chefer et al. 2021, rules 5-6), exact on the final sequence, per answer token.
+
+For self-attention, Chefer et al. average the positive part of gradient x attention over heads,
+``A_bar = E_h[(dy/dA * A)^+]`` (rule 5), and accumulate ``R <- R + A_bar . R`` from ``R = I``,
+layer by layer (rule 6). LVLM-Interpret applies this while generating with the KV cache, so each
+step's rows keep the gradients of earlier steps: an approximation. Here every answer token is
+explained on the *final* teacher-forced sequence: one forward keeps every block's attention
+weights in the graph (forward hooks on ``decoder.blocks.{i}.attn``), then each answer token k
+gets its own gradients ``d y_k / d A_l`` (y_k its log-prob or logit at ``logit_positions[k]``).
+
+Only the needed row of R is computed. With ``R = (I + A_L) ... (I + A_1)`` (layers applied
+first to last), row p is ``e_p (I + A_L) ... (I + A_1)``: start from ``v = e_p`` and apply
+``v <- v + v A_l`` from the last layer down to the first, ``O(L n^2)`` per token instead of the
+``O(L n^3)`` full product. The backward pass produces ``dy/dA_l`` in that same order (last layer
+first), so tensor hooks fold each layer's gradient into the row as it appears (see
+:class:`_RowStream`): per answer token the cost is one backward pass, which no exact per-token
+gradient method can avoid. The map read is ``R - I``: the identity is the token's own self
+term, not a relevance of any input to it.
+
+Normalisation (the paper's eqs. 8-9, ``R_bar = (R - I) / rowsum(R - I) + I``) is applied only
+where the paper applies it: to a self-attention relevancy that is combined with another
+modality's. In a decoder-only model image and text tokens share one self-attention stack, so the
+decoder relevancy is not normalised (rules 5-6 only). Through the vision tower (``through`` =
+``"vision"`` or ``"both"``), the vision blocks' relevancy ``R_vis`` is normalised before it
+carries decoder relevancy from each image token back to the patches, as ``R_bar^{qq}`` is in the
+paper's encoder-decoder rule (eq. 10), so that every image token hands its relevancy on in full
+whatever the size of its vision row. A zero row sum is left unscaled (as in the authors' code).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..capture import eager_attention
+from ..context import ExplainSample, Prepared, as_prepared
+from ..explanation import Explanation
+from ..models.errors import AdapterError
+from ..registry import Citation, Explainer, Need, register
+
+THROUGH: tuple[str, ...] = ("decoder", "vision", "both")
+TARGETS: tuple[str, ...] = ("logit", "logprob")
+MODALITIES: tuple[str, ...] = ("image", "text")
+DEFAULT_TARGET = "logprob"
+DEFAULT_THROUGH = "decoder"
+DEFAULT_BATCH = 1
+"""Answer-token targets per backward call. One (the default) streams each layer's gradient into
+the row as the backward produces it; more go through one ``is_grads_batched`` (vmap) call that
+returns every layer's gradients for the whole batch at once. On a CPU the batched call took about
+2x more CPU time per target (measured on the 576-token bench model); on a GPU, where a small
+model's backward is bound by kernel launches, a batch may pay off (not measured here)."""
+DEFAULT_TOP_K = 3
+"""Prompt words listed per answer token in the modality view (LVLM-Interpret shows three)."""
+
+NORMALISATION = (
+    "decoder relevancy: rules 5-6 without normalisation (one self-attention stack over image and "
+    "text); vision relevancy: normalised R_bar = (R - I) / rowsum(R - I) + I (eqs. 8-9) before it "
+    "carries each image token's relevancy back to the patches (eq. 10)"
+)
+
+CHEFER = Citation(
+    "Generic Attention-model Explainability for Interpreting Bi-Modal and Encoder-Decoder Transformers",
+    2021,
+    "2103.15679",
+    "Chefer, Gur, Wolf",
+)
+LVLM_INTERPRET = Citation(
+    "LVLM-Interpret: An Interpretability Tool for Large Vision-Language Models",
+    2024,
+    "2404.03118",
+    "Stan, Aflalo, Rohekar, et al.",
+)
+
+VISION_ATTN_PREFIX = "vision.blocks."
+DECODER_ATTN_PREFIX = "decoder.blocks."
+ATTN_SUFFIX = ".attn"
+
+
+# --- parameters ------------------------------------------------------------------------------------
+
+
+def _check_params(explainer: str, params: dict[str, Any], allowed: Sequence[str]) -> None:
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ValueError(f"{explainer}: unknown parameter {unknown[0]!r}; known: {', '.join(allowed)}")
+
+
+def _choice(explainer: str, name: str, value: Any, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{explainer}: {name}={value!r} is not one of {', '.join(choices)}")
+    return str(value)
+
+
+def _positive_int(explainer: str, name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{explainer}: {name}={value!r} must be a positive integer")
+    return int(value)
+
+
+
+
+# --- capturing attention weights -------------------------------------------------------------------
+
+
+def _attention_modules(prepared: Prepared, prefix: str) -> list[tuple[str, torch.nn.Module]]:
+    """The ``{prefix}{i}.attn`` hook points, in block order."""
+    points = prepared.adapter.hook_points()
+    found = [(name, mod) for name, mod in points.items() if name.startswith(prefix) and name.endswith(ATTN_SUFFIX)]
+    return sorted(found, key=lambda item: int(item[0][len(prefix) : -len(ATTN_SUFFIX)]))
+
+
+@contextlib.contextmanager
+def _capture(modules: list[tuple[str, torch.nn.Module]]) -> Iterator[dict[str, list[Any]]]:
+    """Forward hooks keeping each attention module's weights (its output[1]), graph attached."""
+    store: dict[str, list[Any]] = {name: [] for name, _ in modules}
+    handles = []
+    for name, module in modules:
+
+        def hook(_module: torch.nn.Module, _args: Any, output: Any, name: str = name) -> None:
+            weights = output[1] if isinstance(output, (tuple, list)) and len(output) > 1 else None
+            store[name].append(weights)
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def _embeddings_require_grad(prepared: Prepared) -> Iterator[None]:
+    """Keep the decoder's input in the graph even where no parameter requires grad (a frozen model)."""
+
+    def hook(_module: torch.nn.Module, _args: Any, output: Any) -> Any:
+        if torch.is_tensor(output) and output.is_floating_point() and not output.requires_grad:
+            return output.detach().requires_grad_().clone()
+        return None
+
+    handle = prepared.adapter.hook_points()["decoder.embed"].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _single_weights(explainer: str, prepared: Prepared, store: dict[str, list[Any]], what: str) -> list[torch.Tensor]:
+    """One attention-weights tensor per block, or a one-line error saying why there is none."""
+    out = []
+    for name, calls in store.items():
+        if len(calls) != 1:
+            raise ValueError(f"{explainer}: {name} ran {len(calls)} times in one forward; expected once")
+        weights = calls[0]
+        if not torch.is_tensor(weights) or weights.dim() != 4:
+            hint = "; use through='decoder'" if name.startswith(VISION_ATTN_PREFIX) else ""
+            raise ValueError(
+                f"{explainer}: {prepared.adapter.model_type}'s {name} returns no attention weights even with the "
+                f"eager kernel, which {what} needs{hint}"
+            )
+        out.append(weights)
+    return out
+
+
+# --- the computation -------------------------------------------------------------------------------
+
+
+@dataclass
+class Relevancy:
+    """Relevancy over decoder positions for every answer token and for the whole answer."""
+
+    prepared: Prepared
+    target: str
+    through: str
+    decoder: torch.Tensor
+    """(T, n): row ``logit_positions[k]`` of the decoder's ``R - I``, one row per answer token."""
+    decoder_answer: torch.Tensor
+    """(n,): the same for the whole answer (target: the sum of the per-token targets)."""
+    image: torch.Tensor
+    """(T, n): what the image maps show at image positions: the decoder rows, or with ``through``
+    = vision/both the vision-tower relevancy pooled onto the grid cells each patch feeds."""
+    image_answer: torch.Tensor
+    targets: torch.Tensor
+    """(T,): the target values (log-probs or logits) of the answer tokens."""
+    timings: dict[str, float] = field(default_factory=dict)
+    backward_calls: int = 0
+    batch: int = DEFAULT_BATCH
+
+    def shares(self, rows: torch.Tensor) -> torch.Tensor:
+        """(..., 2): image and text shares of decoder ``rows`` (NaN where both are zero)."""
+        image = rows[..., self.prepared.image_positions.to(rows.device)].sum(-1)
+        text = rows[..., self.prepared.text_positions.to(rows.device)].sum(-1)
+        both = torch.stack([image, text], dim=-1)
+        total = both.sum(-1, keepdim=True)
+        return torch.where(total > 0, both / total.clamp_min(torch.finfo(both.dtype).tiny), torch.nan)
+
+
+def _abar(grad: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Rule 5: mean over heads of the positive part of gradient x attention, in float32.
+
+    ``grad`` is (c, B, H, q, k) for c targets, ``weights`` (B, H, q, k); returns (c, B, q, k).
+    """
+    owned = grad.dtype == torch.float32 and grad.is_contiguous()  # autograd's fresh buffer: reuse it
+    product = grad.mul_(weights.detach()) if owned else grad.float() * weights.detach().float()
+    return product.clamp_min_(0).mean(dim=2)
+
+
+def _rows(start: torch.Tensor, abars: list[torch.Tensor | None]) -> torch.Tensor:
+    """``start @ ((I + A_L) ... (I + A_1) - I)`` for rows ``start`` (..., n), per-layer (..., n, n).
+
+    Accumulates the off-identity part ``d`` directly (``v = start + d``, ``d <- d + v A_l`` from
+    the last layer to the first) so that no ``v - start`` cancellation loses float32 digits.
+    """
+    delta = torch.zeros_like(start)
+    for abar in reversed(abars):
+        if abar is not None:
+            delta = delta + ((start + delta).unsqueeze(-2) @ abar).squeeze(-2)
+    return delta
+
+
+def _row_sums(abars: list[torch.Tensor | None], like: torch.Tensor) -> torch.Tensor:
+    """Row sums of ``R - I``: ``((I + A_L) ... (I + A_1) - I) @ 1`` as a column recursion, first layer first."""
+    ones = torch.ones_like(like)
+    delta = torch.zeros_like(like)
+    for abar in abars:
+        if abar is not None:
+            delta = delta + (abar @ (ones + delta).unsqueeze(-1)).squeeze(-1)
+    return delta
+
+
+ROW_BLOCK_FLOATS = 1 << 18
+"""Gradient x attention entries handled at once on a CPU (1 MiB of float32): a block of rows that
+stays in cache while it is multiplied, clamped and reduced into the row."""
+
+
+class _RowStream:
+    """Rule 5 and the row recursion done inside the backward pass, one layer at a time.
+
+    A tensor hook on each decoder layer's attention weights receives ``dy/dA_l`` as the backward
+    produces it, last layer first (layer l's gradient needs every layer above it), which is the
+    order the row recursion ``v <- v + v A_bar_l`` runs in. So each layer's gradient is used
+    while it is fresh, in cache-sized blocks of rows (rows where ``v`` is zero are skipped: at the
+    last layer all but one), and neither all layers' gradients nor any ``A_bar`` is kept.
+    """
+
+    def __init__(self, weights: list[torch.Tensor]) -> None:
+        self.weights = [w.detach() for w in weights]
+        self.start: torch.Tensor | None = None
+        self.delta: torch.Tensor | None = None
+        self.expected = len(weights) - 1
+        self.handles = [w.register_hook(self._hook(layer)) for layer, w in enumerate(weights)]
+
+    def begin(self, start: torch.Tensor) -> None:
+        self.start, self.delta, self.expected = start, torch.zeros_like(start), len(self.weights) - 1
+
+    def row(self) -> torch.Tensor:
+        if self.expected != -1 or self.delta is None:
+            raise RuntimeError(f"relevancy: the backward pass stopped before layer {self.expected}")
+        return self.delta
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def _hook(self, layer: int):
+        def hook(grad: torch.Tensor) -> None:
+            if layer != self.expected or self.start is None or self.delta is None:
+                raise RuntimeError(f"relevancy: layer {layer}'s attention gradient came out of order")
+            self.expected -= 1
+            weights = self.weights[layer][0]
+            grad = grad[0]
+            heads, queries, _keys = grad.shape
+            v = self.start + self.delta
+            step = queries if grad.device.type != "cpu" else max(1, ROW_BLOCK_FLOATS // grad[:, 0].numel())
+            acc = torch.zeros_like(v)
+            for first in range(0, queries, step):
+                block = v[first : first + step]
+                if not bool(block.any()):
+                    continue
+                product = grad[:, first : first + step].float() * weights[:, first : first + step].float()
+                product.clamp_min_(0)  # (heads, rows, keys): sum over heads and rows in one product
+                acc += block.repeat(heads) @ product.reshape(-1, product.shape[-1])
+            self.delta += acc / heads
+
+        return hook
+
+
+def _vision_token_map(explainer: str, prepared: Prepared, weights: list[torch.Tensor]) -> torch.Tensor:
+    """(B, n_v): the decoder position each vision token feeds (-1: none), checked against the blocks."""
+    try:
+        token_map = prepared.adapter.vision_token_map(prepared.inputs)
+    except (AdapterError, AttributeError, NotImplementedError) as error:
+        raise ValueError(
+            f"{explainer}: through the vision tower needs the adapter's vision-token map: {error}"
+        ) from None
+    token_map = torch.as_tensor(token_map).to(device=weights[0].device, dtype=torch.long)
+    views, _heads, queries, keys = weights[0].shape
+    if token_map.shape != (views, queries) or queries != keys:
+        raise ValueError(
+            f"{explainer}: {prepared.adapter.model_type}'s vision blocks attend over {tuple(weights[0].shape)} but its "
+            f"vision-token map has shape {tuple(token_map.shape)}; through='decoder' works for every model"
+        )
+    return token_map
+
+
+def _vision_rows(rows: torch.Tensor | None, abars: list[torch.Tensor | None], token_map: torch.Tensor,
+                 seq_len: int, count: int) -> torch.Tensor:
+    """Relevancy of the patches feeding each decoder position, through the normalised vision R.
+
+    ``rows`` (count, n) are decoder rows whose image-token entries are handed back to the vision
+    tokens feeding them (split evenly where several feed one position), and the result is
+    ``w @ R_bar`` with ``R_bar = D^-1 (R - I) + I``, ``D`` the row sums of ``R - I``: that is
+    ``(w/d) @ (R - I) + w``, all by row and column recursions. ``rows`` None (``through="vision"``)
+    gives each image token a weight of 1 and reads ``w @ (R_bar - I)``: there the identity would
+    add the same constant to every patch, as the class token's own column is left out of a ViT's
+    map. The result per input patch is summed onto the decoder position its pixels feed: (count, n).
+    """
+    device = token_map.device
+    fed = token_map >= 0
+    target = token_map.clamp_min(0)
+    per_position = torch.bincount(token_map[fed], minlength=seq_len).to(torch.float32)
+    share = torch.where(fed, 1.0 / per_position[target].clamp_min(1.0), torch.zeros((), device=device))
+    if rows is None:
+        w = share.unsqueeze(0).expand(count, *share.shape).clone()
+    else:
+        w = rows[:, target] * share.unsqueeze(0)  # (c, B, n_v)
+    sums = _row_sums(abars, w)
+    scale = torch.where(sums > 0, sums, torch.ones((), device=device))
+    m = _rows(w / scale, abars)  # w @ (R_bar - I)
+    if rows is not None:
+        m = m + w  # the residual identity: each image token's own patches
+    out = torch.zeros(count, seq_len, device=device)
+    out.index_add_(1, target[fed], m[:, fed])
+    return out
+
+
+def _streamed_rows(weights: list[torch.Tensor], scalars: torch.Tensor, starts: torch.Tensor,
+                   out: torch.Tensor) -> int:
+    """One backward per target with the row folded in by :class:`_RowStream`; returns the calls."""
+    stream = _RowStream(weights)
+    try:
+        for k in range(scalars.numel()):
+            stream.begin(starts[k])
+            # Asking for the first layer's gradient runs the backward through every layer above.
+            torch.autograd.grad(scalars[k], weights[0], retain_graph=k < scalars.numel() - 1)
+            out[k] = stream.row()
+    finally:
+        stream.close()
+    return scalars.numel()
+
+
+def _gradients(scalars: torch.Tensor, chunk: list[int], weights: list[torch.Tensor],
+               retain: bool) -> list[torch.Tensor | None]:
+    """``d scalars[k] / d weights`` for the targets in ``chunk``, each with a leading target axis."""
+    if len(chunk) == 1:
+        grads = torch.autograd.grad(scalars[chunk[0]], weights, retain_graph=retain, allow_unused=True)
+        return [None if g is None else g.unsqueeze(0) for g in grads]
+    pick = torch.zeros(len(chunk), scalars.numel(), device=scalars.device, dtype=scalars.dtype)
+    pick[torch.arange(len(chunk)), torch.as_tensor(chunk)] = 1.0
+    return list(torch.autograd.grad(scalars, weights, grad_outputs=pick, retain_graph=retain,
+                                    allow_unused=True, is_grads_batched=True))
+
+
+def compute_relevancy(
+    prepared: Prepared,
+    *,
+    target: str = DEFAULT_TARGET,
+    through: str = DEFAULT_THROUGH,
+    batch: int = DEFAULT_BATCH,
+    explainer: str = "relevancy.chefer",
+) -> Relevancy:
+    """One forward with attention weights in the graph, then per answer token its gradients and row.
+
+    The targets are the T answer tokens' values at their generating positions and, when T > 1,
+    their sum for the whole answer; ``batch`` of them go through one ``autograd.grad`` call
+    (``is_grads_batched`` when more than one).
+    """
+    model = prepared.model
+    device = prepared.inputs["input_ids"].device
+    seq_len = prepared.seq_len
+    positions = prepared.logit_positions.to(device)
+    token_ids = torch.as_tensor(prepared.answer.token_ids, device=device)
+    count = int(positions.numel())
+    with_vision = through != "decoder"
+
+    decoder_modules = _attention_modules(prepared, DECODER_ATTN_PREFIX)
+    vision_modules = _attention_modules(prepared, VISION_ATTN_PREFIX) if with_vision else []
+    if with_vision and not vision_modules:
+        raise ValueError(f"{explainer}: through={through!r} but the model has no vision blocks")
+    overrides: dict[str, Any] = {"use_cache": False, "logits_to_keep": positions}
+    pixels = prepared.inputs.get("pixel_values")
+    if with_vision and torch.is_tensor(pixels) and pixels.is_floating_point():
+        overrides["pixel_values"] = pixels.detach().requires_grad_()
+
+    clock = time.perf_counter()
+    with eager_attention(model), torch.enable_grad(), _embeddings_require_grad(prepared), \
+            _capture(decoder_modules + vision_modules) as store:
+        out = prepared.forward(**overrides)
+    decoder_weights = _single_weights(explainer, prepared, {n: store[n] for n, _ in decoder_modules}, "relevancy")
+    vision_weights = _single_weights(explainer, prepared, {n: store[n] for n, _ in vision_modules},
+                                     f"through={through!r}")
+    token_map = _vision_token_map(explainer, prepared, vision_weights) if with_vision else None
+
+    logits = out.logits[0]
+    if logits.shape[0] != count:  # a model that ignored logits_to_keep
+        logits = logits[positions]
+    picked = torch.arange(count, device=device)
+    values = torch.log_softmax(logits.float(), dim=-1) if target == "logprob" else logits.float()
+    per_token = values[picked, token_ids]
+    # The whole answer's target: the sum. One more backward costs 1/T of the rest, less than
+    # accumulating T gradients of layers x heads x n x n.
+    scalars = torch.cat([per_token, per_token.sum().unsqueeze(0)]) if count > 1 else per_token
+    timings = {"forward_s": time.perf_counter() - clock}
+
+    weights = decoder_weights + vision_weights
+    num_decoder = len(decoder_weights)
+    starts = torch.zeros(scalars.numel(), seq_len, device=device)
+    starts[picked, positions] = 1.0
+    if count > 1:
+        starts[count, positions] = 1.0
+    decoder_rows = torch.zeros(scalars.numel(), seq_len, device=device)
+    image_rows = decoder_rows if not with_vision else torch.zeros_like(decoder_rows)
+    clock = time.perf_counter()
+    if batch == 1 and not with_vision:  # the common case, streamed through the backward pass
+        calls = _streamed_rows(decoder_weights, scalars, starts, decoder_rows)
+    else:
+        calls = 0
+        for first in range(0, scalars.numel(), batch):
+            chunk = list(range(first, min(first + batch, scalars.numel())))
+            grads = _gradients(scalars, chunk, weights, retain=chunk[-1] < scalars.numel() - 1)
+            calls += 1
+            abars = [None if g is None else _abar(g, w) for g, w in zip(grads, weights)]
+            del grads
+            rows = _rows(starts[chunk], [None if a is None else a[:, 0] for a in abars[:num_decoder]])
+            decoder_rows[chunk] = rows
+            if with_vision:
+                handed = rows if through == "both" else None
+                image_rows[chunk] = _vision_rows(handed, abars[num_decoder:], token_map, seq_len, len(chunk))
+            del abars
+    timings["gradients_s"] = time.perf_counter() - clock
+    del out, weights, decoder_weights, vision_weights
+
+    answer = count if count > 1 else 0
+    return Relevancy(
+        prepared=prepared,
+        target=target,
+        through=through,
+        decoder=decoder_rows[:count].cpu(),
+        decoder_answer=decoder_rows[answer].cpu(),
+        image=image_rows[:count].cpu(),
+        image_answer=image_rows[answer].cpu(),
+        targets=per_token.detach().cpu(),
+        timings=timings,
+        backward_calls=calls,
+        batch=batch,
+    )
+
+
+# --- from rows to maps ------------------------------------------------------------------------------
+
+
+def grid_map_names(prepared: Prepared) -> list[tuple[str, Any]]:
+    """(name, grid) for every grid of every image: ``image`` for the first image's main grid."""
+    named = []
+    for index, layout in enumerate(prepared.layouts):
+        main = layout.main_grid
+        for grid in layout.grids:
+            name = "image" if index == 0 and grid is main else f"image{index}.{grid.name}"
+            named.append((name, grid))
+    return named
+
+
+def add_image_maps(explanation: Explanation, prepared: Prepared, rows: torch.Tensor, answer: torch.Tensor) -> None:
+    """Per-token (T, rows, cols) and whole-answer (rows, cols) maps of every grid."""
+    for name, grid in grid_map_names(prepared):
+        explanation.add(name, grid.gather(rows), ("answer_token", "row", "col"))
+        explanation.add(f"{name}.answer", grid.gather(answer), ("row", "col"))
+
+
+def add_prompt_maps(explanation: Explanation, prepared: Prepared, result: Relevancy) -> None:
+    text = prepared.text_positions
+    explanation.add("prompt", result.decoder[:, text], ("answer_token", "prompt_token"))
+    explanation.add("prompt.answer", result.decoder_answer[text], ("prompt_token",))
+
+
+def _rounded(values: torch.Tensor) -> list[float | None]:
+    return [None if math.isnan(v) else float(v) for v in values.tolist()]  # NaN -> None for JSON
+
+
+def _nanmean(values: torch.Tensor) -> float:
+    """Mean over the finite values (a token whose relevancy is all zero has no share)."""
+    finite = values[~torch.isnan(values)]
+    return float(finite.mean()) if finite.numel() else float("nan")
+
+
+def _common_meta(result: Relevancy) -> dict[str, Any]:
+    decoder_total = result.decoder.sum(-1)
+    earlier = result.decoder[:, result.prepared.answer_positions].sum(-1)
+    return {
+        "seq_len": result.prepared.seq_len,
+        "logit_positions": result.prepared.logit_positions.tolist(),
+        "target_values": [float(v) for v in result.targets.tolist()],
+        "answer_token_share": _rounded(torch.where(decoder_total > 0, earlier / decoder_total, torch.nan)),
+        "normalisation": NORMALISATION,
+        "backward_calls": result.backward_calls,
+        "batch": result.batch,
+        **{k: round(v, 6) for k, v in result.timings.items()},
+    }
+
+
+# --- the explainers --------------------------------------------------------------------------------
+
+
+@register
+class CheferRelevancy(Explainer):
+    """Relevancy of image patches and prompt words for every answer token (rules 5-6)."""
+
+    id = "relevancy.chefer"
+    title = "Relevancy maps (Chefer et al.)"
+    family = "relevancy"
+    needs = frozenset({Need.ATTENTION, Need.GRADIENTS})
+    citations = (CHEFER, LVLM_INTERPRET)
+    summary = (
+        "Chefer et al.'s gradient-weighted attention relevancy, computed exactly on the final sequence for "
+        "every answer token (no KV-cache approximation), through the decoder, the vision tower, or both."
+    )
+
+    def explain(
+        self,
+        model: Any,
+        sample: ExplainSample | Prepared,
+        *,
+        through: str = DEFAULT_THROUGH,
+        target: str = DEFAULT_TARGET,
+        batch: int = DEFAULT_BATCH,
+        **params: Any,
+    ) -> Explanation:
+        """``through``: where relevancy reaches the image maps from, one of :data:`THROUGH`;
+        ``target``: the log-prob or logit of each answer token; ``batch``: targets per backward."""
+        _check_params(self.id, params, ("through", "target", "batch"))
+        through = _choice(self.id, "through", through, THROUGH)
+        target = _choice(self.id, "target", target, TARGETS)
+        batch = _positive_int(self.id, "batch", batch)
+        prepared = as_prepared(model, sample)
+        result = compute_relevancy(prepared, target=target, through=through, batch=batch, explainer=self.id)
+
+        exp = Explanation(self.id, {"through": through, "target": target, "batch": batch}, prepared.target())
+        add_image_maps(exp, prepared, result.image, result.image_answer)
+        add_prompt_maps(exp, prepared, result)
+        shares = result.shares(result.decoder)[:, 0]
+        exp.scores["image_share"] = _nanmean(shares)
+        exp.meta.update(_common_meta(result))
+        exp.meta["image_share_per_token"] = _rounded(shares)
+        exp.meta["maps_from"] = "decoder" if through == "decoder" else f"vision tower ({through})"
+        return exp
+
+
+@register
+class ModalityRelevancy(Explainer):
+    """How much each answer token draws on the image versus the prompt's words."""
+
+    id = "relevancy.modality"
+    title = "Image vs text relevancy"
+    family = "relevancy"
+    needs = frozenset({Need.ATTENTION, Need.GRADIENTS})
+    citations = (LVLM_INTERPRET, CHEFER)
+    summary = (
+        "Per answer token, the share of decoder relevancy (Chefer et al.) on image tokens versus prompt text "
+        "tokens, with the prompt words that weigh most: LVLM-Interpret's image-vs-text view, computed exactly."
+    )
+
+    def explain(
+        self,
+        model: Any,
+        sample: ExplainSample | Prepared,
+        *,
+        target: str = DEFAULT_TARGET,
+        top_k: int = DEFAULT_TOP_K,
+        batch: int = DEFAULT_BATCH,
+        **params: Any,
+    ) -> Explanation:
+        """``target``: the log-prob or logit of each answer token; ``top_k``: prompt words listed
+        per answer token; ``batch``: targets per backward call."""
+        _check_params(self.id, params, ("target", "top_k", "batch"))
+        target = _choice(self.id, "target", target, TARGETS)
+        top_k = _positive_int(self.id, "top_k", top_k)
+        batch = _positive_int(self.id, "batch", batch)
+        prepared = as_prepared(model, sample)
+        result = compute_relevancy(prepared, target=target, through="decoder", batch=batch, explainer=self.id)
+
+        exp = Explanation(self.id, {"target": target, "top_k": top_k, "batch": batch}, prepared.target())
+        per_token = result.shares(result.decoder)
+        whole = result.shares(result.decoder_answer)
+        exp.add("share", per_token, ("answer_token", "modality"))
+        exp.add("share.answer", whole, ("modality",))
+        add_prompt_maps(exp, prepared, result)
+        exp.scores["image_share"] = float(whole[0])
+        exp.scores["text_share"] = float(whole[1])
+
+        tokens = prepared.tokens()
+        text = prepared.text_positions
+        image = prepared.image_positions
+
+        def top_words(row: torch.Tensor) -> list[dict[str, Any]]:
+            values = row[text]
+            total = float(values.sum())
+            order = torch.argsort(values, descending=True, stable=True)[: min(top_k, values.numel())]
+            return [
+                {"position": int(text[i]), "token": tokens[int(text[i])], "relevancy": float(values[i]),
+                 "share_of_text": float(values[i]) / total if total > 0 else None}
+                for i in order.tolist()
+            ]
+
+        exp.meta.update(_common_meta(result))
+        exp.meta["modalities"] = list(MODALITIES)
+        exp.meta["top_prompt_tokens"] = [top_words(row) for row in result.decoder]
+        exp.meta["top_prompt_tokens_answer"] = top_words(result.decoder_answer)
+        exp.meta["image_max"] = [float(row[image].max()) if image.numel() else 0.0 for row in result.decoder]
+        exp.meta["image_share_token_mean"] = _nanmean(per_token[:, 0])
+        return exp

@@ -1,0 +1,61 @@
+"""``xmllm ask``: greedy answers from any supported model, for one image or a sample set."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import XmllmError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ask", help="answer a question about an image (or every sample of a set)")
+    p.add_argument("--model", default="demo", help="'demo', a local folder or a hub id (default demo)")
+    p.add_argument("--image", type=Path, help="image file")
+    p.add_argument("--question", help="the question")
+    p.add_argument("--samples", type=Path, help="a samples.jsonl sample set instead of --image/--question")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    single = args.image is not None or args.question is not None
+    if single == (args.samples is not None):
+        raise XmllmError("give either --image and --question, or --samples")
+    if single and (args.image is None or not (args.question or "").strip()):
+        raise XmllmError("--image and a non-empty --question are both required")
+
+    from explainers.answering import generate_answer, is_correct
+    from explainers.images import load_image
+    from explainers.models import load_model
+    from explainers.samples import read_sample_set
+
+    if single:
+        items = [(None, load_image(args.image), args.question, None)]
+    else:
+        items = [(r.id, r, r.question, r.answer) for r in read_sample_set(args.samples)]
+    loaded = load_model(args.model, device=args.device)
+    rows = []
+    for sid, image, question, expected in items:
+        img = image.load_image() if hasattr(image, "load_image") else image
+        ans = generate_answer(loaded, [img], question, args.max_new_tokens)
+        row = {"id": sid, "question": question, "answer": ans.text, "tokens": list(ans.tokens),
+               "probs": [round(p, 4) for p in ans.probs]}
+        if expected is not None:
+            row["expected"] = expected
+            row["correct"] = is_correct(ans.text, expected)
+        rows.append(row)
+    if args.json:
+        print(json.dumps(rows if not single else rows[0], indent=2))
+        return 0
+    for row in rows:
+        prob = " ".join(f"{t}:{p:.2f}" for t, p in zip(row["tokens"], row["probs"]))
+        mark = "" if "correct" not in row else ("  [correct]" if row["correct"] else f"  [wrong: expected {row['expected']}]")
+        prefix = f"{row['id']}: " if row["id"] else ""
+        print(f"{prefix}{row['answer']}{mark}    ({prob})")
+    scored = [r for r in rows if "correct" in r]
+    if len(scored) > 1:
+        print(f"accuracy: {sum(r['correct'] for r in scored)}/{len(scored)} = {sum(r['correct'] for r in scored) / len(scored):.1%}")
+    return 0

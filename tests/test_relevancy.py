@@ -1,0 +1,372 @@
+"""Relevancy (Chefer et al. rules 5-6) against a slow, literal implementation, on real models.
+
+The reference below does what the paper says in the plainest way: one fresh forward and one
+backward per target, attention gradients kept with ``retain_grad``, full ``n x n`` matrices
+``R <- R + A_bar @ R`` from ``R = I``, and the full normalised vision matrix. The explainer must
+agree with it to float32 precision while doing one forward and row recursions only.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tiny_models import FAMILIES, TEST_IMAGE_SIZES, build_tiny, missing_dependency, tiny_image
+
+from explainers.answering import Answer
+from explainers.context import ExplainSample, prepare
+from explainers.methods.relevancy import CheferRelevancy, ModalityRelevancy, compute_relevancy
+from explainers.models import LoadedModel, adapter_for, load_model
+
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+DEMO_FOLDERS = (Path(__file__).resolve().parents[1] / "explainers/demo/weights/final", Path("/tmp/demo-early-run1"))
+TINY_QUESTION = "what colour is the square"
+TINY_ANSWER = "the answer is red"
+RTOL, ATOL = 1e-4, 1e-7
+"""The reference runs in float64, the explainer in float32: agreement to float32 precision."""
+
+
+# --- models ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo() -> LoadedModel:
+    for folder in DEMO_FOLDERS:
+        if (folder / "config.json").is_file():
+            return load_model(folder, device="cpu", dtype="float32", eager_attention=True)
+    pytest.skip("no demo-model checkpoint available")
+
+
+_TINY: dict[tuple[str, bool], LoadedModel] = {}
+
+
+def tiny_loaded(family: str, eager: bool = True) -> LoadedModel:
+    """A tiny random model of ``family`` wrapped as a LoadedModel (built once per session)."""
+    package = missing_dependency(family)
+    if package:
+        pytest.skip(f"the {family} processor needs {package}, which is not installed")
+    key = (family, eager)
+    if key not in _TINY:
+        model, processor = build_tiny(family)
+        if eager:
+            model.set_attn_implementation("eager")
+        _TINY[key] = LoadedModel(model, processor, adapter_for(model, processor), spec=f"tiny-{family}",
+                                 source="tests/tiny_models.py", device=torch.device("cpu"), dtype=torch.float32,
+                                 eager_attention=eager)
+    return _TINY[key]
+
+
+def forced(loaded: LoadedModel, images, question: str, text: str):
+    """The final sequence with a given answer (no generation): exact maths needs no trained model."""
+    ids = loaded.adapter.tokenize_answer(text)
+    tokens = tuple(loaded.processor.tokenizer.convert_ids_to_tokens(ids))
+    sample = ExplainSample(list(images), question)
+    return prepare(loaded, sample, answer=Answer(text, tuple(ids), tokens, tuple(0.0 for _ in ids)))
+
+
+def tiny_prepared(family: str, text: str = TINY_ANSWER):
+    loaded = tiny_loaded(family)
+    return forced(loaded, [tiny_image(*TEST_IMAGE_SIZES[family])], TINY_QUESTION, text)
+
+
+def demo_prepared(demo: LoadedModel, text: str):
+    from explainers.demo.samples import generate_sample
+
+    sample = generate_sample(0, 1)
+    return forced(demo, [sample.image()], sample.text, text)
+
+
+# --- the slow, literal reference --------------------------------------------------------------------
+
+
+def _attention_hooks(modules, store):
+    def make(i):
+        def hook(_m, _a, output):
+            weights = output[1]
+            if weights.requires_grad:
+                weights.retain_grad()
+            store[i] = weights
+
+        return hook
+
+    return [m.register_forward_hook(make(i)) for i, m in enumerate(modules)]
+
+
+def slow_relevancy(prepared, which, target: str = "logprob", through: str = "decoder") -> np.ndarray:
+    """Relevancy over decoder positions for answer token ``which`` (an int) or the whole answer ("answer")."""
+    model, adapter = prepared.model, prepared.adapter
+    points = adapter.hook_points()
+    decoder = [points[f"decoder.blocks.{i}.attn"] for i in range(len(adapter.decoder_layers()))]
+    vision = [points[f"vision.blocks.{i}.attn"] for i in range(len(adapter.vision_layers()))]
+    dec_store, vis_store = {}, {}
+    hooks = _attention_hooks(decoder, dec_store) + _attention_hooks(vision, vis_store)
+    try:
+        with torch.enable_grad():
+            logits = prepared.forward().logits
+            if target == "logprob":
+                values = prepared.answer_logprobs(logits)[0]
+            else:
+                ids = torch.tensor(prepared.answer.token_ids)
+                values = logits[0, prepared.logit_positions, ids]
+            y = values.sum() if which == "answer" else values[which]
+            model.zero_grad()
+            y.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    n = prepared.seq_len
+    eye = torch.eye(n, dtype=torch.float64)
+    R = eye.clone()
+    for i in range(len(decoder)):
+        A = dec_store[i]
+        Abar = (A.grad.double() * A.double()).clamp(min=0).mean(dim=1)[0]
+        R = R + Abar @ R
+    positions = prepared.logit_positions.tolist() if which == "answer" else [int(prepared.logit_positions[which])]
+    row = sum((R - eye)[p] for p in positions)
+    model.zero_grad()
+    if through == "decoder":
+        return row.detach().numpy()
+
+    token_map = adapter.vision_token_map(prepared.inputs)
+    out = torch.zeros(n, dtype=torch.float64)
+    for b in range(token_map.shape[0]):
+        nv = token_map.shape[1]
+        Rv = torch.eye(nv, dtype=torch.float64)
+        for i in range(len(vision)):
+            A = vis_store[i]
+            if A.grad is None:  # a block after the layer the projector reads: no gradient reaches it
+                continue
+            Abar = (A.grad[b].double() * A[b].double()).clamp(min=0).mean(dim=0)
+            Rv = Rv + Abar @ Rv
+        Rhat = Rv - torch.eye(nv, dtype=torch.float64)
+        sums = Rhat.sum(dim=-1, keepdim=True)
+        sums[sums == 0] = 1
+        Rbar = Rhat / sums + torch.eye(nv, dtype=torch.float64)
+        fmap = token_map[b]
+        w = torch.zeros(nv, dtype=torch.float64)
+        for q in range(nv):
+            pos = int(fmap[q])
+            if pos >= 0:
+                share = 1.0 / int((token_map == pos).sum())
+                w[q] = (row[pos] if through == "both" else 1.0) * share
+        m = w @ Rbar if through == "both" else w @ (Rbar - torch.eye(nv, dtype=torch.float64))
+        for q in range(nv):
+            if int(fmap[q]) >= 0:
+                out[int(fmap[q])] += m[q]
+    return out.detach().numpy()
+
+
+def assert_close(fast, slow):
+    fast, slow = np.asarray(fast, dtype=np.float64), np.asarray(slow, dtype=np.float64)
+    np.testing.assert_allclose(fast, slow, rtol=RTOL, atol=ATOL)
+
+
+# --- exactness ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["logprob", "logit"])
+def test_matches_slow_reference_on_tiny_model(target):
+    prepared = tiny_prepared("llava")
+    result = compute_relevancy(prepared, target=target)
+    T = len(prepared.answer.token_ids)
+    assert T > 1 and result.decoder.shape == (T, prepared.seq_len)
+    for k in range(T):
+        assert_close(result.decoder[k], slow_relevancy(prepared, k, target))
+    assert_close(result.decoder_answer, slow_relevancy(prepared, "answer", target))
+    assert float(result.decoder.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("through", ["decoder", "vision", "both"])
+def test_matches_slow_reference_on_demo_model(demo, through):
+    prepared = demo_prepared(demo, "red circle blue")
+    result = compute_relevancy(prepared, through=through)
+    T = len(prepared.answer.token_ids)
+    assert T == 3
+    for k in range(T):
+        assert_close(result.image[k], slow_relevancy(prepared, k, through=through))
+        assert_close(result.decoder[k], slow_relevancy(prepared, k))
+    assert_close(result.image_answer, slow_relevancy(prepared, "answer", through=through))
+
+
+def test_batched_gradients_equal_one_at_a_time(demo):
+    prepared = demo_prepared(demo, "red circle blue square")
+    one = compute_relevancy(prepared, through="both", batch=1)
+    many = compute_relevancy(prepared, through="both", batch=3)
+    assert many.backward_calls == 2 and one.backward_calls == 5  # 4 tokens + the whole answer
+    assert_close(many.decoder, one.decoder)
+    assert_close(many.image, one.image)
+    assert_close(many.decoder_answer, one.decoder_answer)
+
+
+# --- per-token behaviour ------------------------------------------------------------------------------
+
+
+def test_each_answer_token_gets_its_own_map(demo):
+    prepared = demo_prepared(demo, "red circle blue")
+    exp = CheferRelevancy().explain(demo, prepared)
+    maps = exp.maps["image"]
+    assert maps.shape[0] == 3 and exp.axes["image"] == ("answer_token", "row", "col")
+    assert exp.target.positions == prepared.answer_positions.tolist()
+    for a in range(3):
+        for b in range(a + 1, 3):
+            assert not np.allclose(maps[a], maps[b]), f"answer tokens {a} and {b} share a map"
+    prompt = exp.maps["prompt"]
+    assert prompt.shape == (3, len(exp.target.prompt_positions))
+    assert not np.allclose(prompt[0], prompt[1])
+
+
+def test_repeated_answer_token_keeps_a_map_per_position(demo):
+    prepared = demo_prepared(demo, "red red red")
+    ids = prepared.answer.token_ids
+    assert len(ids) == 3 and len(set(ids)) == 1
+    exp = CheferRelevancy().explain(demo, prepared)
+    maps = exp.maps["image"]
+    assert len(set(exp.target.positions)) == 3
+    for a in range(3):
+        for b in range(a + 1, 3):
+            assert not np.allclose(maps[a], maps[b])
+    for k in range(3):  # each one is the relevancy of its own position, not of the last occurrence
+        grid = prepared.layouts[0].main_grid
+        expected = slow_relevancy(prepared, k)[grid.positions.numpy()].reshape(grid.rows, grid.cols)
+        assert_close(maps[k], expected)
+
+
+def test_modality_shares_sum_to_one(demo):
+    prepared = demo_prepared(demo, "red circle blue")
+    exp = ModalityRelevancy().explain(demo, prepared, top_k=4)
+    share = exp.maps["share"]
+    assert exp.axes["share"] == ("answer_token", "modality") and share.shape == (3, 2)
+    assert exp.meta["modalities"] == ["image", "text"]
+    np.testing.assert_allclose(share.sum(axis=1), 1.0, rtol=1e-6)
+    assert (share >= 0).all()
+    whole = exp.maps["share.answer"]
+    assert exp.scores["image_share"] + exp.scores["text_share"] == pytest.approx(1.0)
+    assert exp.scores["image_share"] == pytest.approx(float(whole[0]))
+    # the shares are those of the chefer rows, recomputed here from its maps
+    chefer = CheferRelevancy().explain(demo, prepared)
+    result = compute_relevancy(prepared)
+    image = result.decoder[:, prepared.image_positions].sum(-1)
+    text = result.decoder[:, prepared.text_positions].sum(-1)
+    np.testing.assert_allclose(share[:, 0], (image / (image + text)).numpy(), rtol=1e-5)
+    assert chefer.scores["image_share"] == pytest.approx(float(share[:, 0].mean()), rel=1e-5)
+    # top prompt words: by position, with their strings, most relevant first
+    tokens = prepared.tokens()
+    text_positions = set(prepared.text_positions.tolist())
+    for k, top in enumerate(exp.meta["top_prompt_tokens"]):
+        assert len(top) == 4
+        assert [t["relevancy"] for t in top] == sorted((t["relevancy"] for t in top), reverse=True)
+        for entry in top:
+            assert entry["position"] in text_positions and entry["token"] == tokens[entry["position"]]
+            column = exp.target.prompt_positions.index(entry["position"])
+            assert entry["relevancy"] == pytest.approx(float(exp.maps["prompt"][k, column]))
+
+
+def test_the_model_own_answer_on_the_demo(demo):
+    from explainers.demo.samples import generate_sample
+
+    sample = generate_sample(0, 2)
+    exp = CheferRelevancy().explain(demo, ExplainSample([sample.image()], sample.text, id=sample.id))
+    assert exp.target.text and exp.maps["image"].shape[0] == len(exp.target.token_ids)
+    assert np.isfinite(exp.maps["image"]).all() and exp.maps["image"].max() > 0
+    assert exp.params == {"through": "decoder", "target": "logprob", "batch": 1}
+
+
+# --- every family ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_smoke_every_family(family):
+    prepared = tiny_prepared(family)
+    loaded = prepared.loaded
+    T = len(prepared.answer.token_ids)
+    exp = CheferRelevancy().explain(loaded, prepared)
+    main = prepared.layouts[0].main_grid
+    assert exp.maps["image"].shape == (T, main.rows, main.cols)
+    assert exp.maps["image.answer"].shape == (main.rows, main.cols)
+    for index, layout in enumerate(prepared.layouts):
+        for grid in layout.grids:
+            name = "image" if index == 0 and grid is layout.main_grid else f"image{index}.{grid.name}"
+            assert exp.maps[name].shape == (T, grid.rows, grid.cols)
+            assert exp.axes[f"{name}.answer"] == ("row", "col")
+    for name, array in exp.maps.items():
+        assert np.isfinite(array).all(), name
+    total = sum(float(a.sum()) for n, a in exp.maps.items() if n.endswith(".answer"))
+    assert total > 0
+    modality = ModalityRelevancy().explain(loaded, prepared)
+    np.testing.assert_allclose(modality.maps["share"].sum(axis=1), 1.0, rtol=1e-6)
+
+
+NO_VISION_WEIGHTS = {"qwen2_vl", "qwen2_5_vl"}
+"""Families whose vision attention runs per-image chunks and returns no weights."""
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_through_the_vision_tower_on_every_family(family):
+    prepared = tiny_prepared(family)
+    if family in NO_VISION_WEIGHTS:
+        with pytest.raises(ValueError, match="through='decoder'"):
+            compute_relevancy(prepared, through="both")
+        return
+    result = compute_relevancy(prepared, through="both")
+    assert float(result.image.sum()) > 0
+    for k in range(len(prepared.answer.token_ids)):
+        assert_close(result.image[k], slow_relevancy(prepared, k, through="both"))
+
+
+def test_explanations_save_and_load(demo, tmp_path):
+    from explainers.explanation import Explanation
+
+    prepared = demo_prepared(demo, "red circle")
+    for explainer in (CheferRelevancy(), ModalityRelevancy()):
+        exp = explainer.explain(demo, prepared)
+        exp.save(tmp_path / explainer.id)
+        back = Explanation.load(tmp_path / explainer.id)
+        assert back.meta == exp.meta and back.scores == exp.scores and back.axes == exp.axes
+        for name, array in exp.maps.items():
+            np.testing.assert_array_equal(back.maps[name], array)
+
+
+# --- errors -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "params, word",
+    [({"through": "pixels"}, "through"), ({"target": "prob"}, "target"), ({"batch": 0}, "batch"),
+     ({"layers": 3}, "layers")],
+)
+def test_bad_parameters_are_one_line_errors(params, word):
+    prepared = tiny_prepared("llava")
+    with pytest.raises(ValueError, match=word):
+        CheferRelevancy().explain(prepared.loaded, prepared, **params)
+
+
+def test_a_model_loaded_with_fused_attention_is_switched_to_eager_and_back():
+    eager = tiny_prepared("llava")
+    loaded = tiny_loaded("llava", eager=False)
+    before = loaded.model.config._attn_implementation
+    assert before != "eager"
+    prepared = forced(loaded, [tiny_image(*TEST_IMAGE_SIZES["llava"])], TINY_QUESTION, TINY_ANSWER)
+    fused = compute_relevancy(prepared)
+    assert loaded.model.config._attn_implementation == before
+    assert_close(fused.decoder, compute_relevancy(eager).decoder)
+
+
+def test_a_frozen_model_gives_the_same_relevancy():
+    prepared = tiny_prepared("llava")
+    model = prepared.model
+    expected = compute_relevancy(prepared, through="both")
+    flags = [p.requires_grad for p in model.parameters()]
+    try:
+        model.requires_grad_(False)  # as after freezing for inference: no parameter builds a graph
+        frozen = compute_relevancy(prepared, through="both")
+    finally:
+        for param, flag in zip(model.parameters(), flags):
+            param.requires_grad_(flag)
+    assert_close(frozen.decoder, expected.decoder)
+    assert_close(frozen.image, expected.image)
