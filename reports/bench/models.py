@@ -51,3 +51,20 @@ LONG_QUESTION = " ".join(["Is the red circle left of the blue square , and what 
 """About 300 prompt tokens of in-vocabulary words for the large model."""
 ANSWER_TOKENS = 32
 """Answer length on the large model: generation is forced to this many tokens."""
+
+
+LARGE = "llava-576"
+"""Label of the large model in ``BenchContext.models``."""
+QUICK_ANSWER_TOKENS = 8
+"""Answer length on the large model under ``--quick`` (the full run uses ANSWER_TOKENS)."""
+ANSWER_WORDS = "the red circle is left of the blue square and the green triangle is above it"
+"""In-vocabulary words the large model's forced answer is cut from (its weights are random)."""
+
+
+def large_model(ctx, scratch: str):
+    """The large model from the context, or built into ``scratch`` and loaded with eager attention."""
+    if LARGE in ctx.models:
+        return ctx.models[LARGE]
+    from explainers.models import load_model
+
+    return load_model(build_llava_576(Path(scratch) / LARGE), eager_attention=True)

@@ -39,10 +39,9 @@ from explainers.methods.perturbation import (
 )
 
 from . import BenchContext, BenchRow
-from .models import ANSWER_TOKENS, LONG_QUESTION, build_llava_576
+from .models import ANSWER_TOKENS, ANSWER_WORDS, LARGE, LONG_QUESTION, QUICK_ANSWER_TOKENS, large_model
 
 GROUP = "perturbation.occlusion"
-LARGE = "llava-576"
 TARGET = ">= 3"
 BASELINE = "black"
 SAMPLE_SEED = 0
@@ -52,20 +51,9 @@ LARGE_WINDOW = 4
 QUICK_LARGE_WINDOW = 6
 """Windows on the 576-token model (36 or 16 of them): Captum's single forwards there take most
 of the case's time budget."""
-QUICK_ANSWER_TOKENS = 8
-ANSWER_WORDS = "the red circle is left of the blue square and the green triangle is above it"
-"""In-vocabulary words the large model's forced answer is cut from (its weights are random)."""
 
 
 # --- models and samples -------------------------------------------------------------------------------
-
-
-def _large_model(ctx: BenchContext, scratch: str) -> Any:
-    if LARGE in ctx.models:
-        return ctx.models[LARGE]
-    from explainers.models import load_model
-
-    return load_model(build_llava_576(Path(scratch) / LARGE), eager_attention=True)
 
 
 def _forced(loaded: Any, question: str, tokens: int) -> Prepared:
@@ -185,6 +173,6 @@ def cases(ctx: BenchContext) -> list[BenchRow]:
     tokens = QUICK_ANSWER_TOKENS if ctx.quick else ANSWER_TOKENS
     window = QUICK_LARGE_WINDOW if ctx.quick else LARGE_WINDOW
     with tempfile.TemporaryDirectory(prefix="xmllm-bench-") as scratch:
-        prepared = _forced(_large_model(ctx, scratch), LONG_QUESTION, tokens)
+        prepared = _forced(large_model(ctx, scratch), LONG_QUESTION, tokens)
         rows += _rows(LARGE, prepared, window, repeat=1)  # Captum's single forwards are long here
     return rows

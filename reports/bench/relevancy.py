@@ -30,28 +30,15 @@ from explainers.context import ExplainSample, Prepared, prepare
 from explainers.methods.relevancy import compute_relevancy
 
 from . import BenchContext, BenchRow
-from .models import ANSWER_TOKENS, LONG_QUESTION, build_llava_576
+from .models import ANSWER_TOKENS, ANSWER_WORDS, LARGE, LONG_QUESTION, QUICK_ANSWER_TOKENS, large_model
 
 GROUP = "relevancy.chefer"
-LARGE = "llava-576"
 FLOOR_TARGET = "<= 2"
 LVLM_TARGET = ">= 3"
 SAMPLE_SEED = 0
-QUICK_ANSWER_TOKENS = 8
-"""Answer length on the large model under ``--quick`` (the full run uses ANSWER_TOKENS)."""
-ANSWER_WORDS = "the red circle is left of the blue square and the green triangle is above it"
-"""In-vocabulary words the large model's forced answer is cut from (its weights are random)."""
 
 
 # --- models and samples -----------------------------------------------------------------------------
-
-
-def _large_model(ctx: BenchContext, scratch: str) -> Any:
-    if LARGE in ctx.models:
-        return ctx.models[LARGE]
-    from explainers.models import load_model
-
-    return load_model(build_llava_576(Path(scratch) / LARGE), eager_attention=True)
 
 
 def _forced(loaded: Any, question: str, tokens: int) -> Prepared:
@@ -235,7 +222,7 @@ def cases(ctx: BenchContext) -> list[BenchRow]:
         rows += _rows("demo", _demo(ctx.models["demo"]), repeat=max(ctx.repeat, 1), warmup=1, with_lvlm=False)
     tokens = QUICK_ANSWER_TOKENS if ctx.quick else ANSWER_TOKENS
     with tempfile.TemporaryDirectory(prefix="xmllm-bench-") as scratch:
-        loaded = _large_model(ctx, scratch)
+        loaded = large_model(ctx, scratch)
         # Each run here is T backward passes through ~900 tokens: one interleaved round keeps
         # the case near a minute, after a one-token warm-up of all three paths on the same
         # model; CPU-time ratios in the details are steadier than wall ratios on a shared machine.
