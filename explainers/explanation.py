@@ -74,13 +74,23 @@ class Explanation:
         }
 
     def save(self, path: str | Path) -> None:
-        """Write ``path.npz`` and ``path.json`` atomically."""
-        save_explanations([self], Path(path).with_suffix(".npz"), Path(path).with_suffix(".json"))
+        """Write ``path.npz`` and ``path.json`` atomically (``path`` is a stem: a dotted name
+        such as ``run/attention.raw`` keeps its dots; a trailing ``.npz``/``.json`` is dropped)."""
+        save_explanations([self], *_pair_paths(path))
 
     @classmethod
     def load(cls, path: str | Path) -> "Explanation":
-        (only,) = load_explanations(Path(path).with_suffix(".npz"), Path(path).with_suffix(".json"))
+        (only,) = load_explanations(*_pair_paths(path))
         return only
+
+
+def _pair_paths(path: str | Path) -> tuple[Path, Path]:
+    """``stem.npz`` and ``stem.json`` for a stem, appending rather than replacing a suffix."""
+    stem = str(path)
+    for ext in (".npz", ".json"):
+        if stem.endswith(ext):
+            stem = stem[: -len(ext)]
+    return Path(stem + ".npz"), Path(stem + ".json")
 
 
 def save_explanations(explanations: list[Explanation], npz_path: Path, json_path: Path,

@@ -32,6 +32,20 @@ def test_round_trip_is_exact(tmp_path):
     assert back.target.positions == [80, 81] and back.maps["image"].shape[0] == 2
 
 
+def test_dotted_stem_keeps_its_dots(tmp_path):
+    """``run/attention.raw`` must not become ``run/attention.npz`` (Path.with_suffix would)."""
+    a = Explanation("attention.raw", {}, _target())
+    a.add("image", np.ones((8, 8)), ("row", "col"))
+    b = Explanation("attention.rollout", {}, _target())
+    b.add("image", np.zeros((8, 8)), ("row", "col"))
+    a.save(tmp_path / "attention.raw")
+    b.save(tmp_path / "attention.rollout")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "attention.raw.json", "attention.raw.npz", "attention.rollout.json", "attention.rollout.npz"]
+    assert Explanation.load(tmp_path / "attention.raw").explainer == "attention.raw"
+    assert Explanation.load(tmp_path / "attention.rollout.npz").maps["image"].sum() == 0
+
+
 def test_many_in_one_file_and_no_half_written_output(tmp_path):
     a = Explanation("a.x", {}, _target())
     a.add("image", np.ones((8, 8)), ("row", "col"))

@@ -1,9 +1,9 @@
 """Load an image-text-to-text model, its processor and its adapter, with provenance for reports.
 
-A spec is ``"demo"`` (the embedded demo model), a local folder, or a Hugging Face hub id. Hub
-ids load from the local cache when offline (``HF_HUB_OFFLINE=1``); every failure is one line
-saying what is missing and what to do. Weights load as safetensors unless pickles are allowed,
-and remote code runs only when asked.
+A spec is ``"demo"`` (the embedded demo model), ``"demo-early"`` (an early checkpoint of it), a
+local folder, or a Hugging Face hub id. Hub ids load from the local cache when offline
+(``HF_HUB_OFFLINE=1``); every failure is one line saying what is missing and what to do. Weights
+load as safetensors unless pickles are allowed, and remote code runs only when asked.
 """
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ from .adapters.base import lookup_adapter
 from .errors import ModelLoadError
 
 DEMO_SPEC = "demo"
+DEMO_EARLY_SPEC = "demo-early"
+"""An early checkpoint of the demo model's training run, for comparing checkpoints."""
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _HASH_CHUNK = 1 << 20  # bytes read at a time when hashing weights
 _SAFE_WEIGHTS = "*.safetensors"
@@ -201,11 +203,12 @@ class _Source:
 
 
 def _resolve(spec: str, allow_pickle: bool, revision: str | None) -> _Source:
-    if spec == DEMO_SPEC:
-        from explainers.demo import DEMO_MODEL_DIR
+    if spec in (DEMO_SPEC, DEMO_EARLY_SPEC):
+        from explainers.demo import DEMO_EARLY_MODEL_DIR, DEMO_MODEL_DIR
 
-        folder = Path(DEMO_MODEL_DIR)
-        _check_folder(folder, allow_pickle, "the demo model folder", _DEMO_MISSING_HINT)
+        folder = Path(DEMO_MODEL_DIR if spec == DEMO_SPEC else DEMO_EARLY_MODEL_DIR)
+        label = "the demo model folder" if spec == DEMO_SPEC else "the early demo model folder"
+        _check_folder(folder, allow_pickle, label, _DEMO_MISSING_HINT)
         return _Source(str(folder), folder, hub=False)
     path = Path(spec).expanduser()
     if path.exists() or spec.startswith((".", "/", "~")) or path.is_absolute() or not _HUB_ID.match(spec):
@@ -243,7 +246,7 @@ def load_model(
     allow_pickle: bool = False,
     revision: str | None = None,
 ) -> LoadedModel:
-    """Load ``spec`` ("demo", a folder or a hub id) with its processor and family adapter.
+    """Load ``spec`` ("demo", "demo-early", a folder or a hub id) with its processor and family adapter.
 
     ``eager_attention`` selects the eager attention kernel, the only one that returns
     attention weights. The model is put in eval mode on ``device`` in ``dtype``.

@@ -128,6 +128,10 @@ class ModelAdapter:
     decoder_layers_attr: ClassVar[str] = "layers"
     decoder_attn_attr: ClassVar[str] = "self_attn"
     decoder_mlp_attr: ClassVar[str] = "mlp"
+    # Relative to a block's MLP: its activation function (the gate's nonlinearity) and its output
+    # projection, whose input holds the MLP's neuron values.
+    decoder_mlp_act_attr: ClassVar[str] = "act_fn"
+    decoder_mlp_down_attr: ClassVar[str] = "down_proj"
     final_norm_attr: ClassVar[str] = "norm"
 
     # Inputs aligned with input_ids, and the value appended answer tokens get in each.
@@ -405,12 +409,37 @@ class ModelAdapter:
     def input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
 
+    # Text-config field of the tanh cap the family's forward puts on its logits, or None where its
+    # forward applies none (PaliGemma applies Gemma 2's; Gemma 3's multimodal forward does not).
+    final_logit_softcap_attr: ClassVar[str | None] = None
+
+    def final_logit_softcap(self) -> float | None:
+        """The cap ``c`` in ``logits = c * tanh(logits / c)`` the model's forward applies, or None."""
+        if self.final_logit_softcap_attr is None:
+            return None
+        value = getattr(self.config.get_text_config(), self.final_logit_softcap_attr, None)
+        return float(value) if value is not None else None
+
+    def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits the model reads off residual-stream states ``hidden`` (..., hidden_size).
+
+        Final norm, LM head and the family's logit cap, as the model's own forward applies them
+        after its last block: the logit lens's read-out, exact at the last layer.
+        """
+        logits = self.lm_head(self.final_norm(hidden))
+        cap = self.final_logit_softcap()
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
     def hook_points(self) -> dict[str, nn.Module]:
         """Stable, family-independent names for the modules explainers hook, in forward order.
 
         ``decoder.blocks.{i}`` outputs the residual stream after block i; ``.attn`` and ``.mlp``
-        are its self-attention and MLP modules; ``decoder.embed`` outputs the token embeddings
-        before image features are written in.
+        are its self-attention and MLP modules; where the MLP has them, ``.mlp.act`` is its
+        activation function (output: ``act(gate)`` per neuron) and ``.mlp.down`` its output
+        projection, whose *input* holds the neuron values (``act(gate) * up`` in gated MLPs);
+        ``decoder.embed`` outputs the token embeddings before image features are written in.
         """
         points: dict[str, nn.Module] = {}
         for i, block in enumerate(self.vision_layers()):
@@ -421,7 +450,12 @@ class ModelAdapter:
         for i, block in enumerate(self.decoder_layers()):
             points[f"decoder.blocks.{i}"] = block
             points[f"decoder.blocks.{i}.attn"] = self._first_child(block, (self.decoder_attn_attr,), "attention")
-            points[f"decoder.blocks.{i}.mlp"] = self._first_child(block, (self.decoder_mlp_attr,), "MLP")
+            mlp = self._first_child(block, (self.decoder_mlp_attr,), "MLP")
+            points[f"decoder.blocks.{i}.mlp"] = mlp
+            for suffix, attr in (("act", self.decoder_mlp_act_attr), ("down", self.decoder_mlp_down_attr)):
+                part = getattr(mlp, attr, None)
+                if isinstance(part, nn.Module):
+                    points[f"decoder.blocks.{i}.mlp.{suffix}"] = part
         points["decoder.final_norm"] = self.final_norm
         points["lm_head"] = self.lm_head
         return points

@@ -20,6 +20,8 @@ class PaliGemmaAdapter(ModelAdapter):
 
     # token_type_ids 1 marks the causal suffix, as generation does for new tokens.
     per_token_fill: ClassVar[dict[str, int]] = {**ModelAdapter.per_token_fill, "token_type_ids": 1}
+    # PaliGemma 2 (Gemma 2 decoder) caps its logits; the forward reads the cap from the text config.
+    final_logit_softcap_attr: ClassVar[str | None] = "final_logit_softcapping"
 
     def _batch_plans(self, inputs: Mapping[str, Any]) -> list[ImagePlan]:
         pixels = _tensor(inputs, "pixel_values")

@@ -1,0 +1,270 @@
+"""Decoding-time views: how sure the model is of its answer, and how much the answer rests on the image.
+
+``inference.uncertainty`` measures the entropy of each answer token's next-token distribution,
+from the model's own logits and, through the logit lens (shared code in
+:mod:`explainers.methods.lens`), after every decoder block: a distribution that stays flat until
+the last layers marks an answer formed late and held loosely (MemVR retraces the image when this
+layer-wise uncertainty is high).
+
+``inference.visual_reliance`` scores the same teacher-forced answer with the real image, a blank
+image and a noised image (Visual Contrastive Decoding's distortion), one batched forward: the
+drop in each answer token's log-probability says how much that token needs the picture, and
+VCD's contrastive distribution says whether decoding against the noised image would keep it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..context import Prepared, as_prepared
+from ..explanation import Explanation
+from ..models.errors import AdapterError
+from ..registry import Citation, Explainer, register
+from .lens import (
+    LOGIT_LENS,
+    READOUT,
+    entropy,
+    lens_logprobs,
+    no_extra,
+    pick_layers,
+    residual_states,
+)
+from .perturbation import (
+    an_int,
+    answer_ids,
+    baseline_pixels,
+    choice,
+    fused_attention,
+    logprobs_at,
+    repeat_inputs,
+)
+
+FAMILY = "inference"
+
+MEMVR = Citation(
+    "Look Twice Before You Answer: Memory-Space Visual Retracing for Hallucination Mitigation in "
+    "Multimodal Large Language Models", 2024, "2410.03577", "Zou et al.",
+)
+VCD = Citation(
+    "Mitigating Object Hallucinations in Large Vision-Language Models through Visual Contrastive Decoding",
+    2023, "2311.16922", "Leng, Zhang, Chen, Li, Lu, Miao, Bing",
+)
+
+# --- VCD's distortion and contrast (defaults from the paper and its released code) ------------------
+
+DIFFUSION_STEPS = 1000
+"""VCD's forward-diffusion schedule has 1000 steps ..."""
+BETA_MIN, BETA_MAX = 1e-5, 0.5e-2
+"""... with betas sigmoid-spaced between these two values (``sigmoid(linspace(-6, 6))``)."""
+SIGMOID_SPAN = 6.0
+DEFAULT_NOISE_STEP = 500
+"""The diffusion step VCD distorts images to in its experiments (of 0..999)."""
+DEFAULT_ALPHA = 1.0
+"""VCD's contrast strength: logits (1 + alpha) * real - alpha * distorted."""
+DEFAULT_BETA = 0.1
+"""VCD's adaptive plausibility cut: only tokens with p >= beta * max p may be chosen."""
+BLANKS: tuple[str, ...] = ("mean", "black")
+"""A blank image: the image's mean colour everywhere (content gone, brightness kept), or black."""
+RELIANCE_THRESHOLD = math.log(2.0)
+"""A token relies on the image when losing it (blank or noised) at least halves its probability."""
+CONDITIONS: tuple[str, ...] = ("real", "blank", "noised")
+
+
+def vcd_alpha_bar(step: int) -> float:
+    """``prod_{s <= step} (1 - beta_s)`` of VCD's schedule: the signal kept at ``step``."""
+    betas = torch.sigmoid(torch.linspace(-SIGMOID_SPAN, SIGMOID_SPAN, DIFFUSION_STEPS)) * (BETA_MAX - BETA_MIN) + BETA_MIN
+    return float(torch.cumprod(1.0 - betas, dim=0)[step])
+
+
+def noise_step_param(value: Any) -> int:
+    step = an_int("noise_step", value)
+    if not 0 <= step < DIFFUSION_STEPS:
+        raise ValueError(f"parameter noise_step={value!r} must be in 0..{DIFFUSION_STEPS - 1}")
+    return step
+
+
+def image_value_mask(prep: Prepared) -> torch.Tensor | None:
+    """Where ``pixel_values`` carries picture (a grid cell's pixels), or None to mean everywhere.
+
+    Padding (Idefics3's padded tiles, LLaVA-NeXT's unused patches) stays untouched, so a noised
+    input keeps the structure the model reads its image count and masks from.
+    """
+    try:
+        mapping = prep.adapter.pixel_cell_map(prep.inputs)
+    except AdapterError:
+        return None
+    pixels = prep.inputs["pixel_values"]
+    if tuple(mapping.shape) != tuple(pixels.shape):
+        return None
+    return (mapping >= 0).to(pixels.device)
+
+
+def noised_pixels(prep: Prepared, step: int, seed: int) -> torch.Tensor:
+    """VCD's distortion: ``sqrt(a) x + sqrt(1 - a) eps`` on the processed image (``pixel_values``),
+    ``a`` from :func:`vcd_alpha_bar`, ``eps`` standard normal from ``seed`` (on the CPU, so the same
+    seed gives the same noise on any device)."""
+    pixels = prep.inputs["pixel_values"]
+    alpha_bar = vcd_alpha_bar(step)
+    generator = torch.Generator().manual_seed(seed)
+    eps = torch.randn(tuple(pixels.shape), generator=generator, dtype=torch.float32).to(pixels.device)
+    noised = (math.sqrt(alpha_bar) * pixels.float() + math.sqrt(1.0 - alpha_bar) * eps).to(pixels.dtype)
+    where = image_value_mask(prep)
+    return noised if where is None else torch.where(where, noised, pixels)
+
+
+def vcd_logits(real: torch.Tensor, distorted: torch.Tensor, alpha: float, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """VCD's contrastive logits ``(1 + alpha) real - alpha distorted`` and its plausible set
+    (``real >= log beta + max real``, i.e. ``p >= beta * max p``), both ``(..., vocab)``."""
+    contrast = (1.0 + alpha) * real - alpha * distorted
+    plausible = real >= math.log(beta) + real.max(dim=-1, keepdim=True).values
+    return contrast, plausible
+
+
+def _number(name: str, value: Any, low: float, high: float | None = None) -> float:
+    ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
+    if not ok or not value >= low or (high is not None and not value <= high):
+        span = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"parameter {name}={value!r} must be a number {span}")
+    return float(value)
+
+
+# --- the explainers ------------------------------------------------------------------------------------
+
+
+@register
+class Uncertainty(Explainer):
+    id = "inference.uncertainty"
+    title = "Answer uncertainty: per-token entropy, and per layer through the logit lens"
+    family = FAMILY
+    citations = (MEMVR, LOGIT_LENS)
+    summary = (
+        "Entropy (nats) of each answer token's next-token distribution from the model's logits, its "
+        "top-1/top-2 margin, and the same entropy after every decoder block through the logit lens: "
+        "how sure the model is, and how deep in the network it became sure."
+    )
+
+    def explain(self, model: Any, sample: Any, *, layers: list[int] | None = None, **params: Any) -> Explanation:
+        no_extra(self.id, params)
+        prep = as_prepared(model, sample)
+        picked = pick_layers(layers, len(prep.adapter.decoder_layers()))
+        states, logits = residual_states(prep, prep.logit_positions, picked)
+        ids = answer_ids(prep)
+        logp = torch.log_softmax(logits.cpu(), dim=-1)
+        T, vocab = ids.numel(), int(logp.shape[-1])
+        token_entropy = entropy(logp)
+        top2 = logp.topk(min(2, vocab), dim=-1).values.exp()
+        margin = top2[:, 0] - (top2[:, 1] if vocab > 1 else 0.0)
+        answer_logp = logp[torch.arange(T), ids]
+        per_layer = torch.stack([entropy(lp.cpu()) for lp in lens_logprobs(prep, states)], dim=1)  # (T, L)
+
+        exp = Explanation(self.id, {"layers": picked}, prep.target())
+        exp.add("entropy", token_entropy, ("answer_token",))
+        exp.add("entropy.lens", per_layer, ("answer_token", "layer"))
+        exp.add("margin", margin, ("answer_token",))
+        exp.add("logprob", answer_logp, ("answer_token",))
+        max_entropy = math.log(vocab)
+        exp.scores.update({
+            "entropy_mean": float(token_entropy.mean()),
+            "entropy_max": float(token_entropy.max()),
+            "entropy_normalised_mean": float(token_entropy.mean()) / max_entropy if vocab > 1 else 0.0,
+            "margin_min": float(margin.min()),
+            "logprob_answer": float(answer_logp.sum()),
+            "perplexity": float(torch.exp(-answer_logp.mean())),
+        })
+        exp.meta.update({
+            "unit": "nats",
+            "vocab_size": vocab,
+            "max_entropy": max_entropy,
+            "layers": picked,
+            "lens_readout": READOUT,
+            "margin": "probability of the top token minus that of the runner-up, from the model's logits",
+            "model_type": prep.adapter.model_type,
+        })
+        return exp
+
+
+@register
+class VisualReliance(Explainer):
+    id = "inference.visual_reliance"
+    title = "Visual reliance: the answer with the real, a blank and a noised image (VCD-style)"
+    family = FAMILY
+    citations = (VCD,)
+    summary = (
+        "Each answer token's log-probability, teacher-forced on the same answer, with the real image, a "
+        "blank image and VCD's diffusion-noised image, in one batched forward; the drop says how much the "
+        "token needs the picture, and VCD's contrastive distribution whether it survives contrastive decoding."
+    )
+
+    def explain(self, model: Any, sample: Any, *, blank: str = "mean", noise_step: int = DEFAULT_NOISE_STEP,
+                seed: int = 0, alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_BETA,
+                threshold: float = RELIANCE_THRESHOLD, fast_attention: bool = True, **params: Any) -> Explanation:
+        no_extra(self.id, params)
+        blank = choice("blank", blank, BLANKS)
+        step = noise_step_param(noise_step)
+        seed = an_int("seed", seed)
+        alpha = _number("alpha", alpha, 0.0)
+        beta = _number("beta", beta, 0.0, 1.0)
+        if beta == 0.0:
+            raise ValueError("parameter beta=0.0 must be > 0 (VCD's plausibility cut)")
+        threshold = _number("threshold", threshold, 0.0)
+        prep = as_prepared(model, sample)
+        if "pixel_values" not in prep.inputs or not prep.layouts:
+            raise ValueError(f"sample {prep.sample.id!r} has no image: visual reliance needs one")
+        pixels = prep.inputs["pixel_values"]
+        variants = torch.cat([pixels, baseline_pixels(prep, blank, seed), noised_pixels(prep, step, seed)], dim=0)
+        batch = repeat_inputs(dict(prep.inputs), len(CONDITIONS))
+        batch["pixel_values"] = variants
+        ids = answer_ids(prep)
+        with fused_attention(prep.model, fast_attention), torch.inference_mode():
+            logp = logprobs_at(prep.model, batch, prep.logit_positions, None).cpu()  # (3, T, vocab)
+        T = ids.numel()
+        chosen = logp[:, torch.arange(T), ids]  # (3, T)
+        real, blank_lp, noised = chosen
+        drops = {"blank": real - blank_lp, "noised": real - noised}
+        contrast, plausible = vcd_logits(logp[0], logp[2], alpha, beta)
+        vcd_logp = torch.log_softmax(contrast.masked_fill(~plausible, float("-inf")), dim=-1)
+        vcd_choice = vcd_logp.argmax(dim=-1)
+        answer_vcd = torch.log_softmax(contrast, dim=-1)[torch.arange(T), ids]
+        in_set = plausible[torch.arange(T), ids]
+        reliant = torch.maximum(drops["blank"], drops["noised"]) > threshold
+
+        exp = Explanation(
+            self.id,
+            {"blank": blank, "noise_step": step, "seed": seed, "alpha": alpha, "beta": beta,
+             "threshold": threshold, "fast_attention": fast_attention},
+            prep.target(),
+        )
+        for name, values in zip(CONDITIONS, (real, blank_lp, noised)):
+            exp.add(f"logprob.{name}", values, ("answer_token",))
+        for name, values in drops.items():
+            exp.add(f"drop.{name}", values, ("answer_token",))
+        exp.add("reliant", reliant.to(torch.float32), ("answer_token",))
+        exp.add("vcd.logprob", answer_vcd, ("answer_token",))
+        exp.add("vcd.plausible", in_set.to(torch.float32), ("answer_token",))
+        exp.add("vcd.agrees", (vcd_choice == ids).to(torch.float32), ("answer_token",))
+        exp.scores.update({
+            "logprob_answer": float(real.sum()),
+            "logprob_answer_blank": float(blank_lp.sum()),
+            "logprob_answer_noised": float(noised.sum()),
+            "mean_drop_blank": float(drops["blank"].mean()),
+            "mean_drop_noised": float(drops["noised"].mean()),
+            "reliant_share_blank": float((drops["blank"] > threshold).double().mean()),
+            "reliant_share_noised": float((drops["noised"] > threshold).double().mean()),
+            "reliant_share": float(reliant.double().mean()),
+            "vcd_agreement": float((vcd_choice == ids).double().mean()),
+        })
+        tokenizer = prep.loaded.processor.tokenizer
+        exp.meta.update({
+            "conditions": list(CONDITIONS),
+            "sign": "drop = log p(answer | real image) - log p(answer | blank or noised image); positive: the image helped",
+            "reliant": "a token relies on the image when its largest drop (blank or noised) exceeds the threshold",
+            "noise": "VCD: sqrt(a) x + sqrt(1 - a) N(0, 1) on the processed pixel values, a = alpha_bar(noise_step)",
+            "alpha_bar": vcd_alpha_bar(step),
+            "vcd": "(1 + alpha) logits(real) - alpha logits(noised), restricted to p(real) >= beta * max p(real)",
+            "vcd_tokens": tokenizer.convert_ids_to_tokens(vcd_choice.tolist()),
+            "model_type": prep.adapter.model_type,
+        })
+        return exp

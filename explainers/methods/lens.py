@@ -1,0 +1,227 @@
+"""Logit lens: what the model would say if it stopped after each decoder block.
+
+The residual stream after block ``l`` is read out through the model's own final norm and LM
+head (``adapter.unembed``, which also applies a family's logit cap), exactly as the forward
+reads the last block: at the last layer the lens *is* the model's output. Read at the answer
+tokens' logit positions it shows at which depth the answer forms (its probability and rank per
+layer); read at the image tokens' positions it shows which words each patch's state is closest
+to as it climbs the decoder (Neo et al.: object words surface at the object's patches).
+
+The helpers here (:func:`pick_layers`, :func:`residual_states`, :func:`lens_logprobs`,
+:func:`entropy`) are shared with :mod:`explainers.methods.inference` (per-layer entropy).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..context import Prepared, as_prepared
+from ..explanation import Explanation
+from ..registry import Citation, Explainer, register
+from .attention import grid_names
+from .perturbation import positive_int
+
+FAMILY = "lens"
+DEFAULT_TOP_K = 5
+"""Vocabulary tokens kept per patch and layer: enough to see a word surface, small in JSON."""
+BLOCK_POINT = "decoder.blocks.{}"
+READOUT = "final norm + LM head (+ the family's logit cap) on the residual stream after each decoder block"
+
+LOGIT_LENS = Citation("interpreting GPT: the logit lens", 2020, None, "nostalgebraist")
+NEO_ET_AL = Citation(
+    "Towards Interpreting Visual Information Processing in Vision-Language Models", 2024, "2410.07149",
+    "Neo, Ong, Torr, Geva, Krueger, Barez",
+)
+
+
+# --- shared with inference.uncertainty ---------------------------------------------------------------
+
+
+def pick_layers(layers: Any, count: int) -> list[int]:
+    """Decoder block indices (negative ones count from the end), or all when None."""
+    if layers is None:
+        return list(range(count))
+    if isinstance(layers, (int, str, bool)) or not all(
+        isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in layers
+    ):
+        raise ValueError(f"parameter layers={layers!r} must be a list of decoder block indices or None")
+    picked = [int(i) + count if i < 0 else int(i) for i in layers]
+    if not picked or any(not 0 <= i < count for i in picked):
+        raise ValueError(f"parameter layers={list(layers)!r}: the decoder has blocks 0..{count - 1}")
+    return picked
+
+
+def _block_output(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@torch.inference_mode()
+def residual_states(prep: Prepared, positions: torch.Tensor, layers: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One teacher-forced forward of the final sequence.
+
+    Returns the residual stream after each block in ``layers`` at ``positions``,
+    ``(len(layers), P, hidden)`` in the model's dtype and device, and the model's own logits at
+    those positions ``(P, vocab)`` in float32. Only the picked rows are kept per block.
+    """
+    points = prep.adapter.hook_points()
+    pos = positions.to(prep.loaded.device)
+    kept: dict[int, torch.Tensor] = {}
+
+    def keep(index: int):
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+            kept[index] = _block_output(output)[0].index_select(0, pos).detach()
+
+        return hook
+
+    handles = [points[BLOCK_POINT.format(i)].register_forward_hook(keep(i)) for i in layers]
+    try:
+        out = prep.forward(use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [i for i in layers if i not in kept]
+    if missing:
+        raise RuntimeError(f"decoder blocks {missing} did not run in the forward")
+    logits = out.logits[0].index_select(0, pos).float()
+    return torch.stack([kept[i] for i in layers]), logits
+
+
+@torch.inference_mode()
+def lens_logprobs(prep: Prepared, states: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Per layer of ``states`` ``(L, P, hidden)``: the lens's log-probabilities ``(P, vocab)``.
+
+    One layer at a time, so only one ``P x vocab`` block is alive whatever the depth.
+    """
+    for layer_states in states:
+        yield torch.log_softmax(prep.adapter.unembed(layer_states).float(), dim=-1)
+
+
+def entropy(logprobs: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy in nats over the last axis of log-probabilities (0 log 0 counts as 0)."""
+    probs = logprobs.exp()
+    return -torch.where(probs > 0, probs * logprobs, torch.zeros_like(probs)).sum(-1)
+
+
+def ranks_of(logprobs: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """How many vocabulary entries score strictly higher than ``token_ids[i]`` in row i (0 = top)."""
+    chosen = logprobs.gather(-1, token_ids[:, None].to(logprobs.device))
+    return (logprobs > chosen).sum(-1)
+
+
+def no_extra(explainer: str, params: dict[str, Any]) -> None:
+    if params:
+        raise ValueError(f"{explainer}: unknown parameter(s) {', '.join(sorted(params))}")
+
+
+def settle_layer(ranks: np.ndarray, layers: Sequence[int]) -> int | None:
+    """The first picked layer from which the token stays the lens's top prediction, or None."""
+    settled = None
+    for rank, layer in zip(ranks[::-1], list(layers)[::-1]):
+        if rank != 0:
+            break
+        settled = layer
+    return settled
+
+
+# --- the explainer -------------------------------------------------------------------------------------
+
+
+@register
+class LogitLens(Explainer):
+    id = "lens.logit"
+    title = "Logit lens over layers at the answer and image-token positions"
+    family = FAMILY
+    citations = (LOGIT_LENS, NEO_ET_AL)
+    summary = (
+        "The residual stream after every decoder block, read out through the model's final norm and "
+        "LM head: each answer token's probability and rank per layer (where the answer forms), and the "
+        "top vocabulary tokens at every image patch per layer (what the patches come to mean)."
+    )
+
+    def explain(self, model: Any, sample: Any, *, layers: list[int] | None = None, top_k: int = DEFAULT_TOP_K,
+                **params: Any) -> Explanation:
+        no_extra(self.id, params)
+        top_k = positive_int("top_k", top_k)
+        prep = as_prepared(model, sample)
+        picked = pick_layers(layers, len(prep.adapter.decoder_layers()))
+        grids = grid_names(prep.layouts)
+        answer_rows = prep.logit_positions
+        positions = torch.cat([answer_rows, *[grid.positions for _, grid in grids]])
+        states, logits = residual_states(prep, positions, picked)
+        ids = torch.as_tensor(prep.answer.token_ids, dtype=torch.long)
+        T, L = ids.numel(), len(picked)
+        k = min(top_k, int(logits.shape[-1]))
+
+        answer_prob = torch.empty(T, L, dtype=torch.float64)
+        answer_rank = np.empty((T, L), dtype=np.int64)
+        answer_top = torch.empty(T, L, k, dtype=torch.long)
+        answer_top_prob = torch.empty(T, L, k, dtype=torch.float64)
+        cells = {name: torch.empty(L, grid.size, k, dtype=torch.long) for name, grid in grids}
+        cell_top_prob = {name: torch.empty(L, grid.size, dtype=torch.float64) for name, grid in grids}
+        cell_answer_prob = {name: torch.empty(T, L, grid.size, dtype=torch.float64) for name, grid in grids}
+
+        for li, logp in enumerate(lens_logprobs(prep, states)):
+            logp = logp.cpu()
+            rows = logp[:T]
+            answer_prob[:, li] = rows[torch.arange(T), ids].double().exp()
+            answer_rank[:, li] = ranks_of(rows, ids).numpy()
+            values, top = rows.topk(k, dim=-1)
+            answer_top[:, li], answer_top_prob[:, li] = top, values.double().exp()
+            start = T
+            for name, grid in grids:
+                block = logp[start : start + grid.size]
+                start += grid.size
+                values, top = block.topk(k, dim=-1)
+                cells[name][li] = top
+                cell_top_prob[name][li] = values[:, 0].double().exp()
+                cell_answer_prob[name][:, li] = block[:, ids].T.double().exp()
+
+        tokenizer = prep.loaded.processor.tokenizer
+        exp = Explanation(self.id, {"layers": picked, "top_k": k}, prep.target())
+        exp.add("answer.prob", answer_prob, ("answer_token", "layer"))
+        exp.add("answer.rank", answer_rank, ("answer_token", "layer"))
+        exp.add("answer.top_prob", answer_top_prob[..., 0], ("answer_token", "layer"))
+        image_top_k: dict[str, Any] = {}
+        for name, grid in grids:
+            shape = (L, grid.rows, grid.cols)
+            exp.add(f"{name}.top_prob", cell_top_prob[name].reshape(shape), ("layer", "row", "col"))
+            exp.add(f"{name}.answer_prob", cell_answer_prob[name].reshape(T, *shape),
+                    ("answer_token", "layer", "row", "col"))
+            top_ids = cells[name].reshape(*shape, k)
+            image_top_k[name] = {"ids": top_ids.tolist(), "tokens": _token_strings(tokenizer, top_ids)}
+        settles = [settle_layer(answer_rank[t], picked) for t in range(T)]
+        settled = [s for s in settles if s is not None]
+        exp.scores.update({
+            "answer_prob_last_layer": float(answer_prob[:, -1].log().sum().exp()),
+            "settled_share": len(settled) / T,
+        })
+        if settled:
+            exp.scores["settle_layer_mean"] = float(np.mean(settled))
+        exp.meta.update({
+            "layers": picked,
+            "readout": READOUT,
+            "rank": "vocabulary entries scoring strictly higher than the answer token (0 = the lens's top choice)",
+            "settle_layer": settles,
+            "answer_top_k": {
+                "ids": answer_top.tolist(),
+                "tokens": _token_strings(tokenizer, answer_top),
+                "probs": answer_top_prob.tolist(),
+            },
+            "image_top_k": image_top_k,
+            "image_top_k_axes": ["layer", "row", "col", "k"],
+            "answer_top_k_axes": ["answer_token", "layer", "k"],
+            "model_type": prep.adapter.model_type,
+        })
+        return exp
+
+
+def _token_strings(tokenizer: Any, ids: torch.Tensor) -> Any:
+    """``ids`` of any shape as nested lists of token strings (one vocabulary look-up per distinct id)."""
+    flat = ids.flatten().tolist()
+    distinct = sorted(set(flat))
+    table = dict(zip(distinct, tokenizer.convert_ids_to_tokens(distinct)))
+    strings = np.array([str(table[i]) for i in flat], dtype=object).reshape(tuple(ids.shape))
+    return strings.tolist()

@@ -1,0 +1,223 @@
+"""Visual-token importance: the answer's probability as image tokens are dropped, FastV-style.
+
+FastV ranks image tokens by the attention they receive (heads averaged, in the layer before its
+pruning layer) and drops the least attended. Here the answer is teacher-forced and its probability
+traced as a growing fraction of image tokens is dropped, least attended first and most attended
+first (plus a random order as the baseline both should bracket); the area under each curve sums
+it up. A redundant visual stream keeps the answer up when the least attended go; a model whose
+attention points at what it uses loses it fast when the most attended go.
+
+"Dropping" is real: a forward pre-hook on every decoder attention module (``decoder.blocks.{i}.attn``)
+removes the dropped positions from the keys of every query (a token keeps only its own diagonal, so
+no softmax row is empty), from ``from_layer`` on. From layer 0 this is exactly the forward of the
+sequence with those tokens cut out (other tokens keep their positions), which the tests check; from
+FastV's layer K it is its pruning after layer K. Needs the materialised 4-D masks of the eager kernel,
+switched on for the forwards and restored after.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..capture import capture_forward, eager_attention
+from ..context import Prepared, as_prepared
+from ..explanation import Explanation
+from ..registry import Citation, Explainer, Need, register
+from .attention import grid_names
+from .lens import no_extra
+from .perturbation import an_int, answer_ids, batch_size_for, logprobs_at, positive_int, repeat_inputs
+
+FAMILY = "tokens"
+ORDERS: tuple[str, ...] = ("least_attended_first", "most_attended_first", "random")
+DEFAULT_STEPS = 10
+"""Fractions 0, 0.1, ..., 1 of the image tokens dropped."""
+FASTV_RANK_LAYER = 1
+"""FastV prunes after layer K = 2, ranking tokens by the attention of the layer before (index 1);
+the default ``rank_layer`` (the last block in a one-block decoder)."""
+ATTN_POINT = "decoder.blocks.{}.attn"
+
+FASTV = Citation(
+    "An Image is Worth 1/2 Tokens After Layer 2: Plug-and-Play Inference Acceleration for Large "
+    "Vision-Language Models", 2024, "2403.06764", "Chen, Zhao, Lin, Bai, Lin, Zhou, Chang",
+)
+
+
+# --- dropping tokens from attention ------------------------------------------------------------------
+
+
+def block_keys(mask: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """A 4-D attention mask ``(B or 1, 1, Q, K)`` with the keys ``drop`` ``(B, K)`` marks removed for
+    every query but their own (additive masks get the dtype's minimum, boolean ones False)."""
+    batch, q_len, k_len = drop.shape[0], mask.shape[-2], mask.shape[-1]
+    if drop.shape[-1] != k_len or q_len != k_len:
+        raise RuntimeError(f"cannot drop keys from a {tuple(mask.shape)} attention mask (no cache, full sequence expected)")
+    drop = drop.to(mask.device)
+    own = torch.eye(q_len, dtype=torch.bool, device=mask.device)
+    blocked = drop[:, None, None, :] & ~own[None, None]
+    mask = mask.expand(batch, *mask.shape[1:])
+    if mask.dtype == torch.bool:
+        return mask & ~blocked
+    return mask.masked_fill(blocked, torch.finfo(mask.dtype).min)
+
+
+@contextmanager
+def dropped_tokens(prep: Prepared, drop: torch.Tensor, from_layer: int = 0) -> Iterator[None]:
+    """Within the block, decoder layers ``from_layer`` on attend to no position ``drop`` marks.
+
+    ``drop`` is ``(batch, seq)`` bool, one row per copy in the batch. Forwards must run with the
+    eager kernel (see :func:`eager_attention`), whose masks are 4-D tensors at every layer.
+    """
+    points = prep.adapter.hook_points()
+    count = len(prep.adapter.decoder_layers())
+
+    def pre(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        mask = kwargs.get("attention_mask")
+        if not torch.is_tensor(mask) or mask.dim() != 4:
+            raise RuntimeError(
+                f"{prep.adapter.model_type}: decoder attention got no 4-D mask to drop tokens from "
+                f"({type(mask).__name__}); run under eager attention"
+            )
+        return args, {**kwargs, "attention_mask": block_keys(mask, drop)}
+
+    handles = [points[ATTN_POINT.format(i)].register_forward_pre_hook(pre, with_kwargs=True)
+               for i in range(from_layer, count)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def dropped_logprobs(prep: Prepared, drop_sets: Sequence[torch.Tensor], from_layer: int, batch_size: int) -> torch.Tensor:
+    """``(len(drop_sets), T)``: the answer tokens' log-probabilities with each set of positions
+    dropped, ``batch_size`` copies per forward, under the eager kernel."""
+    ids = answer_ids(prep)
+    inputs = dict(prep.inputs)
+    rows = []
+    with eager_attention(prep.model), torch.inference_mode():
+        for start in range(0, len(drop_sets), batch_size):
+            chunk = drop_sets[start : start + batch_size]
+            drop = torch.zeros(len(chunk), prep.seq_len, dtype=torch.bool)
+            for row, positions in enumerate(chunk):
+                drop[row, positions] = True
+            with dropped_tokens(prep, drop, from_layer):
+                rows.append(logprobs_at(prep.model, repeat_inputs(inputs, len(chunk)), prep.logit_positions, ids).cpu())
+    return torch.cat(rows) if rows else torch.empty(0, ids.numel())
+
+
+# --- ranking -------------------------------------------------------------------------------------------
+
+
+def attention_received(prep: Prepared, rank_layer: int) -> torch.Tensor:
+    """Per image position (``prep.image_positions`` order): the attention the answer tokens'
+    generating rows give it at ``rank_layer``, heads and answer tokens averaged (FastV's score)."""
+    record = capture_forward(prep, blocks=False)
+    rows = record.rows[:, rank_layer].mean(dim=1).mean(dim=0)  # (seq,)
+    return rows.index_select(0, prep.image_positions).double()
+
+
+def drop_orders(scores: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+    """Indices into the image positions, in each order of dropping (ties broken by position)."""
+    least = torch.as_tensor(np.lexsort((np.arange(scores.numel()), scores.numpy())), dtype=torch.long)
+    most = torch.as_tensor(np.lexsort((np.arange(scores.numel()), -scores.numpy())), dtype=torch.long)
+    shuffled = torch.as_tensor(np.random.default_rng(seed).permutation(scores.numel()), dtype=torch.long)
+    return {"least_attended_first": least, "most_attended_first": most, "random": shuffled}
+
+
+def _layer_index(name: str, value: Any, count: int) -> int:
+    index = an_int(name, value)
+    index = index + count if index < 0 else index
+    if not 0 <= index < count:
+        raise ValueError(f"parameter {name}={value!r}: the decoder has blocks 0..{count - 1}")
+    return index
+
+
+# --- the explainer ------------------------------------------------------------------------------------
+
+
+@register
+class VisualTokenImportance(Explainer):
+    id = "tokens.visual_importance"
+    title = "Visual-token importance: answer probability as image tokens are dropped (FastV-style)"
+    family = FAMILY
+    needs = frozenset({Need.ATTENTION})
+    citations = (FASTV,)
+    summary = (
+        "Rank image tokens by the attention they receive (FastV), then drop a growing fraction of them "
+        "from attention, least attended first, most attended first and at random, and trace the "
+        "teacher-forced answer's probability: curves over the fraction dropped and the area under each."
+    )
+
+    def explain(self, model: Any, sample: Any, *, steps: int = DEFAULT_STEPS, rank_layer: int | None = None,
+                from_layer: int = 0, seed: int = 0, batch_size: int | None = None, **params: Any) -> Explanation:
+        no_extra(self.id, params)
+        steps = positive_int("steps", steps)
+        seed = an_int("seed", seed)
+        prep = as_prepared(model, sample)
+        count = len(prep.adapter.decoder_layers())
+        rank_layer = _layer_index("rank_layer", min(FASTV_RANK_LAYER, count - 1) if rank_layer is None else rank_layer, count)
+        from_layer = _layer_index("from_layer", from_layer, count)
+        batch_size = batch_size_for(prep, batch_size)
+        image = prep.image_positions
+        if image.numel() == 0:
+            raise ValueError(f"sample {prep.sample.id!r} has no image tokens to drop")
+
+        scores = attention_received(prep, rank_layer)
+        orders = drop_orders(scores, seed)
+        fractions = np.linspace(0.0, 1.0, steps + 1)
+        counts = [int(round(f * image.numel())) for f in fractions]
+        unique: dict[tuple[int, ...], int] = {}
+        plan: list[list[int]] = []
+        for name in ORDERS:
+            row = []
+            for k in counts:
+                key = tuple(sorted(image[orders[name][:k]].tolist()))
+                row.append(unique.setdefault(key, len(unique)))
+            plan.append(row)
+        sets = [torch.as_tensor(key, dtype=torch.long) for key in unique]
+        logp = dropped_logprobs(prep, sets, from_layer, batch_size).double()  # (sets, T)
+        table = torch.stack([logp[row] for row in map(torch.as_tensor, plan)])  # (orders, fractions, T)
+        probs = table.sum(-1).exp()
+
+        exp = Explanation(
+            self.id,
+            {"steps": steps, "rank_layer": rank_layer, "from_layer": from_layer, "seed": seed, "batch_size": batch_size},
+            prep.target(),
+        )
+        exp.add("curve", probs, ("order", "fraction"))
+        exp.add("curve.logprob", table.permute(2, 0, 1), ("answer_token", "order", "fraction"))
+        exp.add("fractions", fractions, ("fraction",))
+        exp.add("dropped", np.asarray(counts, dtype=np.int64), ("fraction",))
+        rank = torch.empty(image.numel(), dtype=torch.float64)
+        rank[orders["least_attended_first"]] = torch.arange(image.numel(), dtype=torch.float64)
+        index_of = torch.full((prep.seq_len,), -1, dtype=torch.long)
+        index_of[image] = torch.arange(image.numel())
+        for name, grid in grid_names(prep.layouts):
+            where = index_of[grid.positions]
+            exp.add(f"{name}.attention", scores[where].reshape(grid.rows, grid.cols), ("row", "col"))
+            exp.add(f"{name}.drop_rank", rank[where].reshape(grid.rows, grid.cols), ("row", "col"))
+        for i, name in enumerate(ORDERS):
+            exp.scores[f"auc_{name}"] = float(np.trapezoid(probs[i].numpy(), fractions))
+        exp.scores.update({
+            "prob_full": float(probs[0, 0]),
+            "prob_none": float(probs[0, -1]),
+            "image_tokens": float(image.numel()),
+            "forwards": float(1 + -(-len(sets) // batch_size)),
+        })
+        exp.meta.update({
+            "orders": list(ORDERS),
+            "fractions": fractions.tolist(),
+            "dropped_counts": counts,
+            "ranking": (f"attention received at decoder block {rank_layer} from the answer tokens' generating rows, "
+                        "heads and answer tokens averaged"),
+            "dropping": (f"removed from the keys of every query (own diagonal kept) in decoder blocks {from_layer}.."
+                         f"{count - 1}, positions of the other tokens unchanged"),
+            "image_positions": "every image-feature token of every image (grids and extra tokens)",
+            "curve": "probability of the whole teacher-forced answer (product over its tokens)",
+            "model_type": prep.adapter.model_type,
+        })
+        return exp
