@@ -1,0 +1,695 @@
+"""Interventions inside the decoder: attention knockout over windows of layers, and activation
+patching (causal tracing) between a sample and a corrupted copy of it.
+
+Both act at the adapter's named hook points (``decoder.blocks.{i}``, ``.attn``, ``.mlp``) with
+forward hooks, never with forked model code, so one implementation serves every family and both
+attention kernels (eager and sdpa). Every number is the answer's probability on the final
+sequence (prompt + answer, teacher-forced) from a real forward; many intervened copies share one
+batched forward.
+
+Position sets name the parts of the sequence the interventions address:
+
+* ``image``: the image-feature tokens of every image (the adapters' layouts);
+* ``question``: the question's own tokens (not the chat template);
+* ``answer``: the positions whose logits give the answer tokens (the last prompt token and every
+  answer token but the last), where the answer is read;
+* ``text``: every prompt text token (template and question);
+* ``all``: every position.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..answering import generate_answer
+from ..capture import EAGER, attn_implementations
+from ..context import ExplainSample, Prepared, as_prepared, prepare
+from ..explanation import Explanation
+from ..registry import Citation, Explainer, Need, register
+from .perturbation import (
+    an_int,
+    answer_ids,
+    batch_size_for,
+    choice,
+    fused_attention,
+    logprobs_at,
+    positive_int,
+    question_positions,
+    repeat_inputs,
+)
+
+FAMILY = "intervention"
+
+GEVA = Citation(
+    "Dissecting Recall of Factual Associations in Auto-Regressive Language Models", 2023, "2304.14767",
+    "Geva, Bastings, Filippova, Globerson",
+)
+ZHANG_FLOW = Citation(
+    "Cross-modal Information Flow in Multimodal Large Language Models", 2024, "2411.18620",
+    "Zhang, Yadav, Han, Shutova",
+)
+MENG = Citation("Locating and Editing Factual Associations in GPT", 2022, "2202.05262",
+                "Meng, Bau, Andonian, Belinkov")
+BASU = Citation(
+    "Understanding Information Storage and Transfer in Multi-modal Large Language Models", 2024, "2406.04236",
+    "Basu, Grayson, Morrison, Nushi, Feizi, Massiceti",
+)
+ZHANG_NANDA = Citation("Towards Best Practices of Activation Patching in Language Models: Metrics and Methods",
+                       2023, "2309.16042", "Zhang, Nanda")
+
+KERNELS: tuple[str, ...] = (EAGER, "sdpa")
+"""Attention kernels whose masks a knockout can edit: a 4-D float (eager) or boolean (sdpa) mask."""
+LAYER_POINT = "decoder.blocks.{}"
+COMPONENT_POINTS: dict[str, str] = {
+    "residual": LAYER_POINT,
+    "attn": LAYER_POINT + ".attn",
+    "mlp": LAYER_POINT + ".mlp",
+}
+"""What activation patching restores, by name: the residual stream after block i, or the output
+of block i's self-attention or MLP (before it is added to the residual stream)."""
+NOISE_SCALE = 3.0
+"""Meng et al.'s corruption: Gaussian noise of 3x the standard deviation of the embeddings."""
+DEFAULT_EDGES: tuple[str, ...] = ("image->answer", "image->question", "question->answer", "question->image")
+"""Flows blocked by default (source -> destination: destination queries lose the source keys).
+Which exist depends on the prompt order: with the question before the image (the demo's
+template) image->question has nothing to block, with the image first question->image has not."""
+DEFAULT_GROUPS: tuple[str, ...] = ("image", "question", "answer")
+
+
+# --- position sets -----------------------------------------------------------------------------------
+
+
+def _arange(prep: Prepared) -> torch.Tensor:
+    return torch.arange(prep.seq_len, dtype=torch.long)
+
+
+POSITION_SETS: dict[str, Callable[[Prepared], torch.Tensor]] = {
+    "image": lambda prep: prep.image_positions,
+    "question": lambda prep: torch.as_tensor(question_positions(prep), dtype=torch.long),
+    "answer": lambda prep: prep.logit_positions,
+    "text": lambda prep: prep.text_positions,
+    "all": _arange,
+}
+
+
+def positions_of(prep: Prepared, name: str) -> torch.Tensor:
+    """The sorted sequence positions of the named set (CPU LongTensor)."""
+    choice("position set", name, tuple(POSITION_SETS))
+    return torch.unique(POSITION_SETS[name](prep).long().cpu())
+
+
+def _names(param: str, value: Any, default: Sequence[str], allowed: Sequence[str]) -> list[str]:
+    names = list(default) if value is None else value
+    if isinstance(names, str) or not isinstance(names, Sequence) or not names:
+        raise ValueError(f"parameter {param}={value!r} must be a non-empty list of {', '.join(allowed)}")
+    for name in names:
+        choice(param, name, allowed)
+    if len(set(names)) != len(names):
+        raise ValueError(f"parameter {param}={list(names)!r} names an entry twice")
+    return list(names)
+
+
+def _layers(value: Any, count: int) -> list[int]:
+    if value is None:
+        return list(range(count))
+    if isinstance(value, (int, str)) or not isinstance(value, Sequence) or not value:
+        raise ValueError(f"parameter layers={value!r} must be a non-empty list of decoder block indices")
+    out = []
+    for i in value:
+        i = an_int("layers", i)
+        i = i + count if i < 0 else i
+        if not 0 <= i < count:
+            raise ValueError(f"parameter layers={list(value)!r}: the decoder has blocks 0..{count - 1}")
+        out.append(i)
+    return sorted(set(out))
+
+
+def _hook_point(prep: Prepared, name: str) -> torch.nn.Module:
+    points = prep.adapter.hook_points()
+    if name not in points:
+        raise ValueError(f"{prep.adapter.model_type}: the adapter has no hook point {name!r}")
+    return points[name]
+
+
+def axis_labels(labels: dict[str, list[Any]]) -> dict[str, Any]:
+    """Meta entries naming each index of the given axes: ``axis_labels`` (all axes) and the flat
+    ``<axis>_labels`` keys reports read (``layers`` for the layer axis)."""
+    flat = {("layers" if axis == "layer" else f"{axis}_labels"): list(values) for axis, values in labels.items()}
+    return {"axis_labels": {axis: [str(v) for v in values] for axis, values in labels.items()}, **flat}
+
+
+def _joint(logp: torch.Tensor) -> torch.Tensor:
+    """(batch, T) answer-token log-probabilities -> (batch,) probability of the whole answer."""
+    return logp.double().sum(dim=-1).exp()
+
+
+# --- attention knockout -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Edge:
+    """A flow from the ``src`` set to the ``dst`` set: blocking it stops every ``dst`` query from
+    attending to every ``src`` key (a position always keeps itself)."""
+
+    name: str
+    src: str
+    dst: str
+
+    @classmethod
+    def parse(cls, text: Any) -> "Edge":
+        src, sep, dst = str(text).partition("->")
+        if not sep or src not in POSITION_SETS or dst not in POSITION_SETS or src == dst:
+            raise ValueError(
+                f"edge {text!r} must read SOURCE->DESTINATION with two different sets of {', '.join(POSITION_SETS)}"
+            )
+        return cls(f"{src}->{dst}", src, dst)
+
+    def block(self, prep: Prepared) -> torch.Tensor:
+        """(seq, seq) boolean: True where the (query, key) pair is cut."""
+        n = prep.seq_len
+        cut = torch.zeros(n, n, dtype=torch.bool)
+        rows, cols = positions_of(prep, self.dst), positions_of(prep, self.src)
+        if rows.numel() and cols.numel():
+            cut[rows[:, None], cols[None, :]] = True
+        cut.fill_diagonal_(False)
+        return cut
+
+
+def default_window(layers: int) -> int:
+    """Layers per knockout window: a quarter of the decoder, at least two (or all there are)."""
+    return min(layers, max(2, layers // 4))
+
+
+def sliding_windows(layers: int, size: int, stride: int) -> list[list[int]]:
+    """Windows of ``size`` consecutive blocks, every ``stride`` blocks, the last flush with the end."""
+    size = min(size, layers)
+    starts = list(range(0, layers - size + 1, stride))
+    if starts[-1] != layers - size:
+        starts.append(layers - size)
+    return [list(range(s, s + size)) for s in starts]
+
+
+def window_label(window: Sequence[int]) -> str:
+    """``"3-5"`` for a run of blocks, ``"1,4"`` otherwise, ``"none"`` for no block."""
+    if not window:
+        return "none"
+    if list(window) == list(range(window[0], window[-1] + 1)):
+        return f"{window[0]}-{window[-1]}" if len(window) > 1 else str(window[0])
+    return ",".join(map(str, window))
+
+
+def _explicit_windows(value: Any, layers: int) -> list[list[int]]:
+    if isinstance(value, (str, int)) or not isinstance(value, Sequence):
+        raise ValueError(f"parameter windows={value!r} must be a list of lists of decoder block indices")
+    out = []
+    for window in value:
+        if isinstance(window, (str, int)) or not isinstance(window, Sequence):
+            raise ValueError(f"parameter windows={value!r}: each window is a list of block indices (possibly empty)")
+        picked = sorted({an_int("windows", i) for i in window})
+        if any(not 0 <= i < layers for i in picked):
+            raise ValueError(f"parameter windows={value!r}: the decoder has blocks 0..{layers - 1}")
+        out.append(picked)
+    return out
+
+
+class Knockout:
+    """Pre-hooks on every decoder self-attention that cut chosen (query, key) pairs per batch row.
+
+    The module's own mask is edited wherever it comes from (causal, sliding window, prefix or
+    bidirectional image blocks, padding): a float mask gets the dtype's minimum, a boolean mask
+    False, and a missing one (sdpa's causal shortcut) is built as the causal mask first.
+    ``plan`` holds, per batch row, the (seq, seq) cut and the set of blocks it applies to;
+    ``cut_pairs`` counts, per row, the pairs that were allowed and got cut.
+    """
+
+    def __init__(self, prep: Prepared) -> None:
+        self.prep = prep
+        self.layers = len(prep.adapter.decoder_layers())
+        self.plan: list[tuple[torch.Tensor, frozenset[int]]] = []
+        self.cut_pairs: list[int] = []
+
+    @contextmanager
+    def hooked(self) -> Iterator["Knockout"]:
+        handles = []
+        try:
+            for i in range(self.layers):
+                module = _hook_point(self.prep, f"{LAYER_POINT.format(i)}.attn")
+                handles.append(module.register_forward_pre_hook(self._hook(i), with_kwargs=True))
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _kernel(self, module: torch.nn.Module) -> str:
+        config = getattr(module, "config", None)
+        kernel = getattr(config, "_attn_implementation", None) or attn_implementations(self.prep.model.config)[""]
+        if kernel not in KERNELS:
+            raise ValueError(f"attention knockout edits eager or sdpa masks; this model runs {kernel!r} attention")
+        return kernel
+
+    def _hook(self, layer: int):
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            rows = [(k, cut) for k, (cut, layers) in enumerate(self.plan) if layer in layers]
+            if not rows:
+                return args, kwargs
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            batch, seq = int(hidden.shape[0]), int(hidden.shape[1])
+            if batch != len(self.plan):
+                raise RuntimeError(f"knockout plan has {len(self.plan)} rows, the forward {batch}")
+            if "attention_mask" not in kwargs:
+                raise ValueError(f"{type(module).__name__} is not called with attention_mask=...; cannot knock out")
+            kwargs = dict(kwargs)
+            kwargs["attention_mask"] = self._edit(module, kwargs["attention_mask"], rows, batch, seq, hidden.device)
+            return args, kwargs
+
+        return hook
+
+    def _edit(self, module: torch.nn.Module, mask: Any, rows: list[tuple[int, torch.Tensor]], batch: int, seq: int,
+              device: torch.device) -> torch.Tensor:
+        kernel = self._kernel(module)
+        cut = torch.zeros(batch, 1, seq, seq, dtype=torch.bool, device=device)
+        for k, pairs in rows:
+            cut[k, 0] = pairs.to(device)
+        if mask is None:  # sdpa's causal shortcut: the causal mask, made explicit
+            allowed = torch.ones(seq, seq, dtype=torch.bool, device=device)
+            if getattr(module, "is_causal", True):
+                allowed = allowed.tril()
+            mask = allowed.expand(batch, 1, seq, seq)
+            if kernel == EAGER:
+                dtype = self.prep.loaded.dtype
+                mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+        if not torch.is_tensor(mask) or mask.dim() != 4 or tuple(mask.shape[-2:]) != (seq, seq):
+            raise ValueError(f"attention knockout needs a 4-D attention mask over {seq} positions, got "
+                             f"{getattr(mask, 'shape', type(mask).__name__)}")
+        mask = mask.expand(batch, 1, seq, seq)
+        if mask.dtype == torch.bool:
+            allowed = mask
+            edited = mask & ~cut
+        else:
+            low = torch.finfo(mask.dtype).min
+            allowed = mask > low / 2
+            edited = mask.masked_fill(cut, low)
+        removed = allowed & cut
+        for k, _ in rows:
+            self.cut_pairs[k] += int(removed[k].sum())
+        return edited
+
+    def logprobs(self, plan: list[tuple[torch.Tensor, frozenset[int]]]) -> tuple[torch.Tensor, list[int]]:
+        """Answer-token log-probabilities (rows, T) of one batched forward with ``plan``."""
+        self.plan, self.cut_pairs = plan, [0] * len(plan)
+        try:
+            inputs = repeat_inputs(dict(self.prep.inputs), len(plan))
+            with torch.inference_mode():
+                logp = logprobs_at(self.prep.model, inputs, self.prep.logit_positions, answer_ids(self.prep))
+            return logp.cpu(), list(self.cut_pairs)
+        finally:
+            self.plan = []
+
+
+@register
+class AttentionKnockout(Explainer):
+    id = "intervention.attention_knockout"
+    title = "Attention knockout between image, question and answer over windows of layers"
+    family = FAMILY
+    citations = (GEVA, ZHANG_FLOW)
+    summary = (
+        "Cut the attention from one part of the sequence to another (image->answer, image->question, "
+        "question->answer, ...) in a window of k consecutive decoder layers, sliding over the depth, "
+        "and measure how the answer's probability changes: where the image's information flows in."
+    )
+
+    def explain(self, model: Any, sample: Any, *, edges: Sequence[str] | None = None, window: int | None = None,
+                stride: int = 1, windows: Sequence[Sequence[int]] | None = None, batch_size: int | None = None,
+                fast_attention: bool = True, **params: Any) -> Explanation:
+        if params:
+            raise ValueError(f"{self.id}: unknown parameter(s) {', '.join(sorted(params))}")
+        if edges is not None and (isinstance(edges, str) or not isinstance(edges, Sequence) or not edges):
+            raise ValueError(f"parameter edges={edges!r} must be a non-empty list like ['image->answer']")
+        parsed = [Edge.parse(e) for e in (DEFAULT_EDGES if edges is None else edges)]
+        if len({e.name for e in parsed}) != len(parsed):
+            raise ValueError(f"parameter edges={list(edges or [])!r} names an edge twice")
+        prep = as_prepared(model, sample)
+        knock = Knockout(prep)
+        layers = knock.layers
+        if windows is not None:
+            if window is not None:
+                raise ValueError("give either window (a size) or windows (explicit lists of blocks), not both")
+            spans = _explicit_windows(windows, layers)
+            size = None
+        else:
+            size = default_window(layers) if window is None else positive_int("window", window)
+            if size > layers:
+                raise ValueError(f"parameter window={size}: the decoder has only {layers} blocks")
+            spans = sliding_windows(layers, size, positive_int("stride", stride))
+        batch_size = batch_size_for(prep, batch_size)
+        cuts = [e.block(prep) for e in parsed]
+        plan = [(cuts[e], frozenset(w)) for e in range(len(parsed)) for w in spans]
+        with fused_attention(prep.model, fast_attention):
+            with knock.hooked():
+                original, _ = knock.logprobs([(cuts[0], frozenset())])
+                chunks, pairs = [], []
+                for start in range(0, len(plan), batch_size):
+                    logp, cut = knock.logprobs(plan[start : start + batch_size])
+                    chunks.append(logp)
+                    pairs.extend(cut)
+            kernel = attn_implementations(prep.model.config)[""]
+        tokens = len(prep.answer.token_ids)
+        knocked = torch.cat(chunks) if chunks else torch.empty(0, tokens)
+        shape = (len(parsed), len(spans))
+        base = float(_joint(original)[0])
+        prob = _joint(knocked).reshape(shape) if knocked.numel() else torch.zeros(shape, dtype=torch.float64)
+        change = (prob - base) / base if base > 0 else torch.zeros(shape, dtype=torch.float64)
+        per_token = (knocked - original).reshape(*shape, tokens).permute(2, 0, 1)
+        cut_pairs = torch.tensor(pairs, dtype=torch.float64).reshape(shape)
+
+        exp = Explanation(
+            self.id,
+            {"edges": [e.name for e in parsed], "window": size, "stride": stride if windows is None else None,
+             "windows": spans, "batch_size": batch_size, "fast_attention": fast_attention},
+            prep.target(),
+        )
+        exp.add("prob_change", change, ("edge", "window"))
+        exp.add("prob", prob, ("edge", "window"))
+        exp.add("logprob_change", per_token, ("answer_token", "edge", "window"))
+        exp.add("cut_pairs", cut_pairs, ("edge", "window"))
+        exp.scores.update({"prob_answer": base, "windows": float(len(spans)), "edges": float(len(parsed)),
+                           "forwards": float(1 + -(-len(plan) // batch_size))})
+        if len(plan):
+            worst = int(torch.argmin(change.flatten()))
+            e, w = divmod(worst, len(spans))
+            exp.scores["max_drop"] = float(-change.flatten()[worst])
+            exp.meta["strongest"] = {"edge": parsed[e].name, "window": window_label(spans[w])}
+        exp.meta.update({
+            **axis_labels({"edge": [e.name for e in parsed], "window": [window_label(w) for w in spans]}),
+            "windows": spans,
+            "edges": {e.name: {"source": e.src, "destination": e.dst,
+                               "source_tokens": int(positions_of(prep, e.src).numel()),
+                               "destination_tokens": int(positions_of(prep, e.dst).numel())} for e in parsed},
+            "empty_edges": [e.name for k, e in enumerate(parsed) if spans and not bool(cut_pairs[k].any())],
+            "kernel": kernel,
+            "prob_change": "(p(answer | knockout) - p(answer)) / p(answer); p is the whole answer's probability",
+            "cut_pairs": "attention (query, key) pairs the model allowed and the knockout cut, summed over the "
+                         "window's blocks (heads not counted); 0 means the edge does not exist in this prompt",
+            "answer_logprobs": original[0].tolist(),
+        })
+        return exp
+
+
+# --- activation patching ------------------------------------------------------------------------------
+
+
+CORRUPTIONS: tuple[str, ...] = ("auto", "pair", "noise")
+"""How the corrupted run differs from the clean one: a counterfactual input of the same token
+count (given, or the demo world's pair), or Gaussian noise on the image tokens' embeddings
+entering the decoder; ``auto`` takes a counterfactual where there is one, noise otherwise."""
+
+
+@dataclass
+class Corrupted:
+    """The corrupted run: its inputs, and noise to add to block 0's input at ``positions``."""
+
+    kind: str
+    inputs: dict[str, Any]
+    noise: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    info: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Patch:
+    """Restore the clean output of hook point ``point`` at ``positions`` (a sorted LongTensor)."""
+
+    point: str
+    positions: torch.Tensor
+
+
+class Patcher:
+    """Clean activations captured once, then restored into batched corrupted runs.
+
+    Each batch row follows its own list of :class:`Patch` es; an empty list is the plain corrupted
+    run. ``point`` names an adapter hook point whose (first) output is replaced.
+    """
+
+    def __init__(self, prep: Prepared, corrupted: Corrupted, points: Sequence[str], positions: torch.Tensor) -> None:
+        self.prep = prep
+        self.corrupted = corrupted
+        self.points = list(dict.fromkeys(points))
+        self.kept = torch.unique(positions.long().cpu())
+        self.clean: dict[str, torch.Tensor] = {}
+        self.rows: list[list[Patch]] = []
+
+    # -- hooks --
+    @staticmethod
+    def _first(output: Any) -> torch.Tensor:
+        return output[0] if isinstance(output, tuple) else output
+
+    @staticmethod
+    def _replace_first(output: Any, tensor: torch.Tensor) -> Any:
+        return (tensor, *output[1:]) if isinstance(output, tuple) else tensor
+
+    def _capture(self, point: str):
+        def hook(_module: torch.nn.Module, _args: Any, output: Any) -> None:
+            value = self._first(output)
+            self.clean[point] = value[0].index_select(0, self.kept.to(value.device)).detach().clone()
+
+        return hook
+
+    def _restore(self, point: str):
+        def hook(_module: torch.nn.Module, _args: Any, output: Any) -> Any:
+            todo = [(k, p) for k, patches in enumerate(self.rows) for p in patches if p.point == point]
+            if not todo:
+                return output
+            value = self._first(output).clone()
+            clean = self.clean[point].to(value.dtype)
+            for k, patch in todo:
+                where = torch.searchsorted(self.kept, patch.positions)
+                value[k, patch.positions.to(value.device)] = clean[where.to(clean.device)]
+            return self._replace_first(output, value)
+
+        return hook
+
+    def _noise(self, _module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        noise, positions = self.corrupted.noise, self.corrupted.positions
+        assert noise is not None and positions is not None
+        if args:
+            hidden = args[0].clone()
+            hidden[:, positions.to(hidden.device)] += noise.to(hidden)
+            return (hidden, *args[1:]), kwargs
+        hidden = kwargs["hidden_states"].clone()
+        hidden[:, positions.to(hidden.device)] += noise.to(hidden)
+        return args, {**kwargs, "hidden_states": hidden}
+
+    @contextmanager
+    def _hooks(self, make: Callable[[str], Callable], noise: bool) -> Iterator[None]:
+        handles = [_hook_point(self.prep, p).register_forward_hook(make(p)) for p in self.points]
+        if noise and self.corrupted.noise is not None:
+            first = _hook_point(self.prep, LAYER_POINT.format(0))
+            handles.append(first.register_forward_pre_hook(self._noise, with_kwargs=True))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    # -- runs --
+    @torch.inference_mode()
+    def capture_clean(self) -> torch.Tensor:
+        """The clean run (answer-token log-probabilities, (T,)), keeping every point's output."""
+        with self._hooks(self._capture, noise=False):
+            logp = logprobs_at(self.prep.model, dict(self.prep.inputs), self.prep.logit_positions, answer_ids(self.prep))
+        return logp[0].cpu()
+
+    @torch.inference_mode()
+    def logprobs(self, rows: list[list[Patch]], batch_size: int) -> torch.Tensor:
+        """(len(rows), T) answer-token log-probabilities of the corrupted run with each row's patches."""
+        if not self.clean and any(rows):
+            raise RuntimeError("capture_clean() must run before restoring activations")
+        chunks = []
+        with self._hooks(self._restore, noise=True):
+            for start in range(0, len(rows), batch_size):
+                self.rows = rows[start : start + batch_size]
+                try:
+                    inputs = repeat_inputs(self.corrupted.inputs, len(self.rows))
+                    chunks.append(logprobs_at(self.prep.model, inputs, self.prep.logit_positions,
+                                              answer_ids(self.prep)).cpu())
+                finally:
+                    self.rows = []
+        return torch.cat(chunks) if chunks else torch.empty(0, len(self.prep.answer.token_ids))
+
+
+def restored_share(clean: torch.Tensor, corrupt: torch.Tensor, patched: torch.Tensor) -> torch.Tensor:
+    """Share of the clean answer probability that patching brings back:
+    ``(p_patched - p_corrupt) / (p_clean - p_corrupt)``, per row of ``patched`` (rows, T)."""
+    p_clean, p_corrupt = _joint(clean[None])[0], _joint(corrupt[None])[0]
+    gap = p_clean - p_corrupt
+    if float(gap) == 0.0:
+        raise ValueError("the corrupted run gives the answer the same probability as the clean run: nothing to restore")
+    return (_joint(patched) - p_corrupt) / gap
+
+
+def pair_corruption(prep: Prepared, counterfactual: ExplainSample | Prepared) -> Corrupted:
+    """The counterfactual's prompt with the clean answer appended: same length, same image slots."""
+    other = counterfactual.sample if isinstance(counterfactual, Prepared) else counterfactual
+    if not isinstance(other, ExplainSample):
+        raise ValueError(f"parameter counterfactual must be an ExplainSample, not {type(counterfactual).__name__}")
+    cf = prepare(prep.loaded, other, answer=prep.answer)
+    if cf.seq_len != prep.seq_len:
+        raise ValueError(
+            f"counterfactual {other.id!r} has {cf.seq_len} tokens with the answer, the sample {prep.seq_len}: "
+            "patching needs the same token count"
+        )
+    if not torch.equal(cf.image_positions, prep.image_positions):
+        raise ValueError(f"counterfactual {other.id!r} puts its image tokens at other positions than the sample")
+    own = generate_answer(prep.loaded, other.images, other.question)
+    info = {"id": other.id, "question": other.question, "expected": other.expected,
+            "edit": (other.extra or {}).get("edit"), "answer": own.text}
+    return Corrupted("pair", dict(cf.inputs), info=info)
+
+
+@torch.inference_mode()
+def noise_corruption(prep: Prepared, scale: float, seed: int) -> Corrupted:
+    """Gaussian noise on the image tokens entering the first decoder block, the same draw in every
+    corrupted run. Its standard deviation is ``scale`` times that of every token's embedding there
+    (Meng et al. take the embeddings' spread, not the subject's: a model whose image features are
+    still near zero, early in training, is corrupted as much as any other)."""
+    positions = prep.image_positions
+    if positions.numel() == 0:
+        raise ValueError(f"sample {prep.sample.id!r} has no image tokens to corrupt with noise")
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        seen["all"] = hidden[0].float().cpu()
+
+    handle = _hook_point(prep, LAYER_POINT.format(0)).register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        logprobs_at(prep.model, dict(prep.inputs), prep.logit_positions[-1:], None)
+    finally:
+        handle.remove()
+    std = float(seen["all"].std())
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn((positions.numel(), seen["all"].shape[-1]), generator=generator) * (scale * std)
+    info = {"scale": scale, "embedding_std": std, "seed": seed, "tokens": int(positions.numel())}
+    return Corrupted("noise", dict(prep.inputs), noise=noise, positions=positions, info=info)
+
+
+def corruption_for(prep: Prepared, kind: str, counterfactual: Any, noise_scale: float, seed: int,
+                   pair_seed: int) -> Corrupted:
+    """The corrupted run the parameters ask for (see :data:`CORRUPTIONS`)."""
+    from .data import demo_pair
+
+    kind = choice("corruption", kind, CORRUPTIONS)
+    if kind in ("auto", "pair"):
+        partner = counterfactual
+        if partner is None:
+            partner = demo_pair(prep.sample, pair_seed)
+        if partner is not None:
+            return pair_corruption(prep, partner)
+        if kind == "pair":
+            raise ValueError(
+                f"sample {prep.sample.id!r} has no counterfactual: pass counterfactual=ExplainSample(...) with the "
+                "same token count, use a demo-world sample, or corruption='noise'"
+            )
+    elif counterfactual is not None:
+        raise ValueError("parameter counterfactual is given but corruption='noise' ignores it")
+    return noise_corruption(prep, noise_scale, seed)
+
+
+@register
+class ActivationPatching(Explainer):
+    id = "intervention.activation_patching"
+    title = "Activation patching (causal tracing) per layer, component and token group"
+    family = FAMILY
+    needs = frozenset({Need.PAIR})
+    citations = (MENG, BASU, ZHANG_NANDA)
+    summary = (
+        "Run a corrupted input (the sample's counterfactual, or noise on the image tokens), restore the "
+        "clean run's residual stream, attention output or MLP output at one layer for one token group "
+        "(image, question, answer positions), and measure the share of the clean answer's probability "
+        "that comes back."
+    )
+
+    def explain(self, model: Any, sample: Any, *, counterfactual: ExplainSample | Prepared | None = None,
+                corruption: str = "auto", components: Sequence[str] | None = None,
+                groups: Sequence[str] | None = None, layers: Sequence[int] | None = None,
+                noise_scale: float = NOISE_SCALE, seed: int = 0, pair_seed: int = 0, batch_size: int | None = None,
+                fast_attention: bool = True, **params: Any) -> Explanation:
+        if params:
+            raise ValueError(f"{self.id}: unknown parameter(s) {', '.join(sorted(params))}")
+        comps = _names("components", components, tuple(COMPONENT_POINTS), tuple(COMPONENT_POINTS))
+        names = _names("groups", groups, DEFAULT_GROUPS, tuple(POSITION_SETS))
+        if isinstance(noise_scale, bool) or not isinstance(noise_scale, (int, float)) or not noise_scale > 0:
+            raise ValueError(f"parameter noise_scale={noise_scale!r} must be a number > 0")
+        seed, pair_seed = an_int("seed", seed), an_int("pair_seed", pair_seed)
+        prep = as_prepared(model, sample)
+        picked = _layers(layers, len(prep.adapter.decoder_layers()))
+        batch_size = batch_size_for(prep, batch_size)
+        sets = {g: positions_of(prep, g) for g in names}
+        with fused_attention(prep.model, fast_attention):
+            corrupted = corruption_for(prep, corruption, counterfactual, float(noise_scale), seed, pair_seed)
+            points = [COMPONENT_POINTS[c].format(i) for c in comps for i in picked]
+            patcher = Patcher(prep, corrupted, points, torch.cat(list(sets.values())))
+            clean = patcher.capture_clean()
+            rows = [[Patch(COMPONENT_POINTS[c].format(i), sets[g])] for c in comps for i in picked for g in names]
+            runs = patcher.logprobs([[], *rows], batch_size)  # row 0: the plain corrupted run
+        corrupt, patched = runs[0], runs[1:]
+        shape = (len(comps), len(picked), len(names))
+        share = restored_share(clean, corrupt, patched).reshape(shape)
+        prob = _joint(patched).reshape(shape)
+        p_clean, p_corrupt = float(_joint(clean[None])[0]), float(_joint(corrupt[None])[0])
+
+        exp = Explanation(
+            self.id,
+            {"corruption": corrupted.kind, "components": comps, "groups": names, "layers": picked,
+             "noise_scale": float(noise_scale) if corrupted.kind == "noise" else None,
+             "seed": seed if corrupted.kind == "noise" else None,
+             "pair_seed": pair_seed if corrupted.kind == "pair" and counterfactual is None else None,
+             "counterfactual": (corrupted.info or {}).get("id") if corrupted.kind == "pair" else None,
+             "batch_size": batch_size, "fast_attention": fast_attention},
+            prep.target(),
+        )
+        exp.add("restored", share, ("component", "layer", "group"))
+        exp.add("prob", prob, ("component", "layer", "group"))
+        best = int(torch.argmax(share.flatten())) if share.numel() else 0
+        c, rest = divmod(best, len(picked) * len(names))
+        i, g = divmod(rest, len(names))
+        exp.scores.update({"prob_clean": p_clean, "prob_corrupt": p_corrupt, "gap": p_clean - p_corrupt,
+                           "max_restored": float(share.flatten()[best]),
+                           "forwards": float(1 + -(-(len(rows) + 1) // batch_size))})
+        exp.meta.update({
+            **axis_labels({"component": comps, "layer": picked, "group": names}),
+            "corruption": {"kind": corrupted.kind, **(corrupted.info or {})},
+            "group_tokens": {g: int(p.numel()) for g, p in sets.items()},
+            "strongest": {"component": comps[c], "layer": picked[i], "group": names[g]},
+            "restored": "(p_patched - p_corrupt) / (p_clean - p_corrupt) of the clean answer (all its tokens)",
+            "components": {"residual": "residual stream after the block", "attn": "self-attention output",
+                           "mlp": "MLP output"},
+            "answer_logprobs": {"clean": clean.tolist(), "corrupt": corrupt.tolist()},
+        })
+        return exp
+
+
+__all__ = [
+    "COMPONENT_POINTS",
+    "DEFAULT_EDGES",
+    "POSITION_SETS",
+    "ActivationPatching",
+    "AttentionKnockout",
+    "Corrupted",
+    "Edge",
+    "Knockout",
+    "Patch",
+    "Patcher",
+    "axis_labels",
+    "default_window",
+    "noise_corruption",
+    "pair_corruption",
+    "positions_of",
+    "restored_share",
+    "sliding_windows",
+    "window_label",
+]
