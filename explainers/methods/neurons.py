@@ -1,0 +1,698 @@
+"""Decoder MLP neurons: which ones drive an answer, what excites them, and which are specialised.
+
+A *neuron* is one unit of a decoder block's MLP, read at the adapter's ``decoder.blocks.{i}.mlp``
+points: its *value* is the unit's entry of the output projection's input (``.mlp.down``; ``act(gate)
+* up`` in gated MLPs), its *activation* the activation function's output (``.mlp.act``,
+``act(gate)``), as MMNeuron counts it. Zeroing the value at every position removes the neuron
+exactly: its column of the output projection no longer reaches the residual stream (MMNeuron zeroes
+``act(gate)``, the same thing). Neurons are numbered layer by layer (flat index = the layer's
+offset + the unit) and labelled ``L{layer}.U{unit}``.
+
+* ``neurons.top_activations`` (one sample): activation x gradient of the answer's log-probability
+  at each neuron value, summed over positions (the first-order estimate of zeroing it, the score
+  Schwettmann et al. rank multimodal neurons by), the image patches where each top neuron fires,
+  and real ablations: the top k zeroed together and one at a time, against k random neurons.
+* ``neurons.modality_specific`` (a sample set): MMNeuron's activation-probability entropy over
+  domains (image vs text tokens, or question families), the lowest-entropy group, and the answer
+  log-probability (and accuracy) when that group is zeroed against random groups of its size.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..answering import generate_answer, is_correct
+from ..context import ExplainSample, Prepared, as_prepared
+from ..explanation import Explanation, Target
+from ..registry import Citation, Explainer, Need, register
+from .gradient import grid_names, inputs_only_gradients
+from .perturbation import answer_ids, batch_size_for, choice, fused_attention, logprobs_at, positive_int, repeat_inputs
+
+FAMILY = "neurons"
+VALUE_POINT = "decoder.blocks.{}.mlp.down"
+"""Its input holds the neuron values: where attribution reads and ablation writes."""
+ACTIVATION_POINT = "decoder.blocks.{}.mlp.act"
+"""Its output is ``act(gate)``: what MMNeuron's activation probability counts."""
+
+RANKINGS: tuple[str, ...] = ("attribution", "magnitude")
+"""Top neurons by signed attribution (those that support the answer) or by its absolute value."""
+DEFAULT_TOP_K = 10
+DEFAULT_RANDOM_DRAWS = 8
+"""Random groups of k neurons ablated as the baseline of the top-k ablation."""
+
+DOMAIN_KINDS: tuple[str, ...] = ("modality", "family")
+MODALITIES: tuple[str, ...] = ("image", "text")
+THRESHOLDS: tuple[str, ...] = ("positive", "quantile")
+"""Active means ``act(gate) > 0`` (MMNeuron, LAPE) or above the layer's ``quantile`` of activations."""
+DOMAIN_POSITIONS: dict[str, str] = {
+    "modality": "image: every image-feature token; text: the prompt's text tokens (markers and answer excluded)",
+    "family": "every attended token of each sample's final sequence, counted for the sample's question family",
+}
+DEFAULT_QUANTILE = 0.9
+TOP_RATE = 0.01
+"""MMNeuron's share of all neurons kept as specific: the 1% with the lowest entropy."""
+FILTER_RATE = 0.95
+"""MMNeuron's filter: a neuron must reach this quantile of all activation probabilities in some domain."""
+QUANTILE_VALUES_PER_SAMPLE = 4096
+"""Activations drawn per sample and layer to estimate a layer's quantile threshold."""
+DEFAULT_SPECIFIC_RANDOM_DRAWS = 3
+
+ATTRIBUTION_NOTE = (
+    "sum over positions of neuron value x d(sum of the answer tokens' log-probabilities)/d(value): "
+    "the first-order estimate of the log-probability drop when the neuron is zeroed"
+)
+DROP_NOTE = "drop = log p(answer) - log p(answer | neurons zeroed at every position), summed over answer tokens"
+
+SCHWETTMANN = Citation("Multimodal Neurons in Pretrained Text-Only Transformers", 2023, "2308.01544",
+                       "Schwettmann, Chowdhury, Klein, Bau, Torralba")
+PAN = Citation("Finding and Editing Multi-Modal Neurons in Pre-Trained Transformers", 2023, "2311.07470",
+               "Pan, Cao, Wang, Yang, Wang")
+GOH = Citation("Multimodal Neurons in Artificial Neural Networks (Distill)", 2021, None, "Goh et al.")
+MMNEURON = Citation(
+    "MMNeuron: Discovering Neuron-Level Domain-Specific Interpretation in Multimodal Large Language Model",
+    2024, "2406.11193", "Huo, Yan, Hu, Yue, Hu",
+)
+LAPE = Citation("Language-Specific Neurons: The Key to Multilingual Capabilities in Large Language Models", 2024,
+                "2402.16438", "Tang, Luo, Huang, Zhang, Wang, Zhao, Wei, Wen")
+MINER = Citation(
+    "MINER: Mining the Underlying Pattern of Modality-Specific Neurons in Multimodal Large Language Models",
+    2024, "2410.04819", "Huang, Huo, Yan, Wang, Yue, Hu",
+)
+
+
+# --- the neuron space ------------------------------------------------------------------------------
+
+
+def _width(module: nn.Module) -> int:
+    width = getattr(module, "in_features", None)
+    if width is None:
+        weight = getattr(module, "weight", None)
+        if weight is None:
+            raise ValueError(f"{type(module).__name__}: cannot tell how many neurons feed it")
+        width = weight.shape[-1]
+    return int(width)
+
+
+@dataclass(frozen=True)
+class NeuronSpace:
+    """Every decoder MLP neuron of a model, numbered layer by layer."""
+
+    values: tuple[nn.Module, ...]
+    """Per layer, the module whose input holds the neuron values (``.mlp.down``)."""
+    activations: tuple[nn.Module, ...] | None
+    """Per layer, the activation function (``.mlp.act``), where the adapter names one."""
+    widths: tuple[int, ...]
+
+    @property
+    def layers(self) -> int:
+        return len(self.widths)
+
+    @property
+    def offsets(self) -> list[int]:
+        return [0, *np.cumsum(self.widths).tolist()]
+
+    @property
+    def total(self) -> int:
+        return int(sum(self.widths))
+
+    def locate(self, flat: int) -> tuple[int, int]:
+        """(layer, unit) of flat neuron ``flat``."""
+        offsets = self.offsets
+        layer = int(np.searchsorted(offsets, flat, side="right")) - 1
+        if not 0 <= layer < self.layers:
+            raise IndexError(f"neuron {flat} is outside 0..{self.total - 1}")
+        return layer, int(flat - offsets[layer])
+
+    def label(self, flat: int) -> str:
+        layer, unit = self.locate(flat)
+        return f"L{layer}.U{unit}"
+
+    def table(self, flat_values: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """``(..., total)`` -> ``(..., layers, max width)``; padding (uneven widths) gets ``fill``."""
+        width = max(self.widths)
+        out = flat_values.new_full((*flat_values.shape[:-1], self.layers, width), fill)
+        for layer, chunk in enumerate(flat_values.split(list(self.widths), dim=-1)):
+            out[..., layer, : chunk.shape[-1]] = chunk
+        return out
+
+
+def neuron_space(adapter: Any, explainer: str) -> NeuronSpace:
+    """The adapter's ``.mlp.down`` (and ``.mlp.act``) points of every decoder block."""
+    points = adapter.hook_points()
+    layers = len(adapter.decoder_layers())
+    missing = [VALUE_POINT.format(i) for i in range(layers) if VALUE_POINT.format(i) not in points]
+    if missing:
+        raise ValueError(f"{explainer}: the {adapter.model_type} adapter names no MLP neuron point {missing[0]!r}")
+    values = tuple(points[VALUE_POINT.format(i)] for i in range(layers))
+    acts = [points.get(ACTIVATION_POINT.format(i)) for i in range(layers)]
+    return NeuronSpace(values, tuple(acts) if all(a is not None for a in acts) else None,
+                       tuple(_width(m) for m in values))
+
+
+@contextlib.contextmanager
+def on_values(space: NeuronSpace, fn: Callable[[int, torch.Tensor], torch.Tensor | None]) -> Iterator[None]:
+    """Call ``fn(layer, values)`` on each layer's neuron values; a returned tensor replaces them."""
+
+    def hook_for(layer: int):
+        def hook(_module: nn.Module, args: tuple) -> tuple | None:
+            out = fn(layer, args[0])
+            return None if out is None else (out, *args[1:])
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(i)) for i, m in enumerate(space.values)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def on_activations(space: NeuronSpace, fn: Callable[[int, torch.Tensor], None], explainer: str) -> Iterator[None]:
+    """Call ``fn(layer, act(gate))`` on each layer's activation-function output (read only)."""
+    if space.activations is None:
+        raise ValueError(f"{explainer}: this adapter names no MLP activation point ({ACTIVATION_POINT.format(0)!r})")
+
+    def hook_for(layer: int):
+        def hook(_module: nn.Module, _args: tuple, output: torch.Tensor) -> None:
+            fn(layer, output)
+
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(i)) for i, m in enumerate(space.activations)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class Ablation:
+    """Zeroes chosen neurons at every position, a different set per batch row; use with
+    :func:`on_values`. Rows with nothing to zero pass through untouched."""
+
+    def __init__(self, space: NeuronSpace) -> None:
+        self.space = space
+        self.keep: list[torch.Tensor] | None = None
+
+    def set(self, groups: Sequence[Sequence[int]]) -> None:
+        """One group of flat neuron indices per batch row."""
+        if not any(len(g) for g in groups):
+            self.keep = None
+            return
+        keep = torch.ones(len(groups), self.space.total)
+        for row, group in enumerate(groups):
+            if len(group):
+                keep[row, torch.as_tensor(list(group), dtype=torch.long)] = 0.0
+        self.keep = [chunk.unsqueeze(1) for chunk in keep.split(list(self.space.widths), dim=1)]
+
+    def __call__(self, layer: int, values: torch.Tensor) -> torch.Tensor | None:
+        if self.keep is None:
+            return None
+        keep = self.keep[layer]
+        if keep.shape[0] != values.shape[0]:
+            raise RuntimeError(f"ablation set for {keep.shape[0]} rows, the forward has {values.shape[0]}")
+        return values * keep.to(device=values.device, dtype=values.dtype)
+
+
+@torch.inference_mode()
+def ablated_logprobs(prep: Prepared, space: NeuronSpace, groups: Sequence[Sequence[int]], batch_size: int,
+                     full: bool = False) -> torch.Tensor:
+    """Each answer token's log-probability with each group of neurons zeroed, in real forwards of
+    the final sequence: ``(len(groups), T)``, or with ``full`` ``(len(groups), T, vocab)``."""
+    ablation = Ablation(space)
+    ids = None if full else answer_ids(prep)
+    out = []
+    with on_values(space, ablation):
+        for start in range(0, len(groups), batch_size):
+            chunk = groups[start : start + batch_size]
+            ablation.set(chunk)
+            batch = repeat_inputs(dict(prep.inputs), len(chunk))
+            out.append(logprobs_at(prep.model, batch, prep.logit_positions, ids).cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def generate_ablated(loaded: Any, sample: ExplainSample, space: NeuronSpace, group: Sequence[int],
+                     max_new_tokens: int | None) -> str:
+    """The model's greedy answer with ``group`` zeroed at every position (prompt and new tokens)."""
+    ablation = Ablation(space)
+    ablation.set([group])
+    with on_values(space, ablation):
+        return generate_answer(loaded, sample.images, sample.question, max_new_tokens).text
+
+
+def random_groups(total: int, size: int, draws: int, seed: int, exclude: Sequence[int] = ()) -> list[list[int]]:
+    """``draws`` groups of ``size`` neurons drawn uniformly without replacement, outside ``exclude``."""
+    pool = torch.ones(total, dtype=torch.bool)
+    pool[torch.as_tensor(list(exclude), dtype=torch.long)] = False
+    candidates = torch.nonzero(pool).flatten()
+    if candidates.numel() < size:
+        raise ValueError(f"cannot draw {size} random neurons from the {candidates.numel()} left")
+    generator = torch.Generator().manual_seed(seed)
+    return [sorted(candidates[torch.randperm(candidates.numel(), generator=generator)[:size]].tolist())
+            for _ in range(draws)]
+
+
+def _bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"parameter {name}={value!r} must be True or False")
+    return value
+
+
+def _no_extra(explainer: str, params: dict[str, Any]) -> None:
+    if params:
+        raise ValueError(f"{explainer}: unknown parameter(s) {', '.join(sorted(params))}")
+
+
+def _fraction(name: str, value: Any, low_open: bool = True) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (0.0 < value < 1.0 if low_open
+                                                                              else 0.0 <= value < 1.0)
+    if not ok:
+        raise ValueError(f"parameter {name}={value!r} must be a number in {'(0' if low_open else '[0'}, 1)")
+    return float(value)
+
+
+# --- neurons.top_activations -------------------------------------------------------------------------
+
+
+def value_attribution(prep: Prepared, space: NeuronSpace) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
+    """Per layer, the neuron values ``(seq, width)`` and their gradients of the summed answer
+    log-probability, from one forward and one backward; and that log-probability."""
+    values: list[torch.Tensor | None] = [None] * space.layers
+
+    def keep(layer: int, x: torch.Tensor) -> torch.Tensor:
+        if values[layer] is not None:
+            raise RuntimeError(f"{VALUE_POINT.format(layer)} ran twice in one forward")
+        if not x.requires_grad:  # the first block under frozen parameters: start the graph here
+            x = x.detach().requires_grad_(True)
+        values[layer] = x
+        return x
+
+    with inputs_only_gradients(prep.model), torch.enable_grad(), on_values(space, keep):
+        target = logprobs_at(prep.model, dict(prep.inputs), prep.logit_positions, answer_ids(prep)).sum()
+        missing = [i for i, v in enumerate(values) if v is None]
+        if missing:
+            raise RuntimeError(f"{VALUE_POINT.format(missing[0])} did not run in the forward")
+        grads = torch.autograd.grad(target, values, allow_unused=True)
+    acts = [v.detach()[0].float() for v in values]  # type: ignore[union-attr]
+    grads_out = [torch.zeros_like(a) if g is None else g[0].float() for a, g in zip(acts, grads)]
+    return acts, grads_out, float(target.detach())
+
+
+@register
+class TopActivations(Explainer):
+    id = "neurons.top_activations"
+    title = "Top answer neurons: activation x gradient, their patches, their ablation"
+    family = FAMILY
+    needs = frozenset({Need.GRADIENTS})
+    citations = (SCHWETTMANN, PAN, GOH)
+    summary = (
+        "Decoder MLP neurons ranked by activation x gradient of the answer's log-probability (summed over "
+        "positions), the image patches where each top neuron fires and where it matters, and real "
+        "ablations: the top k zeroed together and one by one, against k random neurons."
+    )
+
+    def explain(self, model: Any, sample: Any, *, top_k: int = DEFAULT_TOP_K, rank_by: str = "attribution",
+                random_draws: int = DEFAULT_RANDOM_DRAWS, seed: int = 0, batch_size: int | None = None,
+                fast_attention: bool = True, **params: Any) -> Explanation:
+        """``top_k`` neurons by ``rank_by``; ``random_draws`` random groups of ``top_k`` (seeded by
+        ``seed``) as the ablation baseline; ``batch_size`` ablated copies per forward."""
+        _no_extra(self.id, params)
+        top_k = positive_int("top_k", top_k)
+        rank_by = choice("rank_by", rank_by, RANKINGS)
+        random_draws = positive_int("random_draws", random_draws)
+        fast_attention = _bool("fast_attention", fast_attention)
+        prep = as_prepared(model, sample)
+        batch_size = batch_size_for(prep, batch_size)
+        space = neuron_space(prep.adapter, self.id)
+        if top_k >= space.total:
+            raise ValueError(f"parameter top_k={top_k} must be below the model's {space.total} MLP neurons")
+
+        with fused_attention(prep.model, fast_attention):
+            values, grads, logprob = value_attribution(prep, space)
+        per_position = [v * g for v, g in zip(values, grads)]  # (seq, width) per layer
+        attribution = torch.cat([p.sum(0) for p in per_position])  # (total,)
+        key = attribution if rank_by == "attribution" else attribution.abs()
+        top = torch.argsort(key, descending=True, stable=True)[:top_k].tolist()
+        located = [space.locate(n) for n in top]
+        value_at = torch.stack([values[l][:, u] for l, u in located])  # (k, seq)
+        attribution_at = torch.stack([per_position[l][:, u] for l, u in located])
+
+        others = random_groups(space.total, top_k, random_draws, seed, exclude=top)
+        groups = [[], top, *[[n] for n in top], *others]
+        with fused_attention(prep.model, fast_attention):
+            logp = ablated_logprobs(prep, space, groups, batch_size, full=True)  # (G, T, V)
+        ids = answer_ids(prep)
+        token_logp = logp[:, torch.arange(ids.numel()), ids]  # (G, T)
+        totals = token_logp.sum(-1).double()
+        base = float(totals[0])
+        drops = base - totals
+        singles = drops[2 : 2 + top_k]
+        random_drops = drops[2 + top_k :]
+        kept = (logp[1].argmax(-1) == ids).float().mean()
+
+        exp = Explanation(
+            self.id,
+            {"top_k": top_k, "rank_by": rank_by, "random_draws": random_draws, "seed": seed,
+             "batch_size": batch_size, "fast_attention": fast_attention},
+            prep.target(),
+        )
+        exp.add("attribution", space.table(attribution), ("layer", "unit"))
+        exp.add("top.attribution", attribution[top], ("neuron",))
+        exp.add("top.single_drop", singles, ("neuron",))
+        exp.add("random_drop", random_drops, ("draw",))
+        for name, grid in grid_names(prep.layouts):
+            exp.add(name, grid.gather(value_at), ("neuron", "row", "col"))
+            exp.add(f"{name}.attribution", grid.gather(attribution_at), ("neuron", "row", "col"))
+        text = prep.text_positions
+        exp.add("prompt", value_at[:, text], ("neuron", "prompt_token"))
+        exp.add("prompt.attribution", attribution_at[:, text], ("neuron", "prompt_token"))
+        image = prep.image_positions
+        exp.scores.update({
+            "logprob": base,
+            "logprob_backward": logprob,
+            "logprob_top_ablated": float(totals[1]),
+            "drop_top": float(drops[1]),
+            "predicted_drop_top": float(attribution[top].sum()),
+            "drop_random": float(random_drops.mean()),
+            "drop_random_std": float(random_drops.std(unbiased=False)),
+            "random_at_least_top": float((random_drops >= drops[1]).double().mean()),
+            "answer_tokens_kept_top": float(kept),
+            "neurons_total": float(space.total),
+        })
+        labels = [space.label(n) for n in top]
+        exp.meta.update({
+            "target": ATTRIBUTION_NOTE,
+            "drop": DROP_NOTE,
+            "value_point": VALUE_POINT,
+            "neurons": [
+                {"label": labels[j], "layer": l, "unit": u, "point": VALUE_POINT.format(l),
+                 "attribution": float(attribution[n]), "single_drop": float(singles[j]),
+                 "max_image_value": float(value_at[j, image].max()) if image.numel() else None,
+                 "max_text_value": float(value_at[j, text].max()) if text.numel() else None}
+                for j, (n, (l, u)) in enumerate(zip(top, located))
+            ],
+            "random_groups": [[space.label(n) for n in g] for g in others],
+            "axis_labels": {"neuron": labels, "draw": [f"random.{i}" for i in range(random_draws)]},
+            "widths": list(space.widths),
+            "image_maps": "neuron values (row 'image') and value x gradient ('.attribution') at each grid cell",
+        })
+        return exp
+
+
+# --- neurons.modality_specific -----------------------------------------------------------------------
+
+
+def count_active(activations: torch.Tensor, threshold: float | torch.Tensor = 0.0) -> torch.Tensor:
+    """``(tokens, neurons)`` -> how many tokens each neuron is active on (above ``threshold``)."""
+    return (activations > threshold).sum(0)
+
+
+def domain_probabilities(activations: torch.Tensor, domain_of_token: torch.Tensor, domains: int,
+                         threshold: float | torch.Tensor = 0.0) -> torch.Tensor:
+    """Per domain, the share of its tokens on which each neuron is active: ``(domains, neurons)``
+    from an activation table ``(tokens, neurons)`` and each token's domain (-1: none)."""
+    probs = torch.zeros(domains, activations.shape[-1], dtype=torch.float64)
+    for d in range(domains):
+        rows = activations[domain_of_token == d]
+        if rows.shape[0]:
+            probs[d] = count_active(rows, threshold).double() / rows.shape[0]
+    return probs
+
+
+def specificity_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """MMNeuron's / LAPE's entropy of each neuron's activation probabilities normalised over the
+    domains ``(domains, neurons)``: 0 for a neuron active in one domain only, log(domains) for one
+    equally active everywhere, and log(domains) for a neuron never active (no evidence of a domain)."""
+    total = probs.sum(0, keepdim=True)
+    safe = torch.where(total > 0, total, torch.ones_like(total))
+    p = probs / safe
+    logs = torch.where(p > 0, p.clamp_min(1e-300).log(), torch.zeros_like(p))
+    entropy = -(p * logs).sum(0)
+    return torch.where(total[0] > 0, entropy, torch.full_like(entropy, math.log(probs.shape[0])))
+
+
+def select_specific(probs: torch.Tensor, entropy: torch.Tensor, size: int, filter_rate: float = FILTER_RATE
+                    ) -> tuple[torch.Tensor, int]:
+    """MMNeuron's selection: among neurons that reach the ``filter_rate`` quantile of all activation
+    probabilities in some domain, the ``size`` with the lowest entropy (ties by index). Returns the
+    flat indices and the number of candidates."""
+    flat = probs.flatten()
+    cut = float(torch.quantile(flat.float(), filter_rate)) if flat.numel() else 0.0
+    strongest = probs.max(0).values
+    candidates = torch.nonzero((strongest >= cut) & (strongest > 0)).flatten()
+    order = torch.argsort(entropy[candidates], stable=True)
+    return candidates[order[:size]], int(candidates.numel())
+
+
+class DomainCounter:
+    """Streams activation counts per domain out of each forward: nothing of size tokens x neurons
+    is kept beyond the hook call."""
+
+    def __init__(self, space: NeuronSpace, domains: int, thresholds: Sequence[float]) -> None:
+        self.space = space
+        self.counts = [torch.zeros(domains, w, dtype=torch.float64) for w in space.widths]
+        self.tokens = torch.zeros(domains, dtype=torch.float64)
+        self.thresholds = list(thresholds)
+        self.current: dict[int, torch.Tensor] = {}
+
+    def start(self, positions: dict[int, torch.Tensor]) -> None:
+        self.current = positions
+        for d, pos in positions.items():
+            self.tokens[d] += pos.numel()
+
+    def __call__(self, layer: int, activations: torch.Tensor) -> None:
+        row = activations[0]
+        for d, pos in self.current.items():
+            picked = row.index_select(0, pos.to(row.device))
+            self.counts[layer][d] += count_active(picked, self.thresholds[layer]).double().cpu()
+
+    def probabilities(self) -> torch.Tensor:
+        """``(domains, total)`` over every neuron, flat."""
+        counts = torch.cat(self.counts, dim=1)
+        return counts / self.tokens.clamp_min(1.0)[:, None]
+
+
+def _all_positions(prep: Prepared) -> torch.Tensor:
+    mask = prep.inputs.get("attention_mask")
+    if mask is None:
+        return torch.arange(prep.seq_len)
+    return torch.nonzero(mask[0].detach().cpu().bool()).flatten()
+
+
+def _domain_names(kind: str, preps: Sequence[Prepared], explainer: str) -> list[str]:
+    if kind == "modality":
+        return list(MODALITIES)
+    names = []
+    for prep in preps:
+        family = prep.sample.extra.get("family")
+        if not isinstance(family, str) or not family:
+            raise ValueError(f"{explainer}: sample {prep.sample.id!r} has no extra['family']; "
+                             "domains='family' needs samples labelled with their question family")
+        names.append(family)
+    return sorted(set(names))
+
+
+def _positions(prep: Prepared, kind: str, names: list[str]) -> dict[int, torch.Tensor]:
+    if kind == "modality":
+        return {MODALITIES.index("image"): prep.image_positions, MODALITIES.index("text"): prep.text_positions}
+    return {names.index(prep.sample.extra["family"]): _all_positions(prep)}
+
+
+@torch.inference_mode()
+def layer_quantiles(preps: Sequence[Prepared], space: NeuronSpace, quantile: float, seed: int,
+                    explainer: str) -> list[float]:
+    """Each layer's ``quantile`` of ``act(gate)`` over the samples' tokens, from a seeded draw of
+    at most :data:`QUANTILE_VALUES_PER_SAMPLE` values per sample and layer."""
+    drawn: list[list[torch.Tensor]] = [[] for _ in range(space.layers)]
+    generator = torch.Generator().manual_seed(seed)
+
+    def keep(layer: int, activations: torch.Tensor) -> None:
+        flat = activations[0].reshape(-1).float().cpu()
+        take = torch.randperm(flat.numel(), generator=generator)[:QUANTILE_VALUES_PER_SAMPLE]
+        drawn[layer].append(flat[take])
+
+    with on_activations(space, keep, explainer):
+        for prep in preps:
+            prep.forward(use_cache=False)
+    return [float(np.quantile(torch.cat(values).numpy(), quantile)) for values in drawn]
+
+
+@torch.inference_mode()
+def count_domains(preps: Sequence[Prepared], space: NeuronSpace, kind: str, names: list[str],
+                  thresholds: Sequence[float], explainer: str) -> DomainCounter:
+    """One forward per sample, counting each neuron's active tokens per domain."""
+    counter = DomainCounter(space, len(names), thresholds)
+    with on_activations(space, counter, explainer):
+        for prep in preps:
+            counter.start(_positions(prep, kind, names))
+            prep.forward(use_cache=False)
+    return counter
+
+
+def ablation_groups(space: NeuronSpace, specific: list[int], owner: list[int], names: list[str], draws: int,
+                    seed: int) -> dict[str, list[int]]:
+    """``none``, the whole ``specific`` group, each domain's part of it, and ``draws`` random
+    groups of the same size drawn from the other neurons."""
+    groups: dict[str, list[int]] = {"none": [], "specific": specific}
+    for d, name in enumerate(names):
+        members = [n for n, o in zip(specific, owner) if o == d]
+        if members:
+            groups[f"specific.{name}"] = members
+    for i, group in enumerate(random_groups(space.total, len(specific), draws, seed, exclude=specific)):
+        groups[f"random.{i}"] = group
+    return groups
+
+
+def ablation_outcomes(preps: Sequence[Prepared], space: NeuronSpace, groups: Sequence[Sequence[int]],
+                      batch_size: int, accuracy: bool, max_new_tokens: int | None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(groups, samples)`` answer log-probability drops (teacher-forced on each sample's own
+    answer) and, with ``accuracy``, whether the answer regenerated under each ablation is right
+    (every group alike, ``none`` included, under the same length limit)."""
+    drops = torch.zeros(len(groups), len(preps), dtype=torch.float64)
+    correct = torch.zeros(len(groups), len(preps), dtype=torch.float64)
+    for j, prep in enumerate(preps):
+        totals = ablated_logprobs(prep, space, groups, batch_size).sum(-1).double()
+        drops[:, j] = totals[0] - totals
+        if accuracy:
+            for g, group in enumerate(groups):
+                text = generate_ablated(prep.loaded, prep.sample, space, group, max_new_tokens)
+                correct[g, j] = float(is_correct(text, str(prep.sample.expected)))
+    return drops, correct
+
+
+@register
+class ModalitySpecific(Explainer):
+    id = "neurons.modality_specific"
+    title = "Modality- and domain-specific neurons (activation-probability entropy) and their ablation"
+    family = FAMILY
+    scope = "dataset"
+    citations = (MMNEURON, LAPE, MINER)
+    summary = (
+        "MMNeuron's activation-probability entropy of every decoder MLP neuron across domains (image vs "
+        "text tokens, or question families), the low-entropy specialised group, and the answer "
+        "log-probability and accuracy when that group is zeroed, against random groups of the same size."
+    )
+
+    def explain(self, model: Any, samples: Any, *, domains: str = "modality", threshold: str = "positive",
+                quantile: float = DEFAULT_QUANTILE, top_rate: float = TOP_RATE, filter_rate: float = FILTER_RATE,
+                top_k: int | None = None, random_draws: int = DEFAULT_SPECIFIC_RANDOM_DRAWS, seed: int = 0,
+                accuracy: bool | None = None, max_new_tokens: int | None = None, batch_size: int | None = None,
+                fast_attention: bool = True, **params: Any) -> Explanation:
+        """``domains``: image vs text tokens, or each sample's ``extra['family']``; ``threshold``: active
+        means ``act(gate) > 0`` or above the layer's ``quantile``; the group is the ``top_k`` (default:
+        ``top_rate`` of all neurons) lowest-entropy neurons among those reaching the ``filter_rate``
+        quantile of activation probabilities; ``accuracy`` regenerates answers under each ablation
+        (default: when every sample has an expected answer)."""
+        _no_extra(self.id, params)
+        domains = choice("domains", domains, DOMAIN_KINDS)
+        threshold = choice("threshold", threshold, THRESHOLDS)
+        quantile = _fraction("quantile", quantile)
+        top_rate = _fraction("top_rate", top_rate)
+        filter_rate = _fraction("filter_rate", filter_rate, low_open=False)
+        random_draws = positive_int("random_draws", random_draws)
+        fast_attention = _bool("fast_attention", fast_attention)
+        if accuracy is not None:
+            accuracy = _bool("accuracy", accuracy)
+        if isinstance(samples, (ExplainSample, Prepared)) or not isinstance(samples, Sequence) or not samples:
+            raise ValueError(f"{self.id}: give a non-empty list of samples (a dataset-scope explainer)")
+        preps = [as_prepared(model, s) for s in samples]
+        batch_size = batch_size_for(preps[0], batch_size)
+        space = neuron_space(preps[0].adapter, self.id)
+        names = _domain_names(domains, preps, self.id)
+        if top_k is None:
+            size = max(1, round(top_rate * space.total))
+        else:
+            size = positive_int("top_k", top_k)
+        has_expected = all(p.sample.expected for p in preps)
+        if accuracy and not has_expected:
+            missing = next(p.sample.id for p in preps if not p.sample.expected)
+            raise ValueError(f"{self.id}: accuracy=True but sample {missing!r} has no expected answer")
+        accuracy = has_expected if accuracy is None else accuracy
+
+        with fused_attention(preps[0].model, fast_attention):
+            thresholds = (layer_quantiles(preps, space, quantile, seed, self.id) if threshold == "quantile"
+                          else [0.0] * space.layers)
+            counter = count_domains(preps, space, domains, names, thresholds, self.id)
+        probs = counter.probabilities()
+        entropy = specificity_entropy(probs)
+        specific, candidates = select_specific(probs, entropy, size, filter_rate)
+        if specific.numel() == 0:
+            raise ValueError(f"{self.id}: no neuron is active above the filter in any domain; nothing to select")
+        specific_list = specific.tolist()
+        owner = probs[:, specific].argmax(0).tolist()
+        groups = ablation_groups(space, specific_list, owner, names, random_draws, seed)
+        group_names = list(groups)
+        with fused_attention(preps[0].model, fast_attention):
+            drops, correct = ablation_outcomes(preps, space, list(groups.values()), batch_size, accuracy,
+                                               max_new_tokens)
+
+        exp = Explanation(
+            self.id,
+            {"domains": domains, "threshold": threshold, "quantile": quantile if threshold == "quantile" else None,
+             "top_rate": top_rate, "filter_rate": filter_rate, "top_k": top_k, "random_draws": random_draws,
+             "seed": seed, "accuracy": accuracy, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+             "fast_attention": fast_attention},
+            Target(text="", token_ids=[], tokens=[], positions=[], probs=[]),
+        )
+        exp.add("activation_probability", space.table(probs), ("domain", "layer", "unit"))
+        exp.add("entropy", space.table(entropy, fill=math.log(len(names))), ("layer", "unit"))
+        share = torch.zeros(space.layers, len(names))
+        for n, d in zip(specific_list, owner):
+            share[space.locate(n)[0], d] += 1
+        exp.add("specific_count", share, ("layer", "domain"))
+        exp.add("ablation_drop", drops, ("group", "sample"))
+        exp.add("ablation_drop.mean", drops.mean(1), ("group",))
+        randoms = [i for i, g in enumerate(group_names) if g.startswith("random.")]
+        scores: dict[str, float] = {
+            "neurons_total": float(space.total),
+            "candidates": float(candidates),
+            "group_size": float(len(specific_list)),
+            "drop_random": float(drops[randoms].mean()),
+        }
+        for g, name in enumerate(group_names):
+            if not name.startswith("random.") and name != "none":
+                scores[f"drop_{name}"] = float(drops[g].mean())
+        if accuracy:
+            exp.add("accuracy", correct.mean(1), ("group",))
+            scores["accuracy"] = float(correct[0].mean())
+            scores["accuracy_random"] = float(correct[randoms].mean())
+            for g, name in enumerate(group_names):
+                if not name.startswith("random.") and name != "none":
+                    scores[f"accuracy_{name}"] = float(correct[g].mean())
+        if domains == "family":
+            sample_domain = torch.tensor([names.index(p.sample.extra["family"]) for p in preps])
+            by_domain = torch.stack([drops[:, sample_domain == d].mean(1) for d in range(len(names))], dim=1)
+            exp.add("ablation_drop.by_domain", by_domain, ("group", "domain"))
+        exp.scores.update(scores)
+        exp.meta.update({
+            "domains": names,
+            "domain_tokens": {name: int(counter.tokens[d]) for d, name in enumerate(names)},
+            "domain_positions": DOMAIN_POSITIONS[domains],
+            "activation_point": ACTIVATION_POINT,
+            "ablation_point": VALUE_POINT,
+            "thresholds": thresholds,
+            "drop": DROP_NOTE,
+            "entropy": "of activation probabilities normalised over domains; never-active neurons get log(domains)",
+            "specific": [
+                {"label": space.label(n), "layer": space.locate(n)[0], "unit": space.locate(n)[1],
+                 "domain": names[d], "entropy": float(entropy[n]),
+                 "probabilities": {name: float(probs[k, n]) for k, name in enumerate(names)}}
+                for n, d in zip(specific_list, owner)
+            ],
+            "groups": {name: [space.label(n) for n in members] for name, members in groups.items()},
+            "samples": [{"id": p.sample.id, "answer": p.answer.text, "expected": p.sample.expected,
+                         "family": p.sample.extra.get("family")} for p in preps],
+            "axis_labels": {"domain": names, "group": group_names, "sample": [p.sample.id for p in preps]},
+            "widths": list(space.widths),
+        })
+        return exp
