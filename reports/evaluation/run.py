@@ -1,0 +1,379 @@
+"""Run explainers over samples and score every image map: which explainer can be trusted.
+
+Per sample: the model's greedy answer is prepared once; each explainer explains it and its
+scored map (see explainers.metrics.maps) goes through every registered metric alongside a
+random map, the floor. After the samples, the model-randomisation cascade runs on the first
+few of them. Per explainer and metric the table holds the mean with a 95% bootstrap interval;
+an explainer is flagged *unfaithful* unless its deletion area beats the random floor with
+non-overlapping intervals, and flagged for the *sanity check* when its maps survive the
+randomisation of the model. Everything is seeded: the same model, samples and options give
+the same numbers.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import XmllmError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from explainers.context import ExplainSample, Prepared
+    from explainers.models import LoadedModel
+
+FORMAT_VERSION = 1
+EVAL_PARAMS: dict[str, dict[str, Any]] = {
+    "gradient.saliency": {"per_token": False},
+    "gradient.input_x_gradient": {"per_token": False},
+    "gradient.integrated": {"n_steps": 16, "per_token": False},
+    "gradient.gradcam": {"per_token": False},
+    "causal.minimal_set": {"regenerate": False},
+}
+"""Evaluation defaults, cheaper than the explainers' own: only the whole answer's map is scored
+(no per-token maps), integrated gradients on 16 Gauss-Legendre points, and the minimal set
+without regenerating answers under its masks (text the metrics never read). ``--param``
+overrides them."""
+SANITY_SAMPLES = 10
+"""Samples the randomisation cascade runs on (every explainer, every stage, each sample)."""
+POINTING_BAR = 0.9
+"""The pointing game the best image-map explainer should reach on object-grounded questions."""
+RANDOM_LABEL = "random"
+
+Progress = Callable[[str, int, int], None]
+"""Called as ``progress(phase, done, total)``; phases ``"samples"`` and ``"sanity"``."""
+
+
+@dataclass
+class EvaluationConfig:
+    """What to run and how to score it."""
+
+    explainers: list[str]
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per explainer, the user's parameters; they override :data:`EVAL_PARAMS`."""
+    explicit: bool = False
+    """The explainers were named by the user: one without an image map is an error, not skipped."""
+    seed: int = 0
+    baseline: str | None = None
+    steps: int | None = None
+    sanity_samples: int = SANITY_SAMPLES
+    batch_size: int | None = None
+
+    def params_for(self, explainer_id: str) -> dict[str, Any]:
+        return {**EVAL_PARAMS.get(explainer_id, {}), **self.params.get(explainer_id, {})}
+
+
+UNSCORABLE_NEEDS = ("pair", "checkpoints", "labelled_set")
+"""Needs a single sample cannot meet: explainers with them are left out of the default set."""
+
+
+def default_explainers(candidates: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """The sample-level explainers an evaluation runs when none are named, and those left out
+    (with why). Whether an explainer gives an image map shows on the first sample."""
+    from explainers.registry import get_explainer
+
+    keep, left_out = [], {}
+    for eid in candidates:
+        needs = sorted(n.value for n in get_explainer(eid).needs if n.value in UNSCORABLE_NEEDS)
+        if needs:
+            left_out[eid] = f"needs {', '.join(needs)}, which one sample does not give"
+        else:
+            keep.append(eid)
+    return keep, left_out
+
+
+def _clean(value: float) -> float | None:
+    return None if value is None or not math.isfinite(value) else round(float(value), 6)
+
+
+@dataclass
+class _Clock:
+    wall: float = 0.0
+    cpu: float = 0.0
+    count: int = 0
+
+    def timed(self, fn: Callable[[], Any]) -> Any:
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            return fn()
+        finally:
+            self.wall += time.perf_counter() - wall
+            self.cpu += time.process_time() - cpu
+            self.count += 1
+
+    def per_call(self) -> dict[str, float]:
+        n = max(self.count, 1)
+        return {"wall_seconds": round(self.wall / n, 4), "cpu_seconds": round(self.cpu / n, 4), "calls": self.count}
+
+
+def evaluate(loaded: "LoadedModel", samples: Sequence["ExplainSample"], config: EvaluationConfig,
+             source: dict[str, Any] | None = None, progress: Progress | None = None) -> dict[str, Any]:
+    """Explain and score every sample, run the sanity cascade, and summarise: the result JSON."""
+    import torch
+
+    from explainers.answering import is_correct
+    from explainers.context import prepare
+    from explainers.metrics import (
+        DEFAULT_BASELINE,
+        DEFAULT_STEPS,
+        SampleContext,
+        primary_image_map,
+        random_map,
+        registered_metrics,
+    )
+    from explainers.registry import get_explainer
+
+    from ..provenance import package_versions, utc_now
+
+    if not samples:
+        raise XmllmError("no samples to evaluate")
+    baseline = config.baseline or DEFAULT_BASELINE
+    steps = config.steps or DEFAULT_STEPS
+    metrics = {name: cls() for name, cls in registered_metrics().items()}
+    if config.explicit:
+        active, skipped = list(config.explainers), {}
+    else:
+        active, skipped = default_explainers(config.explainers)
+    skipped_samples: list[dict[str, str]] = []
+    errors: dict[str, dict[str, Any]] = {}
+    map_names: dict[str, str] = {}
+    clocks = {eid: _Clock() for eid in active}
+    prepare_clock, metric_clock, sanity_clock = _Clock(), _Clock(), _Clock()
+    curve_sums: dict[str, dict[str, np.ndarray]] = {}
+    fractions: list[float] = []
+    records: list[dict[str, Any]] = []
+    kept: list[tuple["Prepared", dict[str, np.ndarray]]] = []
+    started, wall0, cpu0 = utc_now(), time.perf_counter(), time.process_time()
+
+    for index, sample in enumerate(samples):
+        torch.manual_seed(config.seed)
+        try:
+            prepared = prepare_clock.timed(lambda: prepare(loaded, sample))
+        except ValueError as error:  # e.g. an empty answer: nothing to explain on this sample
+            skipped_samples.append({"id": sample.id, "reason": str(error).splitlines()[0]})
+            if progress:
+                progress("samples", index + 1, len(samples))
+            continue
+        maps: dict[str, np.ndarray] = {}
+        for eid in list(active):
+            torch.manual_seed(config.seed)
+            try:
+                exp = clocks[eid].timed(lambda: get_explainer(eid)().explain(loaded, prepared, **config.params_for(eid)))
+            except TypeError as error:  # a bad --param: the same on every sample
+                raise XmllmError(f"explainer {eid}: {str(error).splitlines()[0]}") from None
+            except (ValueError, RuntimeError) as error:
+                message = str(error).splitlines()[0]
+                if clocks[eid].count == 1:  # its first sample: a setting or a need, not this sample
+                    if eid in config.params:
+                        raise XmllmError(f"explainer {eid}: {message}") from None
+                    if not config.explicit:
+                        skipped[eid] = f"fails on the first sample: {message}"
+                        active.remove(eid)
+                        continue
+                entry = errors.setdefault(eid, {"count": 0, "first": f"{sample.id}: {message}"})
+                entry["count"] += 1
+                continue
+            scored = primary_image_map(exp)
+            if scored is None:
+                if config.explicit:
+                    raise XmllmError(f"explainer {eid} gives no image map; evaluate scores maps over the image grid")
+                skipped[eid] = "gives no image map"
+                active.remove(eid)
+                continue
+            map_names[eid] = scored.describe()
+            maps[eid] = scored.values
+        if not maps:
+            if not active:
+                raise XmllmError("none of the explainers gives an image map to score")
+            records.append(_record(sample, prepared, is_correct, None, {}))
+            continue
+        grid_shape = next(iter(maps.values())).shape
+        maps[RANDOM_LABEL] = random_map(grid_shape, config.seed + index)
+        context = SampleContext(prepared, baseline=baseline, steps=steps, seed=config.seed + index,
+                                batch_size=config.batch_size)
+        try:
+            scores, truth_cells = metric_clock.timed(lambda: _score(metrics, maps, context))
+        except ValueError as error:
+            raise XmllmError(f"sample {sample.id!r}: {str(error).splitlines()[0]}") from None
+        finite = [k for k, v in maps.items() if np.isfinite(v).all()]
+        if finite:
+            fractions = list(context.runner().fractions)
+            for kind in ("deletion", "insertion"):
+                for name, curve in zip(finite, context.curves(kind, [maps[k] for k in finite])):
+                    sums = curve_sums.setdefault(name, {})
+                    sums[kind] = sums.get(kind, 0.0) + curve
+                    sums[f"{kind}_n"] = sums.get(f"{kind}_n", 0) + 1
+        records.append(_record(sample, prepared, is_correct, truth_cells, scores))
+        if len(kept) < config.sanity_samples:
+            kept.append((prepared, {k: v for k, v in maps.items() if k != RANDOM_LABEL}))
+        if progress:
+            progress("samples", index + 1, len(samples))
+
+    if not records:
+        raise XmllmError(f"no sample could be explained; first: {skipped_samples[0]['reason']}")
+    sanity = None
+    scored_ids = [eid for eid in active if eid in map_names]
+    if kept and scored_ids and config.sanity_samples > 0:
+        from explainers.metrics.sanity import cascade, randomisation_check
+
+        total = len(cascade(loaded)) * len(kept)
+        done = [0]
+
+        def step(_stage: str) -> None:
+            done[0] += 1
+            if progress:
+                progress("sanity", done[0], total)
+
+        originals = {eid: [m.get(eid) for _, m in kept] for eid in scored_ids}
+        sanity = sanity_clock.timed(lambda: randomisation_check(
+            loaded, [p for p, _ in kept], scored_ids, {eid: config.params_for(eid) for eid in scored_ids},
+            originals=originals, seed=config.seed, progress=step))
+
+    timings = {
+        "total_wall_seconds": round(time.perf_counter() - wall0, 3),
+        "total_cpu_seconds": round(time.process_time() - cpu0, 3),
+        "threads": torch.get_num_threads(),
+        "prepare": prepare_clock.per_call(),
+        "metrics": metric_clock.per_call(),
+        "explainers": {eid: clocks[eid].per_call() for eid in scored_ids},
+        "sanity": sanity_clock.per_call(),
+    }
+    # steady state: what each further sample costs (explainers without a map ran on the first only)
+    steady = [prepare_clock, metric_clock, *(clocks[eid] for eid in scored_ids)]
+    timings["per_sample"] = {
+        "wall_seconds": round(sum(c.wall / max(c.count, 1) for c in steady), 4),
+        "cpu_seconds": round(sum(c.cpu / max(c.count, 1) for c in steady), 4),
+    }
+    timings["probing_wall_seconds"] = round(sum(clocks[eid].wall for eid in clocks if eid not in scored_ids), 3)
+    result = {
+        "format": FORMAT_VERSION,
+        "created": started,
+        "model": loaded.provenance(),
+        "samples": {**(source or {}), "n": len(samples),
+                    "with_truth": sum(1 for r in records if r["truth_cells"])},
+        "config": {
+            "explainers": scored_ids,
+            "params": {eid: config.params_for(eid) for eid in scored_ids},
+            "seed": config.seed,
+            "baseline": baseline,
+            "steps": steps,
+            "fractions": fractions,
+            "sanity_samples": len(kept) if sanity else 0,
+            "pointing_bar": POINTING_BAR,
+        },
+        "metrics": [cls.describe() for cls in registered_metrics().values()],
+        "maps": map_names,
+        "skipped_explainers": skipped,
+        "skipped_samples": skipped_samples,
+        "errors": errors,
+        "per_sample": records,
+        "sanity": sanity,
+        "timings": timings,
+        "versions": package_versions(),
+    }
+    result.update(summarise(result, curve_sums))
+    return result
+
+
+def _score(metrics: dict[str, Any], maps: dict[str, np.ndarray],
+           context: Any) -> tuple[dict[str, dict[str, float | None]], int]:
+    """Every metric of every finite map (NaN-bearing maps score None); and the truth's cell count."""
+    names = [k for k, v in maps.items() if np.isfinite(v).all()]
+    scores: dict[str, dict[str, float | None]] = {k: {} for k in maps}
+    for metric_name, metric in metrics.items():
+        values = metric.compute([maps[k] for k in names], context) if names else []
+        for k, v in zip(names, values):
+            scores[k][metric_name] = _clean(float(v))
+        for k in maps:
+            scores[k].setdefault(metric_name, None)
+    truth = context.truth_cells()
+    return scores, 0 if truth is None else int(truth.sum())
+
+
+def _record(sample: "ExplainSample", prepared: "Prepared", is_correct: Callable[[str, str], bool],
+            truth_cells: int | None, scores: dict[str, Any]) -> dict[str, Any]:
+    answer = prepared.answer.text
+    return {
+        "id": sample.id,
+        "family": sample.extra.get("family"),
+        "question": sample.question,
+        "expected": sample.expected,
+        "answer": answer,
+        "correct": None if sample.expected is None else bool(is_correct(answer, sample.expected)),
+        "truth_cells": truth_cells or 0,
+        "scores": scores,
+    }
+
+
+# --- summary -------------------------------------------------------------------------------------------
+
+
+def summarise(result: dict[str, Any], curve_sums: dict[str, dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
+    """The table (mean and 95% interval per explainer and metric, random floor included), flags,
+    mean curves, pointing game per question family and the verdict, from the per-sample records."""
+    from explainers.metrics.stats import mean_interval
+
+    seed = result["config"]["seed"]
+    metric_names = [m["name"] for m in result["metrics"]]
+    rows = [*result["config"]["explainers"], RANDOM_LABEL]
+    table: dict[str, dict[str, Any]] = {}
+    families: dict[str, dict[str, Any]] = {}
+    for eid in rows:
+        values = {m: [r["scores"].get(eid, {}).get(m) for r in result["per_sample"]] for m in metric_names}
+        values = {m: [v for v in vs if v is not None] for m, vs in values.items()}
+        table[eid] = {m: mean_interval(vs, seed) for m, vs in values.items()}
+        by_family: dict[str, list[float]] = {}
+        for r in result["per_sample"]:
+            value = r["scores"].get(eid, {}).get("pointing_game")
+            if value is not None:
+                by_family.setdefault(r["family"] or "-", []).append(value)
+        families[eid] = {f: mean_interval(v, seed) for f, v in sorted(by_family.items())}
+    curves = {}
+    for eid, sums in (curve_sums or {}).items():
+        curves[eid] = {kind: [round(float(x), 6) for x in sums[kind] / sums[f"{kind}_n"]]
+                       for kind in ("deletion", "insertion") if kind in sums}
+    flags = {eid: _flags(eid, table, result.get("sanity")) for eid in result["config"]["explainers"]}
+    return {"table": table, "families": families, "curves": curves, "flags": flags,
+            "verdict": _verdict(result, table, flags)}
+
+
+def _fmt(entry: dict[str, Any]) -> str:
+    if entry.get("mean") is None:
+        return "n/a"
+    return f"{entry['mean']:.3f} [{entry['low']:.3f}, {entry['high']:.3f}]"
+
+
+def _flags(eid: str, table: dict[str, dict[str, Any]], sanity: dict[str, Any] | None) -> list[dict[str, str]]:
+    out = []
+    mine, floor = table[eid].get("deletion_area", {}), table[RANDOM_LABEL].get("deletion_area", {})
+    if mine.get("mean") is None or floor.get("mean") is None:
+        out.append({"kind": "unfaithful", "text": "no deletion area to compare with the random floor"})
+    elif not mine["high"] < floor["low"]:
+        how = "is no lower than" if mine["mean"] >= floor["mean"] else "does not clear"
+        out.append({"kind": "unfaithful",
+                    "text": f"deletion area {_fmt(mine)} {how} the random floor {_fmt(floor)} (95% intervals overlap "
+                            f"or lie above it)"})
+    if sanity and eid in sanity.get("explainers", {}):
+        check = sanity["explainers"][eid]
+        if check["survives"]:
+            out.append({"kind": "sanity",
+                        "text": f"maps survive model randomisation: mean Spearman {check['final']:.2f} >= "
+                                f"{sanity['threshold']} with {sanity['stages'][-1]} random"})
+    return out
+
+
+def _verdict(result: dict[str, Any], table: dict[str, dict[str, Any]], flags: dict[str, list]) -> dict[str, Any]:
+    ids = result["config"]["explainers"]
+    pointing = {eid: table[eid]["pointing_game"]["mean"] for eid in ids if table[eid].get("pointing_game", {}).get("mean") is not None}
+    best = max(pointing, key=lambda e: (pointing[e], e)) if pointing else None
+    return {
+        "best_pointing": best,
+        "best_pointing_game": pointing.get(best) if best else None,
+        "pointing_bar": POINTING_BAR,
+        "meets_pointing_bar": bool(best and pointing[best] >= POINTING_BAR),
+        "trusted": [eid for eid in ids if not flags[eid]],
+        "flagged": [eid for eid in ids if flags[eid]],
+    }
