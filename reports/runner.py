@@ -24,11 +24,21 @@ class RunResult:
     manifest: dict[str, Any] = field(default_factory=dict)
 
     def save(self, out_dir: Path) -> tuple[Path, Path]:
+        """Write ``explanations.npz``, ``manifest.json`` and the sample's images
+        (``image_0.png``, ...): everything a report needs, so a saved run re-renders without
+        the model. Returns the arrays' and the manifest's paths."""
         from explainers.explanation import save_explanations
 
+        out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         npz, manifest = out_dir / "explanations.npz", out_dir / "manifest.json"
-        save_explanations(self.explanations, npz, manifest, extra=self.manifest)
+        extra = dict(self.manifest)
+        images = save_images(getattr(getattr(self.prepared, "sample", None), "images", None) or [], out_dir)
+        if images:
+            extra["sample"] = {**extra.get("sample", {}), "images": images}
+        if "layouts" not in extra and getattr(self.prepared, "layouts", None) is not None:
+            extra["layouts"] = layouts_json(self.prepared.layouts)
+        save_explanations(self.explanations, npz, manifest, extra=extra)
         return npz, manifest
 
 
@@ -139,3 +149,45 @@ def parse_params(pairs: list[str]) -> dict[str, dict[str, Any]]:
             value = raw
         out.setdefault(eid, {})[name] = value
     return out
+
+
+IMAGE_NAME = "image_{}.png"
+"""File name of a run's ``k``-th input image inside its folder."""
+
+
+def save_images(images: list, out_dir: Path) -> list[str]:
+    """Each image as a lossless PNG beside the arrays (atomically); returns the file names."""
+    from explainers.explanation import _atomic
+
+    names = []
+    for k, image in enumerate(images):
+        name = IMAGE_NAME.format(k)
+        _atomic(out_dir / name, lambda fh, img=image: img.save(fh, format="PNG"), binary=True)
+        names.append(name)
+    return names
+
+
+def layouts_json(layouts: list) -> list[dict[str, Any]]:
+    """Where each image grid lies on its image, keyed by the map name explainers give it
+    (:func:`explainers.methods.attention.grid_names`), so a report can overlay a map on the
+    right part of the right image."""
+    from explainers.methods.attention import grid_names
+
+    names = {id(grid): name for name, grid in grid_names(layouts)}
+    return [
+        {
+            "image": layout.image_index,
+            "grids": [
+                {
+                    "map": names[id(grid)],
+                    "name": grid.name,
+                    "rows": grid.rows,
+                    "cols": grid.cols,
+                    "region": list(grid.region) if grid.region is not None else None,
+                    "main": grid is layout.main_grid,
+                }
+                for grid in layout.grids
+            ],
+        }
+        for layout in layouts
+    ]

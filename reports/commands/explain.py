@@ -1,4 +1,5 @@
-"""``xmllm explain``: run explainers on one image and question, save arrays and a manifest."""
+"""``xmllm explain``: run explainers on one image and question, save arrays, a manifest, the
+image and a self-contained HTML report."""
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--expected", help="the expected answer, if known (recorded in the manifest)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output folder: explanations.npz, manifest.json, the image and report.html")
     p.set_defaults(func=run)
 
 
@@ -51,4 +53,7 @@ def run(args: argparse.Namespace) -> int:
     npz, manifest = result.save(args.out)
     print(f"answer: {result.prepared.answer.text!r}")
     print(f"wrote {npz} and {manifest} ({len(ids)} explainers)")
+    from ..report import write_report
+
+    print(f"report: {write_report(args.out)}")
     return 0

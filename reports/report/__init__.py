@@ -1,0 +1,41 @@
+"""Self-contained HTML reports of a saved run (``xmllm explain --out DIR`` -> ``DIR/report.html``).
+
+A report is rendered from the run folder alone (``explanations.npz``, ``manifest.json`` and
+the input images), so cached runs re-render without the model. Every explainer's arrays are
+drawn by views chosen from their axes (:mod:`.views`); the page loads nothing from anywhere.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPORT_NAME = "report.html"
+
+
+def render_report(run_dir: Path) -> str:
+    """The HTML page of the run saved in ``run_dir``."""
+    from .render import render_run
+    from .run import load_run
+
+    return render_run(load_run(Path(run_dir)))
+
+
+def write_report(run_dir: Path, out: Path | None = None) -> Path:
+    """Render ``run_dir``'s report and write it atomically to ``out`` (default
+    ``run_dir/report.html``); returns the path written."""
+    from explainers.explanation import _atomic
+
+    out = Path(out) if out is not None else Path(run_dir) / REPORT_NAME
+    html = render_report(run_dir)
+    _atomic(out, lambda fh: fh.write(html))
+    os.chmod(out, 0o644 & ~_umask())
+    return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+__all__ = ["REPORT_NAME", "render_report", "write_report"]

@@ -1,0 +1,208 @@
+"""One self-contained HTML page per saved run: Jinja2 (autoescaped) around inline Bokeh.
+
+Nothing in the page is fetched: images are data URIs, BokehJS and the page's own CSS and
+script are inline, and a Content-Security-Policy forbids every other source, so the page
+opens the same from a file, a mail attachment or an offline archive.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from markupsafe import Markup
+
+from templates import TEMPLATE_DIR
+
+from .about import About, about, survey
+from .figures import SectionControls
+from .palettes import palettes
+from .run import SavedRun
+from .slabs import show_token
+from .views import PageImages, ViewOut, plan
+
+TEMPLATE = "report.html.j2"
+CSS = "report.css"
+SCRIPT = "report.js"
+MAX_SAMPLE_ROWS = 200
+"""Samples of a dataset-scope run listed in its page; the rest are counted."""
+META_LIMIT = 20_000
+"""Characters of an explanation's metadata shown in full; longer metadata is cut with a note."""
+
+
+@dataclass
+class Section:
+    """One explainer's part of the page."""
+
+    id: str
+    anchor: str
+    about: About
+    params: dict[str, Any]
+    seconds: float | None
+    scores: dict[str, Any]
+    meta_json: str
+    meta_cut: bool
+    views: list[ViewOut] = field(default_factory=list)
+    view_divs: list[str | None] = field(default_factory=list)
+    controls_div: str | None = None
+    warning: str | None = None
+
+
+def anchor_for(explainer_id: str) -> str:
+    return "x-" + re.sub(r"[^a-z0-9]+", "-", explainer_id.lower()).strip("-")
+
+
+def script_json(value: Any) -> Markup:
+    """JSON safe inside a ``<script>`` element: ``<``, ``>``, ``&``, ``'`` and the JavaScript
+    line separators escaped, so no data can close the element or start markup."""
+    text = json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
+    for char, code in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("'", "\\u0027"),
+                       ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        text = text.replace(char, code)
+    return Markup(text)
+
+
+@lru_cache(maxsize=1)
+def environment():
+    from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+
+    env = Environment(
+        loader=FileSystemLoader(str(TEMPLATE_DIR)),
+        autoescape=select_autoescape(enabled_extensions=("html", "htm", "xml", "j2"), default_for_string=True,
+                                     default=True),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["script_json"] = script_json
+    env.filters["token"] = show_token
+    env.filters["number"] = number
+    env.filters["pretty_json"] = lambda value: json.dumps(value, ensure_ascii=False, default=str)
+    return env
+
+
+def number(value: Any) -> str:
+    """Numbers as people read them: four significant digits, integers whole."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value != value:
+            return "n/a"
+        return str(int(value)) if value.is_integer() and abs(value) < 1e15 else f"{value:.4g}"
+    return str(value)
+
+
+def render_run(run: SavedRun) -> str:
+    """The page of one saved run."""
+    from bokeh.embed import components
+    from bokeh.layouts import column, row
+
+    manifest = run.manifest
+    page = PageImages.build(run.images, manifest.get("layouts"))
+    timings = manifest.get("timings_seconds") or {}
+    roots: dict[str, Any] = {}
+    sections = []
+    for exp in run.explanations:
+        controls = SectionControls(exp.explainer)
+        outs = [view.render(controls, page) for view in plan(exp)]
+        meta_text = json.dumps(exp.meta, indent=1, sort_keys=True, ensure_ascii=False, default=str)
+        seconds = timings.get(exp.explainer, exp.meta.get("seconds"))
+        section = Section(
+            exp.explainer, anchor_for(exp.explainer), about(exp.explainer), exp.params,
+            float(seconds) if isinstance(seconds, (int, float)) else None, exp.scores,
+            meta_text[:META_LIMIT], len(meta_text) > META_LIMIT, outs,
+            warning=exp.meta.get("warning") if isinstance(exp.meta.get("warning"), str) else None,
+        )
+        for k, out in enumerate(outs):
+            key = None
+            if out.roots:
+                key = f"{section.anchor}-view-{k}"
+                roots[key] = column(*out.roots) if len(out.roots) > 1 else out.roots[0]
+            section.view_divs.append(key)
+        widgets = controls.all()
+        if widgets:
+            section.controls_div = f"{section.anchor}-controls"
+            roots[section.controls_div] = row(*widgets, name=f"{exp.explainer}:controls")
+        sections.append(section)
+
+    script, divs = components(roots) if roots else ("", {})
+    resources = bokeh_resources(any(s.controls_div for s in sections)) if roots else None
+    bokeh_js = "".join(f"<script>\n{js}\n</script>\n" for js in (resources.js_raw if resources else []))
+    bokeh_css = "".join(f"<style>\n{css}\n</style>\n" for css in (resources.css_raw if resources else []))
+    for section in sections:
+        section.view_divs = [Markup(divs[k]) if k else None for k in section.view_divs]
+        section.controls_div = Markup(divs[section.controls_div]) if section.controls_div else None
+
+    target = run.target
+    sample = manifest.get("sample") or {}
+    answer = answer_tokens(target, manifest)
+    expected = sample.get("expected")
+    samples = [x for x in manifest.get("samples") or [] if isinstance(x, dict)]
+    scope = "dataset" if manifest.get("scope") == "dataset" or (samples and not sample) else "sample"
+    context = {
+        "scope": scope,
+        "samples": samples[:MAX_SAMPLE_ROWS],
+        "samples_total": len(samples),
+        "question": sample.get("question", ""),
+        "heading": sample.get("question", "") if scope == "sample" else
+        f"{', '.join(e.explainer for e in run.explanations)} over {len(samples)} samples",
+        "sample": sample,
+        "expected": expected,
+        "correct": _correct(answer["text"], expected),
+        "answer": answer,
+        "images": [{"uri": src.data["url"][0], "name": name, "size": size}
+                   for src, name, size in zip(page.sources, run.image_names, page.sizes)],
+        "model": manifest.get("model") or {},
+        "versions": manifest.get("versions") or {},
+        "seed": manifest.get("seed"),
+        "created": manifest.get("created"),
+        "timings": timings,
+        "layouts": manifest.get("layouts") or [],
+        "sections": sections,
+        "survey": survey(),
+        "manifest": {k: v for k, v in manifest.items() if k != "explanations"},
+        "palettes": {"overlay": palettes(True), "opaque": palettes(False)},
+        "css": Markup(_asset(CSS)),
+        "report_js": Markup(_asset(SCRIPT)),
+        "bokeh_js": Markup(bokeh_js),
+        "bokeh_css": Markup(bokeh_css),
+        "bokeh_script": Markup(script),
+    }
+    return environment().get_template(TEMPLATE).render(**context)
+
+
+def bokeh_resources(widgets: bool):
+    """BokehJS inline, with the widgets bundle only when the page has controls: the page's
+    figures use nothing else (no tables, WebGL or maths), which keeps the file small."""
+    from bokeh.resources import Resources
+
+    return Resources(mode="inline", components=["bokeh", "bokeh-widgets"] if widgets else ["bokeh"])
+
+
+def answer_tokens(target: Any, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The answer text and each token with its probability (from the target, else the manifest)."""
+    source = manifest.get("answer") or {}
+    tokens = list(getattr(target, "tokens", None) or source.get("tokens") or [])
+    probs = list(getattr(target, "probs", None) or source.get("probs") or [])
+    text = getattr(target, "text", None) or source.get("text", "")
+    return {
+        "text": text,
+        "tokens": [{"text": show_token(t), "prob": float(probs[i]) if i < len(probs) else None, "index": i}
+                   for i, t in enumerate(tokens)],
+    }
+
+
+def _correct(answer: str, expected: Any) -> bool | None:
+    if not isinstance(expected, str) or not expected:
+        return None
+    from explainers.answering import is_correct
+
+    return is_correct(answer, expected)
+
+
+def _asset(name: str) -> str:
+    return (TEMPLATE_DIR / name).read_text(encoding="utf-8")
