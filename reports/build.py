@@ -1,0 +1,537 @@
+"""``xmllm build``: example reports, the case study and the catalog pages, then the MkDocs site.
+
+Steps, each with a progress bar:
+
+1. one example run per implemented explainer (a builder from :mod:`reports.examples` picked by
+   id or scope) and its self-contained HTML report (:func:`reports.report.write_report`);
+2. the MMVP-style case study (:mod:`reports.casestudy`);
+3. the generated pages (:mod:`reports.site`): taxonomy, explainers, gallery, case study, and the
+   pages of :data:`TRUST_MODULE` when that module exists;
+4. ``mkdocs build`` through MkDocs' Python API into the output folder.
+
+Model results are cached (:mod:`reports.cache`) by weights hash, sample hash, explainer and
+parameters; reports by their run and the renderer's source. A second build with nothing changed
+loads no model and takes a fraction of the first.
+
+Generated pages go to ``<docs>/generated/`` and reports to ``<docs>/reports/`` (both replaced
+whole on each build; git-ignored); the site goes to a temporary folder beside ``--out`` and
+replaces it only when MkDocs succeeds.
+
+Trust page hook: if a module ``reports.evaluation`` exists (:data:`TRUST_MODULE`, found with
+``importlib.util.find_spec``), its page joins the site, by the first of: ``site_pages(session,
+*, progress) -> SiteOutput | Mapping[str, str | bytes]`` (pages under ``generated/``, computed in
+the build), or ``write_trust_page(evaluation_json, docs_dir)`` applied to the file given as
+``--evaluation`` (written by ``xmllm evaluate``). The nav slot ``generated/trust.md`` of
+mkdocs.yml shows once that page exists, and is dropped otherwise.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from .cache import DEFAULT_CACHE_DIR, RunCache, cache_key
+from .errors import XmllmError
+from .site.pages import GENERATED, REPORTS, SiteOutput
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = ROOT / "mkdocs.yml"
+DEFAULT_OUT = Path("public")
+TRUST_MODULE = "reports.evaluation"
+TRUST_PAGE = f"{GENERATED}/trust.md"
+BUILD_MARKER = ".xmllm-site"
+"""Written into every built site: only a folder holding it (or an empty one) is replaced by a build."""
+RENDERER_SOURCES = (ROOT / "reports" / "report", ROOT / "templates")
+"""Sources whose content keys cached reports: edit a template and reports re-render."""
+
+
+@dataclass
+class BuildOptions:
+    out: Path = DEFAULT_OUT
+    config: Path = DEFAULT_CONFIG
+    model: str = "demo"
+    pairs: int = 100
+    seed: int | None = None
+    cache: Path = DEFAULT_CACHE_DIR
+    use_cache: bool = True
+    explainers: list[str] | None = None
+    """Explainer ids to make examples of; None: every implemented one."""
+    quick: bool = False
+    """No model at all: catalog, explainer and static pages only."""
+    device: str = "auto"
+    progress: bool = True
+    catalog: Path | None = None
+    """Catalog file the taxonomy pages come from (default: the packaged one)."""
+    evaluation: Path | None = None
+    """An ``evaluation.json`` of ``xmllm evaluate``, rendered as the "Which explainer to trust" page."""
+
+
+@dataclass
+class ExampleResult:
+    """One explainer's example as the pages need it."""
+
+    explainer: str
+    run_dir: Path
+    report: str | None
+    """Path of the HTML report relative to the docs folder (None if not rendered)."""
+    manifest: dict[str, Any]
+    cached: bool
+
+    @property
+    def seconds(self) -> float | None:
+        return self.manifest.get("timings_seconds", {}).get(self.explainer)
+
+    @property
+    def prepare_seconds(self) -> float | None:
+        return self.manifest.get("timings_seconds", {}).get("prepare")
+
+    @property
+    def sample_id(self) -> str:
+        if "sample" in self.manifest:
+            return str(self.manifest["sample"].get("id", "sample"))
+        return f"{len(self.manifest.get('samples', []))} samples"
+
+    @property
+    def question(self) -> str:
+        if "sample" in self.manifest:
+            return str(self.manifest["sample"].get("question", ""))
+        return f"a set of {len(self.manifest.get('samples', []))} demo samples"
+
+    @property
+    def expected(self) -> str | None:
+        return self.manifest.get("sample", {}).get("expected")
+
+    @property
+    def answer(self) -> str:
+        return str(self.manifest.get("answer", {}).get("text", ""))
+
+
+@dataclass
+class BuildSummary:
+    out: Path
+    seconds: float
+    pages: int
+    examples: int
+    cache_hits: int
+    cache_misses: int
+    model_loaded: bool
+    steps: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    case_study: dict[str, Any] | None = None
+    failures: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Explainers with no example on this model, and why."""
+    mkdocs_skipped: bool = False
+    """True when the pages, config and theme were byte-identical to the last build's into ``out``."""
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+def _bar(total: int, desc: str, progress: bool, unit: str = "step"):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not progress, leave=True)
+
+
+def renderer_fingerprint() -> str:
+    """SHA-256 over the report renderer's and templates' files (path and bytes)."""
+    digest = hashlib.sha256()
+    for root in RENDERER_SOURCES:
+        if not root.is_dir():
+            continue
+        for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+            digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _report_writer() -> Callable[[Path, Path], Any] | None:
+    try:
+        from .report import write_report
+    except ImportError:
+        return None
+    return write_report
+
+
+def _replace_dir(staged: Path, final: Path) -> None:
+    """Put ``staged`` in ``final``'s place: the old folder is removed only after the rename."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(staged, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / BUILD_MARKER).is_file())):
+        raise XmllmError(f"--out {out}: exists and is not a site built by xmllm (no {BUILD_MARKER}); "
+                         "choose an empty or new folder")
+
+
+def load_mkdocs_config(path: Path, site_dir: Path | None = None):
+    from mkdocs.config import load_config
+    from mkdocs.exceptions import ConfigurationError
+
+    if not path.is_file():
+        raise XmllmError(f"--config {path}: no such file (run xmllm build from a checkout that has mkdocs.yml)")
+    try:
+        kwargs = {"site_dir": str(site_dir)} if site_dir is not None else {}
+        return load_config(config_file=str(path), **kwargs)
+    except ConfigurationError as exc:
+        raise XmllmError(f"{path}: {str(exc).splitlines()[0]}") from None
+
+
+def expand_nav(nav: list[Any], sections: Mapping[str, list[Any]], exists: Callable[[str], bool]) -> list[Any]:
+    """The configured nav with generated sections put in and missing generated pages dropped.
+
+    An entry pointing at a key of ``sections`` becomes a section of that title holding the
+    section's entries; an entry pointing at a page under ``generated/`` that was not written is
+    dropped (the trust page before its module exists).
+    """
+    out: list[Any] = []
+    for item in nav:
+        title, target = (None, item) if isinstance(item, str) else next(iter(item.items()))
+        if isinstance(target, list):
+            children = expand_nav(target, sections, exists)
+            if children:
+                out.append({title: children} if title else children)
+            continue
+        if target in sections:
+            out.append({title or target: sections[target]})
+        elif target.startswith(f"{GENERATED}/") and not exists(target):
+            continue
+        else:
+            out.append(item)
+    return out
+
+
+class _Warnings(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage().splitlines()[0])
+
+
+def run_mkdocs(config_path: Path, site_dir: Path, sections: Mapping[str, list[Any]]) -> list[str]:
+    """``mkdocs build`` into ``site_dir`` with the nav expanded; returns MkDocs' warnings."""
+    from mkdocs.commands.build import build
+    from mkdocs.exceptions import MkDocsException
+
+    cfg = load_mkdocs_config(config_path, site_dir)
+    docs = Path(cfg["docs_dir"])
+    if cfg["nav"]:
+        cfg["nav"] = expand_nav(cfg["nav"], sections, lambda p: (docs / p).is_file())
+    handler = _Warnings()
+    logger = logging.getLogger("mkdocs")
+    logger.addHandler(handler)
+    try:
+        cfg.plugins.on_startup(command="build", dirty=False)
+        try:
+            build(cfg)
+        finally:
+            cfg.plugins.on_shutdown()
+    except MkDocsException as exc:
+        raise XmllmError(f"mkdocs build failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    finally:
+        logger.removeHandler(handler)
+    return handler.messages
+
+
+def site_inputs_digest(config_path: Path, docs: Path, nav: Mapping[str, list[Any]], theme_dir: Path | None) -> str:
+    """SHA-256 over everything ``mkdocs build`` reads: the config, the theme's custom folder,
+    every file of the docs folder, the generated nav, and MkDocs' and material's versions."""
+    from importlib.metadata import version
+
+    from .cache import canonical_json, xmllm_version
+
+    digest = hashlib.sha256()
+    digest.update(canonical_json({"nav": nav, "mkdocs": version("mkdocs"), "material": version("mkdocs-material"),
+                                  "xmllm": xmllm_version()}).encode("utf-8"))
+    roots = [(theme_dir, "theme"), (docs, "docs")] if theme_dir else [(docs, "docs")]
+    digest.update(b"config\0" + config_path.read_bytes())
+    for root, label in roots:
+        if not root.is_dir():
+            continue
+        for path in sorted(root.rglob("*")):
+            rel = path.relative_to(root)
+            if path.is_file() and not any(part.startswith(".") for part in rel.parts):
+                digest.update(f"\0{label}/{rel.as_posix()}\0".encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _read_marker(out: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((out / BUILD_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) and (out / "index.html").is_file() else {}
+
+
+def write_tree(root: Path, pages: list[Any]) -> None:
+    for page in pages:
+        path = root / page.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(page.content, bytes):
+            path.write_bytes(page.content)
+        else:
+            path.write_text(page.content, encoding="utf-8")
+
+
+# --- steps -----------------------------------------------------------------------------------------
+
+
+def example_ids(wanted: list[str] | None) -> list[str]:
+    """Implemented explainers to make examples of (all by default), in registry order."""
+    from explainers.registry import RegistryError, get_explainer, registered
+
+    if wanted is None:
+        return list(registered())
+    for eid in wanted:
+        try:
+            get_explainer(eid)
+        except RegistryError as exc:
+            raise XmllmError(f"--explainers: {exc}") from None
+    return list(dict.fromkeys(wanted))
+
+
+def build_examples(session: Any, ids: list[str], reports_root: Path, progress: bool,
+                   failures: dict[str, str] | None = None,
+                   skipped: dict[str, str] | None = None) -> dict[str, ExampleResult]:
+    """One example run and report per explainer; reports go to ``reports_root/<id>.html``.
+
+    An explainer whose example fails (a one-line error) is left out and its message put in
+    ``failures``, so one broken explainer does not take the rest of the site down with it; one
+    that has no example on this model (:class:`~reports.examples.ExampleSkipped`) goes to
+    ``skipped`` with the reason.
+    """
+    from explainers.registry import get_explainer
+
+    from .examples import ExampleSkipped, builder_for
+    from .session import ModelUnavailable
+
+    writer = _report_writer()
+    renderer = renderer_fingerprint()
+    out: dict[str, ExampleResult] = {}
+    with _bar(len(ids), "examples", progress, "explainer") as bar:
+        for eid in ids:
+            bar.set_postfix_str(eid)
+            cls = get_explainer(eid)
+            builder = builder_for(cls)
+            if builder is None:
+                bar.update(1)
+                continue
+            try:
+                run = builder(session, cls)
+            except ExampleSkipped as exc:
+                if skipped is not None:
+                    skipped[eid] = str(exc)
+                bar.update(1)
+                continue
+            except (XmllmError, ValueError) as exc:
+                if failures is None or isinstance(exc, ModelUnavailable):
+                    raise
+                failures[eid] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                bar.update(1)
+                continue
+            manifest = json.loads((run.run_dir / "manifest.json").read_text(encoding="utf-8"))
+            report = None
+            if writer is not None:
+                key = cache_key(session.weights, run.run_dir.name, "report", {"renderer": renderer})
+
+                def render(folder: Path, run_dir: Path = run.run_dir) -> None:
+                    writer(run_dir, folder / "report.html")
+
+                try:
+                    folder = session.cache.get_or_build(key, render)
+                except Exception as exc:  # a renderer bug: reported, and the other examples go on
+                    if failures is None:
+                        raise
+                    failures[eid] = f"report: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                else:
+                    reports_root.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(folder / "report.html", reports_root / f"{eid}.html")
+                    report = f"{REPORTS}/{eid}.html"
+            out[eid] = ExampleResult(eid, run.run_dir, report, manifest, run.cached)
+            bar.update(1)
+    return out
+
+
+def trust_pages(session: Any, progress: bool, staged: Path, evaluation: Path | None) -> SiteOutput:
+    """Pages of :data:`TRUST_MODULE` (the faithfulness evaluation) when that module exists.
+
+    Two ways in, the first the module offers: ``site_pages(session, progress=...)`` returning
+    pages (the evaluation runs inside the build, through the session's model and cache), or
+    ``write_trust_page(result_json, site_dir)`` rendering an ``evaluation.json`` written by
+    ``xmllm evaluate`` (given to the build as ``evaluation``) into ``staged/generated/``.
+    """
+    out = SiteOutput()
+    if importlib.util.find_spec(TRUST_MODULE) is None:
+        if evaluation is not None:
+            raise XmllmError(f"--evaluation {evaluation}: this install has no {TRUST_MODULE} to render it")
+        return out
+    module = importlib.import_module(TRUST_MODULE)
+    make = getattr(module, "site_pages", None)
+    if make is not None:
+        got = make(session, progress=progress)
+        if isinstance(got, SiteOutput):
+            return got
+        for path, content in dict(got).items():
+            out.add(path, content)
+        return out
+    write = getattr(module, "write_trust_page", None)
+    if evaluation is not None and write is not None:
+        if not Path(evaluation).is_file():
+            raise XmllmError(f"--evaluation {evaluation}: no such file (write one with 'xmllm evaluate --out DIR')")
+        write(Path(evaluation), staged)
+    return out
+
+
+def plot_svg(cache: RunCache, study: dict[str, Any]) -> bytes:
+    """The case study's plot, cached by the study's content (matplotlib is slow to import)."""
+    from .cache import canonical_json
+
+    digest = hashlib.sha256(canonical_json(study).encode("utf-8")).hexdigest()
+
+    def draw(folder: Path) -> None:
+        from .casestudy import plot
+
+        plot(study, folder / "plot.svg")
+
+    return (cache.get_or_build(cache_key("-", digest, "casestudy.plot"), draw) / "plot.svg").read_bytes()
+
+
+def _sample_png(examples: dict[str, ExampleResult]) -> bytes | None:
+    for ex in examples.values():
+        for name in ex.manifest.get("sample", {}).get("images", []) or []:
+            path = ex.run_dir / name
+            if path.is_file():
+                return path.read_bytes()
+    return None
+
+
+@dataclass
+class _Clock:
+    steps: dict[str, float] = field(default_factory=dict)
+
+    def __call__(self, name: str) -> "_Step":
+        return _Step(self, name)
+
+
+class _Step:
+    def __init__(self, clock: _Clock, name: str) -> None:
+        self.clock, self.name = clock, name
+
+    def __enter__(self) -> None:
+        self.t = time.perf_counter()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.clock.steps[self.name] = round(time.perf_counter() - self.t, 3)
+
+
+def build_site(opts: BuildOptions) -> BuildSummary:
+    """Everything ``xmllm build`` does; see the module docstring."""
+    from catalog import load_catalog
+
+    from .casestudy import DEFAULT_SEED, CaseStudyConfig, run_case_study
+    from .session import ModelSession
+    from .site import casestudy as casestudy_page
+    from .site import explainers as explainer_pages
+    from .site import gallery, taxonomy
+
+    t0 = time.perf_counter()
+    clock = _Clock()
+    out = Path(opts.out).resolve()
+    config_path = Path(opts.config).resolve()
+    if opts.pairs < 1:
+        raise XmllmError(f"--pairs must be a positive integer, got {opts.pairs}")
+    _check_out(out)
+    mkdocs_config = load_mkdocs_config(config_path)
+    docs = Path(mkdocs_config["docs_dir"])
+    theme_dir = Path(mkdocs_config["theme"].custom_dir) if mkdocs_config["theme"].custom_dir else None
+    ids = [] if opts.quick else example_ids(opts.explainers)
+    cat = load_catalog(opts.catalog)  # a bad file raises CatalogError, a one-line XmllmError
+
+    session = ModelSession(opts.model, RunCache(opts.cache, enabled=opts.use_cache), device=opts.device)
+    staged = Path(tempfile.mkdtemp(prefix=".xmllm-build-", dir=docs))
+    try:
+        examples: dict[str, ExampleResult] = {}
+        failures: dict[str, str] = {}
+        skipped: dict[str, str] = {}
+        study = None
+        with clock("examples"):
+            if ids:
+                examples = build_examples(session, ids, staged / REPORTS, opts.progress, failures, skipped)
+        with clock("case study"):
+            if not opts.quick:
+                seed = DEFAULT_SEED if opts.seed is None else opts.seed
+                study = run_case_study(session, CaseStudyConfig(pairs=opts.pairs, seed=seed), opts.progress)
+        with clock("pages"):
+            site = SiteOutput()
+            titles = explainer_pages.titles()
+            site.extend(taxonomy.generate(examples, titles, catalog=cat))
+            notes = {**{k: f"no example on this model: {v}" for k, v in skipped.items()},
+                     **{k: f"the example failed in this build: {v}" for k, v in failures.items()}}
+            site.extend(explainer_pages.generate(examples, catalog=cat, notes=notes))
+            site.extend(gallery.generate(examples, titles, _sample_png(examples), quick=opts.quick))
+            if study is not None:
+                site.extend(casestudy_page.generate(study, plot_svg(session.cache, study)))
+            else:
+                site.add(casestudy_page.CASESTUDY_PAGE, "# Case study\n\nNot computed in a quick build "
+                         "(`xmllm build --quick` runs no model). Run `xmllm build` for the numbers.\n")
+            if not opts.quick or opts.evaluation is not None:
+                site.extend(trust_pages(session, opts.progress, staged, opts.evaluation))
+            write_tree(staged, site.pages)
+            (staged / GENERATED).mkdir(exist_ok=True)
+            (staged / REPORTS).mkdir(exist_ok=True)
+            _replace_dir(staged / GENERATED, docs / GENERATED)
+            _replace_dir(staged / REPORTS, docs / REPORTS)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+
+    with clock("mkdocs"):
+        digest = site_inputs_digest(config_path, docs, site.nav, theme_dir)
+        previous = _read_marker(out)
+        mkdocs_skipped = opts.use_cache and previous.get("inputs") == digest
+        if mkdocs_skipped:  # the same pages, config and theme: the built site is already what MkDocs would write
+            warnings = list(previous.get("warnings", []))
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp_out = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+            try:
+                warnings = run_mkdocs(config_path, tmp_out, site.nav)
+                marker = {"built_by": "xmllm build", "inputs": digest, "warnings": warnings}
+                (tmp_out / BUILD_MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
+                _replace_dir(tmp_out, out)
+            except BaseException:
+                shutil.rmtree(tmp_out, ignore_errors=True)
+                raise
+    return BuildSummary(
+        out=out,
+        seconds=time.perf_counter() - t0,
+        pages=sum(p.path.endswith(".md") for p in site.pages),
+        examples=len(examples),
+        cache_hits=session.cache.hits,
+        cache_misses=session.cache.misses,
+        model_loaded=session.loaded_now,
+        steps=clock.steps,
+        warnings=warnings,
+        case_study=study["results"] if study else None,
+        failures=failures,
+        skipped=skipped,
+        mkdocs_skipped=mkdocs_skipped,
+    )
+

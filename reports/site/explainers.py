@@ -1,0 +1,212 @@
+"""One page per explainer: what it computes, its parameters, its measured cost, its papers.
+
+Parameters are read from the signature of the explainer's ``explain`` (keyword parameters with
+their defaults), so the page cannot drift from the code. Cost is the seconds measured when the
+build ran the explainer's example (or when the cached run it reuses was made).
+"""
+from __future__ import annotations
+
+import inspect
+import sys
+from typing import TYPE_CHECKING, Any
+
+from . import markdown as md
+from .pages import GENERATED, SiteOutput, nav_title, relative
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..build import ExampleResult
+
+EXPLAINERS_DIR = f"{GENERATED}/explainers"
+EXPLAINERS_INDEX = f"{EXPLAINERS_DIR}/index.md"
+NEED_TEXT = {
+    "attention": "attention weights (the eager attention kernel)",
+    "gradients": "a backward pass through the model",
+    "pair": "a counterfactual partner sample",
+    "labelled_set": "a sample set with ground-truth attributes",
+    "checkpoints": "two checkpoints of one model",
+}
+
+
+def explainer_page(explainer_id: str) -> str:
+    return f"{EXPLAINERS_DIR}/{explainer_id}.md"
+
+
+def parameters(cls: type) -> list[dict[str, Any]]:
+    """The keyword parameters of ``cls.explain`` after (model, sample), with defaults."""
+    sig = inspect.signature(cls.explain)
+    params = [p for p in sig.parameters.values() if p.name != "self"]
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    skip = {p.name for p in positional[:2]}  # the model and the sample (or sample set)
+    out = []
+    for p in params:
+        if p.name in skip or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+            continue
+        out.append({
+            "name": p.name,
+            "default": None if p.default is p.empty else p.default,
+            "required": p.default is p.empty,
+            "annotation": None if p.annotation is p.empty else (
+                p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", str(p.annotation))),
+        })
+    return out
+
+
+def _leaves_by_explainer(catalog: Any) -> dict[str, list[tuple[str, str]]]:
+    out: dict[str, list[tuple[str, str]]] = {}
+    for names, leaf in catalog.iter_leaves():
+        for eid in leaf.explainers:
+            out.setdefault(eid, []).append((leaf.id, " › ".join(names)))
+    return out
+
+
+def _citation(c: dict[str, Any]) -> str:
+    who = f"{md.text(c['authors'])} " if c.get("authors") else ""
+    link = f" {md.arxiv_link(c['arxiv'])}" if c.get("arxiv") else ""
+    return f"- {who}({c['year']}). *{md.text(c['title'])}*.{link}"
+
+
+def _cost(example: "ExampleResult | None") -> list[str]:
+    if example is None:
+        return ["Not measured in this build: the build ran no example of this explainer.", ""]
+    model = example.manifest.get("model", {})
+    sample = example.manifest.get("sample", {})
+    rows = [
+        ["Explainer", md.seconds(example.seconds)],
+        ["Preparing the sample (greedy answer, final sequence)", md.seconds(example.prepare_seconds)],
+        ["Model", f"{md.code(model.get('spec', '?'))} ({md.cell(model.get('parameters'))} parameters, "
+                  f"{md.cell(model.get('device'))}, {md.cell(model.get('dtype'))})"],
+        ["Sample", f"{md.code(sample.get('id', '?'))}: {md.cell(sample.get('question'))}"],
+        ["Measured", md.cell(example.manifest.get("created"))],
+    ]
+    return [
+        md.table(["What", "Seconds / detail"], rows),
+        "",
+        "Wall-clock time of one run on the example sample with the parameters' defaults, on the machine "
+        "that made the cached run (CPU threads shared with whatever else ran). It grows with the number "
+        "of image tokens, answer tokens and layers.",
+        "",
+    ]
+
+
+def render_explainer(row: dict[str, Any], cls: type | None, example: "ExampleResult | None",
+                     leaves: list[tuple[str, str]], note: str | None = None) -> str:
+    from .taxonomy import leaf_page
+
+    eid = row["id"]
+    page = explainer_page(eid)
+    if row["status"] != "implemented" or cls is None:
+        parts = [
+            f"# {md.text(eid)}",
+            "",
+            f"{md.code(eid)} &middot; **planned**: the project commits to this explainer but has not implemented it yet.",
+            "",
+        ]
+    else:
+        needs = [NEED_TEXT.get(n, n) for n in row["needs"]]
+        parts = [
+            f"# {md.text(row['title'])}",
+            "",
+            f"{md.code(eid)} &middot; family {md.code(row['family'])} &middot; runs on "
+            f"{'one sample' if row['scope'] == 'sample' else 'a sample set'}"
+            + (f" &middot; needs {md.text(', '.join(needs))}" if needs else ""),
+            "",
+            md.text(row["summary"]) if row["summary"] else "",
+            "",
+            "## What it computes",
+            "",
+            md.docstring(cls.__doc__),
+            "",
+        ]
+        module = sys.modules.get(cls.__module__)
+        if module is not None and module.__doc__:
+            parts += [f"### How it is computed (module {md.code(cls.__module__)})", "", md.docstring(module.__doc__), ""]
+        explain_doc = md.docstring(inspect.getdoc(cls.explain) if cls.explain.__doc__ else None)
+        params = parameters(cls)
+        parts += ["## Parameters", ""]
+        if params:
+            parts.append(md.table(
+                ["Name", "Default", "Type"],
+                [[md.code(p["name"]), "required" if p["required"] else md.code(repr(p["default"])),
+                  md.cell(p["annotation"])] for p in params],
+            ))
+            parts += ["", f"Pass them as {md.code('--param ' + eid + '.NAME=VALUE')} to "
+                      f"{md.code('xmllm explain')}.", ""]
+        else:
+            parts += ["None.", ""]
+        if explain_doc:
+            parts += [explain_doc, ""]
+        parts += ["## Cost", ""] + _cost(example)
+        parts += ["## Citations", ""]
+        parts += [_citation(c) for c in row["citations"]] or ["None recorded."]
+        parts.append("")
+        parts += ["## Example", ""]
+        if example is not None and example.report:
+            parts.append(
+                f"{md.link('Example report', relative(page, example.report))} on {md.code(example.sample_id)}: "
+                f"{md.text(example.question)} &rarr; the model answered {md.code(example.answer)}"
+                + (f" (expected {md.code(example.expected)})." if example.expected else "."))
+        elif note:
+            parts.append(f"No example report in this build: {md.text(note)}.")
+        else:
+            parts.append("No example report in this build.")
+        parts.append("")
+    parts += ["## In the taxonomy", ""]
+    parts += [f"- {md.link(name, relative(page, leaf_page(leaf_id)))}" for leaf_id, name in leaves] or [
+        "No catalog leaf lists this explainer."]
+    parts.append("")
+    return "\n".join(parts)
+
+
+def render_index(rows: list[dict[str, Any]], examples: dict[str, "ExampleResult"]) -> str:
+    page = EXPLAINERS_INDEX
+    done = sum(r["status"] == "implemented" for r in rows)
+    table_rows = []
+    for r in rows:
+        ex = examples.get(r["id"])
+        table_rows.append([
+            md.link(r.get("title", r["id"]), relative(page, explainer_page(r["id"]))),
+            md.code(r["id"]),
+            md.cell(r["status"]),
+            md.cell(r.get("scope")),
+            md.seconds(ex.seconds) if ex else "&ndash;",
+            md.link("report", relative(page, ex.report)) if ex and ex.report else "&ndash;",
+        ])
+    return "\n".join([
+        "# Explainers",
+        "",
+        f"{done} of the {len(rows)} explainers the project commits to are implemented. Each runs on any "
+        "supported image-text-to-text model through `xmllm explain` (one sample) and explains the model's own "
+        "greedy answer on the final sequence.",
+        "",
+        md.table(["Explainer", "Id", "Status", "Runs on", "Cost (example)", "Example"], table_rows),
+        "",
+    ])
+
+
+def generate(examples: dict[str, "ExampleResult"], catalog: Any = None,
+             notes: dict[str, str] | None = None) -> SiteOutput:
+    """The explainers index and one page per known or registered explainer, with their nav."""
+    from catalog import load_catalog
+    from explainers.registry import describe_all, registered
+
+    cat = catalog if catalog is not None else load_catalog()
+    rows = describe_all()
+    classes = registered()
+    leaves = _leaves_by_explainer(cat)
+    out = SiteOutput()
+    out.add(EXPLAINERS_INDEX, render_index(rows, examples))
+    nav: list[Any] = [{"Overview": EXPLAINERS_INDEX}]
+    for r in rows:
+        out.add(explainer_page(r["id"]), render_explainer(r, classes.get(r["id"]), examples.get(r["id"]),
+                                                          leaves.get(r["id"], []), (notes or {}).get(r["id"])))
+        label = r["id"] + ("" if r["status"] == "implemented" else " (planned)")
+        nav.append({nav_title(label): explainer_page(r["id"])})
+    out.nav[EXPLAINERS_INDEX] = nav
+    return out
+
+
+def titles() -> dict[str, str]:
+    """Explainer id to title (the id itself for planned ones)."""
+    from explainers.registry import describe_all
+
+    return {r["id"]: r.get("title", r["id"]) for r in describe_all()}

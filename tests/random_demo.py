@@ -1,0 +1,21 @@
+"""A demo-architecture model with random weights, saved like a checkpoint: real forwards in tests
+without waiting for trained weights. Usage: ``load_model(save_random_demo(tmp_path / "m"))``."""
+from __future__ import annotations
+
+from pathlib import Path
+
+SEED = 0
+
+
+def save_random_demo(folder: Path, seed: int = SEED) -> Path:
+    """Save the demo LLaVA (random weights, the demo's processor) into ``folder``; returns it."""
+    from explainers.demo.model import build_model, build_processor
+
+    if (folder / "config.json").is_file():
+        return folder
+    processor = build_processor()
+    model = build_model(processor.tokenizer, seed=seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
