@@ -305,10 +305,16 @@ def masked_pixels(pixels: torch.Tensor, baseline: torch.Tensor, mapping: torch.T
                   position_sets: Sequence[torch.Tensor]) -> torch.Tensor:
     """One copy of ``pixels`` per position set, those positions' pixels set to the baseline,
     concatenated along dim 0 (the layout :func:`repeat_inputs` gives the other inputs)."""
+    # A lookup over the map's value range instead of ``torch.isin`` per copy: one gather per copy.
+    low = int(mapping.min()) if mapping.numel() else 0
+    span = int(mapping.max()) - low + 1 if mapping.numel() else 1
+    index = mapping - low
     copies = []
     for positions in position_sets:
-        hit = torch.isin(mapping, positions.to(mapping.device))
-        copies.append(torch.where(hit, baseline, pixels))
+        wanted = positions.to(mapping.device).long() - low
+        lookup = torch.zeros(span, dtype=torch.bool, device=mapping.device)
+        lookup[wanted[(wanted >= 0) & (wanted < span)]] = True
+        copies.append(torch.where(lookup[index], baseline, pixels))
     return torch.cat(copies, dim=0)
 
 

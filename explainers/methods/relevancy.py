@@ -12,9 +12,14 @@ Only the needed row of R is computed. With ``R = (I + A_L) ... (I + A_1)`` (laye
 first to last), row p is ``e_p (I + A_L) ... (I + A_1)``: start from ``v = e_p`` and apply
 ``v <- v + v A_l`` from the last layer down to the first, ``O(L n^2)`` per token instead of the
 ``O(L n^3)`` full product. The backward pass produces ``dy/dA_l`` in that same order (last layer
-first), so tensor hooks fold each layer's gradient into the row as it appears (see
-:class:`_RowStream`): per answer token the cost is one backward pass, which no exact per-token
-gradient method can avoid. The map read is ``R - I``: the identity is the token's own self
+first), so each layer's gradient is folded into the row as it appears (see :class:`_RowStream`):
+per answer token the cost is one backward pass, which no exact per-token gradient method can
+avoid. That backward runs through an attention kernel of our own (:class:`_RowAttention`,
+registered with transformers for the decoder during the forward) that computes what eager
+attention computes but skips, in its backward, the blocks that are exactly zero (keys no query
+row of a block attends to, rows with no gradient) and the first layer's gradients below the
+attention weights; a family whose eager kernel differs runs eager attention with tensor hooks
+instead, with the same results. The map read is ``R - I``: the identity is the token's own self
 term, not a relevance of any input to it.
 
 Normalisation (the paper's eqs. 8-9, ``R_bar = (R - I) / rowsum(R - I) + I``) is applied only
@@ -29,7 +34,9 @@ whatever the size of its vision row. A zero row sum is left unscaled (as in the 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +44,7 @@ from typing import Any
 
 import torch
 
-from ..capture import eager_attention
+from ..capture import attn_implementations, eager_attention
 from ..context import ExplainSample, Prepared, as_prepared
 from ..explanation import Explanation
 from ..models.errors import AdapterError
@@ -189,6 +196,8 @@ class Relevancy:
     timings: dict[str, float] = field(default_factory=dict)
     backward_calls: int = 0
     batch: int = DEFAULT_BATCH
+    kernel: str = "eager autograd"
+    """How the decoder's attention gradients were taken (the same numbers either way)."""
 
     def shares(self, rows: torch.Tensor) -> torch.Tensor:
         """(..., 2): image and text shares of decoder ``rows`` (NaN where both are zero)."""
@@ -232,35 +241,74 @@ def _row_sums(abars: list[torch.Tensor | None], like: torch.Tensor) -> torch.Ten
     return delta
 
 
-ROW_BLOCK_FLOATS = 1 << 18
-"""Gradient x attention entries handled at once on a CPU (1 MiB of float32): a block of rows that
-stays in cache while it is multiplied, clamped and reduced into the row."""
+ROW_BLOCK_FLOATS = 1 << 19
+"""Gradient x attention entries handled at once on a CPU (2 MiB of float32): a block of query rows
+that stays in cache while it is multiplied, clamped and reduced into the row. Smaller blocks skip
+more of the causal triangle but pay more per-block overhead; 1-4 MiB measured alike on the
+576-image-token bench model (CPU time, one thread), 128 KiB and 16 MiB slower."""
+
+
+def _row_step(device: torch.device, heads: int, keys: int) -> int:
+    """Query rows per block: cache-sized on a CPU, all at once on an accelerator (no per-block syncs)."""
+    return max(1, ROW_BLOCK_FLOATS // (heads * keys)) if device.type == "cpu" else 1 << 62
 
 
 class _RowStream:
     """Rule 5 and the row recursion done inside the backward pass, one layer at a time.
 
-    A tensor hook on each decoder layer's attention weights receives ``dy/dA_l`` as the backward
-    produces it, last layer first (layer l's gradient needs every layer above it), which is the
-    order the row recursion ``v <- v + v A_bar_l`` runs in. So each layer's gradient is used
-    while it is fresh, in cache-sized blocks of rows (rows where ``v`` is zero are skipped: at the
-    last layer all but one), and neither all layers' gradients nor any ``A_bar`` is kept.
+    The backward pass produces ``dy/dA_l`` last layer first (layer l's gradient needs every layer
+    above it), which is the order the row recursion ``v <- v + v A_bar_l`` runs in. So each layer's
+    gradient x attention is folded into the row while it is fresh, in blocks of query rows (rows
+    where ``v`` is zero are skipped: at the last layer all but one), and neither all layers'
+    gradients nor any ``A_bar`` is kept. The blocks come from tensor hooks on eager attention
+    weights (:class:`_EagerTaps`) or from the attention kernel's own backward (:class:`_RowAttention`).
     """
 
-    def __init__(self, weights: list[torch.Tensor]) -> None:
-        self.weights = [w.detach() for w in weights]
+    def __init__(self, layers: int) -> None:
+        self.layers = layers
         self.start: torch.Tensor | None = None
         self.delta: torch.Tensor | None = None
-        self.expected = len(weights) - 1
-        self.handles = [w.register_hook(self._hook(layer)) for layer, w in enumerate(weights)]
+        self.expected = layers - 1
+        self._v: torch.Tensor | None = None
+        self._acc: torch.Tensor | None = None
 
     def begin(self, start: torch.Tensor) -> None:
-        self.start, self.delta, self.expected = start, torch.zeros_like(start), len(self.weights) - 1
+        self.start, self.delta, self.expected = start, torch.zeros_like(start), self.layers - 1
+
+    def open(self, layer: int) -> None:
+        if layer != self.expected or self.start is None or self.delta is None:
+            raise RuntimeError(f"relevancy: layer {layer}'s attention gradient came out of order")
+        self.expected -= 1
+        self._v = self.start + self.delta
+        self._acc = torch.zeros_like(self._v)
+
+    def fold(self, first: int, product: torch.Tensor) -> None:
+        """Add ``sum_h v[rows] (dy/dA ⊙ A)^+`` for the (heads, rows, keys) ``product`` of query rows
+        ``first..``; keys past ``product``'s last column get nothing (their attention is zero)."""
+        heads, rows, keys = product.shape
+        block = self._v[first : first + rows]
+        if not bool(block.any()):
+            return
+        product = product.float().clamp_min(0)  # (heads, rows, keys): sum over heads and rows in one product
+        self._acc[:keys] += block.repeat(heads) @ product.reshape(-1, keys)
+
+    def shut(self, heads: int) -> None:
+        self.delta += self._acc / heads
+        self._v = self._acc = None
 
     def row(self) -> torch.Tensor:
         if self.expected != -1 or self.delta is None:
             raise RuntimeError(f"relevancy: the backward pass stopped before layer {self.expected}")
         return self.delta
+
+
+class _EagerTaps:
+    """Tensor hooks on eager attention weights that hand each layer's gradient to a :class:`_RowStream`."""
+
+    def __init__(self, stream: _RowStream, weights: list[torch.Tensor]) -> None:
+        self.stream = stream
+        self.weights = [w.detach() for w in weights]
+        self.handles = [w.register_hook(self._hook(layer)) for layer, w in enumerate(weights)]
 
     def close(self) -> None:
         for handle in self.handles:
@@ -268,25 +316,209 @@ class _RowStream:
 
     def _hook(self, layer: int):
         def hook(grad: torch.Tensor) -> None:
-            if layer != self.expected or self.start is None or self.delta is None:
-                raise RuntimeError(f"relevancy: layer {layer}'s attention gradient came out of order")
-            self.expected -= 1
-            weights = self.weights[layer][0]
-            grad = grad[0]
-            heads, queries, _keys = grad.shape
-            v = self.start + self.delta
-            step = queries if grad.device.type != "cpu" else max(1, ROW_BLOCK_FLOATS // grad[:, 0].numel())
-            acc = torch.zeros_like(v)
+            self.stream.open(layer)
+            weights, grad = self.weights[layer][0], grad[0]
+            heads, queries, keys = grad.shape
+            step = _row_step(grad.device, heads, keys)
             for first in range(0, queries, step):
-                block = v[first : first + step]
-                if not bool(block.any()):
-                    continue
-                product = grad[:, first : first + step].float() * weights[:, first : first + step].float()
-                product.clamp_min_(0)  # (heads, rows, keys): sum over heads and rows in one product
-                acc += block.repeat(heads) @ product.reshape(-1, product.shape[-1])
-            self.delta += acc / heads
+                rows = slice(first, first + step)
+                self.stream.fold(first, grad[:, rows].float() * weights[:, rows].float())
+            self.stream.shut(heads)
 
         return hook
+
+
+# --- the attention kernel with the row in its backward ----------------------------------------------
+#
+# Autograd's backward through eager attention works on full n x n matrices. Registered as an
+# attention implementation for the decoder during the relevancy forward, the kernel below computes
+# the same forward (the same operations as ``eager_attention_forward``) and a backward that skips
+# what is exactly zero: key columns past the last key a block of query rows attends to (the causal
+# triangle, or whatever the mask allows), query rows whose output gradient is zero (at the last layer
+# all but the answer token's), and at the first layer everything but the gradient the row needs.
+# It folds ``dy/dA ⊙ A`` into the row block by block on the way.
+
+ROW_ATTENTION = "xmllm_relevancy_rows"
+"""Name of the kernel in transformers' attention registries (masks as for eager attention)."""
+CHANGES_THE_MATH: tuple[str, ...] = ("softcap", "s_aux", "sinks", "head_mask")
+"""Attention keyword arguments that, when set, make a family's eager kernel differ from the plain
+one; a layer called with one of them runs its own eager kernel (and the explainer the eager path)."""
+
+
+@dataclass
+class _RowKernel:
+    """What the kernel needs during one relevancy forward and its backward passes."""
+
+    stream: _RowStream
+    layers: dict[int, int]
+    """``id(module)`` -> decoder block index of the decoder attention modules."""
+    anchor: torch.Tensor
+    """A scalar every kernel call takes as input: the gradient of a target with respect to it runs
+    the backward through every decoder block and no further."""
+    ran: set[int] = field(default_factory=set)
+
+
+_ACTIVE: contextvars.ContextVar[_RowKernel | None] = contextvars.ContextVar("xmllm_row_kernel", default=None)
+
+
+class _RowAttention(torch.autograd.Function):
+    """softmax(Q K^T * scaling + mask) V, with the weights as a second, non-differentiable output."""
+
+    @staticmethod
+    def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                anchor: torch.Tensor, scaling: float, kernel: _RowKernel, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+        if mask is not None:
+            scores = scores + mask
+        weights = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        out = torch.matmul(weights, value)
+        # The last key each query row attends to (-1: none): every column past it is exactly zero.
+        attended = weights[0].ne(0).any(dim=0)
+        last = attended.shape[-1] - 1 - attended.flip(-1).to(torch.uint8).argmax(dim=-1)
+        reach = torch.where(attended.any(dim=-1), last, -1)
+        ctx.save_for_backward(query, key, value, weights, reach)
+        ctx.scaling, ctx.kernel, ctx.layer, ctx.anchor = scaling, kernel, layer, (anchor.dtype, anchor.device)
+        ctx.mark_non_differentiable(weights)
+        ctx.set_materialize_grads(False)
+        return out, weights
+
+    @staticmethod
+    def backward(ctx: Any, d_out: torch.Tensor | None, _d_weights: Any) -> tuple[Any, ...]:
+        query, key, value, weights, reach = ctx.saved_tensors
+        stream, layer = ctx.kernel.stream, ctx.layer
+        stream.open(layer)
+        heads, queries = query.shape[1], query.shape[2]
+        first_layer = layer == 0  # nothing below it is asked for: only the row's gradient is needed
+        grads = not first_layer and any(ctx.needs_input_grad[:3])
+        d_query = torch.zeros_like(query) if grads else None
+        d_key = torch.zeros_like(key) if grads else None
+        d_value = torch.zeros_like(value) if grads else None
+        if d_out is not None:
+            live = d_out[0].ne(0).any(dim=-1).any(dim=0)  # query rows with a gradient
+            key_s, query_s = key[0] * ctx.scaling, query[0] * ctx.scaling
+            step = _row_step(query.device, heads, key.shape[-2])
+            for first in range(0, queries, step):
+                rows = slice(first, first + step)
+                if not bool(live[rows].any()):
+                    continue
+                keys = int(reach[rows].max()) + 1
+                if keys <= 0:
+                    continue
+                attn, grad_out = weights[0, :, rows, :keys], d_out[0, :, rows]
+                product = torch.matmul(grad_out, value[0, :, :keys].transpose(1, 2))  # dy/dA
+                exact = attn.float()  # float32 products, as eager attention's softmax and the taps use
+                product = product.mul_(exact) if product.dtype == torch.float32 else product.float().mul_(exact)
+                stream.fold(first, product)
+                if not grads:
+                    continue
+                # softmax backward: dS = A ⊙ (dA - sum_k A dA) = P - A * rowsum(P)
+                d_scores = torch.addcmul(product, exact, product.sum(dim=-1, keepdim=True), value=-1).to(query.dtype)
+                d_query[0, :, rows] = torch.matmul(d_scores, key_s[:, :keys])
+                d_key[0, :, :keys] += torch.matmul(d_scores.transpose(1, 2), query_s[:, rows])
+                d_value[0, :, :keys] += torch.matmul(attn.transpose(1, 2), grad_out)
+        stream.shut(heads)
+        dtype, device = ctx.anchor
+        return d_query, d_key, d_value, None, torch.zeros((), dtype=dtype, device=device), None, None, None
+
+
+def _own_eager(module: torch.nn.Module) -> Any:
+    """The eager kernel of the module's own modelling file (what ``eager`` would run)."""
+    own = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if own is None:
+        raise RuntimeError(f"relevancy: {type(module).__name__}'s modelling file has no eager_attention_forward")
+    return own
+
+
+def _repeat_heads(states: torch.Tensor, groups: int) -> torch.Tensor:
+    """Grouped-query keys or values repeated to one per query head (``repeat_kv``)."""
+    if groups == 1:
+        return states
+    batch, heads, seq, dim = states.shape
+    return states[:, :, None].expand(batch, heads, groups, seq, dim).reshape(batch, heads * groups, seq, dim)
+
+
+def _row_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The registered attention function: :class:`_RowAttention` for the decoder blocks being
+    explained, the module's own eager kernel for anything else."""
+    kernel = _ACTIVE.get()
+    layer = None if kernel is None else kernel.layers.get(id(module))
+    plain = (
+        layer is not None and query.shape[0] == 1 and query.shape[1] % key.shape[1] == 0
+        and not (module.training and dropout) and all(kwargs.get(name) is None for name in CHANGES_THE_MATH)
+        and (attention_mask is None or not attention_mask.requires_grad)
+    )
+    if not plain:
+        return _own_eager(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    groups = query.shape[1] // key.shape[1]
+    key, value = _repeat_heads(key, groups), _repeat_heads(value, groups)
+    if attention_mask is not None:
+        attention_mask = attention_mask[:, :, :, : key.shape[-2]]
+    out, weights = _RowAttention.apply(query, key, value, attention_mask, kernel.anchor, scaling, kernel, layer)
+    kernel.ran.add(layer)
+    return out.transpose(1, 2).contiguous(), weights
+
+
+def _register_row_attention() -> bool:
+    """Register the kernel (and eager masks for it) with transformers; False where it cannot be."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    except ImportError:
+        return False
+    AttentionInterface.register(ROW_ATTENTION, _row_attention)
+    AttentionMaskInterface.register(ROW_ATTENTION, eager_mask)
+    return True
+
+
+_ROW_ATTENTION_REGISTERED = _register_row_attention()
+
+
+def _config_path(config: Any, target: Any) -> list[str] | None:
+    """Sub-config keys from ``config`` down to the ``target`` config object ([] for itself)."""
+    if config is target:
+        return []
+    for key in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, key, None)
+        if sub is not None:
+            path = _config_path(sub, target)
+            if path is not None:
+                return [key, *path]
+    return None
+
+
+@contextlib.contextmanager
+def _row_kernel(prepared: Prepared, modules: list[tuple[str, torch.nn.Module]]) -> Iterator[_RowKernel | None]:
+    """Run the decoder's attention through :class:`_RowAttention` (the vision tower stays eager);
+    yields None where the model cannot switch its decoder's kernel."""
+    model = prepared.model
+    config = getattr(modules[0][1], "config", None) if modules else None
+    path = _config_path(model.config, config) if config is not None else None
+    if not _ROW_ATTENTION_REGISTERED or path is None or not hasattr(model, "set_attn_implementation"):
+        yield None
+        return
+    request: Any = ROW_ATTENTION
+    for key in reversed(path):
+        request = {key: request}
+    before = attn_implementations(model.config)
+    device = prepared.inputs["input_ids"].device
+    kernel = _RowKernel(_RowStream(len(modules)), {id(m): i for i, (_, m) in enumerate(modules)},
+                        torch.zeros((), device=device, requires_grad=True))
+    try:
+        model.set_attn_implementation(request)
+    except (ValueError, KeyError, ImportError, NotImplementedError):
+        model.set_attn_implementation(before)
+        yield None
+        return
+    token = _ACTIVE.set(kernel)
+    try:
+        yield kernel
+    finally:
+        _ACTIVE.reset(token)
+        model.set_attn_implementation(before)
 
 
 def _vision_token_map(explainer: str, prepared: Prepared, weights: list[torch.Tensor]) -> torch.Tensor:
@@ -338,18 +570,16 @@ def _vision_rows(rows: torch.Tensor | None, abars: list[torch.Tensor | None], to
     return out
 
 
-def _streamed_rows(weights: list[torch.Tensor], scalars: torch.Tensor, starts: torch.Tensor,
-                   out: torch.Tensor) -> int:
-    """One backward per target with the row folded in by :class:`_RowStream`; returns the calls."""
-    stream = _RowStream(weights)
-    try:
-        for k in range(scalars.numel()):
-            stream.begin(starts[k])
-            # Asking for the first layer's gradient runs the backward through every layer above.
-            torch.autograd.grad(scalars[k], weights[0], retain_graph=k < scalars.numel() - 1)
-            out[k] = stream.row()
-    finally:
-        stream.close()
+def _streamed_rows(stream: _RowStream, scalars: torch.Tensor, starts: torch.Tensor, out: torch.Tensor,
+                   through: torch.Tensor) -> int:
+    """One backward per target, each folding its row through ``stream``; returns the calls.
+    ``through`` is what the gradient is asked of: the kernel's anchor (an input of every block's
+    attention) or the first block's eager attention weights; either way the backward runs
+    through every decoder block and stops there."""
+    for k in range(scalars.numel()):
+        stream.begin(starts[k])
+        torch.autograd.grad(scalars[k], through, retain_graph=k < scalars.numel() - 1)
+        out[k] = stream.row()
     return scalars.numel()
 
 
@@ -363,6 +593,22 @@ def _gradients(scalars: torch.Tensor, chunk: list[int], weights: list[torch.Tens
     pick[torch.arange(len(chunk)), torch.as_tensor(chunk)] = 1.0
     return list(torch.autograd.grad(scalars, weights, grad_outputs=pick, retain_graph=retain,
                                     allow_unused=True, is_grads_batched=True))
+
+
+def _forward(prepared: Prepared, overrides: dict[str, Any], decoder: list[tuple[str, torch.nn.Module]],
+             vision: list[tuple[str, torch.nn.Module]], streamed: bool) -> tuple[Any, dict[str, list[Any]], _RowKernel | None]:
+    """The forward with attention weights kept: through the row kernel when ``streamed`` and every
+    decoder block can run it, else with eager attention and the weights in autograd's graph."""
+    if streamed:
+        with _row_kernel(prepared, decoder) as kernel, torch.enable_grad(), _capture(decoder) as store:
+            out = prepared.forward(**overrides) if kernel is not None else None
+        if kernel is not None and kernel.ran == set(range(len(decoder))):
+            return out, store, kernel
+        del out, store  # a block ran its own eager kernel (or none could switch): the eager path
+    with eager_attention(prepared.model), torch.enable_grad(), _embeddings_require_grad(prepared), \
+            _capture(decoder + vision) as store:
+        out = prepared.forward(**overrides)
+    return out, store, None
 
 
 def compute_relevancy(
@@ -379,7 +625,6 @@ def compute_relevancy(
     their sum for the whole answer; ``batch`` of them go through one ``autograd.grad`` call
     (``is_grads_batched`` when more than one).
     """
-    model = prepared.model
     device = prepared.inputs["input_ids"].device
     seq_len = prepared.seq_len
     positions = prepared.logit_positions.to(device)
@@ -397,9 +642,8 @@ def compute_relevancy(
         overrides["pixel_values"] = pixels.detach().requires_grad_()
 
     clock = time.perf_counter()
-    with eager_attention(model), torch.enable_grad(), _embeddings_require_grad(prepared), \
-            _capture(decoder_modules + vision_modules) as store:
-        out = prepared.forward(**overrides)
+    streamed = batch == 1 and not with_vision  # the common case: rows folded inside the backward passes
+    out, store, kernel = _forward(prepared, overrides, decoder_modules, vision_modules, streamed)
     decoder_weights = _single_weights(explainer, prepared, {n: store[n] for n, _ in decoder_modules}, "relevancy")
     vision_weights = _single_weights(explainer, prepared, {n: store[n] for n, _ in vision_modules},
                                      f"through={through!r}")
@@ -425,8 +669,14 @@ def compute_relevancy(
     decoder_rows = torch.zeros(scalars.numel(), seq_len, device=device)
     image_rows = decoder_rows if not with_vision else torch.zeros_like(decoder_rows)
     clock = time.perf_counter()
-    if batch == 1 and not with_vision:  # the common case, streamed through the backward pass
-        calls = _streamed_rows(decoder_weights, scalars, starts, decoder_rows)
+    if kernel is not None:
+        calls = _streamed_rows(kernel.stream, scalars, starts, decoder_rows, kernel.anchor)
+    elif streamed:
+        taps = _EagerTaps(_RowStream(len(decoder_weights)), decoder_weights)
+        try:
+            calls = _streamed_rows(taps.stream, scalars, starts, decoder_rows, decoder_weights[0])
+        finally:
+            taps.close()
     else:
         calls = 0
         for first in range(0, scalars.numel(), batch):
@@ -457,6 +707,7 @@ def compute_relevancy(
         timings=timings,
         backward_calls=calls,
         batch=batch,
+        kernel="streamed attention backward" if kernel is not None else "eager autograd",
     )
 
 
@@ -508,6 +759,7 @@ def _common_meta(result: Relevancy) -> dict[str, Any]:
         "normalisation": NORMALISATION,
         "backward_calls": result.backward_calls,
         "batch": result.batch,
+        "kernel": result.kernel,
         **{k: round(v, 6) for k, v in result.timings.items()},
     }
 

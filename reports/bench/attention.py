@@ -9,59 +9,31 @@ Two figures per model, each measured side by side in this run:
 """
 from __future__ import annotations
 
-import statistics
-import tempfile
-import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from explainers.capture import AttentionRecorder, eager_attention, full_attention_bytes
 
-from . import BenchContext, BenchRow, paired_ratio
-from .models import ANSWER_TOKENS, LONG_QUESTION, build_llava_576
+from . import BenchContext, BenchRow, interleaved
+from .models import ANSWER_TOKENS, LARGE, LONG_QUESTION, MAIN, answer_tokens, demo_sample, prompt_inputs
 
 GROUP = "attention.capture"
-LARGE = "llava-576"
 TIME_TARGET = "<= 1.3"
-SAMPLE_SEED = 0
-
-
-def _large_model(ctx: BenchContext, scratch: str) -> Any:
-    """The 576-image-token model from the context, or built in ``scratch`` and loaded (eager attention)."""
-    if LARGE in ctx.models:
-        return ctx.models[LARGE]
-    from explainers.models import load_model
-
-    return load_model(build_llava_576(Path(scratch) / LARGE), eager_attention=True)
-
-
-def _inputs(loaded: Any, question: str) -> Any:
-    from explainers.demo.samples import generate_sample
-
-    image = generate_sample(SAMPLE_SEED, 0).image()
-    inputs, _ = loaded.adapter.build_inputs([image], question)
-    inputs = inputs.to(loaded.device)
-    if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
-        inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
-    return inputs
 
 
 def _cases_for(label: str, loaded: Any, question: str, forced: int | None, ctx: BenchContext) -> list[BenchRow]:
     model = loaded.model
-    inputs = _inputs(loaded, question)
+    inputs = prompt_inputs(loaded, demo_sample().images, question)
     prompt_len = int(inputs["input_ids"].shape[-1])
     limit = forced or model.generation_config.max_new_tokens or ANSWER_TOKENS
     generation: dict[str, Any] = {"max_new_tokens": limit, "do_sample": False}
     if forced:
         generation["min_new_tokens"] = forced
     kept: dict[str, Any] = {}
-    cpu: dict[str, list[float]] = {"capture": [], "plain": []}
 
     @torch.no_grad()
     def with_capture() -> None:
-        start = time.process_time()
         layouts = loaded.adapter.image_layouts(inputs)
         images = torch.cat([l.all_positions for l in layouts])
         recorder = AttentionRecorder(loaded, images, loaded.adapter.text_positions(inputs))
@@ -69,14 +41,11 @@ def _cases_for(label: str, loaded: Any, question: str, forced: int | None, ctx: 
             out = model.generate(**inputs, **generation)
         kept["record"] = recorder.generated(int(out.shape[-1]) - prompt_len)
         kept["hook_seconds"] = recorder.hook_seconds
-        cpu["capture"].append(time.process_time() - start)
 
     @torch.no_grad()
-    def plain() -> None:
-        start = time.process_time()
+    def plain() -> torch.Tensor:
         with eager_attention(model):
-            kept["plain"] = model.generate(**inputs, **generation)
-        cpu["plain"].append(time.process_time() - start)
+            return model.generate(**inputs, **generation)
 
     # LVLM-Interpret's way first: it measures the full tensors and warms both paths up.
     with eager_attention(model), torch.no_grad():
@@ -84,7 +53,7 @@ def _cases_for(label: str, loaded: Any, question: str, forced: int | None, ctx: 
     theirs = full_attention_bytes(full.attentions)
     del full
     repeat = 1 if ctx.quick else ctx.repeat
-    ratio, seconds_capture, seconds_plain = paired_ratio(with_capture, plain, repeat=repeat, warmup=0)
+    timings = interleaved({"capture": with_capture, "plain": plain}, repeat=repeat, warmup=0, kept=kept)
     record = kept["record"]
     new_tokens = int(record.rows.shape[0])
     if new_tokens != int(kept["plain"].shape[-1]) - prompt_len:
@@ -93,23 +62,25 @@ def _cases_for(label: str, loaded: Any, question: str, forced: int | None, ctx: 
     shape = {"prompt_tokens": prompt_len, "new_tokens": new_tokens, "layers": record.num_layers,
              "heads": record.num_heads}
     return [
-        BenchRow(GROUP, "time: generate with capture / plain eager generate", ratio, TIME_TARGET, label,
-                 {**shape, "seconds_capture": seconds_capture, "seconds_plain": seconds_plain, "repeat": repeat,
-                  "seconds_in_hooks_last_run": kept["hook_seconds"],
-                  "cpu_time_ratio": statistics.median(a / b for a, b in zip(cpu["capture"], cpu["plain"])),
-                  "note": "cpu_time_ratio (process CPU seconds) is robust to other processes sharing the CPU"}),
+        BenchRow(GROUP, "time: generate with capture / plain eager generate", timings.ratio("capture", "plain"),
+                 TIME_TARGET, label,
+                 {**shape, **timings.summary(), "repeat": repeat, "seconds_in_hooks_last_run": kept["hook_seconds"],
+                  "cpu_time_ratio": timings.cpu_ratio("capture", "plain"),
+                  "note": "cpu_time_ratio (process CPU seconds) is robust to other processes sharing the CPU"},
+                 ours=timings.seconds("capture"), reference=timings.seconds("plain"), unit="s"),
         BenchRow(GROUP, "retained bytes: all steps' output_attentions / our capture", theirs / ours, None, label,
                  {**shape, "bytes_full_attentions": theirs, "bytes_capture": ours,
-                  "kept_by_capture": "answer rows (T x layers x heads x seq) + 4 prompt block means per layer/head"}),
+                  "kept_by_capture": "answer rows (T x layers x heads x seq) + 4 prompt block means per layer/head"},
+                 ours=float(ours), reference=float(theirs), unit="B"),
     ]
 
 
 def cases(ctx: BenchContext) -> list[BenchRow]:
     rows: list[BenchRow] = []
-    if "demo" in ctx.models:
-        from explainers.demo.samples import generate_sample
-
-        rows += _cases_for("demo", ctx.models["demo"], generate_sample(SAMPLE_SEED, 0).text, None, ctx)
-    with tempfile.TemporaryDirectory(prefix="xmllm-bench-") as scratch:
-        rows += _cases_for(LARGE, _large_model(ctx, scratch), LONG_QUESTION, ANSWER_TOKENS, ctx)
+    if MAIN in ctx.models:
+        ctx.tell(f"{GROUP} on {MAIN}")
+        rows += _cases_for(MAIN, ctx.models[MAIN], demo_sample().question, None, ctx)
+    if LARGE in ctx.models:
+        ctx.tell(f"{GROUP} on {LARGE}")
+        rows += _cases_for(LARGE, ctx.models[LARGE], LONG_QUESTION, answer_tokens(ctx), ctx)
     return rows

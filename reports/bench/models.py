@@ -6,7 +6,19 @@ it fits a CPU; its numbers are read off its own processor and config, never assu
 """
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from explainers.answering import Answer
+from explainers.context import ExplainSample, Prepared, prepare
+
+if TYPE_CHECKING:  # pragma: no cover
+    from explainers.models import LoadedModel
+
+    from . import BenchContext
 
 
 def build_llava_576(folder: Path, seed: int = 0) -> Path:
@@ -41,9 +53,14 @@ def build_llava_576(folder: Path, seed: int = 0) -> Path:
         tokenizer=tokenizer, patch_size=patch, vision_feature_select_strategy="default",
         num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
     )
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent)
+    try:
+        model.save_pretrained(scratch)
+        processor.save_pretrained(scratch)
+        os.replace(scratch, folder)  # whole or not at all: a half-written folder never passes as built
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return folder
 
 
@@ -51,20 +68,60 @@ LONG_QUESTION = " ".join(["Is the red circle left of the blue square , and what 
 """About 300 prompt tokens of in-vocabulary words for the large model."""
 ANSWER_TOKENS = 32
 """Answer length on the large model: generation is forced to this many tokens."""
-
-
-LARGE = "llava-576"
-"""Label of the large model in ``BenchContext.models``."""
 QUICK_ANSWER_TOKENS = 8
 """Answer length on the large model under ``--quick`` (the full run uses ANSWER_TOKENS)."""
 ANSWER_WORDS = "the red circle is left of the blue square and the green triangle is above it"
 """In-vocabulary words the large model's forced answer is cut from (its weights are random)."""
+SAMPLE_SEED = 0
+"""Every case explains the demo world's sample (SAMPLE_SEED, 0) on the chosen model and its image
+with LONG_QUESTION on the large one."""
+
+LARGE = "llava-576"
+"""Label of the large model in ``BenchContext.models``."""
+MAIN = "demo"
+"""Label of the model chosen with ``--model`` (the demo model by default)."""
 
 
-def large_model(ctx, scratch: str):
-    """The large model from the context, or built into ``scratch`` and loaded with eager attention."""
-    if LARGE in ctx.models:
-        return ctx.models[LARGE]
+def answer_tokens(ctx: BenchContext) -> int:
+    """How many answer tokens the large model's forced answer has in this run."""
+    return QUICK_ANSWER_TOKENS if ctx.quick else ANSWER_TOKENS
+
+
+def demo_sample() -> ExplainSample:
+    """The demo world's bench sample with its ground truth (objects, mask, pair) for explainers."""
+    from explainers.demo.samples import generate_sample, to_explain_sample
+
+    return to_explain_sample(generate_sample(SAMPLE_SEED, 0))
+
+
+def own_prepared(loaded: LoadedModel) -> Prepared:
+    """The bench sample with the model's own greedy answer."""
+    return prepare(loaded, demo_sample())
+
+
+def forced_prepared(loaded: LoadedModel, question: str, tokens: int) -> Prepared:
+    """The bench image and ``question`` with an answer of exactly ``tokens`` word tokens: a random
+    model's own answer could stop early or emit special tokens, and the cost does not depend on
+    which words the answer has."""
+    text = " ".join([ANSWER_WORDS] * (tokens // len(ANSWER_WORDS.split()) + 1))
+    ids = loaded.adapter.tokenize_answer(text)[:tokens]
+    tokenizer = loaded.processor.tokenizer
+    answer = Answer(tokenizer.decode(ids), tuple(ids), tuple(tokenizer.convert_ids_to_tokens(ids)),
+                    tuple(0.0 for _ in ids))
+    return prepare(loaded, ExplainSample(demo_sample().images, question), answer=answer)
+
+
+def prompt_inputs(loaded: LoadedModel, images: list[Any], question: str) -> Any:
+    """The prompt's model inputs on the model's device (pixels in its dtype), as ``generate`` takes them."""
+    inputs, _ = loaded.adapter.build_inputs(list(images), question)
+    inputs = inputs.to(loaded.device)
+    if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+        inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
+    return inputs
+
+
+def load_large(folder: Path, device: str = "auto") -> LoadedModel:
+    """Build (if needed) and load the large model with eager attention, as the attention explainers need."""
     from explainers.models import load_model
 
-    return load_model(build_llava_576(Path(scratch) / LARGE), eager_attention=True)
+    return load_model(build_llava_576(folder), device=device, eager_attention=True)

@@ -16,16 +16,11 @@ Each row reports the largest absolute difference between the two whole-answer ma
 """
 from __future__ import annotations
 
-import gc
-import statistics
-import tempfile
-import time
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from explainers.context import ExplainSample, Prepared, prepare
+from explainers.context import Prepared
 from explainers.methods.perturbation import (
     Occlusion,
     answer_ids,
@@ -38,44 +33,18 @@ from explainers.methods.perturbation import (
     windows,
 )
 
-from . import BenchContext, BenchRow
-from .models import ANSWER_TOKENS, ANSWER_WORDS, LARGE, LONG_QUESTION, QUICK_ANSWER_TOKENS, large_model
+from . import BenchContext, BenchRow, interleaved
+from .models import LARGE, LONG_QUESTION, MAIN, answer_tokens, forced_prepared, own_prepared
 
 GROUP = "perturbation.occlusion"
 TARGET = ">= 3"
 BASELINE = "black"
-SAMPLE_SEED = 0
 DEMO_WINDOW = 1
 """Every cell of the demo model's grid."""
 LARGE_WINDOW = 4
 QUICK_LARGE_WINDOW = 6
 """Windows on the 576-token model (36 or 16 of them): Captum's single forwards there take most
 of the case's time budget."""
-
-
-# --- models and samples -------------------------------------------------------------------------------
-
-
-def _forced(loaded: Any, question: str, tokens: int) -> Prepared:
-    """The final sequence with an answer of exactly ``tokens`` tokens (a random model's own answer
-    could stop early); the cost does not depend on which words."""
-    from explainers.answering import Answer
-    from explainers.demo.samples import generate_sample
-
-    text = " ".join([ANSWER_WORDS] * (tokens // len(ANSWER_WORDS.split()) + 1))
-    ids = loaded.adapter.tokenize_answer(text)[:tokens]
-    tokenizer = loaded.processor.tokenizer
-    answer = Answer(tokenizer.decode(ids), tuple(ids), tuple(tokenizer.convert_ids_to_tokens(ids)),
-                    tuple(0.0 for _ in ids))
-    image = generate_sample(SAMPLE_SEED, 0).image()
-    return prepare(loaded, ExplainSample([image], question), answer=answer)
-
-
-def _demo(loaded: Any) -> Prepared:
-    from explainers.demo.samples import generate_sample
-
-    sample = generate_sample(SAMPLE_SEED, 0)
-    return prepare(loaded, ExplainSample([sample.image()], sample.text, id=sample.id))
 
 
 # --- the two ways ---------------------------------------------------------------------------------------
@@ -121,37 +90,31 @@ def captum(prep: Prepared, window: int, fused: bool) -> torch.Tensor:
 # --- measuring ------------------------------------------------------------------------------------------
 
 
-def _interleaved(fns: dict[str, Callable[[], Any]], repeat: int) -> tuple[dict[str, list[float]], dict[str, Any]]:
-    """Seconds per round of each function, run in turn (A B C A B C ...), and their last results."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    results: dict[str, Any] = {}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            gc.collect()
-            start = time.perf_counter()
-            results[name] = fn()
-            times[name].append(time.perf_counter() - start)
-    return times, results
-
-
-def _ratio(times: dict[str, list[float]], a: str, b: str) -> float:
-    return statistics.median(x / y for x, y in zip(times[a], times[b]))
+def _warm_up(prep: Prepared, window: int) -> None:
+    """First calls off every side's clock: ours once, and one unperturbed forward with each
+    attention kernel Captum runs (kernel switches, the allocator's first blocks of each size)."""
+    ours(prep, window)
+    ids = answer_ids(prep)
+    with torch.inference_mode():
+        for fused in (False, True):
+            with fused_attention(prep.model, fused):
+                logprobs_at(prep.model, dict(prep.inputs), prep.logit_positions, ids)
 
 
 def _rows(label: str, prep: Prepared, window: int, repeat: int) -> list[BenchRow]:
-    ours(prep, window)  # warm-up: first-call costs (kernel switch, allocator) on neither side's clock
     fns = {
         "ours": lambda: ours(prep, window),
         "captum_as_loaded": lambda: captum(prep, window, fused=False),
         "captum_fused": lambda: captum(prep, window, fused=True),
     }
-    times, results = _interleaved(fns, repeat)
+    results: dict[str, Any] = {}
+    _warm_up(prep, window)
+    timings = interleaved(fns, repeat=repeat, warmup=0, kept=results)
     grid = first_layout(prep).main_grid
     shape = {
         "cells": grid.size, "window": window, "features": len(windows(first_layout(prep), window, window, "main")),
         "answer_tokens": len(prep.answer.token_ids), "seq_len": prep.seq_len, "batch_size": batch_size_for(prep, None),
-        "baseline": BASELINE, "repeat": repeat,
-        **{f"seconds_{name}": statistics.median(t) for name, t in times.items()},
+        "baseline": BASELINE, "repeat": repeat, **timings.summary(),
     }
     agree = {
         "max_abs_difference_as_loaded": float((results["ours"] - results["captum_as_loaded"]).abs().max()),
@@ -160,19 +123,26 @@ def _rows(label: str, prep: Prepared, window: int, repeat: int) -> list[BenchRow
     }
     return [
         BenchRow(GROUP, "speed-up: Captum FeatureAblation (1 per forward, model as loaded) / ours",
-                 _ratio(times, "captum_as_loaded", "ours"), TARGET, label, {**shape, **agree}),
+                 timings.ratio("captum_as_loaded", "ours"), TARGET, label,
+                 {**shape, **agree, "cpu_time_ratio": timings.cpu_ratio("captum_as_loaded", "ours")},
+                 ours=timings.seconds("ours"), reference=timings.seconds("captum_as_loaded"), unit="s"),
         BenchRow(GROUP, "speed-up: Captum FeatureAblation (1 per forward, same fused kernel) / ours",
-                 _ratio(times, "captum_fused", "ours"), None, label, {**shape, **agree}),
+                 timings.ratio("captum_fused", "ours"), None, label,
+                 {**shape, **agree, "cpu_time_ratio": timings.cpu_ratio("captum_fused", "ours")},
+                 ours=timings.seconds("ours"), reference=timings.seconds("captum_fused"), unit="s"),
     ]
 
 
 def cases(ctx: BenchContext) -> list[BenchRow]:
     rows: list[BenchRow] = []
-    if "demo" in ctx.models:
-        rows += _rows("demo", _demo(ctx.models["demo"]), DEMO_WINDOW, repeat=max(ctx.repeat, 1))
-    tokens = QUICK_ANSWER_TOKENS if ctx.quick else ANSWER_TOKENS
-    window = QUICK_LARGE_WINDOW if ctx.quick else LARGE_WINDOW
-    with tempfile.TemporaryDirectory(prefix="xmllm-bench-") as scratch:
-        prepared = _forced(large_model(ctx, scratch), LONG_QUESTION, tokens)
-        rows += _rows(LARGE, prepared, window, repeat=1)  # Captum's single forwards are long here
+    if MAIN in ctx.models:
+        ctx.tell(f"{GROUP} on {MAIN}")
+        repeat = 1 if ctx.quick else max(ctx.repeat, 1)
+        rows += _rows(MAIN, own_prepared(ctx.models[MAIN]), DEMO_WINDOW, repeat=repeat)
+    if LARGE in ctx.models:
+        ctx.tell(f"{GROUP} on {LARGE}")
+        prepared = forced_prepared(ctx.models[LARGE], LONG_QUESTION, answer_tokens(ctx))
+        window = QUICK_LARGE_WINDOW if ctx.quick else LARGE_WINDOW
+        # Captum's single forwards are long here (about 30 s a round): ``--repeat 1`` for a quick look.
+        rows += _rows(LARGE, prepared, window, repeat=1 if ctx.quick else max(ctx.repeat, 1))
     return rows
