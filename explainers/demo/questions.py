@@ -261,9 +261,11 @@ class Position(Family):
     name = "position"
     templates = (
         "Where is the {a} relative to the {b}?",
-        "In which direction from the {b} is the {a}?",
+        "In which direction is the {a} from the {b}?",
         "Where is the {a} compared to the {b}?",
     )
+    """Every template names ``a`` before ``b``: which object is the subject is then told by
+    order alone, and a small decoder does not have to learn the binding per template."""
 
     def generate(self, rng):
         while True:

@@ -185,3 +185,17 @@ def _atomic_write_text(path: Path, text: str) -> None:
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(text)
     os.replace(tmp, path)
+
+
+def to_explain_sample(sample: DemoSample) -> "ExplainSample":
+    """The demo sample as explainers take it, ground truth in ``extra`` with the same keys
+    as a sample-set record (``family``, ``objects``, ``grounding``, ``pair``, ``edit``)."""
+    from ..context import ExplainSample
+
+    extra = {"family": sample.family, "objects": sample.scene.to_json(), "grounding": sample.grounding}
+    if sample.pair:
+        extra["pair"] = sample.pair
+    if sample.edit:
+        extra["edit"] = sample.edit
+    return ExplainSample([sample.image()], sample.text, id=sample.id, expected=sample.answer,
+                         mask=sample.mask(), extra=extra)

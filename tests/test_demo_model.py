@@ -1,0 +1,94 @@
+"""The embedded demo model: committed weights, the hub loading path, accuracy, and training."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from explainers.demo import DEMO_EARLY_MODEL_DIR, DEMO_MODEL_DIR
+from explainers.demo.samples import generate_samples
+from reports.cli import main
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from explainers import load_model
+
+    return load_model("demo")
+
+
+def test_weights_are_committed_safetensors_within_budget():
+    for folder in (DEMO_MODEL_DIR, DEMO_EARLY_MODEL_DIR):
+        weights = list(folder.glob("*.safetensors"))
+        assert weights, f"no safetensors in {folder}"
+        assert sum(w.stat().st_size for w in weights) <= 25 * 2**20
+        assert not list(folder.glob("*.bin"))  # no pickle weights
+        for name in ("config.json", "tokenizer.json", "processor_config.json", "chat_template.jinja"):
+            assert (folder / name).is_file(), name
+
+
+def test_loads_through_the_hub_path_as_a_real_llava(demo):
+    from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
+
+    assert isinstance(demo.model, LlavaForConditionalGeneration)
+    direct = AutoModelForImageTextToText.from_pretrained(DEMO_MODEL_DIR)
+    processor = AutoProcessor.from_pretrained(DEMO_MODEL_DIR)
+    assert processor.chat_template == demo.processor.chat_template
+    s = generate_samples(1, 77)[0]
+    inputs, _ = demo.adapter.build_inputs([s.image()], s.text)
+    with torch.no_grad():
+        assert torch.allclose(direct(**inputs).logits, demo.model(**inputs).logits, atol=1e-5)
+    layout = demo.adapter.image_layouts(inputs)[0]
+    assert (layout.main_grid.rows, layout.main_grid.cols) == (8, 8)
+    assert len(demo.weights_sha256) == 64
+
+
+def test_answers_fresh_samples_correctly(demo):
+    from explainers.demo.evaluate import evaluate
+
+    report = evaluate(demo, 100, seed=20261122, progress=False)
+    assert report["accuracy"] >= 0.9, report["mistakes"][:5]
+    assert set(report["families"]) == {"colour", "shape", "count", "presence", "position"}
+    for fam, r in report["families"].items():
+        assert r["accuracy"] >= 0.75, (fam, r)
+
+
+def test_ask_answers_an_image_and_a_sample_set(tmp_path, capsys):
+    s = generate_samples(3, 31)[0]
+    s.image().save(tmp_path / "shapes.png")
+    assert main(["ask", "--image", str(tmp_path / "shapes.png"), "--question", s.text, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["answer"] == s.answer and 0 < out["probs"][0] <= 1
+    assert main(["demo", "samples", "--n", "5", "--seed", "31", "--out", str(tmp_path / "set")]) == 0
+    capsys.readouterr()
+    assert main(["ask", "--samples", str(tmp_path / "set" / "samples.jsonl"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 5 and sum(r["correct"] for r in rows) >= 4
+    assert rows[0]["answer"] == s.answer
+
+
+def test_ask_errors_are_one_line(tmp_path, capsys):
+    assert main(["ask", "--image", str(tmp_path / "missing.png"), "--question", "What colour is the circle?"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "missing.png: image not found" in err and "\n" not in err
+    assert main(["ask", "--question", "Hi?"]) == 2
+    assert "--image and a non-empty --question" in capsys.readouterr().err
+
+
+def test_demo_eval_json(capsys):
+    assert main(["demo", "eval", "--n", "10", "--seed", "5", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n"] == 10 and 0 <= report["accuracy"] <= 1 and report["families"]
+
+
+def test_training_is_reproducible(tmp_path):
+    from explainers.demo.train import TrainConfig, train
+
+    cfg = TrainConfig(vision_steps=2, qa_steps=2, batch=4, qa_samples=16, warmup=1, early_step=1, threads=1, monitor_every=2)
+    train(tmp_path / "a", cfg, log=lambda _: None)
+    train(tmp_path / "b", cfg, log=lambda _: None)
+    a = (tmp_path / "a" / "final" / "model.safetensors").read_bytes()
+    b = (tmp_path / "b" / "final" / "model.safetensors").read_bytes()
+    assert a == b
+    assert (tmp_path / "a" / "early" / "xmllm_training.json").is_file()
