@@ -17,9 +17,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tiny_models import FAMILIES, TEST_IMAGE_SIZES, build_tiny, missing_dependency, tiny_image
+from tiny_models import FAMILIES, TEST_IMAGE_SIZES, tiny_image
+from loaded_models import tiny_prepared as shared_tiny_prepared
 
-from explainers.answering import generate_answer
 from explainers.context import ExplainSample, Prepared, prepare
 from explainers.demo.samples import generate_samples, make_pair, to_explain_sample
 from explainers.methods.intervention import (
@@ -32,7 +32,7 @@ from explainers.methods.intervention import (
     sliding_windows,
 )
 from explainers.methods.perturbation import question_positions
-from explainers.models import LoadedModel, adapter_for, load_model
+from explainers.models import LoadedModel, load_model
 from explainers.registry import get_explainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -74,25 +74,8 @@ def demo_prep(demo) -> Prepared:
     return prep
 
 
-_TINY: dict[str, LoadedModel] = {}
-
-
-def tiny_loaded(family: str) -> LoadedModel:
-    package = missing_dependency(family)
-    if package:
-        pytest.skip(f"the {family} processor needs {package}, which is not installed")
-    if family not in _TINY:
-        model, processor = build_tiny(family)
-        _TINY[family] = LoadedModel(model, processor, adapter_for(model, processor), f"tiny-{family}", "tests",
-                                    torch.device("cpu"), torch.float32)
-    return _TINY[family]
-
-
 def tiny_prepared(family: str, seed: int = 0) -> Prepared:
-    loaded = tiny_loaded(family)
-    image = tiny_image(*TEST_IMAGE_SIZES[family], seed=seed)
-    answer = generate_answer(loaded, [image], TINY_QUESTION, max_new_tokens=2)
-    return prepare(loaded, ExplainSample([image], TINY_QUESTION, id=f"tiny-{family}-{seed}"), answer=answer)
+    return shared_tiny_prepared(family, TINY_QUESTION, tokens=2, seed=seed)
 
 
 # --- hand-made references ---------------------------------------------------------------------------

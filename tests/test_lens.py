@@ -15,13 +15,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tiny_models import FAMILIES, TEST_IMAGE_SIZES, build_tiny, missing_dependency, tiny_image
+from tiny_models import FAMILIES
+from loaded_models import random_demo_loaded
+from loaded_models import tiny_prepared as shared_tiny_prepared
 
 from explainers.answering import Answer, generate_answer
-from explainers.context import ExplainSample, Prepared, prepare
+from explainers.context import Prepared, prepare
 from explainers.demo.samples import generate_sample, to_explain_sample
 from explainers.explanation import Explanation
-from explainers.models import LoadedModel, adapter_for, load_model
+from explainers.models import LoadedModel
 from explainers.registry import get_explainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -30,37 +32,14 @@ QUESTION = "what colour is the square"
 ATOL = 1e-5
 """Subset-of-rows matmuls against the full forward's: float32 summation order only."""
 
-_TINY: dict[str, LoadedModel] = {}
-
-
-def tiny_loaded(family: str) -> LoadedModel:
-    package = missing_dependency(family)
-    if package:
-        pytest.skip(f"the {family} processor needs {package}, which is not installed")
-    if family not in _TINY:
-        model, processor = build_tiny(family)
-        _TINY[family] = LoadedModel(model, processor, adapter_for(model, processor), f"tiny-{family}", "tests",
-                                    torch.device("cpu"), torch.float32)
-    return _TINY[family]
-
-
 def tiny_prepared(family: str, tokens: int = 3) -> Prepared:
-    loaded = tiny_loaded(family)
-    image = tiny_image(*TEST_IMAGE_SIZES[family])
-    answer = generate_answer(loaded, [image], QUESTION, max_new_tokens=tokens)
-    return prepare(loaded, ExplainSample([image], QUESTION, id=f"tiny-{family}"), answer=answer)
+    return shared_tiny_prepared(family, QUESTION, tokens)
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> LoadedModel:
     """The demo architecture (random weights, real LLaVA code) saved and loaded like a user's folder."""
-    from explainers.demo.model import build_model, build_processor
-
-    folder = tmp_path_factory.mktemp("demo-arch")
-    processor = build_processor()
-    build_model(processor.tokenizer).save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return load_model(folder, device="cpu", dtype="float32")
+    return random_demo_loaded(tmp_path_factory.mktemp("demo-arch"))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,46 @@
+"""Models wrapped as a user gets them (``LoadedModel``), shared by the explainer tests: tiny random
+models of every family, built once per session, and the random demo architecture saved and loaded
+through ``load_model`` like a user's folder."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import TEST_IMAGE_SIZES, build_tiny, missing_dependency, tiny_image
+
+from explainers.answering import generate_answer
+from explainers.context import ExplainSample, Prepared, prepare
+from explainers.models import LoadedModel, adapter_for, load_model
+
+_TINY: dict[str, LoadedModel] = {}
+
+
+def tiny_loaded(family: str) -> LoadedModel:
+    """The tiny random model of ``family`` (skips when its processor needs a missing package)."""
+    package = missing_dependency(family)
+    if package:
+        pytest.skip(f"the {family} processor needs {package}, which is not installed")
+    if family not in _TINY:
+        model, processor = build_tiny(family)
+        _TINY[family] = LoadedModel(model, processor, adapter_for(model, processor), f"tiny-{family}", "tests",
+                                    torch.device("cpu"), torch.float32)
+    return _TINY[family]
+
+
+def tiny_prepared(family: str, question: str, tokens: int = 3, seed: int | None = None) -> Prepared:
+    """The tiny model's own greedy answer of ``tokens`` tokens to ``question`` on a test image."""
+    loaded = tiny_loaded(family)
+    size = TEST_IMAGE_SIZES[family]
+    image = tiny_image(*size) if seed is None else tiny_image(*size, seed=seed)
+    answer = generate_answer(loaded, [image], question, max_new_tokens=tokens)
+    suffix = "" if seed is None else f"-{seed}"
+    return prepare(loaded, ExplainSample([image], question, id=f"tiny-{family}{suffix}"), answer=answer)
+
+
+def random_demo_loaded(folder: Path, **load_options) -> LoadedModel:
+    """The demo architecture with random weights (real LLaVA code), saved into ``folder`` and
+    loaded back through ``load_model`` on the CPU in float32."""
+    from random_demo import save_random_demo
+
+    return load_model(save_random_demo(folder), device="cpu", dtype="float32", **load_options)
