@@ -85,10 +85,35 @@ def test_demo_eval_json(capsys):
 def test_training_is_reproducible(tmp_path):
     from explainers.demo.train import TrainConfig, train
 
-    cfg = TrainConfig(vision_steps=2, qa_steps=2, batch=4, qa_samples=16, warmup=1, early_step=1, threads=1, monitor_every=2)
+    cfg = TrainConfig(vision_steps=2, qa_steps=2, restart_steps=2, batch=4, qa_samples=16, warmup=1, early_step=1,
+                      threads=1, monitor_every=2)
     train(tmp_path / "a", cfg, log=lambda _: None)
     train(tmp_path / "b", cfg, log=lambda _: None)
     a = (tmp_path / "a" / "final" / "model.safetensors").read_bytes()
     b = (tmp_path / "b" / "final" / "model.safetensors").read_bytes()
     assert a == b
     assert (tmp_path / "a" / "early" / "xmllm_training.json").is_file()
+
+
+def test_a_resumed_restart_cycle_equals_an_uninterrupted_run(tmp_path):
+    """The first answer cycle is saved; a rerun that finds it (and the vision stage) goes on
+    from there and ends with the same bytes as a run that never stopped."""
+    import shutil
+
+    from explainers.demo.train import TrainConfig, train
+
+    cfg = TrainConfig(vision_steps=2, qa_steps=2, restart_steps=2, batch=4, qa_samples=16, warmup=1, early_step=1,
+                      threads=1, monitor_every=0)
+    train(tmp_path / "a", cfg, log=lambda _: None)
+    whole = (tmp_path / "a" / "final" / "model.safetensors").read_bytes()
+    assert whole != (tmp_path / "a" / "cycle-1" / "model.safetensors").read_bytes()  # the restart trained
+    shutil.rmtree(tmp_path / "a" / "final")
+    lines: list[str] = []
+    train(tmp_path / "a", cfg, log=lines.append)
+    assert any("resumed" in line and "cycle-1" in line for line in lines)
+    assert (tmp_path / "a" / "final" / "model.safetensors").read_bytes() == whole
+    # a different first cycle is not reused
+    other = TrainConfig(**{**cfg.__dict__, "qa_lr": cfg.qa_lr / 2})
+    lines.clear()
+    train(tmp_path / "a", other, log=lines.append)
+    assert not any("cycle-1" in line for line in lines)

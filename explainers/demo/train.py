@@ -64,6 +64,11 @@ class TrainConfig:
         "colour", "shape", "count", "presence", "position", "count", "presence", "position", "position")
     """Families of the other answer-training samples, cycled: the multi-hop families
     (position, then count and presence) learn last, so they get more of the data."""
+    restart_steps: int = 4000
+    """Steps of a second answer-training cycle (warm restart: fresh optimiser, a new cosine
+    schedule from ``restart_lr``); 0 for one cycle. The first cycle's cosine tail leaves the
+    slow families (position, count) still climbing; a restart lets them go on."""
+    restart_lr: float = 1e-3
     monitor_every: int = 500
     """Answer-stage steps between accuracy checks on fresh samples (user seed 1; logging only)."""
     coverage: float = 0.2
@@ -252,13 +257,59 @@ def train(out_dir: Path, cfg: TrainConfig | None = None, log=print) -> dict:
     samples = [answer_sample(i, cfg) for i in range(cfg.qa_samples)]
     feats = cached_features(tower, processor, samples)
     log(f"cached tower features of {len(samples)} samples in {time.time() - t0:.0f}s")
+    cycles = [(cfg.qa_steps, cfg.qa_lr)] + ([(cfg.restart_steps, cfg.restart_lr)] if cfg.restart_steps else [])
+    first = out_dir / "cycle-1"
+    done = 0
+    if len(cycles) > 1 and _matches_first_cycle(first, cfg):
+        _load_weights(model, first)
+        history = json.loads((first / "xmllm_training.json").read_text())["history"]
+        done = 1
+        log(f"first answer cycle resumed from {first}")
+    for cycle, (steps, lr) in enumerate(cycles[done:], start=done):
+        offset = sum(n for n, _ in cycles[:cycle])
+        _answer_cycle(model, processor, samples, feats, cfg, history, t0, log, out_dir,
+                      cycle=cycle, steps=steps, lr=lr, offset=offset)
+        if cycle == 0 and len(cycles) > 1:
+            save(model, processor, first, cfg, history, steps)
+    save(model, processor, out_dir / "final", cfg, history, sum(n for n, _ in cycles))
+    return {"seconds": time.time() - t0, "history": history}
+
+
+FIRST_CYCLE_KEYS = ("seed", "batch", "vision_steps", "vision_lr", "qa_samples", "qa_steps", "qa_lr", "warmup",
+                    "early_step", "describe_every", "answer_mix", "coverage")
+"""The settings that determine the first answer cycle's weights (a saved first cycle with the
+same values is reused)."""
+
+
+def _matches_first_cycle(folder: Path, cfg: TrainConfig) -> bool:
+    meta = folder / "xmllm_training.json"
+    if not (folder / "config.json").is_file() or not meta.is_file():
+        return False
+    saved = json.loads(meta.read_text())["train_config"]
+    ours = json.loads(json.dumps(asdict(cfg)))
+    return all(saved.get(k) == ours[k] for k in FIRST_CYCLE_KEYS)
+
+
+def _load_weights(model, folder: Path) -> None:
+    """The weights of a saved checkpoint into ``model``, through the same loader users have."""
+    from transformers import LlavaForConditionalGeneration
+
+    saved = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
+    model.load_state_dict(saved.state_dict(), strict=True)
+
+
+def _answer_cycle(model, processor, samples, feats, cfg: TrainConfig, history: dict, t0: float, log, out_dir: Path,
+                  *, cycle: int, steps: int, lr: float, offset: int) -> None:
+    """One cosine cycle of answer training with a fresh optimiser; its draws come from a
+    generator seeded by (seed, cycle), so a resumed cycle is the same as an uninterrupted one."""
+    tower = model.model.vision_tower
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.qa_lr, weight_decay=0.01)
-    draw = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    draw = torch.Generator().manual_seed(cfg.seed if cycle == 0 else cfg.seed * 1000 + cycle)
     model.train()
-    for step in range(cfg.qa_steps):
+    for step in range(steps):
         for g in opt.param_groups:
-            g["lr"] = _lr(step, cfg.qa_steps, cfg.qa_lr, cfg.warmup)
+            g["lr"] = _lr(step, steps, lr, cfg.warmup)
         idx = torch.randint(0, len(samples), (cfg.batch,), generator=draw)
         batch = answer_batch(processor, [samples[i] for i in idx])
         logits = forward_from_features(model, feats[idx], batch)
@@ -267,18 +318,17 @@ def train(out_dir: Path, cfg: TrainConfig | None = None, log=print) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        if step % 100 == 0 or step == cfg.qa_steps - 1:
-            history["qa"].append({"step": step, "answer_loss": float(loss.detach()), "t": time.time() - t0})
-            log(f"answer {step:5d}  loss {float(loss.detach()):.4f}  {time.time() - t0:.0f}s")
-        if step + 1 == cfg.early_step:
+        at = offset + step
+        if step % 100 == 0 or step == steps - 1:
+            history["qa"].append({"step": at, "answer_loss": float(loss.detach()), "t": time.time() - t0})
+            log(f"answer {at:5d}  loss {float(loss.detach()):.4f}  {time.time() - t0:.0f}s")
+        if cycle == 0 and step + 1 == cfg.early_step:
             save(model, processor, out_dir / "early", cfg, history, step + 1)
-        if cfg.monitor_every and ((step + 1) % cfg.monitor_every == 0 or step + 1 == cfg.qa_steps):
+        if cfg.monitor_every and ((step + 1) % cfg.monitor_every == 0 or step + 1 == steps):
             acc = monitor_accuracy(model, processor, tower)
-            history["monitor"] = [*history.get("monitor", []), {"step": step + 1, **acc}]
-            log(f"answer {step + 1:5d}  first-token accuracy " + "  ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+            history["monitor"] = [*history.get("monitor", []), {"step": at + 1, **acc}]
+            log(f"answer {at + 1:5d}  first-token accuracy " + "  ".join(f"{k} {v:.3f}" for k, v in acc.items()))
             model.train()
-    save(model, processor, out_dir / "final", cfg, history, cfg.qa_steps)
-    return {"seconds": time.time() - t0, "history": history}
 
 
 def _train_vision(model, heads: PatchHeads, processor, cfg: TrainConfig, history: dict, t0: float, log) -> None:

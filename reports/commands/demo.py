@@ -29,7 +29,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="folder for final/ and early/ checkpoints (default runs/demo-model)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--vision-steps", type=int, default=None, help="vision pretraining steps")
-    t.add_argument("--answer-steps", type=int, default=None, help="answer training steps")
+    t.add_argument("--answer-steps", type=int, default=None, help="answer training steps of the first cycle")
+    t.add_argument("--restart-steps", type=int, default=None,
+                   help="answer training steps of the warm-restart cycle (0: none; default 4000)")
     t.add_argument("--batch", type=int, default=None)
     t.set_defaults(func=run_train)
 
@@ -79,6 +81,10 @@ def run_train(args: argparse.Namespace) -> int:
     if args.answer_steps is not None:
         cfg.qa_steps = _positive(args.answer_steps, "answer-steps")
         cfg.early_step = min(cfg.early_step, cfg.qa_steps)
+    if args.restart_steps is not None:
+        if args.restart_steps < 0:
+            raise XmllmError(f"--restart-steps must be 0 or more, not {args.restart_steps}")
+        cfg.restart_steps = args.restart_steps
     if args.batch is not None:
         cfg.batch = _positive(args.batch, "batch")
     result = train(args.out, cfg, log=lambda line: print(line, flush=True))
