@@ -17,12 +17,27 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tiny_models import FAMILIES, TEST_IMAGE_SIZES, build_tiny, missing_dependency, tiny_image
+from tiny_models import (
+    FAMILIES,
+    TEST_IMAGE_SIZES,
+    build_tiny,
+    missing_dependency,
+    tiny_image,
+)
 
 from explainers.answering import generate_answer
 from explainers.context import ExplainSample, Prepared, prepare
 from explainers.demo.samples import generate_samples
-from explainers.methods.perturbation import Occlusion, TextAblation, baseline_pixels, cell_map, windows
+from explainers.methods.perturbation import (
+    Occlusion,
+    TextAblation,
+    base_logprobs,
+    baseline_pixels,
+    cell_map,
+    first_image_position,
+    shared_prefix,
+    windows,
+)
 from explainers.models import LoadedModel, adapter_for, load_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -237,6 +252,46 @@ def test_perturbation_runs_on_every_family(family):
         ablated = [w["prompt_index"] for w in text.meta["words"]]
         assert ablated and np.isfinite(values[:, ablated]).all()
         assert np.isnan(np.delete(values, ablated, axis=1)).all()
+
+
+PREFIX_FAMILIES = ("llava", "llava_next", "idefics3", "smolvlm")
+"""Families whose forward resumes from a text-only prefix cache exactly as a full forward."""
+WHOLE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "paligemma", "gemma3")
+"""Families that must run every copy whole: multimodal rope or token-type inputs, or no text
+before the image."""
+
+
+@pytest.mark.parametrize("family", PREFIX_FAMILIES + WHOLE_FAMILIES)
+def test_prefix_cache_map_equals_the_uncached_map(family):
+    """The shared prefix cache is an optimisation only: with it, the map is the uncached map within
+    float tolerance where it applies; where it does not, occlusion runs whole and says so."""
+    prep = tiny_prepared(family)
+    params = {"window": 2, "stride": 1, "batch_size": 3}  # overlapping windows, a short last batch
+    cached = Occlusion().explain(prep.loaded, prep, **params)
+    whole = Occlusion().explain(prep.loaded, prep, prefix_cache=False, **params)
+    assert whole.scores["prefix_tokens"] == 0 and whole.params["prefix_cache"] is False
+    for name in ("image", "image.answer"):
+        np.testing.assert_allclose(cached.maps[name], whole.maps[name], atol=ATOL)
+    assert np.abs(whole.maps["image"]).max() > 0 or family == "gemma3"
+    if family in PREFIX_FAMILIES:
+        assert cached.scores["prefix_tokens"] == first_image_position(prep) >= 1
+    else:
+        assert cached.scores["prefix_tokens"] == 0
+
+
+def test_prefix_cache_refuses_a_reference_it_does_not_reproduce():
+    """The cache is trusted only after it reproduces the full forward's answer log-probabilities."""
+    prep = tiny_prepared("llava")
+    reference = base_logprobs(prep)
+    prefix = shared_prefix(prep, reference)
+    assert prefix is not None and prefix.length == first_image_position(prep)
+    assert shared_prefix(prep, reference + 1e-2) is None
+
+
+def test_prefix_cache_bad_parameter():
+    prep = tiny_prepared("llava")
+    with pytest.raises(ValueError, match="prefix_cache='yes'"):
+        Occlusion().explain(prep.loaded, prep, prefix_cache="yes")
 
 
 @pytest.mark.parametrize("family", ["llava_next", "idefics3", "qwen2_vl"])
