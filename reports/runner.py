@@ -86,9 +86,15 @@ def run_explainers(
     params: dict[str, dict[str, Any]] | None = None,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    faithfulness: bool = True,
 ) -> RunResult:
     """Explain the model's greedy answer on ``sample`` with each explainer in turn;
-    ``progress`` is called with each explainer's id when it is done."""
+    ``progress`` is called with each explainer's id when it is done.
+
+    With ``faithfulness`` (the default) every explainer that gives an image map also gets the
+    deletion and insertion areas of that map on this sample (:func:`faithfulness_entry`), in one
+    batched set of forwards after the explainers; the manifest holds them under ``faithfulness``
+    and every report shows them. ``faithfulness=False`` skips those forwards."""
     import torch
 
     from explainers.context import prepare
@@ -113,6 +119,11 @@ def run_explainers(
         explanations.append(exp)
         if progress:
             progress(eid)
+    faithful = None
+    if faithfulness:
+        t = time.perf_counter()
+        faithful = faithfulness_entry(loaded, prepared, explanations, seed)
+        timings["faithfulness"] = time.perf_counter() - t
     manifest = {
         "created": started,
         "seed": seed,
@@ -130,7 +141,61 @@ def run_explainers(
         "timings_seconds": {k: round(v, 4) for k, v in timings.items()},
         "versions": package_versions(),
     }
+    if faithful is not None:
+        manifest["faithfulness"] = faithful
     return RunResult(prepared, explanations, manifest)
+
+
+def faithfulness_entry(loaded: "LoadedModel", prepared: "Prepared", explanations: "list[Explanation]",
+                       seed: int = 0) -> dict[str, Any] | None:
+    """Deletion and insertion of each explanation's scored image map on its own sample
+    (:func:`explainers.metrics.faithfulness_many`, every map in shared batches), as the manifest
+    keeps them: the settings once, then per explainer the map scored, both areas and both curves.
+    Explainers without an image map are left out; one whose map cannot be scored (non-finite
+    values, another grid) is listed under ``skipped`` with why. None when no explainer has a map."""
+    import numpy as np
+
+    from explainers.methods.perturbation import first_layout
+    from explainers.metrics import DEFAULT_BASELINE, DEFAULT_STEPS, faithfulness_many, primary_image_map
+    from explainers.metrics.curves import SCORE_NOTE
+
+    maps: dict[str, Any] = {}
+    names: dict[str, str] = {}
+    skipped: dict[str, str] = {}
+    grid = None
+    for exp in explanations:
+        scored = primary_image_map(exp)
+        if scored is None:
+            continue
+        if grid is None:
+            main = first_layout(prepared).main_grid
+            grid = (main.rows, main.cols)
+        if scored.values.shape != grid:
+            skipped[exp.explainer] = f"map of shape {scored.values.shape} is not the {grid[0]}x{grid[1]} image grid"
+        elif not np.isfinite(scored.values).all():
+            skipped[exp.explainer] = "the map has non-finite values: its cells cannot be ranked"
+        else:
+            maps[exp.explainer] = scored.values
+            names[exp.explainer] = scored.describe()
+    if not maps and not skipped:
+        return None
+    entry: dict[str, Any] = {"baseline": DEFAULT_BASELINE, "steps": DEFAULT_STEPS, "seed": seed, "score": SCORE_NOTE,
+                             "explainers": {}, "skipped": skipped}
+    if maps:
+        try:
+            got = faithfulness_many(loaded, prepared, maps, seed=seed)
+        except (ValueError, RuntimeError, NotImplementedError) as exc:  # e.g. a model whose cells cannot be masked
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            entry["skipped"].update({eid: f"not computed: {reason}" for eid in maps})
+            return entry
+        first = next(iter(got.values()))
+        entry.update(fractions=first["fractions"], baseline=first["baseline"], steps=first["steps"])
+        for eid, values in got.items():
+            entry["explainers"][eid] = {
+                "map": names[eid],
+                **{k: values[k] for k in ("deletion_area", "insertion_area", "deletion_curve", "insertion_curve")},
+            }
+    return entry
 
 
 def parse_params(pairs: list[str]) -> dict[str, dict[str, Any]]:

@@ -109,6 +109,78 @@ def test_table_page_and_plots_are_written(result, tmp_path) -> None:
     assert write_trust_page(out / "evaluation.json", tmp_path / "site" / "generated") == written
 
 
+def test_markdown_page_holds_the_table_verdict_and_sanity_of_the_json(result) -> None:
+    """The written trust.md, parsed back as Markdown tables, shows the JSON's numbers row by row."""
+    _, out = result
+    saved = read_result(out / "evaluation.json")
+    page = (out / "trust.md").read_text(encoding="utf-8")
+    tables = _markdown_tables(page)
+    scores = tables[0]
+    titles = [m["title"] for m in saved["metrics"]]
+    assert scores["head"] == ["Explainer", *(f"{t} {'↑' if m['higher_is_better'] else '↓'}"
+                                            for t, m in zip(titles, saved["metrics"])), "Sanity ρ", "Verdict"]
+    assert [r[0] for r in scores["rows"]] == [*EXPLAINERS, "*random (floor)*"]
+    for row in scores["rows"]:
+        eid = "random" if row[0].startswith("*") else row[0]
+        for metric, shown in zip(saved["metrics"], row[1:]):
+            entry = saved["table"][eid][metric["name"]]
+            assert shown == f"{entry['mean']:.3f} [{entry['low']:.3f}, {entry['high']:.3f}]", (eid, metric["name"])
+        if eid != "random":
+            flagged = bool(saved["flags"][eid])
+            assert row[-1].startswith("⚠") == flagged and (row[-1] == "✓ trusted") == (not flagged)
+            assert row[-2] == f"{saved['sanity']['explainers'][eid]['final']:.2f}"
+    sanity = tables[1]
+    assert sanity["head"] == ["Explainer", *saved["sanity"]["stages"], "Survives"]
+    for row in sanity["rows"]:
+        check = saved["sanity"]["explainers"][row[0]]
+        assert row[1:-1] == [f"{s['mean']:.2f}" for s in check["stages"]]
+    for eid in saved["verdict"]["flagged"]:
+        assert f"**Do not trust {eid}**" in page.replace("\\", "")
+    assert f"{saved['verdict']['best_pointing_game']:.3f}" in page
+
+
+def _markdown_tables(page: str) -> list[dict]:
+    """Every pipe table of a Markdown page: its header cells and its rows' cells (unescaped)."""
+    tables, lines = [], page.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("|---|") and i > 0:
+            cells = lambda text: [c.strip().replace("\\", "") for c in text.strip().strip("|").split("|")]
+            rows = []
+            for follow in lines[i + 1:]:
+                if not follow.startswith("|"):
+                    break
+                rows.append(cells(follow))
+            tables.append({"head": cells(lines[i - 1]), "rows": rows})
+    return tables
+
+
+def test_site_build_includes_the_trust_page(result, tmp_path) -> None:
+    """A real (quick) MkDocs build given the evaluation: the page, its plots and its nav entry."""
+    from sitebuild import copy_site_source
+
+    from reports.build import BuildOptions, build_site
+
+    _, out = result
+    config = copy_site_source(tmp_path / "src")
+    summary = build_site(BuildOptions(out=tmp_path / "public", config=config, quick=True, progress=False,
+                                      cache=tmp_path / "cache", evaluation=out / "evaluation.json"))
+    assert not summary.model_loaded
+    built = tmp_path / "public" / "generated" / "trust.html"
+    text = built.read_text(encoding="utf-8")
+    assert "Which explainer to trust" in text
+    for eid in EXPLAINERS:
+        assert f"<td>{eid}</td>" in text
+    for png in ("trust-curves.png", "trust-metrics.png", "trust-sanity.png"):
+        assert f'src="{png}"' in text
+        assert (built.parent / png).read_bytes() == (out / png).read_bytes()
+    index = (tmp_path / "public" / "index.html").read_text(encoding="utf-8")
+    assert 'href="generated/trust.html"' in index  # the nav slot shows once the page exists
+    quick = tmp_path / "public-quick"
+    build_site(BuildOptions(out=quick, config=config, quick=True, progress=False, cache=tmp_path / "cache"))
+    assert not (quick / "generated" / "trust.html").exists()
+    assert 'href="generated/trust.html"' not in (quick / "index.html").read_text(encoding="utf-8")
+
+
 def test_same_seed_same_numbers_whatever_else_runs(result, model_dir, tmp_path, capsys) -> None:
     printed, _ = result
     argv = ["evaluate", "--model", str(model_dir), "--demo", "6", "--explainers", "gradient.saliency",

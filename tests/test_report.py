@@ -19,7 +19,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from html_tree import bokeh_models, parse
-from report_runs import ANSWER_TOKENS, EXPLAINERS, HOSTILE, make_run, tiny_llava
+from report_runs import ANSWER_TOKENS, EXPLAINERS, HOSTILE, IMAGE_SIZE, make_run, tiny_llava
 from tiny_models import tiny_image
 
 from explainers.context import ExplainSample
@@ -30,6 +30,7 @@ from reports.errors import XmllmError
 from reports.report import render_report, write_report
 from reports.report.about import leaves_by_explainer
 from reports.report.slabs import HEAD_MEAN, MANTISSA_BITS, Slab, build_slab, compact, fit_budget
+from reports.runner import run_explainers
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -153,6 +154,67 @@ def test_page_plots_the_saved_arrays(run_dir, page) -> None:
     assert list(modality) == exps["relevancy.modality"].meta["modalities"]
     strip = models["attention.raw:image:strip"]["data"]
     assert len(strip["token"]) == ANSWER_TOKENS and set(strip["colour"]) == {"#d9d9d9"}
+
+
+IMAGE_MAP_EXPLAINERS = ("attention.raw", "attention.rollout", "perturbation.occlusion")
+"""Those of :data:`EXPLAINERS` that give an image map; the others have no faithfulness block."""
+
+
+def _answer_probability(loaded, prepared, pixels) -> float:
+    import torch
+
+    with torch.no_grad():
+        logits = loaded.model(**{**dict(prepared.inputs), "pixel_values": pixels}).logits
+    logp = torch.log_softmax(logits[0, prepared.logit_positions].double(), dim=-1)
+    ids = torch.tensor(prepared.answer.token_ids)
+    return float(logp[torch.arange(len(ids)), ids].sum().exp())
+
+
+def test_each_image_map_shows_its_deletion_and_insertion_areas(run_dir, tree) -> None:
+    """The areas shown in each map's section, parsed back, equal the areas recomputed from the
+    saved map through the metric classes on a fresh prepare of the same model and sample."""
+    from explainers.context import prepare
+    from explainers.metrics import SampleContext, get_metric, primary_image_map
+
+    manifest = _manifest(run_dir)
+    assert manifest["timings_seconds"]["faithfulness"] > 0
+    settings = manifest["faithfulness"]
+    sections = {s.attrs["data-explainer"]: s for s in tree.find_all("section") if "data-explainer" in s.attrs}
+    for eid in set(EXPLAINERS) - set(IMAGE_MAP_EXPLAINERS):
+        assert not sections[eid].with_class("faithfulness"), eid
+    loaded = tiny_llava()
+    prepared = prepare(loaded, ExplainSample([tiny_image(*IMAGE_SIZE)], HOSTILE, id="tiny-sample", expected="red"))
+    exps = {e.explainer: e for e in load_explanations(run_dir / "explanations.npz", run_dir / "manifest.json")}
+    context = SampleContext(prepared, baseline=settings["baseline"], steps=settings["steps"], seed=settings["seed"])
+    for eid in IMAGE_MAP_EXPLAINERS:
+        (block,) = sections[eid].with_class("faithfulness")
+        rows = {r.attrs["data-kind"]: r for r in block.find("table").find_all("tr") if "data-kind" in r.attrs}
+        assert sorted(rows) == ["deletion", "insertion"]
+        scored = primary_image_map(exps[eid])
+        assert f"ranked by {scored.name}" in " ".join(block.text.split())
+        for kind, row in rows.items():
+            recomputed = get_metric(f"{kind}_area")().compute([scored.values], context)[0]
+            shown = float(row.attrs["data-area"])
+            assert shown == pytest.approx(recomputed, rel=1e-6, abs=1e-12), (eid, kind)
+            assert row.with_class("area")[0].text.strip() == f"{shown:.4g}"
+            curve = block.find("polyline", **{"class": f"curve-{kind}"})
+            values = [float(v) for v in curve.attrs["data-values"].split()]
+            assert len(values) == settings["steps"] + 1 == len(curve.attrs["points"].split())
+            assert values == pytest.approx(context.curves(kind, [scored.values])[0].tolist(), rel=1e-6, abs=1e-12)
+    # both curves start and end at the unperturbed input and the all-baseline image
+    full = _answer_probability(loaded, prepared, prepared.inputs["pixel_values"])
+    deletion = [float(v) for v in sections["attention.rollout"].find(
+        "polyline", **{"class": "curve-deletion"}).attrs["data-values"].split()]
+    assert deletion[0] == pytest.approx(full, rel=1e-5)
+
+
+def test_a_run_without_faithfulness_shows_none(tmp_path) -> None:
+    sample = ExplainSample([tiny_image(*IMAGE_SIZE)], "what colour is it", id="tiny-sample")
+    result = run_explainers(tiny_llava(), sample, ["perturbation.occlusion"], seed=0, faithfulness=False)
+    assert "faithfulness" not in result.manifest and "faithfulness" not in result.manifest["timings_seconds"]
+    result.save(tmp_path / "run")
+    tree = parse(render_report(tmp_path / "run"))
+    assert not tree.with_class("faithfulness")
 
 
 def test_image_is_read_from_the_run_folder(run_dir, tmp_path) -> None:

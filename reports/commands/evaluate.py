@@ -18,7 +18,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     source.add_argument("--samples", type=Path, help="a JSONL sample set (masks give the ground truth)")
     source.add_argument("--demo", type=int, metavar="N", help="N object-grounded questions from the demo world")
     p.add_argument("--explainers", default="", help="comma-separated explainer ids (default: every sample-level one "
-                                                     "with an image map)")
+                                                     "with an image map but causal.minimal_set, whose 0/1 set costs "
+                                                     "as much as the rest to find)")
     p.add_argument("--param", action="append", default=[], metavar="ID.NAME=VALUE",
                    help="an explainer parameter, overriding the evaluation's defaults (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="seed of the demo samples, random maps and intervals (default 0)")

@@ -17,6 +17,7 @@ from markupsafe import Markup
 from templates import TEMPLATE_DIR
 
 from .about import About, about, survey
+from .faithfulness import FaithfulnessBlock, FaithfulnessSkip, block_for
 from .figures import SectionControls
 from .palettes import palettes
 from .run import SavedRun
@@ -48,6 +49,8 @@ class Section:
     view_divs: list[str | None] = field(default_factory=list)
     controls_div: str | None = None
     warning: str | None = None
+    faithfulness: FaithfulnessBlock | FaithfulnessSkip | None = None
+    """Deletion and insertion of the explainer's image map on this sample (None: no image map)."""
 
 
 def anchor_for(explainer_id: str) -> str:
@@ -116,6 +119,7 @@ def render_run(run: SavedRun) -> str:
             float(seconds) if isinstance(seconds, (int, float)) else None, exp.scores,
             meta_text[:META_LIMIT], len(meta_text) > META_LIMIT, outs,
             warning=exp.meta.get("warning") if isinstance(exp.meta.get("warning"), str) else None,
+            faithfulness=block_for(manifest, exp.explainer),
         )
         for k, out in enumerate(outs):
             key = None
