@@ -49,6 +49,8 @@ DEFAULT_CONFIG = ROOT / "mkdocs.yml"
 DEFAULT_OUT = Path("public")
 TRUST_MODULE = "reports.evaluation"
 TRUST_PAGE = f"{GENERATED}/trust.md"
+AUDITS_NAV = f"{GENERATED}/audits/index.md"
+"""Nav key of the audits' section (``xmllm build --audit DIR``); see :func:`reports.audit.site.site_pages`."""
 BUILD_MARKER = ".xmllm-site"
 """Written into every built site: only a folder holding it (or an empty one) is replaced by a build."""
 RENDERER_SOURCES = (ROOT / "reports" / "report", ROOT / "templates")
@@ -74,6 +76,8 @@ class BuildOptions:
     """Catalog file the taxonomy pages come from (default: the packaged one)."""
     evaluation: Path | None = None
     """An ``evaluation.json`` of ``xmllm evaluate``, rendered as the "Which explainer to trust" page."""
+    audits: list[Path] = field(default_factory=list)
+    """Output folders of ``xmllm run`` whose ``site/`` pages join the site under "Audits" (:mod:`reports.audit.site`)."""
 
 
 @dataclass
@@ -234,7 +238,10 @@ def run_mkdocs(config_path: Path, site_dir: Path, sections: Mapping[str, list[An
     cfg = load_mkdocs_config(config_path, site_dir)
     docs = Path(cfg["docs_dir"])
     if cfg["nav"]:
+        placed = json.dumps(cfg["nav"])
         cfg["nav"] = expand_nav(cfg["nav"], sections, lambda p: (docs / p).is_file())
+        if AUDITS_NAV in sections and AUDITS_NAV not in placed:  # audit hook: appended when mkdocs.yml has no slot
+            cfg["nav"] = [*cfg["nav"], *sections[AUDITS_NAV]]
     handler = _Warnings()
     logger = logging.getLogger("mkdocs")
     logger.addHandler(handler)
@@ -494,6 +501,10 @@ def build_site(opts: BuildOptions) -> BuildSummary:
                          "(`xmllm build --quick` runs no model). Run `xmllm build` for the numbers.\n")
             if not opts.quick or opts.evaluation is not None:
                 site.extend(trust_pages(session, opts.progress, staged, opts.evaluation))
+            if opts.audits:
+                from .audit.site import site_pages as audit_pages
+
+                site.extend(audit_pages(list(opts.audits)))
             write_tree(staged, site.pages)
             (staged / GENERATED).mkdir(exist_ok=True)
             (staged / REPORTS).mkdir(exist_ok=True)

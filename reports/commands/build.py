@@ -24,6 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="run no model: catalog, explainer and static pages only (for editing the site)")
     p.add_argument("--evaluation", type=Path, default=None, metavar="JSON",
                    help="an evaluation.json of 'xmllm evaluate': adds the 'Which explainer to trust' page")
+    p.add_argument("--audit", type=Path, action="append", default=[], metavar="DIR",
+                   help="an output folder of 'xmllm run': its pages join the site under Audits (repeatable)")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="the MkDocs config (default: the checkout's mkdocs.yml)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.set_defaults(func=run)
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     summary = build_site(BuildOptions(
         out=args.out, config=args.config, model=args.model, pairs=args.pairs, seed=args.seed,
         cache=args.cache, use_cache=not args.no_cache, explainers=wanted, quick=args.quick, device=args.device,
-        evaluation=args.evaluation,
+        evaluation=args.evaluation, audits=args.audit,
     ))
     for warning in summary.warnings:
         print(f"mkdocs warning: {warning}")

@@ -1,0 +1,276 @@
+"""The audit's YAML config, loaded safely and validated with pydantic; every error is one line
+naming the config file and the field.
+
+Relative paths (the sample set, a local model folder, the output folder) are relative to the
+config file's folder, so a config means the same thing from any working directory.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..errors import XmllmError
+
+
+class ConfigError(XmllmError):
+    """A config that cannot be used; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class JsonlSource(_Strict):
+    """The project's JSONL sample set (explainers.samples)."""
+
+    type: Literal["jsonl"]
+    path: str = Field(min_length=1)
+
+
+class ImageFolderSource(_Strict):
+    """A folder of images and a CSV with columns ``image``, ``question`` and optionally ``answer``
+    and ``id``; ``image`` is relative to ``folder``."""
+
+    type: Literal["image_folder"]
+    folder: str = Field(min_length=1)
+    csv: str = Field(min_length=1)
+
+
+class HfColumns(_Strict):
+    image: str = "image"
+    question: str = "question"
+    answer: str | None = "answer"
+    id: str | None = None
+
+
+class HfDatasetSource(_Strict):
+    """A Hugging Face ``datasets`` dataset saved with ``save_to_disk`` (needs ``pip install datasets``)."""
+
+    type: Literal["hf_dataset"]
+    path: str = Field(min_length=1)
+    split: str | None = None
+    columns: HfColumns = HfColumns()
+
+
+SampleSource = Annotated[JsonlSource | ImageFolderSource | HfDatasetSource, Field(discriminator="type")]
+
+
+class FaithfulnessConfig(_Strict):
+    """Deletion and insertion areas of each explainer's image map, against a random map's."""
+
+    enabled: bool = True
+    steps: int = Field(default=4, ge=1, le=64)
+    baseline: str = "black"
+
+    @field_validator("baseline")
+    @classmethod
+    def _known_baseline(cls, value: str) -> str:
+        from explainers.methods.perturbation import BASELINES
+
+        if value not in BASELINES:
+            raise ValueError(f"unknown baseline {value!r}; choose from {', '.join(BASELINES)}")
+        return value
+
+
+class ExecutorConfig(_Strict):
+    """Where samples run: in this process, or on Ray (one model per actor)."""
+
+    kind: Literal["local", "ray"] = "local"
+    workers: int | None = Field(default=None, ge=1)
+    """Ray actors; default: as many as the cluster's free CPUs (or GPUs) allow."""
+    num_cpus: float = Field(default=1.0, gt=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    address: str | None = None
+    """A Ray cluster's address; None starts a local instance."""
+
+
+class SiteConfig(_Strict):
+    max_reports: int = Field(default=50, ge=0)
+    """Per-sample reports copied into the site (flagged ones first): a site of 10 000 reports helps no one."""
+
+
+FLAG_KINDS = ("failed", "wrong", "hallucination", "unfaithful", "unchanged_without_image")
+DEFAULT_FLAGS = ("failed", "wrong", "hallucination", "unfaithful")
+
+
+class AuditConfig(_Strict):
+    """What ``xmllm run CONFIG.yaml`` audits, with what, and where the results go."""
+
+    name: str = Field(default="audit", min_length=1, max_length=200)
+    model: str = Field(default="demo", min_length=1)
+    device: str = "auto"
+    seed: int = 0
+    samples: SampleSource
+    allow_absolute_paths: bool = False
+    limit: int | None = Field(default=None, ge=1)
+    explainers: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    probes: list[str] = Field(default_factory=lambda: ["blank_image", "pope"])
+    faithfulness: FaithfulnessConfig = FaithfulnessConfig()
+    flags: list[str] = Field(default_factory=lambda: list(DEFAULT_FLAGS))
+    output: str = "audit"
+    reports: bool = True
+    """Write a self-contained HTML report per sample."""
+    executor: ExecutorConfig = ExecutorConfig()
+    site: SiteConfig = SiteConfig()
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?|mps", value):
+            raise ValueError(f"unknown device {value!r}; use auto, cpu, cuda, cuda:N or mps")
+        return value
+
+    @field_validator("explainers", mode="before")
+    @classmethod
+    def _explainer_list(cls, value: Any) -> Any:
+        """``[a, b]`` is ``{a: {}, b: {}}``; a null parameter block is an empty one."""
+        if isinstance(value, list):
+            if not all(isinstance(v, str) for v in value):
+                raise ValueError("a list of explainers must hold explainer ids (strings)")
+            return {v: {} for v in value}
+        if isinstance(value, dict):
+            return {k: ({} if v is None else v) for k, v in value.items()}
+        return value
+
+    @field_validator("explainers")
+    @classmethod
+    def _known_explainers(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from explainers.registry import RegistryError, get_explainer
+
+        for eid in value:
+            try:
+                explainer = get_explainer(eid)
+            except RegistryError:
+                raise ValueError(f"unknown explainer {eid!r}; run 'xmllm explainers' to list them") from None
+            if explainer.scope != "sample":
+                raise ValueError(f"explainer {eid!r} runs over a whole sample set, not per sample")
+        return value
+
+    @field_validator("probes")
+    @classmethod
+    def _known_probes(cls, value: list[str]) -> list[str]:
+        from .probes import PROBES
+
+        for name in value:
+            if name not in PROBES:
+                raise ValueError(f"unknown probe {name!r}; choose from {', '.join(PROBES)}")
+        return list(dict.fromkeys(value))
+
+    @field_validator("flags")
+    @classmethod
+    def _known_flags(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name not in FLAG_KINDS:
+                raise ValueError(f"unknown flag {name!r}; choose from {', '.join(FLAG_KINDS)}")
+        return list(dict.fromkeys(value))
+
+    def results_fingerprint(self) -> str:
+        """SHA-256 over everything a sample's result depends on (model, device, seed, explainers,
+        probes, faithfulness): a stored result with another fingerprint is recomputed."""
+        from ..cache import canonical_json, xmllm_version
+
+        keys = {"model": self.model, "device": self.device, "seed": self.seed, "explainers": self.explainers,
+                "probes": self.probes, "faithfulness": self.faithfulness.model_dump(), "reports": self.reports,
+                "xmllm": xmllm_version()}
+        return hashlib.sha256(canonical_json(keys).encode("utf-8")).hexdigest()
+
+
+class LoadedConfig:
+    """A validated config with the folder its relative paths are relative to."""
+
+    def __init__(self, config: AuditConfig, path: Path, model_spec: str) -> None:
+        self.config = config
+        self.path = path
+        self.root = path.parent.resolve()
+        self.model_spec = model_spec
+        """``model`` as the loader takes it: a folder relative to the config resolved, else as written."""
+
+    def resolve(self, rel: str) -> Path:
+        return (self.root / Path(rel).expanduser()).resolve()
+
+    @property
+    def output(self) -> Path:
+        return self.resolve(self.config.output)
+
+    def public(self) -> dict[str, Any]:
+        """The config as the summary shows it: everything but the output folder and the executor
+        (neither changes results, so two runs into two folders, or on Ray, summarise the same;
+        ``run.json`` says how a run was executed)."""
+        data = json.loads(self.config.model_dump_json())
+        data.pop("output", None)
+        data.pop("executor", None)
+        data["model"] = self.config.model
+        return data
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> LoadedConfig:
+    """Read ``path`` with ``yaml.safe_load`` and validate it; ``overrides`` are dotted keys
+    (``executor.kind``) set on top, as the command line gives them."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    except yaml.constructor.ConstructorError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}" if mark is not None else "somewhere"
+        raise ConfigError(f"{path}: {where}: {_one_line(exc.problem)} (configs are read with yaml.safe_load: "
+                          "no Python objects)") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML: {where}{_one_line(getattr(exc, 'problem', None) or exc)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of fields (name, model, samples, ...)")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, value)
+    try:
+        config = AuditConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {_first_error(exc)}") from None
+    loaded = LoadedConfig(config, path, config.model)
+    local = loaded.resolve(config.model)
+    if config.model != "demo" and local.is_dir():
+        loaded.model_spec = str(local)
+    return loaded
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    node = data
+    for key in parents:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+    node[last] = value
+
+
+def _first_error(exc: ValidationError) -> str:
+    """``field samples.path: Field required`` for the first error (and how many more there are)."""
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    loc = ".".join(str(part) for part in first["loc"] if not _is_union_tag(part)) or "(top level)"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown field"
+    return f"field {loc}: {_one_line(message)}{more}"
+
+
+def _is_union_tag(part: Any) -> bool:
+    return part in ("jsonl", "image_folder", "hf_dataset")
+
+
+def _one_line(value: Any) -> str:
+    return " ".join(str(value).split())

@@ -1,0 +1,185 @@
+"""Sample sets an audit reads, as one list of :class:`AuditItem`: our JSONL format, an image
+folder with a CSV, or a Hugging Face ``datasets`` dataset saved with ``save_to_disk``.
+
+Structure is checked up front (empty questions, duplicate ids, paths leaving the set's folder:
+one-line errors naming file, line and field, before any model work); images are read per sample,
+so one corrupt or missing image fails that sample only. Readers are registered by the config's
+``samples.type``.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from explainers.samples import (  # the set's path rule: inside its folder unless allowed
+    SampleSetError,
+    _resolve,
+)
+
+from .config import HfDatasetSource, ImageFolderSource, JsonlSource, LoadedConfig
+
+MAX_FILE_BYTES = 256 << 20
+"""An input file larger than this is refused before reading (images are checked again when decoded)."""
+
+
+@dataclass(frozen=True)
+class AuditItem:
+    """One sample as the driver knows it: where its image is, not the image itself."""
+
+    index: int
+    id: str
+    question: str
+    expected: str | None = None
+    image: Path | None = None
+    image_bytes: bytes | None = None
+    """Bytes held by a dataset (no file of their own); ``image`` names them in messages."""
+    image_name: str = ""
+    mask: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """The sample's folder name: a hash of its id (ids may hold any character)."""
+        return hashlib.sha256(self.id.encode("utf-8")).hexdigest()[:24]
+
+
+def read_items(loaded: LoadedConfig) -> list[AuditItem]:
+    """Every sample of the configured set (the first ``limit``), checked as described above."""
+    source = loaded.config.samples
+    items = READERS[source.type](loaded, source)
+    if loaded.config.limit is not None:
+        items = items[: loaded.config.limit]
+    return items
+
+
+def _jsonl(loaded: LoadedConfig, source: JsonlSource) -> list[AuditItem]:
+    from explainers.samples import read_sample_set
+
+    records = read_sample_set(loaded.resolve(source.path), allow_absolute=loaded.config.allow_absolute_paths)
+    out = []
+    for i, rec in enumerate(records):
+        extra = dict(rec.extra)
+        for name in ("family", "pair"):
+            if getattr(rec, name):
+                extra[name] = getattr(rec, name)
+        out.append(AuditItem(i, rec.id, rec.question, rec.answer, rec.image, None, str(rec.image.name), rec.mask,
+                             extra))
+    return out
+
+
+def _image_folder(loaded: LoadedConfig, source: ImageFolderSource) -> list[AuditItem]:
+    allow = loaded.config.allow_absolute_paths
+    folder = loaded.resolve(source.folder)
+    table = loaded.resolve(source.csv)
+    if not folder.is_dir():
+        raise SampleSetError(f"{loaded.path}: field samples.folder: {folder} is not a folder")
+    if not table.is_file():
+        raise SampleSetError(f"{loaded.path}: field samples.csv: {table} not found")
+    out: list[AuditItem] = []
+    seen: set[str] = set()
+    try:
+        with table.open(encoding="utf-8", newline="") as handle:
+            reader = csv.DictReader(handle)
+            missing = [c for c in ("image", "question") if c not in (reader.fieldnames or [])]
+            if missing:
+                raise SampleSetError(f"{table}: missing column {missing[0]!r} (columns: image, question, answer, id)")
+            for row in reader:
+                where = f"{table}:{reader.line_num}"
+                for name in ("image", "question"):
+                    if not (row.get(name) or "").strip():
+                        raise SampleSetError(f"{where}: field {name!r} must be a non-empty string")
+                sid = (row.get("id") or "").strip() or row["image"]
+                if sid in seen:
+                    raise SampleSetError(f"{where}: duplicate sample id {sid!r}")
+                seen.add(sid)
+                image = _resolve(folder, row["image"], where, "image", allow)
+                out.append(AuditItem(len(out), sid, row["question"], (row.get("answer") or None), image, None,
+                                     image.name))
+    except UnicodeDecodeError as exc:
+        raise SampleSetError(f"{table}: not UTF-8 text ({exc.reason})") from None
+    except csv.Error as exc:
+        raise SampleSetError(f"{table}: not a readable CSV ({exc})") from None
+    if not out:
+        raise SampleSetError(f"{table}: sample set is empty")
+    return out
+
+
+def _hf_dataset(loaded: LoadedConfig, source: HfDatasetSource) -> list[AuditItem]:
+    try:
+        import datasets
+    except ImportError:
+        raise SampleSetError(f"{loaded.path}: samples.type hf_dataset needs the datasets package: "
+                             "pip install datasets") from None
+    root = loaded.resolve(source.path)
+    if not root.is_dir():
+        raise SampleSetError(f"{loaded.path}: field samples.path: {root} is not a folder saved with save_to_disk")
+    try:
+        data = datasets.load_from_disk(str(root))
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        raise SampleSetError(f"{root}: not a dataset saved with save_to_disk ({' '.join(str(exc).split())})") from None
+    if isinstance(data, datasets.DatasetDict):
+        splits = list(data)
+        split = source.split or (splits[0] if len(splits) == 1 else None)
+        if split not in data:
+            raise SampleSetError(f"{loaded.path}: field samples.split: choose one of {', '.join(splits)}")
+        data = data[split]
+    cols = source.columns
+    for role, name in (("image", cols.image), ("question", cols.question), ("answer", cols.answer), ("id", cols.id)):
+        if name is not None and name not in data.column_names:
+            raise SampleSetError(f"{loaded.path}: field samples.columns.{role}: the dataset has no column {name!r} "
+                                 f"(columns: {', '.join(data.column_names)})")
+    if isinstance(data.features[cols.image], datasets.Image):
+        data = data.cast_column(cols.image, datasets.Image(decode=False))  # our own defensive decoder reads the bytes
+    out: list[AuditItem] = []
+    seen: set[str] = set()
+    allow = loaded.config.allow_absolute_paths
+    for i, row in enumerate(data):
+        where = f"{root}: row {i}"
+        question = row[cols.question]
+        if not isinstance(question, str) or not question.strip():
+            raise SampleSetError(f"{where}: field {cols.question!r} must be a non-empty string")
+        sid = str(row[cols.id]) if cols.id else str(i)
+        if sid in seen:
+            raise SampleSetError(f"{where}: duplicate sample id {sid!r}")
+        seen.add(sid)
+        answer = row[cols.answer] if cols.answer else None
+        cell = row[cols.image]
+        image, data_bytes, name = None, None, f"row {i}"
+        if isinstance(cell, dict) and cell.get("bytes") is not None:
+            data_bytes, name = bytes(cell["bytes"]), str(cell.get("path") or f"row-{i}.png")
+        elif isinstance(cell, dict) and cell.get("path"):
+            image = _resolve(root, cell["path"], where, cols.image, allow)
+        elif isinstance(cell, str) and cell:
+            image = _resolve(root, cell, where, cols.image, allow)
+        else:
+            raise SampleSetError(f"{where}: field {cols.image!r} holds no image (bytes or a path)")
+        out.append(AuditItem(i, sid, question, None if answer is None else str(answer), image, data_bytes,
+                             image.name if image is not None else name))
+    if not out:
+        raise SampleSetError(f"{root}: dataset is empty")
+    return out
+
+
+READERS: dict[str, Callable[[LoadedConfig, Any], list[AuditItem]]] = {
+    "jsonl": _jsonl,
+    "image_folder": _image_folder,
+    "hf_dataset": _hf_dataset,
+}
+
+
+def read_bytes(path: Path | None) -> bytes | None:
+    """A file's bytes for shipping to a worker; a one-line error for a missing or oversized one."""
+    from explainers.images import ImageError
+
+    if path is None:
+        return None
+    if not path.is_file():
+        raise ImageError(f"{path}: image not found")
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise ImageError(f"{path}: file too large ({size} bytes; limit {MAX_FILE_BYTES})")
+    return path.read_bytes()

@@ -1,0 +1,270 @@
+"""One sample's audit, computed where the model is (this process, or a Ray actor).
+
+The worker gets a :class:`SampleTask` (the sample with its file bytes, so no shared file system
+is needed) and returns a :class:`SampleOutput`: every file of the sample's folder as bytes and
+its record. The driver writes them (:mod:`.store`), so the local and Ray executors produce
+byte-identical folders. Any failure of the sample (unreadable image, empty answer, an
+explainer's error) becomes a record with ``status: failed`` and a one-line error.
+"""
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import AuditConfig
+from .sources import AuditItem
+
+RUN = "run"
+"""Sub-folder of a sample's folder holding its saved run (explanations.npz, manifest.json, images, report.html)."""
+RECORD = "record.json"
+TIMINGS = "timings.json"
+RELIANCE = "inference.visual_reliance"
+RANDOM = "random"
+
+
+@dataclass(frozen=True)
+class SampleTask:
+    item: AuditItem
+    input_sha256: str
+    image_bytes: bytes | None = None
+    mask_bytes: bytes | None = None
+    read_error: str | None = None
+
+
+@dataclass(frozen=True)
+class SampleOutput:
+    key: str
+    files: dict[str, bytes]
+    record: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What every worker needs, as plain data (Ray ships it to actors)."""
+
+    config: dict[str, Any]
+    model_spec: str
+    fingerprint: str
+    device: str | None = None
+    """Overrides the config's device (a Ray actor with a GPU uses ``cuda``)."""
+
+
+class AuditWorker:
+    """One model, loaded once; :meth:`process` audits samples one at a time."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        from explainers.models import load_model
+        from explainers.models.errors import ModelLoadError
+
+        from ..errors import XmllmError
+        from ..runner import needs_attention
+
+        self.spec = spec
+        self.config = AuditConfig.model_validate(spec.config)
+        self.ids = list(self.config.explainers)
+        try:
+            self.loaded = load_model(spec.model_spec, device=spec.device or self.config.device,
+                                     eager_attention=needs_attention(self.ids))
+        except ModelLoadError as exc:
+            raise XmllmError(f"model {spec.model_spec}: {exc}") from None
+
+    def ready(self) -> bool:
+        return True
+
+    def process(self, task: SampleTask) -> SampleOutput:
+        item = task.item
+        record: dict[str, Any] = {
+            "id": item.id, "index": item.index, "key": item.key, "question": item.question,
+            "expected": item.expected, "image": item.image_name, "input_sha256": task.input_sha256,
+            "fingerprint": self.spec.fingerprint, "status": "ok", "error": None,
+        }
+        timings: dict[str, float] = {}
+        with tempfile.TemporaryDirectory(prefix="xmllm-audit-") as tmp:
+            folder = Path(tmp)
+            try:
+                if task.read_error:
+                    raise _SampleFailure(task.read_error)
+                self._audit(task, folder, record, timings)
+            except Exception as exc:  # noqa: BLE001 - a sample's failure is recorded, the run goes on
+                record.update(status="failed", error=_one_line(exc, folder, item))
+                for name in ("answer", "correct", "reliance", "probes", "faithfulness"):
+                    record.pop(name, None)
+            for spilled in (_input_path(folder, item), folder / "mask.png"):
+                spilled.unlink(missing_ok=True)  # inputs are not outputs
+            record["flags"] = flags_of(record, self.config.flags)
+            _write_json(folder / RECORD, record)
+            _write_json(folder / TIMINGS, {k: round(v, 4) for k, v in timings.items()})
+            files = {p.relative_to(folder).as_posix(): p.read_bytes()
+                     for p in sorted(folder.rglob("*")) if p.is_file()}
+        return SampleOutput(item.key, files, record)
+
+    # --- the steps ---------------------------------------------------------------------------------
+
+    def _sample(self, task: SampleTask, folder: Path):
+        import numpy as np
+
+        from explainers.context import ExplainSample
+        from explainers.images import load_image
+
+        item = task.item
+        image = load_image(_spill(task.image_bytes, _input_path(folder, item)))
+        mask = None
+        if task.mask_bytes is not None:
+            mask = np.asarray(load_image(_spill(task.mask_bytes, folder / "mask.png"), mode="L")) >= 128
+            if mask.shape != (image.height, image.width):
+                raise _SampleFailure(f"{item.mask}: mask is {mask.shape[1]}x{mask.shape[0]} pixels but the image is "
+                                     f"{image.width}x{image.height}")
+        return ExplainSample([image], item.question, id=item.id, expected=item.expected, mask=mask,
+                             extra=dict(item.extra))
+
+    def _audit(self, task: SampleTask, folder: Path, record: dict[str, Any], timings: dict[str, float]) -> None:
+        import inspect
+        import time
+
+        import torch
+
+        from explainers.answering import is_correct
+
+        from ..report import write_report
+        from ..runner import run_explainers
+
+        config, seed = self.config, self.config.seed
+        sample = self._sample(task, folder)
+        for spilled in (_input_path(folder, task.item), folder / "mask.png"):
+            spilled.unlink(missing_ok=True)  # inputs are not outputs
+        # the audit scores faithfulness itself (config steps and baseline, with a random floor)
+        extra = {"faithfulness": False} if "faithfulness" in inspect.signature(run_explainers).parameters else {}
+        result = run_explainers(self.loaded, sample, self.ids, config.explainers, seed=seed, **extra)
+        timings.update(result.manifest.pop("timings_seconds", {}))
+        for exp in result.explanations:  # seconds vary run to run; they live in timings.json
+            exp.meta.pop("seconds", None)
+        prepared = result.prepared
+        record["answer"] = prepared.answer.text
+        record["correct"] = None if not item_expected(record) else is_correct(prepared.answer.text, record["expected"])
+
+        t = time.perf_counter()
+        reliance = next((e for e in result.explanations if e.explainer == RELIANCE), None)
+        if reliance is None:
+            from explainers.methods.inference import VisualReliance
+
+            torch.manual_seed(seed)
+            reliance = VisualReliance().explain(self.loaded, prepared)
+            reliance.meta.pop("seconds", None)
+            result.explanations.append(reliance)
+            result.manifest["explainers"] = [*result.manifest["explainers"], RELIANCE]
+        record["reliance"] = {k: _num(reliance.scores[k]) for k in
+                              ("reliant_share", "mean_drop_blank", "mean_drop_noised", "vcd_agreement")}
+        timings["reliance"] = time.perf_counter() - t
+
+        from .probes import PROBES
+
+        record["probes"] = {}
+        for name in config.probes:
+            t = time.perf_counter()
+            torch.manual_seed(seed)
+            record["probes"][name] = PROBES[name](prepared, seed)
+            timings[f"probe.{name}"] = time.perf_counter() - t
+
+        record["faithfulness"] = {}
+        if config.faithfulness.enabled:
+            t = time.perf_counter()
+            record["faithfulness"] = self._faithfulness(result, prepared)
+            timings["faithfulness"] = time.perf_counter() - t
+
+        result.manifest["audit"] = {"fingerprint": self.spec.fingerprint, "input_sha256": task.input_sha256}
+        t = time.perf_counter()
+        result.save(folder / RUN)
+        if config.reports:
+            from .determinism import stable_bokeh_ids
+
+            with stable_bokeh_ids(task.item.key):
+                write_report(folder / RUN)
+        timings["save"] = time.perf_counter() - t
+
+    def _faithfulness(self, result: Any, prepared: Any) -> dict[str, Any]:
+        from explainers.metrics import faithfulness_many, primary_image_map, random_map
+
+        fc, seed = self.config.faithfulness, self.config.seed
+        described, maps = {}, {}
+        for exp in result.explanations:
+            scored = primary_image_map(exp)
+            if scored is not None:
+                maps[exp.explainer], described[exp.explainer] = scored.values, scored.describe()
+        if not maps:
+            return {}
+        shape = next(iter(maps.values())).shape
+        maps[RANDOM], described[RANDOM] = random_map(shape, seed), "uniform random map (the floor)"
+        got = faithfulness_many(self.loaded, prepared, maps, baseline=fc.baseline, steps=fc.steps, seed=seed)
+        return {name: {"map": described[name], "deletion_area": _num(v["deletion_area"]),
+                       "insertion_area": _num(v["insertion_area"])} for name, v in got.items()}
+
+
+def item_expected(record: dict[str, Any]) -> bool:
+    return isinstance(record.get("expected"), str) and bool(record["expected"].strip())
+
+
+def flags_of(record: dict[str, Any], kinds: list[str]) -> list[dict[str, str]]:
+    """Why a sample deserves a look, in the config's flag kinds; each with a one-line detail."""
+    found: dict[str, str] = {}
+    if record["status"] == "failed":
+        found["failed"] = record["error"] or "failed"
+    if record.get("correct") is False:
+        found["wrong"] = f"answered {record.get('answer')!r}, expected {record.get('expected')!r}"
+    pope = (record.get("probes") or {}).get("pope") or {}
+    if pope.get("hallucination"):
+        found["hallucination"] = f"said yes to an absent object: {pope['absent']['question']!r}"
+    blank = (record.get("probes") or {}).get("blank_image") or {}
+    if blank.get("unchanged"):
+        found["unchanged_without_image"] = f"the same answer {blank.get('answer')!r} with a blank image"
+    faith = record.get("faithfulness") or {}
+    floor = (faith.get(RANDOM) or {}).get("deletion_area")
+    worse = [name for name, v in faith.items() if name != RANDOM and floor is not None
+             and v.get("deletion_area") is not None and v["deletion_area"] >= floor]
+    if worse:
+        found["unfaithful"] = f"deletion area no better than a random map's: {', '.join(worse)}"
+    return [{"kind": kind, "detail": found[kind]} for kind in kinds if kind in found]
+
+
+class _SampleFailure(Exception):
+    """A sample that cannot be audited; the message is already one line."""
+
+
+def _spill(data: bytes | None, path: Path) -> Path:
+    if data is None:
+        raise _SampleFailure("no image")
+    path.write_bytes(data)
+    return path
+
+
+def _input_path(folder: Path, item: AuditItem) -> Path:
+    return folder / ("input" + _suffix(item.image_name))
+
+
+def _suffix(name: str) -> str:
+    suffix = Path(name).suffix.lower()
+    return suffix if suffix.isascii() and suffix[1:].isalnum() and len(suffix) <= 6 else ".img"
+
+
+def _one_line(exc: BaseException, folder: Path, item: AuditItem) -> str:
+    """The error in one line; the worker's scratch paths replaced by the sample's own file name."""
+    from ..errors import XmllmError
+
+    text = str(exc) if isinstance(exc, (XmllmError, _SampleFailure)) else f"{type(exc).__name__}: {exc}"
+    shown = str(item.image) if item.image is not None else item.image_name
+    text = text.replace(str(_input_path(folder, item)), shown)
+    text = text.replace(str(folder / "mask.png"), str(item.mask))
+    text = text.replace(str(folder), "<scratch>")
+    return " ".join(text.split())[:500] or type(exc).__name__
+
+
+def _num(value: Any) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, sort_keys=True, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

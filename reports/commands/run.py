@@ -1,0 +1,44 @@
+"""``xmllm run CONFIG.yaml``: audit a model over a sample set (see :mod:`reports.audit`)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="audit a model over a sample set: per-sample reports, a summary, a site section")
+    p.add_argument("config", type=Path, help="the audit's YAML config (see reports/examples/audit/demo.yaml)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: the config's 'output', "
+                                                          "relative to the config file)")
+    p.add_argument("--executor", choices=("local", "ray"), default=None, help="where samples run (default: the config's)")
+    p.add_argument("--ray-address", default=None, help="a Ray cluster's address (default: start a local instance)")
+    p.add_argument("--workers", type=int, default=None, help="Ray actors, one model each (default: as resources allow)")
+    p.add_argument("--limit", type=int, default=None, help="audit only the first N samples")
+    p.add_argument("--fail-fast", action="store_true", help="stop at the first failing sample")
+    p.add_argument("--retry-failed", action="store_true", help="recompute samples that failed in an earlier run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..audit import load_config, run_audit
+
+    overrides = {}
+    if args.executor:
+        overrides["executor.kind"] = args.executor
+    if args.ray_address:
+        overrides["executor.address"] = args.ray_address
+        overrides.setdefault("executor.kind", "ray")
+    if args.workers is not None:
+        overrides["executor.workers"] = args.workers
+    if args.limit is not None:
+        overrides["limit"] = args.limit
+    loaded = load_config(args.config, overrides)
+    outcome = run_audit(loaded, args.out, fail_fast=args.fail_fast, retry_failed=args.retry_failed,
+                        progress=not args.no_progress)
+    rate = outcome.computed / outcome.seconds if outcome.seconds > 0 else 0.0
+    print(f"audited {outcome.total} samples in {outcome.seconds:.1f}s: {outcome.computed} computed "
+          f"({rate:.2f}/s on {outcome.executor.get('executor', 'local')}), {outcome.reused} reused, "
+          f"{outcome.failed} failed, {outcome.flagged} flagged")
+    print(f"summary: {outcome.summary}")
+    return 0
