@@ -60,7 +60,7 @@ def sample_explainers() -> list[str]:
 @pytest.mark.slow
 def test_every_discovered_case_gives_rows(report, model_dir):
     cases = {case.name for case in discover()}
-    assert {"attention", "relevancy", "occlusion", "explainer_costs"} <= cases
+    assert {"attention", "relevancy", "occlusion", "explainer_costs", "reports_site"} <= cases
     assert {row["case"] for row in report["rows"]} == cases
     assert set(report["models"]) == {"demo"}  # --no-large: no 576-token model
     assert report["models"]["demo"]["spec"] == str(model_dir)
@@ -154,3 +154,14 @@ def test_a_missing_model_is_a_one_line_error(tmp_path):
     code, out, err = run_cli("bench", "--model", str(tmp_path / "missing"), "--quick", "--no-large")
     assert code == 2 and out == "" and str(tmp_path / "missing") in err
     assert len([line for line in err.splitlines() if line.startswith("xmllm: error:")]) == 1
+
+
+@pytest.mark.slow
+def test_report_size_and_cached_build_rows_come_from_real_files_and_builds(report):
+    size = next(r for r in report["rows"] if r["group"] == "report.size")
+    assert size["details"]["bytes"] == size["ours"] > 100_000  # inline Bokeh alone is more
+    assert size["details"]["explainers"] == len(sample_explainers())
+    assert size["value"] == pytest.approx(size["ours"] / (3 * 2**20))
+    build = next(r for r in report["rows"] if r["group"] == "build.cached")
+    assert build["details"]["fresh_cache_misses"] > 0 and build["details"]["second_cache_misses"] == 0
+    assert build["ours"] < build["reference"]

@@ -16,7 +16,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_intervention import random_demo_folder, tiny_loaded, tiny_prepared  # noqa: E402
+from loaded_models import tiny_loaded  # noqa: E402
+from test_intervention import random_demo_folder, tiny_prepared  # noqa: E402
 from tiny_models import FAMILIES
 
 import explainers.demo

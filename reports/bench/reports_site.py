@@ -1,0 +1,81 @@
+"""What a user ships and waits for: the size of one report with every sample-level explainer
+(target <= 3 MB, so it can be mailed) and ``xmllm build`` fresh against cached (target: the
+cached build takes at most a fifth of the fresh one), both measured in this run.
+
+The builds go into temporary folders with a temporary cache, so the user's ``public/`` and
+cache are never touched; ``--quick`` builds with few case-study pairs.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+from . import BenchContext, BenchRow
+from .models import MAIN
+
+GROUP_REPORT = "report.size"
+GROUP_BUILD = "build.cached"
+SIZE_TARGET_BYTES = 3 * 2**20
+PAIRS, QUICK_PAIRS = 100, 8
+QUICK_EXPLAINERS = ["attention.summary", "relevancy.chefer", "inference.uncertainty"]
+"""``--quick`` builds examples of these only (a smoke run, not the measurement)."""
+
+
+def _sample_level_ids() -> list[str]:
+    from explainers.registry import registered
+
+    return sorted(eid for eid, cls in registered().items() if cls.scope == "sample")
+
+
+def report_size(ctx: BenchContext) -> BenchRow:
+    """Bytes of the report of one demo sample explained by every sample-level explainer."""
+    from explainers.demo.samples import generate_sample, to_explain_sample
+    from reports.report import write_report
+    from reports.runner import run_explainers
+
+    loaded = ctx.models[MAIN]
+    ids = _sample_level_ids()
+    sample = to_explain_sample(generate_sample(0, 0))
+    with tempfile.TemporaryDirectory(prefix="xmllm-bench-report-") as tmp:
+        result = run_explainers(loaded, sample, ids)
+        result.save(Path(tmp))
+        path = write_report(Path(tmp))
+        size = path.stat().st_size
+    return BenchRow(GROUP_REPORT, "report with every sample-level explainer / 3 MB",
+                    size / SIZE_TARGET_BYTES, "<= 1", MAIN, {"explainers": len(ids), "bytes": size},
+                    ours=float(size), reference=float(SIZE_TARGET_BYTES), unit="B")
+
+
+def build_times(ctx: BenchContext) -> BenchRow:
+    """A fresh build (empty cache) then the same build again (nothing changed)."""
+    from reports.build import BuildOptions, build_site
+
+    pairs = QUICK_PAIRS if ctx.quick else PAIRS
+    with tempfile.TemporaryDirectory(prefix="xmllm-bench-build-") as tmp:
+        opts = BuildOptions(out=Path(tmp) / "public", cache=Path(tmp) / "cache", model=ctx.spec, pairs=pairs,
+                            explainers=QUICK_EXPLAINERS if ctx.quick else None, progress=False)
+        t0 = time.perf_counter()
+        first = build_site(opts)
+        fresh = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        second = build_site(opts)
+        cached = time.perf_counter() - t0
+    return BenchRow(GROUP_BUILD, "time: second build, nothing changed / fresh build", cached / fresh, "<= 0.2",
+                    MAIN, {"pairs": pairs, "fresh_cache_misses": first.cache_misses,
+                           "second_cache_hits": second.cache_hits, "second_cache_misses": second.cache_misses,
+                           "examples": first.examples},
+                    ours=cached, reference=fresh, unit="s")
+
+
+def cases(ctx: BenchContext) -> list[BenchRow]:
+    if MAIN not in ctx.models:
+        return []
+    rows = []
+    if ctx.selects(GROUP_REPORT):
+        ctx.tell(GROUP_REPORT)
+        rows.append(report_size(ctx))
+    if ctx.selects(GROUP_BUILD):
+        ctx.tell(GROUP_BUILD)
+        rows.append(build_times(ctx))
+    return rows
