@@ -20,10 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_models import (
     FAMILIES,
     TEST_IMAGE_SIZES,
-    build_tiny,
-    missing_dependency,
     tiny_image,
 )
+from loaded_models import tiny_loaded  # noqa: F401  (other test modules import it from here)
 
 from explainers.answering import generate_answer
 from explainers.context import ExplainSample, Prepared, prepare
@@ -38,7 +37,7 @@ from explainers.methods.perturbation import (
     shared_prefix,
     windows,
 )
-from explainers.models import LoadedModel, adapter_for, load_model
+from explainers.models import LoadedModel, load_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -65,18 +64,6 @@ def demo_prepared(loaded: LoadedModel, index: int = 0, family: str | None = None
     return prepare(loaded, ExplainSample([sample.image()], sample.text, id=sample.id))
 
 
-_TINY: dict[str, LoadedModel] = {}
-
-
-def tiny_loaded(family: str) -> LoadedModel:
-    package = missing_dependency(family)
-    if package:
-        pytest.skip(f"the {family} processor needs {package}, which is not installed")
-    if family not in _TINY:
-        model, processor = build_tiny(family)
-        _TINY[family] = LoadedModel(model, processor, adapter_for(model, processor), spec=f"tiny-{family}",
-                                    source="tests/tiny_models.py", device=torch.device("cpu"), dtype=torch.float32)
-    return _TINY[family]
 
 
 def tiny_prepared(family: str) -> Prepared:
