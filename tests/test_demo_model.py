@@ -47,11 +47,13 @@ def test_loads_through_the_hub_path_as_a_real_llava(demo):
 def test_answers_fresh_samples_correctly(demo):
     from explainers.demo.evaluate import evaluate
 
-    report = evaluate(demo, 100, seed=20261122, progress=False)
-    assert report["accuracy"] >= 0.9, report["mistakes"][:5]
+    # the bar (>= 95% overall, >= 90% per family on 1,000 held-out samples) on a 500-sample
+    # slice of a seed never used in training: 100 per family
+    report = evaluate(demo, 500, seed=20261122, progress=False)
+    assert report["accuracy"] >= 0.95, report["mistakes"][:5]
     assert set(report["families"]) == {"colour", "shape", "count", "presence", "position"}
     for fam, r in report["families"].items():
-        assert r["accuracy"] >= 0.75, (fam, r)
+        assert r["accuracy"] >= 0.9, (fam, r)
 
 
 def test_ask_answers_an_image_and_a_sample_set(tmp_path, capsys):

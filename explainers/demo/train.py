@@ -64,7 +64,7 @@ class TrainConfig:
         "colour", "shape", "count", "presence", "position", "count", "presence", "position", "position")
     """Families of the other answer-training samples, cycled: the multi-hop families
     (position, then count and presence) learn last, so they get more of the data."""
-    restart_steps: int = 0
+    restart_steps: int = 3000
     """Steps of a second answer-training cycle (warm restart: fresh optimiser, a new cosine
     schedule from ``restart_lr``); 0 for one cycle. The first cycle's cosine tail leaves the
     slow families (position, count) still climbing; a restart lets them go on."""

@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--vision-steps", type=int, default=None, help="vision pretraining steps")
     t.add_argument("--answer-steps", type=int, default=None, help="answer training steps of the first cycle")
     t.add_argument("--restart-steps", type=int, default=None,
-                   help="answer training steps of the warm-restart cycle (default 0: one cycle, as the committed weights were trained)")
+                   help="answer training steps of the warm-restart cycle (default 3000; 0: one cycle)")
     t.add_argument("--batch", type=int, default=None)
     t.set_defaults(func=run_train)
 
