@@ -96,6 +96,11 @@ def registered() -> dict[str, type[Explainer]]:
     return dict(sorted(_REGISTRY.items()))
 
 
+def sample_level_ids() -> list[str]:
+    """Ids of the explainers that explain one sample (not a sample set), sorted."""
+    return [eid for eid, cls in registered().items() if cls.scope == "sample"]
+
+
 def get_explainer(explainer_id: str) -> type[Explainer]:
     """The class registered under ``explainer_id``; a one-line error otherwise."""
     table = registered()

@@ -44,7 +44,7 @@ class RunResult:
 
 def resolve_explainers(ids: list[str] | None = None, leaf: str | None = None) -> list[str]:
     """Explainer ids from an explicit list or a catalog leaf; one-line errors otherwise."""
-    from explainers.registry import RegistryError, get_explainer, registered
+    from explainers.registry import RegistryError, get_explainer, sample_level_ids
 
     if ids and leaf:
         raise XmllmError("give either --explainers or --leaf, not both")
@@ -59,7 +59,7 @@ def resolve_explainers(ids: list[str] | None = None, leaf: str | None = None) ->
         if not ids:
             raise XmllmError(f"--leaf {leaf}: none of its explainers is implemented yet")
     if not ids:
-        ids = [eid for eid, cls in registered().items() if cls.scope == "sample"]
+        ids = sample_level_ids()
         if not ids:
             raise XmllmError("no sample-level explainer is implemented yet; run 'xmllm explainers'")
     for eid in ids:

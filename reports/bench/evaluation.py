@@ -24,11 +24,11 @@ SEED = 0
 
 
 def _evaluate(loaded: Any, samples: int, sanity: int) -> dict[str, Any]:
-    from explainers.registry import registered
+    from explainers.registry import sample_level_ids
 
     from ..evaluation import EvaluationConfig, demo_samples, evaluate
 
-    ids = [eid for eid, cls in registered().items() if cls.scope == "sample"]
+    ids = sample_level_ids()
     config = EvaluationConfig(ids, seed=SEED, sanity_samples=sanity)
     return evaluate(loaded, demo_samples(samples, SEED), config, {"source": "demo", "seed": SEED})
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from explainers.registry import Need, registered
+from explainers.registry import Need, registered, sample_level_ids
 
 from ..errors import XmllmError
 from . import BenchContext, BenchRow, interleaved
@@ -40,7 +40,7 @@ its ground truth and a counterfactual partner for the others)."""
 
 def groups() -> list[str]:
     """Every sample-level explainer id: ``--only`` picks among them."""
-    return [eid for eid, cls in registered().items() if cls.scope == "sample"]
+    return sample_level_ids()
 
 
 def _params(cls: type, loaded: Any) -> dict[str, Any]:

@@ -23,20 +23,15 @@ QUICK_EXPLAINERS = ["attention.summary", "relevancy.chefer", "inference.uncertai
 """``--quick`` builds examples of these only (a smoke run, not the measurement)."""
 
 
-def _sample_level_ids() -> list[str]:
-    from explainers.registry import registered
-
-    return sorted(eid for eid, cls in registered().items() if cls.scope == "sample")
-
-
 def report_size(ctx: BenchContext) -> BenchRow:
     """Bytes of the report of one demo sample explained by every sample-level explainer."""
     from explainers.demo.samples import generate_sample, to_explain_sample
+    from explainers.registry import sample_level_ids
     from reports.report import write_report
     from reports.runner import run_explainers
 
     loaded = ctx.models[MAIN]
-    ids = _sample_level_ids()
+    ids = sample_level_ids()
     params: dict[str, dict] = {}
     skipped = []
     if ctx.spec == "demo":  # training.compare needs a second checkpoint: the demo ships its early one
