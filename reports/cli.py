@@ -39,6 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    from explainers.allocator import keep_freed_memory
+
+    keep_freed_memory()  # batched CPU forwards reuse freed blocks instead of page-faulting fresh ones
     try:
         return int(args.func(args) or 0)
     except XmllmError as exc:

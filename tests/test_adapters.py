@@ -242,6 +242,8 @@ def test_hook_points_resolve_and_fire(family):
         assert {f"vision.blocks.{i}", f"vision.blocks.{i}.attn"} <= set(points)
     for i in range(n_decoder):
         assert {f"decoder.blocks.{i}", f"decoder.blocks.{i}.attn", f"decoder.blocks.{i}.mlp"} <= set(points)
+        # every family in transformers names its attention output projection o_proj
+        assert points[f"decoder.blocks.{i}.attn.out"] is points[f"decoder.blocks.{i}.attn"].o_proj
     assert {"projector", "decoder.final_norm", "lm_head", "decoder.embed"} <= set(points)
     assert points["lm_head"] is adapter.lm_head and points["decoder.final_norm"] is adapter.final_norm
 

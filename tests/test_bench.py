@@ -65,6 +65,8 @@ def test_every_discovered_case_gives_rows(report, model_dir):
     assert set(report["models"]) == {"demo"}  # --no-large: no 576-token model
     assert report["models"]["demo"]["spec"] == str(model_dir)
     assert report["quick"] is True and set(report["case_seconds"]) == cases
+    # the CLI keeps freed memory before any case runs, and the report says which allocator timed them
+    assert "freed memory kept" in report["allocator"] or report["allocator"].startswith("system default")
 
 
 @pytest.mark.slow

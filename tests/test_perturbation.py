@@ -28,12 +28,19 @@ from explainers.answering import generate_answer
 from explainers.context import ExplainSample, Prepared, prepare
 from explainers.demo.samples import generate_samples
 from explainers.methods.perturbation import (
+    ACTIVATION_BUDGET_CPU,
+    BATCH_SIZE_CPU,
+    LogitRows,
     Occlusion,
+    PixelCells,
     TextAblation,
     base_logprobs,
     baseline_pixels,
+    batch_size_for,
     cell_map,
     first_image_position,
+    logprobs_at,
+    occluded_logprobs,
     shared_prefix,
     windows,
 )
@@ -249,36 +256,52 @@ before the image."""
 
 
 @pytest.mark.parametrize("family", PREFIX_FAMILIES + WHOLE_FAMILIES)
-def test_prefix_cache_map_equals_the_uncached_map(family):
-    """The shared prefix cache is an optimisation only: with it, the map is the uncached map within
-    float tolerance where it applies; where it does not, occlusion runs whole and says so."""
+def test_shortcut_maps_equal_the_plain_map(family):
+    """The shared prefix cache and the logit-row cut are optimisations only: with them, the map is
+    the plain map within float tolerance where they apply; where the prefix does not, occlusion
+    runs whole and says so. Every family's last block is row-wise after attention."""
     prep = tiny_prepared(family)
     params = {"window": 2, "stride": 1, "batch_size": 3}  # overlapping windows, a short last batch
-    cached = Occlusion().explain(prep.loaded, prep, **params)
-    whole = Occlusion().explain(prep.loaded, prep, prefix_cache=False, **params)
-    assert whole.scores["prefix_tokens"] == 0 and whole.params["prefix_cache"] is False
+    fast = Occlusion().explain(prep.loaded, prep, **params)
+    plain = Occlusion().explain(prep.loaded, prep, prefix_cache=False, logit_rows=False, **params)
+    assert plain.scores["prefix_tokens"] == 0 and plain.params["prefix_cache"] is False
+    assert fast.meta["logit_rows_only"] is True and plain.meta["logit_rows_only"] is False
     for name in ("image", "image.answer"):
-        np.testing.assert_allclose(cached.maps[name], whole.maps[name], atol=ATOL)
-    assert np.abs(whole.maps["image"]).max() > 0 or family == "gemma3"
+        np.testing.assert_allclose(fast.maps[name], plain.maps[name], atol=ATOL)
+    assert np.abs(plain.maps["image"]).max() > 0 or family == "gemma3"
     if family in PREFIX_FAMILIES:
-        assert cached.scores["prefix_tokens"] == first_image_position(prep) >= 1
+        assert fast.scores["prefix_tokens"] == first_image_position(prep) >= 1
     else:
-        assert cached.scores["prefix_tokens"] == 0
+        assert fast.scores["prefix_tokens"] == 0
 
 
-def test_prefix_cache_refuses_a_reference_it_does_not_reproduce():
-    """The cache is trusted only after it reproduces the full forward's answer log-probabilities."""
+def test_shortcuts_refuse_a_reference_they_do_not_reproduce():
+    """The prefix cache and the logit-row cut are trusted only after the first forward's unoccluded
+    row reproduces the plain forward's answer log-probabilities; otherwise every copy runs plainly,
+    and the plain scores are still the true ones."""
     prep = tiny_prepared("llava")
     reference = base_logprobs(prep)
-    prefix = shared_prefix(prep, reference)
+    prefix = shared_prefix(prep)
     assert prefix is not None and prefix.length == first_image_position(prep)
-    assert shared_prefix(prep, reference + 1e-2) is None
+    sets = [w.positions for w in windows(prep.layouts[0], 2, 2, "main")]
+    pixels, cells = baseline_pixels(prep, "black"), PixelCells(cell_map(prep))
+    fast, used = occluded_logprobs(prep, pixels, cells, sets, 3, reference)
+    assert used["prefix_tokens"] == prefix.length and used["logit_rows_only"]
+    refused, fallback = occluded_logprobs(prep, pixels, cells, sets, 3, reference + 1e-2)
+    assert fallback == {"prefix_tokens": 0, "logit_rows_only": False,
+                        "forwards": 2 + math.ceil(len(sets) / 3)}  # prefix, the refused check, the plain ones
+    plain, none = occluded_logprobs(prep, pixels, cells, sets, 3, reference, prefix_cache=False, logit_rows=False)
+    assert none["forwards"] == math.ceil(len(sets) / 3)
+    torch.testing.assert_close(refused, plain, rtol=0, atol=0)
+    torch.testing.assert_close(fast, plain, rtol=0, atol=ATOL)
 
 
-def test_prefix_cache_bad_parameter():
+def test_shortcut_bad_parameters():
     prep = tiny_prepared("llava")
     with pytest.raises(ValueError, match="prefix_cache='yes'"):
         Occlusion().explain(prep.loaded, prep, prefix_cache="yes")
+    with pytest.raises(ValueError, match="logit_rows=1"):
+        Occlusion().explain(prep.loaded, prep, logit_rows=1)
 
 
 @pytest.mark.parametrize("family", ["llava_next", "idefics3", "qwen2_vl"])
@@ -295,3 +318,67 @@ def test_windows_reach_every_view_of_a_region_exactly_once(family):
     assert all(set(w.positions.tolist()) & main for w in wins)
     mapping = cell_map(prep)
     assert set(torch.unique(mapping).tolist()) - {-1} <= set(every.tolist())
+
+
+def test_logit_rows_run_the_last_block_on_the_logit_rows_only():
+    """Inside the cut, the last block's MLP and attention output projection see the logit rows only
+    (the work skipped), earlier blocks see every row, and the log-probabilities are unchanged."""
+    prep = tiny_prepared("llava")
+    points = prep.adapter.hook_points()
+    last = len(prep.adapter.decoder_layers()) - 1
+    watched = {name: points[name] for name in (f"decoder.blocks.{last}.mlp", f"decoder.blocks.{last}.attn.out",
+                                               f"decoder.blocks.{last - 1}.mlp")}
+    seen: dict[str, int] = {}
+    # a forward hook reads the input as the module ran on it (after any pre-hook's cut)
+    handles = [m.register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, a[0].shape[1]))
+               for n, m in watched.items()]
+    ids = torch.as_tensor(prep.answer.token_ids)
+    try:
+        with torch.inference_mode():
+            cut = logprobs_at(prep.model, dict(prep.inputs), prep.logit_positions, ids, rows=LogitRows.of(prep))
+            rows_cut = dict(seen)
+            plain = logprobs_at(prep.model, dict(prep.inputs), prep.logit_positions, ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    answer_rows = len(prep.answer.token_ids)
+    assert rows_cut == {f"decoder.blocks.{last}.mlp": answer_rows, f"decoder.blocks.{last}.attn.out": answer_rows,
+                        f"decoder.blocks.{last - 1}.mlp": prep.seq_len}
+    assert seen[f"decoder.blocks.{last}.mlp"] == prep.seq_len  # hooks gone: the next forward runs whole
+    torch.testing.assert_close(cut, plain, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "idefics3", "qwen2_vl"])
+def test_pixel_cells_mask_exactly_the_pixels_the_map_assigns(family):
+    """The sorted-run index masks, per copy, exactly the pixel values whose cell-map entry is one of
+    the set's positions (a plain ``isin`` over the whole map), tiles and padding included."""
+    prep = tiny_prepared(family)
+    mapping, pixels = cell_map(prep), prep.inputs["pixel_values"]
+    baseline = torch.full_like(pixels, 7.0)
+    positions = torch.unique(mapping[mapping >= 0])
+    sets = [positions[:1], positions[3:9], torch.empty(0, dtype=torch.long), positions[::5], positions]
+    copies = PixelCells(mapping).masked(pixels, baseline, sets).view(len(sets), *pixels.shape)
+    for copy, chosen in zip(copies, sets):
+        expected = torch.where(torch.isin(mapping, chosen), baseline, pixels)
+        assert torch.equal(copy, expected)
+    with pytest.raises(ValueError, match="cell map"):
+        PixelCells(mapping).masked(pixels[..., :-1], baseline, sets)
+
+
+def test_cpu_batch_size_fits_the_activation_budget():
+    """Small models get the full CPU batch; a model whose per-copy activation is wide gets as many
+    copies as fit the budget (LLaVA-1.5-7B's MLP width at 700 tokens: 8), never fewer than one."""
+    prep = tiny_prepared("llava")
+    assert batch_size_for(prep, None) == BATCH_SIZE_CPU
+    assert batch_size_for(prep, 5) == 5
+    text = prep.model.config.get_text_config()
+    before = text.intermediate_size
+    try:
+        text.intermediate_size = ACTIVATION_BUDGET_CPU // (8 * prep.seq_len)
+        assert batch_size_for(prep, None) == 8
+        text.intermediate_size = ACTIVATION_BUDGET_CPU  # one copy overflows the budget: still one
+        assert batch_size_for(prep, None) == 1
+    finally:
+        text.intermediate_size = before
+    with pytest.raises(ValueError, match="batch_size=0"):
+        batch_size_for(prep, 0)

@@ -11,6 +11,7 @@ with :mod:`explainers.methods.causal`.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -34,12 +35,18 @@ BASELINES: tuple[str, ...] = ("black", "mean", "blur", "noise")
 VIEWS: tuple[str, ...] = ("all", "main")
 """Which grids an occlusion reaches: every grid covering the region (all views of the image:
 tiles, global view, base view) or only the main grid."""
-BATCH_SIZE_CPU = 8
-"""Perturbed copies per forward on a CPU: larger batches spill the caches and gain nothing."""
-PREFIX_TOLERANCE = 1e-4
-"""Largest |difference| allowed between the unperturbed answer log-probabilities with and without
-the shared prefix cache before that cache is trusted (float32 forwards differ by ~1e-6); a family
-whose forward does not resume from a cache as a full forward would fails this and runs uncached."""
+BATCH_SIZE_CPU = 32
+"""Most perturbed copies per forward on a CPU: on the demo model 32 beats 8 by a fifth (fewer
+forwards, each with its fixed Python cost); on the 576-token bench model anything from 4 up costs
+the same. Large models get fewer (:data:`ACTIVATION_BUDGET_CPU`)."""
+ACTIVATION_BUDGET_CPU = 1 << 26
+"""Values in the largest activation of one CPU forward (copies x tokens x MLP width; 256 MiB in
+float32): it caps the copies per forward where a model is large, 8 for LLaVA-1.5-7B."""
+SHORTCUT_TOLERANCE = 1e-4
+"""Largest |difference| allowed between the unperturbed answer log-probabilities of a plain forward
+and of one through the shortcuts (shared prefix cache, logit rows only) before these are trusted
+(float32 forwards differ by ~1e-6); a family whose forward does not resume from a cache, or whose
+last block is not row-wise after attention, fails this and runs every copy plainly."""
 CACHE_KEYWORDS: tuple[str, ...] = ("cache", "past_key_values")
 """What a model's ``forward`` calls its key/value cache argument (transformers 5, then 4)."""
 BATCH_SIZE_ACCELERATOR = 32
@@ -135,7 +142,8 @@ class SharedPrefix:
     Occlusion changes pixels only, so every occluded copy shares this prefix token for token;
     each batched forward then runs just the rest of the sequence on a batch-wide copy of the cache
     instead of recomputing the prefix per copy (a third of the decoder's tokens on LLaVA-1.5 with
-    a long question). Built by :func:`shared_prefix`, which checks it against a full forward.
+    a long question). Built by :func:`shared_prefix`; trusted only once a resumed forward has
+    reproduced the full forward (see :func:`occluded_logprobs`).
     """
 
     length: int
@@ -161,22 +169,75 @@ def _per_token(key: str, value: Any, rows: int, seq_len: int) -> bool:
             and tuple(value.shape[:2]) == (rows, seq_len))
 
 
+class LogitRows:
+    """The last decoder block's work after its attention, run on the rows whose logits are read only.
+
+    After the last block's attention every operation (its output projection, norms, MLP, then the
+    final norm and LM head) acts on each row alone, and no later block reads the other rows. So
+    the attention output projection and the MLP of that block run on the logit rows only and the
+    other rows carry zeros that nothing reads: the kept rows are the same modules on the same
+    inputs, so the result is exact, and a teacher-forced forward skips about a sixth of the
+    decoder's work per copy on the demo model. Built by :meth:`of` from the adapter's hook points.
+    """
+
+    def __init__(self, modules: Sequence[torch.nn.Module]) -> None:
+        self.modules = tuple(modules)
+
+    @classmethod
+    def of(cls, prep: Prepared) -> LogitRows | None:
+        """The last block's ``.attn.out`` and ``.mlp`` points, or None where the adapter lacks one."""
+        points = prep.adapter.hook_points()
+        last = len(prep.adapter.decoder_layers()) - 1
+        names = (f"decoder.blocks.{last}.attn.out", f"decoder.blocks.{last}.mlp")
+        if last < 0 or any(name not in points for name in names):
+            return None
+        return cls([points[name] for name in names])
+
+    @contextmanager
+    def only(self, rows: torch.Tensor, seq_len: int) -> Iterator[None]:
+        """Within the block, the modules read rows ``rows`` of their (batch, ``seq_len``, d) input
+        and write them back into a zero (batch, ``seq_len``, d_out) output."""
+
+        def cut(module: torch.nn.Module, args: tuple) -> tuple:
+            hidden = args[0] if args else None
+            if not (torch.is_tensor(hidden) and hidden.dim() == 3 and hidden.shape[1] == seq_len):
+                raise RuntimeError(f"{type(module).__name__} input is not (batch, {seq_len}, hidden): rows not cut")
+            return (hidden.index_select(1, rows), *args[1:])
+
+        def scatter(module: torch.nn.Module, args: tuple, output: Any) -> torch.Tensor:
+            if not torch.is_tensor(output):
+                raise RuntimeError(f"{type(module).__name__} returns {type(output).__name__}, not a tensor")
+            return output.new_zeros(output.shape[0], seq_len, output.shape[-1]).index_copy_(1, rows, output)
+
+        handles = []
+        try:
+            for module in self.modules:
+                handles += [module.register_forward_pre_hook(cut), module.register_forward_hook(scatter)]
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
 def logprobs_at(model: torch.nn.Module, inputs: Mapping[str, Any], logit_positions: torch.Tensor,
-                token_ids: torch.Tensor | None, prefix: SharedPrefix | None = None) -> torch.Tensor:
+                token_ids: torch.Tensor | None, prefix: SharedPrefix | None = None,
+                rows: LogitRows | None = None) -> torch.Tensor:
     """One forward; log-softmax at ``logit_positions``: (batch, T, vocab), or with ``token_ids``
     the log-probability of token t at position t: (batch, T). With ``prefix`` the forward starts
-    after the shared prefix (positions stay those of the whole sequence)."""
-    kwargs: dict[str, Any] = {"use_cache": False}
+    after the shared prefix (positions stay those of the whole sequence); with ``rows`` the last
+    block's post-attention work runs on the logit rows only."""
+    call: dict[str, Any] = {**inputs, "use_cache": False}
     if prefix is not None:
-        resumed, logit_positions = prefix.resume(inputs, logit_positions)
-        inputs, kwargs = {}, resumed
-    device = kwargs.get("input_ids", inputs.get("input_ids")).device
-    pos = logit_positions.to(device)
-    if _accepts_logits_to_keep(model):
-        kwargs["logits_to_keep"] = pos
-        logits = model(**inputs, **kwargs).logits
-    else:
-        logits = model(**inputs, **kwargs).logits[:, pos]
+        call, logit_positions = prefix.resume(inputs, logit_positions)
+    ids = call["input_ids"]
+    pos = logit_positions.to(ids.device)
+    keep = _accepts_logits_to_keep(model)
+    if keep:
+        call["logits_to_keep"] = pos
+    with rows.only(pos, int(ids.shape[1])) if rows is not None else contextlib.nullcontext():
+        logits = model(**call).logits
+    if not keep:
+        logits = logits[:, pos]
     logp = torch.log_softmax(logits.float(), dim=-1)
     if token_ids is None:
         return logp
@@ -200,11 +261,10 @@ def first_image_position(prep: Prepared) -> int | None:
 
 
 @torch.inference_mode()
-def shared_prefix(prep: Prepared, reference: torch.Tensor) -> SharedPrefix | None:
+def shared_prefix(prep: Prepared) -> SharedPrefix | None:
     """The prefix cache for pixel perturbations of ``prep``, or None where it does not apply: no
-    tokens before the first image token, a forward without a cache argument, or one that does not
-    resume from it exactly (the unperturbed answer's log-probabilities through the cache must match
-    ``reference``, those of the full forward, within :data:`PREFIX_TOLERANCE`)."""
+    tokens before the first image token, or a forward without a cache argument. Not yet trusted:
+    :func:`occluded_logprobs` checks a resumed forward against the full one before using it."""
     keyword = _cache_keyword(prep.model)
     start = first_image_position(prep)
     ids = prep.inputs["input_ids"]
@@ -218,38 +278,48 @@ def shared_prefix(prep: Prepared, reference: torch.Tensor) -> SharedPrefix | Non
     if "attention_mask" in prep.inputs:
         head["attention_mask"] = prep.inputs["attention_mask"][:, :start]
     try:
-        out = prep.model(**head, **{keyword: None}, use_cache=True)
-        cache = getattr(out, "past_key_values", None)
-        if cache is None or not hasattr(cache, "batch_repeat_interleave") or cache.get_seq_length() != start:
-            return None
-        prefix = SharedPrefix(start, cache, keyword, int(ids.shape[1]))
-        check = logprobs_at(prep.model, dict(prep.inputs), prep.logit_positions, answer_ids(prep), prefix)[0].cpu()
+        cache = getattr(prep.model(**head, **{keyword: None}, use_cache=True), "past_key_values", None)
     except (TypeError, ValueError, RuntimeError, IndexError, KeyError, AttributeError, NotImplementedError):
-        return None  # a family whose forward cannot resume mid-sequence runs every copy whole
-    if check.shape != reference.shape or not bool(((check - reference).abs() <= PREFIX_TOLERANCE).all()):
         return None
-    return prefix
+    if cache is None or not hasattr(cache, "batch_repeat_interleave") or cache.get_seq_length() != start:
+        return None
+    return SharedPrefix(start, cache, keyword, int(ids.shape[1]))
 
 
 @torch.inference_mode()
 def batched_logprobs(model: torch.nn.Module, count: int, make_batch: Callable[[int, int], dict[str, Any]],
-                     batch_size: int, logit_positions: torch.Tensor,
-                     token_ids: torch.Tensor | None, prefix: SharedPrefix | None = None) -> torch.Tensor:
+                     batch_size: int, logit_positions: torch.Tensor, token_ids: torch.Tensor | None,
+                     prefix: SharedPrefix | None = None, rows: LogitRows | None = None) -> torch.Tensor:
     """Score ``count`` perturbed copies, ``batch_size`` per forward; ``make_batch(start, stop)``
-    builds the model inputs of copies ``start..stop-1``; ``prefix``: their shared prefix cache.
-    Returns (count, T) or (count, T, vocab)."""
+    builds the model inputs of copies ``start..stop-1``; ``prefix``: their shared prefix cache;
+    ``rows``: cut the last block to the logit rows. Returns (count, T) or (count, T, vocab)."""
     chunks = []
     for start in range(0, count, batch_size):
         stop = min(count, start + batch_size)
-        chunks.append(logprobs_at(model, make_batch(start, stop), logit_positions, token_ids, prefix).cpu())
+        chunks.append(logprobs_at(model, make_batch(start, stop), logit_positions, token_ids, prefix, rows).cpu())
     return torch.cat(chunks) if chunks else torch.empty(0)
 
 
 def batch_size_for(prep: Prepared, batch_size: int | None) -> int:
-    """``batch_size`` checked, or the device's default when None."""
-    if batch_size is None:
-        return BATCH_SIZE_CPU if torch.device(prep.loaded.device).type == "cpu" else BATCH_SIZE_ACCELERATOR
-    return positive_int("batch_size", batch_size)
+    """``batch_size`` checked, or the device's default when None: on a CPU, at most
+    :data:`BATCH_SIZE_CPU` and as many copies as fit :data:`ACTIVATION_BUDGET_CPU`."""
+    if batch_size is not None:
+        return positive_int("batch_size", batch_size)
+    if torch.device(prep.loaded.device).type != "cpu":
+        return BATCH_SIZE_ACCELERATOR
+    return max(1, min(BATCH_SIZE_CPU, ACTIVATION_BUDGET_CPU // (prep.seq_len * _widest_activation(prep))))
+
+
+def _widest_activation(prep: Prepared) -> int:
+    """The decoder's widest per-token activation: its MLP width (per-layer lists: their largest)."""
+    text = prep.model.config.get_text_config()
+    widths = [1]
+    for key in ("intermediate_size", "hidden_size"):
+        value = getattr(text, key, None)
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, int) and not isinstance(item, bool):
+                widths.append(item)
+    return max(widths)
 
 
 def answer_ids(prep: Prepared) -> torch.Tensor:
@@ -393,24 +463,44 @@ def baseline_pixels(prep: Prepared, kind: str, seed: int = 0, blur_radius: float
     return base
 
 
-def masked_pixels(pixels: torch.Tensor, baseline: torch.Tensor, mapping: torch.Tensor,
-                  position_sets: Sequence[torch.Tensor]) -> torch.Tensor:
-    """One copy of ``pixels`` per position set, those positions' pixels set to the baseline,
-    concatenated along dim 0 (the layout :func:`repeat_inputs` gives the other inputs)."""
-    # A lookup over the map's value range instead of ``torch.isin`` per copy: one gather per copy.
-    low = int(mapping.min()) if mapping.numel() else 0
-    span = int(mapping.max()) - low + 1 if mapping.numel() else 1
-    index = mapping - low
-    copies = []
-    for positions in position_sets:
-        wanted = positions.to(mapping.device).long() - low
-        lookup = torch.zeros(span, dtype=torch.bool, device=mapping.device)
-        lookup[wanted[(wanted >= 0) & (wanted < span)]] = True
-        copies.append(torch.where(lookup[index], baseline, pixels))
-    return torch.cat(copies, dim=0)
+class PixelCells:
+    """Which pixel values feed which image token, indexed once so that occluding a cell touches only
+    its own pixels.
+
+    Built from the adapter's ``pixel_cell_map`` (each pixel value -> the sequence position of the
+    image token covering it): the pixel indices sorted by position make every position's pixels
+    one contiguous run, so a copy with some cells occluded costs a copy of the image plus the
+    occluded pixels, not a pass over every pixel per copy.
+    """
+
+    def __init__(self, mapping: torch.Tensor) -> None:
+        flat = mapping.flatten()
+        self.shape = tuple(mapping.shape)
+        self.order = torch.argsort(flat, stable=True)
+        self.sorted = flat[self.order].contiguous()
+
+    def of(self, positions: torch.Tensor) -> torch.Tensor:
+        """Flat indices of the pixel values feeding any of ``positions``."""
+        wanted = torch.unique(positions.to(self.sorted.device).long())
+        low = torch.searchsorted(self.sorted, wanted).tolist()
+        high = torch.searchsorted(self.sorted, wanted, right=True).tolist()
+        runs = [self.order[a:b] for a, b in zip(low, high) if b > a]
+        return torch.cat(runs) if runs else self.order[:0]
+
+    def masked(self, pixels: torch.Tensor, baseline: torch.Tensor, position_sets: Sequence[torch.Tensor]) -> torch.Tensor:
+        """One copy of ``pixels`` per position set, those positions' pixels set to the baseline,
+        concatenated along dim 0 (the layout :func:`repeat_inputs` gives the other inputs)."""
+        if tuple(pixels.shape) != self.shape or tuple(baseline.shape) != self.shape:
+            raise ValueError(f"pixels {tuple(pixels.shape)} / baseline {tuple(baseline.shape)} != cell map {self.shape}")
+        copies = pixels.reshape(1, -1).repeat(len(position_sets), 1)
+        source = baseline.reshape(-1)
+        for row, positions in zip(copies, position_sets):
+            index = self.of(positions)
+            row[index] = source[index]
+        return copies.view(len(position_sets) * self.shape[0], *self.shape[1:])
 
 
-def pixel_batches(prep: Prepared, baseline: torch.Tensor, mapping: torch.Tensor,
+def pixel_batches(prep: Prepared, baseline: torch.Tensor, cells: PixelCells,
                   position_sets: Sequence[torch.Tensor]) -> Callable[[int, int], dict[str, Any]]:
     """``make_batch`` for :func:`batched_logprobs`: copy i has ``position_sets[i]`` occluded."""
     inputs = dict(prep.inputs)
@@ -418,10 +508,58 @@ def pixel_batches(prep: Prepared, baseline: torch.Tensor, mapping: torch.Tensor,
 
     def make(start: int, stop: int) -> dict[str, Any]:
         batch = repeat_inputs(inputs, stop - start)
-        batch["pixel_values"] = masked_pixels(pixels, baseline, mapping, position_sets[start:stop])
+        batch["pixel_values"] = cells.masked(pixels, baseline, position_sets[start:stop])
         return batch
 
     return make
+
+
+SHORTCUT_FAILURES = (TypeError, ValueError, RuntimeError, IndexError, KeyError, AttributeError, NotImplementedError)
+"""What a family whose forward cannot take a shortcut raises: that family scores plainly."""
+
+
+def occluded_logprobs(prep: Prepared, baseline: torch.Tensor, cells: PixelCells,
+                      position_sets: Sequence[torch.Tensor], batch_size: int, reference: torch.Tensor,
+                      *, prefix_cache: bool = True, logit_rows: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The answer tokens' log-probabilities with each set of positions occluded: (sets, T), and
+    which shortcuts scored them (``prefix_tokens``, ``logit_rows_only``) in how many ``forwards``.
+
+    Shortcuts are checked, not assumed: the first forward also scores the unoccluded image, and
+    only if that row matches ``reference`` (the plain forward's log-probabilities) within
+    :data:`SHORTCUT_TOLERANCE` do the shortcuts score the rest; otherwise every copy runs plainly.
+    """
+    ids = answer_ids(prep)
+    unoccluded = torch.empty(0, dtype=torch.long)
+    make = pixel_batches(prep, baseline, cells, [unoccluded, *position_sets])  # copy 0: the check
+
+    def after(first: int) -> Callable[[int, int], dict[str, Any]]:
+        return lambda start, stop: make(start + first, stop + first)
+
+    def forwards(count: int, size: int) -> int:
+        return -(-count // size)
+
+    prefix = shared_prefix(prep) if prefix_cache else None
+    ran = 0 if prefix is None else 1
+    rows = LogitRows.of(prep) if logit_rows else None
+    if prefix is not None or rows is not None:
+        first = min(len(position_sets), batch_size) + 1
+        ran += 1
+        try:
+            head = batched_logprobs(prep.model, first, make, first, prep.logit_positions, ids, prefix, rows)
+        except SHORTCUT_FAILURES:
+            head = None
+        if head is not None and head.shape[1:] == reference.shape and bool(
+                ((head[0] - reference).abs() <= SHORTCUT_TOLERANCE).all()):
+            parts = [head[1:]]
+            if len(position_sets) + 1 > first:
+                parts.append(batched_logprobs(prep.model, len(position_sets) + 1 - first, after(first), batch_size,
+                                              prep.logit_positions, ids, prefix, rows))
+            ran += forwards(len(position_sets) + 1 - first, batch_size)
+            return torch.cat(parts), {"prefix_tokens": prefix.length if prefix else 0,
+                                      "logit_rows_only": rows is not None, "forwards": ran}
+    plain = batched_logprobs(prep.model, len(position_sets), after(1), batch_size, prep.logit_positions, ids)
+    ran += forwards(len(position_sets), batch_size)
+    return plain, {"prefix_tokens": 0, "logit_rows_only": False, "forwards": ran}
 
 
 # --- prompt words ----------------------------------------------------------------------------------
@@ -541,11 +679,12 @@ class Occlusion(Explainer):
     def explain(self, model: Any, sample: Any, *, window: int = 1, stride: int | None = None,
                 baseline: str = "black", batch_size: int | None = None, seed: int = 0,
                 blur_radius: float | None = None, views: str = "all", fast_attention: bool = True,
-                prefix_cache: bool = True, **params: Any) -> Explanation:
+                prefix_cache: bool = True, logit_rows: bool = True, **params: Any) -> Explanation:
         if params:
             raise ValueError(f"{self.id}: unknown parameter(s) {', '.join(sorted(params))}")
-        if not isinstance(prefix_cache, bool):
-            raise ValueError(f"parameter prefix_cache={prefix_cache!r} must be true or false")
+        for name, flag in (("prefix_cache", prefix_cache), ("logit_rows", logit_rows)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"parameter {name}={flag!r} must be true or false")
         window = positive_int("window", window)
         stride = window if stride is None else positive_int("stride", stride)
         baseline = choice("baseline", baseline, BASELINES)
@@ -555,16 +694,14 @@ class Occlusion(Explainer):
         layout = first_layout(prep)
         grid = layout.main_grid
         radius = blur_radius_for(prep, blur_radius)
-        mapping = cell_map(prep)
+        cells = PixelCells(cell_map(prep))
         base = baseline_pixels(prep, baseline, seed, radius)
         wins = windows(layout, window, stride, views)
         ids = answer_ids(prep)
         with fused_attention(prep.model, fast_attention):
             original = base_logprobs(prep)
-            prefix = shared_prefix(prep, original) if prefix_cache else None
-            perturbed = batched_logprobs(prep.model, len(wins),
-                                         pixel_batches(prep, base, mapping, [w.positions for w in wins]),
-                                         batch_size, prep.logit_positions, ids, prefix)
+            perturbed, shortcuts = occluded_logprobs(prep, base, cells, [w.positions for w in wins], batch_size,
+                                                     original, prefix_cache=prefix_cache, logit_rows=logit_rows)
         drops = original[None, :] - perturbed  # (windows, T)
         total = torch.zeros(len(ids), grid.rows, grid.cols, dtype=torch.float64)
         count = torch.zeros(grid.rows, grid.cols, dtype=torch.float64)
@@ -578,7 +715,7 @@ class Occlusion(Explainer):
             self.id,
             {"window": window, "stride": stride, "baseline": baseline, "batch_size": batch_size, "seed": seed,
              "blur_radius": radius if baseline == "blur" else None, "views": views,
-             "fast_attention": fast_attention, "prefix_cache": prefix_cache},
+             "fast_attention": fast_attention, "prefix_cache": prefix_cache, "logit_rows": logit_rows},
             prep.target(),
         )
         exp.add("image", per_token, ("answer_token", "row", "col"))
@@ -589,13 +726,14 @@ class Occlusion(Explainer):
             "prob_answer_worst": float((original.sum() - answer_drop[worst]).exp()),
             "max_drop": float(answer_drop[worst]),
             "windows": float(len(wins)),
-            "forwards": float(1 + -(-len(wins) // batch_size)),
-            "prefix_tokens": float(prefix.length if prefix else 0),
+            "forwards": float(1 + shortcuts["forwards"]),
+            "prefix_tokens": float(shortcuts["prefix_tokens"]),
         })
         exp.meta.update({
             "grid": grid.name,
             "sign": SIGN_NOTE,
             "worst_window": {"row": wins[worst].row, "col": wins[worst].col, "cells": wins[worst].cells()},
+            "logit_rows_only": shortcuts["logit_rows_only"],
             "answer_logprobs": original.tolist(),
         })
         return exp

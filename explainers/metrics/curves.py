@@ -25,6 +25,7 @@ import torch
 
 from ..methods.perturbation import (
     BASELINES,
+    PixelCells,
     answer_ids,
     baseline_pixels,
     batch_size_for,
@@ -33,7 +34,6 @@ from ..methods.perturbation import (
     choice,
     first_layout,
     fused_attention,
-    masked_pixels,
     positive_int,
     repeat_inputs,
     window_positions,
@@ -83,7 +83,7 @@ class CurveRunner:
         self.fractions = [n / len(self.cells) for n in self.counts]
         self.tiebreak = np.random.default_rng([seed, 0xDE1]).permutation(len(self.cells))
         self.batch_size = batch_size_for(prepared, batch_size)
-        self.mapping = cell_map(prepared)
+        self.pixel_cells = PixelCells(cell_map(prepared))
         self.pixels = prepared.inputs["pixel_values"]
         self.base = baseline_pixels(prepared, self.baseline_kind, seed)
         self.forwards = 0
@@ -104,7 +104,7 @@ class CurveRunner:
         def make(start: int, stop: int) -> dict[str, Any]:
             batch = repeat_inputs(inputs, stop - start)
             batch["pixel_values"] = torch.cat(
-                [masked_pixels(a, b, self.mapping, [p]) for a, b, p in sources[start:stop]], dim=0)
+                [self.pixel_cells.masked(a, b, [p]) for a, b, p in sources[start:stop]], dim=0)
             return batch
 
         self.forwards += -(-len(sources) // self.batch_size)

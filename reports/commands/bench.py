@@ -186,7 +186,7 @@ def render(report: dict[str, Any]) -> str:
     """The report as text: the models, a table of the cases' ratios, one of the explainers'."""
     from ..bench.explainer_costs import MEMORY, TIME
 
-    parts = [f"xmllm bench on {report['device']} ({report['threads']} threads)"]
+    parts = [f"xmllm bench on {report['device']} ({report['threads']} threads; allocator: {report['allocator']})"]
     for label, info in report["models"].items():
         parts.append(f"  {label}: {info['spec']} ({info['model_type']}, {info['layers']} layers, "
                      f"{info['parameters'] / 1e6:.1f}M parameters, {info['dtype']})")
@@ -228,6 +228,8 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from explainers.allocator import allocator_state
+
     from ..bench import BenchContext
 
     with tempfile.TemporaryDirectory(prefix="xmllm-bench-") as scratch:
@@ -238,6 +240,7 @@ def run(args: argparse.Namespace) -> int:
             "model": args.model,
             "device": str(next(iter(models.values())).device),
             "threads": torch.get_num_threads(),
+            "allocator": allocator_state(),
             "quick": args.quick,
             "repeat": args.repeat,
             "models": describe(models, args.model),

@@ -127,6 +127,8 @@ class ModelAdapter:
     # Relative to the language model and its blocks.
     decoder_layers_attr: ClassVar[str] = "layers"
     decoder_attn_attr: ClassVar[str] = "self_attn"
+    # Relative to a block's attention: its output projection (heads -> residual stream).
+    decoder_attn_out_attr: ClassVar[str] = "o_proj"
     decoder_mlp_attr: ClassVar[str] = "mlp"
     # Relative to a block's MLP: its activation function (the gate's nonlinearity) and its output
     # projection, whose input holds the MLP's neuron values.
@@ -436,7 +438,8 @@ class ModelAdapter:
         """Stable, family-independent names for the modules explainers hook, in forward order.
 
         ``decoder.blocks.{i}`` outputs the residual stream after block i; ``.attn`` and ``.mlp``
-        are its self-attention and MLP modules; where the MLP has them, ``.mlp.act`` is its
+        are its self-attention and MLP modules; ``.attn.out`` is the attention's output projection
+        where it has one; where the MLP has them, ``.mlp.act`` is its
         activation function (output: ``act(gate)`` per neuron) and ``.mlp.down`` its output
         projection, whose *input* holds the neuron values (``act(gate) * up`` in gated MLPs);
         ``decoder.embed`` outputs the token embeddings before image features are written in.
@@ -449,7 +452,11 @@ class ModelAdapter:
         points["decoder.embed"] = self.input_embeddings
         for i, block in enumerate(self.decoder_layers()):
             points[f"decoder.blocks.{i}"] = block
-            points[f"decoder.blocks.{i}.attn"] = self._first_child(block, (self.decoder_attn_attr,), "attention")
+            attn = self._first_child(block, (self.decoder_attn_attr,), "attention")
+            points[f"decoder.blocks.{i}.attn"] = attn
+            out = getattr(attn, self.decoder_attn_out_attr, None)
+            if isinstance(out, nn.Module):
+                points[f"decoder.blocks.{i}.attn.out"] = out
             mlp = self._first_child(block, (self.decoder_mlp_attr,), "MLP")
             points[f"decoder.blocks.{i}.mlp"] = mlp
             for suffix, attr in (("act", self.decoder_mlp_act_attr), ("down", self.decoder_mlp_down_attr)):
