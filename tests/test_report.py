@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -379,3 +380,21 @@ def test_big_attention_is_cut_by_heads_then_layers_with_notes() -> None:
     layers = smaller.lead[1].labels
     assert layers[-1] == "7" and len(layers) < 8 and any("evenly spaced" in n for n in smaller.notes)
     assert isinstance(smaller, Slab)
+
+
+def test_a_run_renders_to_the_same_bytes_every_time(run_dir, page, tmp_path) -> None:
+    """Bokeh's ids come from a process-wide counter and uuid4: seeded by the run, a re-render (after
+    other pages moved the counter on) is byte-identical, and another sample's page gets other ids."""
+    from bokeh.plotting import figure
+    from bokeh.embed import components
+
+    components(figure())  # the process's counter and uuids move on
+    assert render_report(run_dir) == page
+    ids = set(re.findall(r'id="([0-9a-f-]{36})"', page))
+    assert ids, "the page holds Bokeh roots"
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    manifest = _manifest(other)
+    manifest["sample"]["sha256"] = "0" * 64
+    (other / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    assert not ids & set(re.findall(r'id="([0-9a-f-]{36})"', render_report(other)))

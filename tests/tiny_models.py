@@ -541,7 +541,17 @@ def _gemma3():
         boi_token_id=tokenizer.boi_token_id,
         eoi_token_id=tokenizer.eoi_token_id,
     )
-    return _seeded(lambda: Gemma3ForConditionalGeneration(config)), processor
+
+    def build() -> torch.nn.Module:
+        model = Gemma3ForConditionalGeneration(config)
+        # transformers initialises the projector's matrix to zeros: every image would reach the
+        # decoder as the same all-zero features, and no pixel could change an answer
+        with torch.no_grad():
+            weight = model.model.multi_modal_projector.mm_input_projection_weight
+            weight.normal_(0.0, weight.shape[0] ** -0.5)
+        return model
+
+    return _seeded(build), processor
 
 
 _BUILDERS: dict[str, Callable[[], tuple]] = {

@@ -13,11 +13,24 @@ REPORT_NAME = "report.html"
 
 
 def render_report(run_dir: Path) -> str:
-    """The HTML page of the run saved in ``run_dir``."""
+    """The HTML page of the run saved in ``run_dir``: the same bytes on every render of it."""
+    from .ids import stable_bokeh_ids
     from .render import render_run
     from .run import load_run
 
-    return render_run(load_run(Path(run_dir)))
+    run = load_run(Path(run_dir))
+    with stable_bokeh_ids(id_seed(run.manifest)):
+        return render_run(run)
+
+
+def id_seed(manifest: dict) -> str:
+    """What seeds a page's element ids: the run's sample, explainers and seed (not its timings or
+    creation time, so that two audits of one sample render alike)."""
+    import json
+
+    sample = manifest.get("sample") if isinstance(manifest.get("sample"), dict) else {}
+    return json.dumps({"sample": sample.get("sha256"), "explainers": manifest.get("explainers"),
+                       "seed": manifest.get("seed")}, sort_keys=True, default=str)
 
 
 def write_report(run_dir: Path, out: Path | None = None) -> Path:

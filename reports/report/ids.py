@@ -1,10 +1,10 @@
-"""Stable element ids in a rendered report, so that two runs of one audit write identical pages.
+"""Stable element ids in a rendered report, so that a run renders to the same bytes every time.
 
 Bokeh names its models with a process-wide counter (``p1234``: it depends on what the process
 rendered before) and its documents and root elements with ``uuid.uuid4()``. While a report is
 rendered inside :func:`stable_bokeh_ids`, the counter starts from a fixed base and the UUIDs come
-from a generator seeded by the sample's key: unique within the page (all a page needs), the same
-on every run and on every worker.
+from a generator seeded by the run (its sample, explainers and seed): unique within the page (all
+a page needs), the same on every render, in every process and on every audit worker.
 """
 from __future__ import annotations
 
