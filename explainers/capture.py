@@ -27,6 +27,7 @@ import torch
 
 from .answering import generate_answer
 from .context import ExplainSample, Prepared, prepare
+from .hooks import Hooks
 
 if TYPE_CHECKING:  # pragma: no cover
     from .models import LoadedModel
@@ -210,7 +211,7 @@ class AttentionRecorder:
         self.rollout = rollout
         self.vision = vision
         self.vision_depth = vision_depth
-        self._handles: list[Any] = []
+        self._hooks = Hooks()
         self.hook_seconds = 0.0
         """Wall time spent inside the hooks (host side): the capture's own cost on a CPU."""
         self._on_device: dict[tuple[str, torch.device], torch.Tensor] = {}
@@ -312,21 +313,23 @@ class AttentionRecorder:
         return timed
 
     def __enter__(self) -> "AttentionRecorder":
-        points = self.adapter.hook_points()
-        layers = len(self.adapter.decoder_layers())
-        for i in range(layers):
-            name = DECODER_ATTN.format(i)
-            self._handles.append(points[name].register_forward_hook(self._timed(self._decoder_hook(i, name))))
-        if self.vision is not None:
-            for i in range(len(self.adapter.vision_layers())):
-                name = VISION_ATTN.format(i)
-                self._handles.append(points[name].register_forward_hook(self._timed(self._vision_hook(i, name))))
+        try:  # a failed registration never reaches __exit__: take off the hooks added so far here
+            points = self.adapter.hook_points()
+            layers = len(self.adapter.decoder_layers())
+            for i in range(layers):
+                name = DECODER_ATTN.format(i)
+                self._hooks.add(points[name].register_forward_hook(self._timed(self._decoder_hook(i, name))))
+            if self.vision is not None:
+                for i in range(len(self.adapter.vision_layers())):
+                    name = VISION_ATTN.format(i)
+                    self._hooks.add(points[name].register_forward_hook(self._timed(self._vision_hook(i, name))))
+        except BaseException:
+            self._hooks.remove()
+            raise
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._hooks.remove()
 
     # --- results ---------------------------------------------------------------------------
 

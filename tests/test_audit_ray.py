@@ -6,11 +6,10 @@ import json
 import os
 
 import pytest
+import ray  # a test dependency (users get it with the "distributed" extra): absent, this fails, not skips
 from test_audit import compare_outputs, model, write_config, write_set  # noqa: F401  (model is a fixture)
 
 from reports.audit import load_config, run_audit
-
-ray = pytest.importorskip("ray", reason="Ray is optional: pip install 'xmllm[distributed]'")
 
 
 AGENT_WAIT_MS = "300000"

@@ -16,6 +16,7 @@ import torch
 
 from ..context import Prepared, as_prepared
 from ..explanation import Explanation
+from ..hooks import Hooks
 from ..registry import Citation, Explainer, register
 from .perturbation import (
     BASELINES,
@@ -159,16 +160,13 @@ def gradient_importance(prep: Prepared, masker: Masker, units: Sequence[Unit]) -
     unit's pixels (cells) or the word's embedding (words), from one backward pass."""
     embed = prep.adapter.input_embeddings
     captured: list[torch.Tensor] = []
-    handle = embed.register_forward_hook(lambda module, args, out: captured.append(out) if not captured else None)
     pixels = masker.inputs["pixel_values"].detach().clone().requires_grad_(True)
-    try:
-        with torch.enable_grad():
-            target = logprobs_at(prep.model, {**masker.inputs, "pixel_values": pixels}, prep.logit_positions[:1],
-                                 answer_ids(prep)[:1])[0, 0]
-            wanted = [pixels] + ([captured[0]] if any(u.kind == "word" for u in units) else [])
-            grads = torch.autograd.grad(target, wanted)
-    finally:
-        handle.remove()
+    with Hooks() as hooks, torch.enable_grad():
+        hooks.add(embed.register_forward_hook(lambda module, args, out: captured.append(out) if not captured else None))
+        target = logprobs_at(prep.model, {**masker.inputs, "pixel_values": pixels}, prep.logit_positions[:1],
+                             answer_ids(prep)[:1])[0, 0]
+        wanted = [pixels] + ([captured[0]] if any(u.kind == "word" for u in units) else [])
+        grads = torch.autograd.grad(target, wanted)
     with torch.no_grad():
         pixel_contrib = (grads[0] * (pixels - masker.baseline)).double()
         scores = []

@@ -28,6 +28,7 @@ from torch import nn
 from ..answering import generate_answer, is_correct, normalise
 from ..context import ExplainSample, Prepared
 from ..explanation import Explanation, Target
+from ..hooks import Hooks
 from ..models.layout import ImageLayout, PatchGrid
 from ..registry import Citation, Explainer, Need, register
 from .gradient import default_cam_layer
@@ -217,11 +218,9 @@ class DecoderInputEdit:
 
 @contextlib.contextmanager
 def edited_decoder_input(adapter: Any, edit: DecoderInputEdit) -> Iterator[DecoderInputEdit]:
-    handle = adapter.decoder_layers()[0].register_forward_pre_hook(edit, with_kwargs=True)
-    try:
+    with Hooks() as hooks:
+        hooks.add(adapter.decoder_layers()[0].register_forward_pre_hook(edit, with_kwargs=True))
         yield edit
-    finally:
-        handle.remove()
 
 
 def pool_by_position(values: torch.Tensor, token_map: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,14 +250,11 @@ def site_features(loaded: Any, sample: ExplainSample, vision_layer: int | None
     def vision_output(_module: nn.Module, _args: tuple, output: Any) -> None:
         store.setdefault("vision", output[0] if isinstance(output, (tuple, list)) else output)
 
-    handles = [adapter.decoder_layers()[0].register_forward_pre_hook(decoder_input, with_kwargs=True)]
-    if vision_layer is not None:
-        handles.append(adapter.vision_layers()[vision_layer].register_forward_hook(vision_output))
-    try:
+    with Hooks() as hooks:
+        hooks.add(adapter.decoder_layers()[0].register_forward_pre_hook(decoder_input, with_kwargs=True))
+        if vision_layer is not None:
+            hooks.add(adapter.vision_layers()[vision_layer].register_forward_hook(vision_output))
         loaded.model(**inputs, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
     features = {PROJECTOR_SITE: store[PROJECTOR_SITE]}
     if vision_layer is None:
         return inputs, features, None

@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw
 
 from ..context import ExplainSample
 from ..explanation import Explanation, Target
+from ..hooks import Hooks
 from ..registry import Citation, Explainer, Need, register
 from .gradient import default_cam_layer
 from .perturbation import choice, positive_int
@@ -236,8 +237,6 @@ class PromptStates:
 
 @contextlib.contextmanager
 def _hooks(adapter: Any, store: dict[str, Any], vision: bool) -> Iterator[None]:
-    handles = []
-
     def keep(key: str):
         def hook(_module: Any, _args: Any, output: Any) -> None:
             if key in store:
@@ -250,17 +249,14 @@ def _hooks(adapter: Any, store: dict[str, Any], vision: bool) -> Iterator[None]:
         store["input"] = (args[0] if args else kwargs["hidden_states"]).detach()
 
     blocks = adapter.decoder_layers()
-    handles.append(blocks[0].register_forward_pre_hook(keep_input, with_kwargs=True))
-    for i, block in enumerate(blocks):
-        handles.append(block.register_forward_hook(keep(f"block{i}")))
-    if vision:
-        layer = default_cam_layer(adapter)
-        handles.append(adapter.vision_layers()[layer].register_forward_hook(keep("vision")))
-    try:
+    with Hooks() as hooks:
+        hooks.add(blocks[0].register_forward_pre_hook(keep_input, with_kwargs=True))
+        for i, block in enumerate(blocks):
+            hooks.add(block.register_forward_hook(keep(f"block{i}")))
+        if vision:
+            layer = default_cam_layer(adapter)
+            hooks.add(adapter.vision_layers()[layer].register_forward_hook(keep("vision")))
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @torch.inference_mode()

@@ -24,6 +24,7 @@ import torch
 
 from ..context import Prepared, as_prepared
 from ..explanation import Explanation
+from ..hooks import Hooks
 from ..models.layout import ImageLayout, PatchGrid
 from ..registry import Citation, Explainer, Need, register
 from .perturbation import baseline_pixels, choice, default_blur_radius, logprobs_at, positive_int, repeat_inputs
@@ -468,11 +469,9 @@ def keep_output(module: torch.nn.Module, store: list[torch.Tensor]) -> Iterator[
     def hook(_module: torch.nn.Module, _args: Any, output: Any) -> None:
         store.append(output[0] if isinstance(output, (tuple, list)) else output)
 
-    handle = module.register_forward_hook(hook)
-    try:
+    with Hooks() as hooks:
+        hooks.add(module.register_forward_hook(hook))
         yield
-    finally:
-        handle.remove()
 
 
 @register

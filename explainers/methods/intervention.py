@@ -29,6 +29,7 @@ from ..answering import generate_answer
 from ..capture import EAGER, attn_implementations
 from ..context import ExplainSample, Prepared, as_prepared, prepare
 from ..explanation import Explanation
+from ..hooks import Hooks
 from ..registry import Citation, Explainer, Need, register
 from .perturbation import (
     an_int,
@@ -234,15 +235,11 @@ class Knockout:
 
     @contextmanager
     def hooked(self) -> Iterator["Knockout"]:
-        handles = []
-        try:
+        with Hooks() as hooks:
             for i in range(self.layers):
                 module = _hook_point(self.prep, f"{LAYER_POINT.format(i)}.attn")
-                handles.append(module.register_forward_pre_hook(self._hook(i), with_kwargs=True))
+                hooks.add(module.register_forward_pre_hook(self._hook(i), with_kwargs=True))
             yield self
-        finally:
-            for handle in handles:
-                handle.remove()
 
     def _kernel(self, module: torch.nn.Module) -> str:
         config = getattr(module, "config", None)
@@ -485,15 +482,13 @@ class Patcher:
 
     @contextmanager
     def _hooks(self, make: Callable[[str], Callable], noise: bool) -> Iterator[None]:
-        handles = [_hook_point(self.prep, p).register_forward_hook(make(p)) for p in self.points]
-        if noise and self.corrupted.noise is not None:
-            first = _hook_point(self.prep, LAYER_POINT.format(0))
-            handles.append(first.register_forward_pre_hook(self._noise, with_kwargs=True))
-        try:
+        with Hooks() as hooks:
+            for p in self.points:
+                hooks.add(_hook_point(self.prep, p).register_forward_hook(make(p)))
+            if noise and self.corrupted.noise is not None:
+                first = _hook_point(self.prep, LAYER_POINT.format(0))
+                hooks.add(first.register_forward_pre_hook(self._noise, with_kwargs=True))
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     # -- runs --
     @torch.inference_mode()
@@ -565,11 +560,9 @@ def noise_corruption(prep: Prepared, scale: float, seed: int) -> Corrupted:
         hidden = args[0] if args else kwargs["hidden_states"]
         seen["all"] = hidden[0].float().cpu()
 
-    handle = _hook_point(prep, LAYER_POINT.format(0)).register_forward_pre_hook(grab, with_kwargs=True)
-    try:
+    with Hooks() as hooks:
+        hooks.add(_hook_point(prep, LAYER_POINT.format(0)).register_forward_pre_hook(grab, with_kwargs=True))
         logprobs_at(prep.model, dict(prep.inputs), prep.logit_positions[-1:], None)
-    finally:
-        handle.remove()
     std = float(seen["all"].std())
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((positions.numel(), seen["all"].shape[-1]), generator=generator) * (scale * std)

@@ -20,6 +20,7 @@ import torch
 
 from ..context import Prepared, as_prepared
 from ..explanation import Explanation
+from ..hooks import Hooks
 from ..registry import Citation, Explainer, register
 from .attention import grid_names
 from .perturbation import positive_int
@@ -76,12 +77,10 @@ def residual_states(prep: Prepared, positions: torch.Tensor, layers: Sequence[in
 
         return hook
 
-    handles = [points[BLOCK_POINT.format(i)].register_forward_hook(keep(i)) for i in layers]
-    try:
+    with Hooks() as hooks:
+        for i in layers:
+            hooks.add(points[BLOCK_POINT.format(i)].register_forward_hook(keep(i)))
         out = prep.forward(use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
     missing = [i for i in layers if i not in kept]
     if missing:
         raise RuntimeError(f"decoder blocks {missing} did not run in the forward")

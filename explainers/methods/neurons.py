@@ -31,6 +31,7 @@ from torch import nn
 from ..answering import generate_answer, is_correct
 from ..context import ExplainSample, Prepared, as_prepared
 from ..explanation import Explanation, Target
+from ..hooks import Hooks
 from ..registry import Citation, Explainer, Need, register
 from .gradient import grid_names, inputs_only_gradients
 from .perturbation import answer_ids, batch_size_for, choice, fused_attention, logprobs_at, positive_int, repeat_inputs
@@ -167,12 +168,10 @@ def on_values(space: NeuronSpace, fn: Callable[[int, torch.Tensor], torch.Tensor
 
         return hook
 
-    handles = [m.register_forward_pre_hook(hook_for(i)) for i, m in enumerate(space.values)]
-    try:
+    with Hooks() as hooks:
+        for i, m in enumerate(space.values):
+            hooks.add(m.register_forward_pre_hook(hook_for(i)))
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextlib.contextmanager
@@ -187,12 +186,10 @@ def on_activations(space: NeuronSpace, fn: Callable[[int, torch.Tensor], None], 
 
         return hook
 
-    handles = [m.register_forward_hook(hook_for(i)) for i, m in enumerate(space.activations)]
-    try:
+    with Hooks() as hooks:
+        for i, m in enumerate(space.activations):
+            hooks.add(m.register_forward_hook(hook_for(i)))
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 class Ablation:

@@ -26,6 +26,7 @@ from PIL import Image, ImageFilter
 from ..capture import attn_implementations
 from ..context import Prepared, as_prepared
 from ..explanation import Explanation
+from ..hooks import Hooks
 from ..models.layout import ImageLayout, PatchGrid
 from ..registry import Citation, Explainer, register
 
@@ -212,14 +213,11 @@ class LogitRows:
                 raise RuntimeError(f"{type(module).__name__} returns {type(output).__name__}, not a tensor")
             return output.new_zeros(output.shape[0], seq_len, output.shape[-1]).index_copy_(1, rows, output)
 
-        handles = []
-        try:
+        with Hooks() as hooks:
             for module in self.modules:
-                handles += [module.register_forward_pre_hook(cut), module.register_forward_hook(scatter)]
+                hooks.add(module.register_forward_pre_hook(cut))
+                hooks.add(module.register_forward_hook(scatter))
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
 
 def logprobs_at(model: torch.nn.Module, inputs: Mapping[str, Any], logit_positions: torch.Tensor,

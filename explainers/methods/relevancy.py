@@ -47,6 +47,7 @@ import torch
 from ..capture import attn_implementations, eager_attention
 from ..context import ExplainSample, Prepared, as_prepared
 from ..explanation import Explanation
+from ..hooks import Hooks
 from ..models.errors import AdapterError
 from ..registry import Citation, Explainer, Need, register
 
@@ -125,19 +126,15 @@ def _attention_modules(prepared: Prepared, prefix: str) -> list[tuple[str, torch
 def _capture(modules: list[tuple[str, torch.nn.Module]]) -> Iterator[dict[str, list[Any]]]:
     """Forward hooks keeping each attention module's weights (its output[1]), graph attached."""
     store: dict[str, list[Any]] = {name: [] for name, _ in modules}
-    handles = []
-    for name, module in modules:
+    with Hooks() as hooks:
+        for name, module in modules:
 
-        def hook(_module: torch.nn.Module, _args: Any, output: Any, name: str = name) -> None:
-            weights = output[1] if isinstance(output, (tuple, list)) and len(output) > 1 else None
-            store[name].append(weights)
+            def hook(_module: torch.nn.Module, _args: Any, output: Any, name: str = name) -> None:
+                weights = output[1] if isinstance(output, (tuple, list)) and len(output) > 1 else None
+                store[name].append(weights)
 
-        handles.append(module.register_forward_hook(hook))
-    try:
+            hooks.add(module.register_forward_hook(hook))
         yield store
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextlib.contextmanager
@@ -149,11 +146,9 @@ def _embeddings_require_grad(prepared: Prepared) -> Iterator[None]:
             return output.detach().requires_grad_().clone()
         return None
 
-    handle = prepared.adapter.hook_points()["decoder.embed"].register_forward_hook(hook)
-    try:
+    with Hooks() as hooks:
+        hooks.add(prepared.adapter.hook_points()["decoder.embed"].register_forward_hook(hook))
         yield
-    finally:
-        handle.remove()
 
 
 def _single_weights(explainer: str, prepared: Prepared, store: dict[str, list[Any]], what: str) -> list[torch.Tensor]:
@@ -303,16 +298,14 @@ class _RowStream:
 
 
 class _EagerTaps:
-    """Tensor hooks on eager attention weights that hand each layer's gradient to a :class:`_RowStream`."""
+    """Tensor hooks on eager attention weights that hand each layer's gradient to a :class:`_RowStream`;
+    they live as long as ``hooks``'s block."""
 
-    def __init__(self, stream: _RowStream, weights: list[torch.Tensor]) -> None:
+    def __init__(self, stream: _RowStream, weights: list[torch.Tensor], hooks: Hooks) -> None:
         self.stream = stream
         self.weights = [w.detach() for w in weights]
-        self.handles = [w.register_hook(self._hook(layer)) for layer, w in enumerate(weights)]
-
-    def close(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+        for layer, w in enumerate(weights):
+            hooks.add(w.register_hook(self._hook(layer)))
 
     def _hook(self, layer: int):
         def hook(grad: torch.Tensor) -> None:
@@ -672,11 +665,9 @@ def compute_relevancy(
     if kernel is not None:
         calls = _streamed_rows(kernel.stream, scalars, starts, decoder_rows, kernel.anchor)
     elif streamed:
-        taps = _EagerTaps(_RowStream(len(decoder_weights)), decoder_weights)
-        try:
+        with Hooks() as hooks:
+            taps = _EagerTaps(_RowStream(len(decoder_weights)), decoder_weights, hooks)
             calls = _streamed_rows(taps.stream, scalars, starts, decoder_rows, decoder_weights[0])
-        finally:
-            taps.close()
     else:
         calls = 0
         for first in range(0, scalars.numel(), batch):

@@ -26,6 +26,7 @@ import torch
 from ..capture import capture_forward, eager_attention
 from ..context import Prepared, as_prepared
 from ..explanation import Explanation
+from ..hooks import Hooks
 from ..registry import Citation, Explainer, Need, register
 from .attention import grid_names
 from .lens import no_extra
@@ -83,13 +84,10 @@ def dropped_tokens(prep: Prepared, drop: torch.Tensor, from_layer: int = 0) -> I
             )
         return args, {**kwargs, "attention_mask": block_keys(mask, drop)}
 
-    handles = [points[ATTN_POINT.format(i)].register_forward_pre_hook(pre, with_kwargs=True)
-               for i in range(from_layer, count)]
-    try:
+    with Hooks() as hooks:
+        for i in range(from_layer, count):
+            hooks.add(points[ATTN_POINT.format(i)].register_forward_pre_hook(pre, with_kwargs=True))
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def dropped_logprobs(prep: Prepared, drop_sets: Sequence[torch.Tensor], from_layer: int, batch_size: int) -> torch.Tensor:
