@@ -140,10 +140,19 @@ def run_explainers(
         "params": {eid: params.get(eid, {}) for eid in ids},
         "timings_seconds": {k: round(v, 4) for k, v in timings.items()},
         "versions": package_versions(),
+        # float sums split across threads add up in another order: the last bits of every number
+        # depend on this count, so it is part of what makes a run reproducible
+        "torch_threads": _torch_threads(),
     }
     if faithful is not None:
         manifest["faithfulness"] = faithful
     return RunResult(prepared, explanations, manifest)
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def faithfulness_entry(loaded: "LoadedModel", prepared: "Prepared", explanations: "list[Explanation]",

@@ -6,7 +6,8 @@ import json
 import os
 
 import pytest
-import ray  # a test dependency (users get it with the "distributed" extra): absent, this fails, not skips
+import ray
+import torch  # a test dependency (users get it with the "distributed" extra): absent, this fails, not skips
 from test_audit import compare_outputs, model, write_config, write_set  # noqa: F401  (model is a fixture)
 
 from reports.audit import load_config, run_audit
@@ -31,10 +32,19 @@ def local_ray():
 def test_ray_with_two_workers_matches_local(tmp_path, model, local_ray):  # noqa: F811
     write_set(tmp_path / "set", 4, seed=7)
     cfg = write_config(tmp_path / "audit.yaml", model, probes=["blank_image", "pope"])
-    local = run_audit(load_config(cfg), tmp_path / "local", progress=False)
+    # each actor gets one CPU, so one torch thread: the local run must sum floats in the same
+    # order to give the same last bits (two threads differ by ~1e-7, and the manifests say so)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        local = run_audit(load_config(cfg), tmp_path / "local", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert local.executor["torch_threads"] == 1
     on_ray = run_audit(load_config(cfg, {"executor.kind": "ray", "executor.workers": 2, "executor.num_cpus": 1}),
                        tmp_path / "ray", progress=False)
     assert on_ray.executor["executor"] == "ray" and on_ray.executor["workers"] == 2
+    assert on_ray.executor["torch_threads"] == 1
     assert (on_ray.computed, on_ray.total) == (4, 4)
     run_info = json.loads((tmp_path / "ray" / "run.json").read_text())
     assert run_info["executor"] == "ray"

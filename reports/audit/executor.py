@@ -24,13 +24,16 @@ def run_local(tasks: Iterable[SampleTask], spec: WorkerSpec, options: ExecutorCo
     worker = AuditWorker(spec)
     for task in tasks:
         done(worker.process(task))
-    return {"executor": "local", "workers": 1}
+    import torch
+
+    return {"executor": "local", "workers": 1, "torch_threads": torch.get_num_threads()}
 
 
 def run_ray(tasks: Iterable[SampleTask], spec: WorkerSpec, options: ExecutorConfig, done: Done) -> dict[str, Any]:
     with RayPool(spec, options) as pool:
         pool.map(tasks, done)
         return {"executor": "ray", "workers": len(pool.actors), "num_cpus": options.num_cpus,
+                "torch_threads": max(1, int(options.num_cpus)),
                 "num_gpus": options.num_gpus, "address": options.address or "local"}
 
 
