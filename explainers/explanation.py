@@ -9,13 +9,13 @@ per answer token (by position: a repeated word keeps its own map). Saving writes
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+
+from .files import atomic
 
 FORMAT_VERSION = 1
 
@@ -98,8 +98,8 @@ def save_explanations(explanations: list[Explanation], npz_path: Path, json_path
     """Many explanations in one ``.npz`` (keys ``explainer/map``) plus one JSON manifest."""
     arrays = {f"{e.explainer}/{name}": arr for e in explanations for name, arr in e.maps.items()}
     manifest = {**(extra or {}), "explanations": [e.header() for e in explanations]}
-    _atomic(npz_path, lambda fh: np.savez_compressed(fh, **arrays), binary=True)
-    _atomic(json_path, lambda fh: fh.write(json.dumps(manifest, indent=1, sort_keys=True, default=_json_default)))
+    atomic(npz_path, lambda fh: np.savez_compressed(fh, **arrays), binary=True)
+    atomic(json_path, lambda fh: fh.write(json.dumps(manifest, indent=1, sort_keys=True, default=_json_default)))
 
 
 def load_explanations(npz_path: Path, json_path: Path) -> list[Explanation]:
@@ -128,16 +128,3 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def _atomic(path: Path, write, binary: bool = False) -> None:
-    """Write to a temporary file beside ``path``, then rename: no half-written output."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -31,7 +31,6 @@ import importlib
 import importlib.util
 import json
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -39,6 +38,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
+
+from explainers.files import replace_dir
 
 from .cache import DEFAULT_CACHE_DIR, RunCache, cache_key
 from .errors import XmllmError
@@ -165,17 +166,6 @@ def _report_writer() -> Callable[[Path, Path], Any] | None:
     except ImportError:
         return None
     return write_report
-
-
-def _replace_dir(staged: Path, final: Path) -> None:
-    """Put ``staged`` in ``final``'s place: the old folder is removed only after the rename."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(staged, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _check_out(out: Path) -> None:
@@ -508,8 +498,8 @@ def build_site(opts: BuildOptions) -> BuildSummary:
             write_tree(staged, site.pages)
             (staged / GENERATED).mkdir(exist_ok=True)
             (staged / REPORTS).mkdir(exist_ok=True)
-            _replace_dir(staged / GENERATED, docs / GENERATED)
-            _replace_dir(staged / REPORTS, docs / REPORTS)
+            replace_dir(staged / GENERATED, docs / GENERATED)
+            replace_dir(staged / REPORTS, docs / REPORTS)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
 
@@ -526,7 +516,7 @@ def build_site(opts: BuildOptions) -> BuildSummary:
                 warnings = run_mkdocs(config_path, tmp_out, site.nav)
                 marker = {"built_by": "xmllm build", "inputs": digest, "warnings": warnings}
                 (tmp_out / BUILD_MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
-                _replace_dir(tmp_out, out)
+                replace_dir(tmp_out, out)
             except BaseException:
                 shutil.rmtree(tmp_out, ignore_errors=True)
                 raise

@@ -231,12 +231,12 @@ IMAGE_NAME = "image_{}.png"
 
 def save_images(images: list, out_dir: Path) -> list[str]:
     """Each image as a lossless PNG beside the arrays (atomically); returns the file names."""
-    from explainers.explanation import _atomic
+    from explainers.files import atomic
 
     names = []
     for k, image in enumerate(images):
         name = IMAGE_NAME.format(k)
-        _atomic(out_dir / name, lambda fh, img=image: img.save(fh, format="PNG"), binary=True)
+        atomic(out_dir / name, lambda fh, img=image: img.save(fh, format="PNG"), binary=True)
         names.append(name)
     return names
 

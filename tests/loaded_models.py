@@ -44,3 +44,13 @@ def random_demo_loaded(folder: Path, **load_options) -> LoadedModel:
     from random_demo import save_random_demo
 
     return load_model(save_random_demo(folder), device="cpu", dtype="float32", **load_options)
+
+
+def answer_probability(loaded: LoadedModel, prepared: Prepared, pixels: torch.Tensor) -> float:
+    """p(answer) with ``pixels`` in place of the image, by one plain forward and float64 sums: the
+    reference the faithfulness curves are checked against, computed without their code."""
+    with torch.no_grad():
+        logits = loaded.model(**{**dict(prepared.inputs), "pixel_values": pixels}).logits
+    logp = torch.log_softmax(logits[0, prepared.logit_positions].double(), dim=-1)
+    ids = torch.tensor(prepared.answer.token_ids)
+    return float(logp[torch.arange(len(ids)), ids].sum().exp())

@@ -14,6 +14,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from loaded_models import answer_probability
 from random_demo import save_random_demo
 
 from explainers.context import prepare
@@ -137,14 +138,6 @@ def test_ground_truth_cells_are_the_mask_pooled_by_patch(demo, prepared) -> None
         cell_truth(prepared, mask=np.zeros((3, 3), dtype=bool))
 
 
-def _answer_probability(demo, prepared, pixels: torch.Tensor) -> float:
-    with torch.no_grad():
-        logits = demo.model(**{**dict(prepared.inputs), "pixel_values": pixels}).logits
-    logp = torch.log_softmax(logits[0, prepared.logit_positions].double(), dim=-1)
-    ids = torch.tensor(prepared.answer.token_ids)
-    return float(logp[torch.arange(len(ids)), ids].sum().exp())
-
-
 def test_deletion_and_insertion_curves_match_forwards_masked_by_hand(demo, prepared) -> None:
     p = _patch(demo)
     pixels = prepared.inputs["pixel_values"]
@@ -163,8 +156,8 @@ def test_deletion_and_insertion_curves_match_forwards_masked_by_hand(demo, prepa
             out[..., r * p:(r + 1) * p, c * p:(c + 1) * p] = fill[..., r * p:(r + 1) * p, c * p:(c + 1) * p]
         return out
 
-    deletion = [_answer_probability(demo, prepared, with_cells(pixels, black, ranked[:n])) for n in counts]
-    insertion = [_answer_probability(demo, prepared, with_cells(black, pixels, ranked[:n])) for n in counts]
+    deletion = [answer_probability(demo, prepared, with_cells(pixels, black, ranked[:n])) for n in counts]
+    insertion = [answer_probability(demo, prepared, with_cells(black, pixels, ranked[:n])) for n in counts]
     context = SampleContext(prepared, steps=steps, baseline="black")
     assert context.curves("deletion", [map2d])[0] == pytest.approx(deletion, abs=2e-5)
     assert context.curves("insertion", [map2d])[0] == pytest.approx(insertion, abs=2e-5)
@@ -179,7 +172,7 @@ def test_deletion_and_insertion_curves_match_forwards_masked_by_hand(demo, prepa
     report = faithfulness_of(demo, prepared, map2d, steps=steps)
     assert report["deletion_area"] == pytest.approx(by_hand["deletion_area"], abs=2e-5)
     assert report["insertion_area"] == pytest.approx(by_hand["insertion_area"], abs=2e-5)
-    assert report["deletion_curve"][0] == pytest.approx(_answer_probability(demo, prepared, pixels), abs=2e-5)
+    assert report["deletion_curve"][0] == pytest.approx(answer_probability(demo, prepared, pixels), abs=2e-5)
 
 
 def test_ties_follow_one_seeded_permutation_not_the_raster(demo, prepared) -> None:

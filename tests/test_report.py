@@ -20,6 +20,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from html_tree import bokeh_models, parse
+from loaded_models import answer_probability
 from report_runs import ANSWER_TOKENS, EXPLAINERS, HOSTILE, IMAGE_SIZE, make_run, tiny_llava
 from tiny_models import tiny_image
 
@@ -161,16 +162,6 @@ IMAGE_MAP_EXPLAINERS = ("attention.raw", "attention.rollout", "perturbation.occl
 """Those of :data:`EXPLAINERS` that give an image map; the others have no faithfulness block."""
 
 
-def _answer_probability(loaded, prepared, pixels) -> float:
-    import torch
-
-    with torch.no_grad():
-        logits = loaded.model(**{**dict(prepared.inputs), "pixel_values": pixels}).logits
-    logp = torch.log_softmax(logits[0, prepared.logit_positions].double(), dim=-1)
-    ids = torch.tensor(prepared.answer.token_ids)
-    return float(logp[torch.arange(len(ids)), ids].sum().exp())
-
-
 def test_each_image_map_shows_its_deletion_and_insertion_areas(run_dir, tree) -> None:
     """The areas shown in each map's section, parsed back, equal the areas recomputed from the
     saved map through the metric classes on a fresh prepare of the same model and sample."""
@@ -203,7 +194,7 @@ def test_each_image_map_shows_its_deletion_and_insertion_areas(run_dir, tree) ->
             assert len(values) == settings["steps"] + 1 == len(curve.attrs["points"].split())
             assert values == pytest.approx(context.curves(kind, [scored.values])[0].tolist(), rel=1e-6, abs=1e-12)
     # both curves start and end at the unperturbed input and the all-baseline image
-    full = _answer_probability(loaded, prepared, prepared.inputs["pixel_values"])
+    full = answer_probability(loaded, prepared, prepared.inputs["pixel_values"])
     deletion = [float(v) for v in sections["attention.rollout"].find(
         "polyline", **{"class": "curve-deletion"}).attrs["data-values"].split()]
     assert deletion[0] == pytest.approx(full, rel=1e-5)

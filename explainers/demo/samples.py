@@ -6,8 +6,6 @@ separate stream (:data:`TRAIN_STREAM`), so no user seed ever reproduces training
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -15,6 +13,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
+from ..files import atomic, write_atomic
 from .questions import ALL_FAMILIES, FAMILIES, Question
 from .world import Scene
 
@@ -170,21 +169,12 @@ def write_sample_set(samples: list[DemoSample], out_dir: Path, progress: bool = 
         _save_png(Image.fromarray(s.mask().astype(np.uint8) * 255), out_dir / mask_rel)
         lines.append(json.dumps(sample_record(s, image_rel, mask_rel)))
     target = out_dir / "samples.jsonl"
-    _atomic_write_text(target, "\n".join(lines) + "\n")
+    write_atomic(target, "\n".join(lines) + "\n")
     return target
 
 
 def _save_png(img: Image.Image, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    atomic(path, lambda fh: img.save(fh, format="PNG"), binary=True)
 
 
 def to_explain_sample(sample: DemoSample) -> "ExplainSample":

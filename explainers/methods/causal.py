@@ -21,6 +21,7 @@ from ..registry import Citation, Explainer, register
 from .perturbation import (
     BASELINES,
     VIEWS,
+    PixelCells,
     ZEILER_FERGUS,
     answer_ids,
     baseline_pixels,
@@ -81,6 +82,7 @@ class Masker:
         self.prep = prep
         self.baseline = baseline
         self.mapping = mapping
+        self.cells = PixelCells(mapping)
         self.replacement = replacement
         self.inputs = dict(prep.inputs)
 
@@ -89,8 +91,7 @@ class Masker:
         pixels = self.inputs["pixel_values"]
         if not cells:
             return pixels
-        hit = torch.isin(self.mapping, torch.cat(cells).to(self.mapping.device))
-        return torch.where(hit, self.baseline, pixels)
+        return self.cells.masked(pixels, self.baseline, [torch.cat(cells)])
 
     def ids(self, units: Sequence[Unit]) -> torch.Tensor:
         ids = self.inputs["input_ids"].clone()

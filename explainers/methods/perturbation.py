@@ -48,6 +48,8 @@ SHORTCUT_TOLERANCE = 1e-4
 and of one through the shortcuts (shared prefix cache, logit rows only) before these are trusted
 (float32 forwards differ by ~1e-6); a family whose forward does not resume from a cache, or whose
 last block is not row-wise after attention, fails this and runs every copy plainly."""
+SHORTCUT_FAILURES = (TypeError, ValueError, RuntimeError, IndexError, KeyError, AttributeError, NotImplementedError)
+"""What a family whose forward cannot take a shortcut raises: that family scores plainly."""
 CACHE_KEYWORDS: tuple[str, ...] = ("cache", "past_key_values")
 """What a model's ``forward`` calls its key/value cache argument (transformers 5, then 4)."""
 BATCH_SIZE_ACCELERATOR = 32
@@ -280,7 +282,7 @@ def shared_prefix(prep: Prepared) -> SharedPrefix | None:
         head["attention_mask"] = prep.inputs["attention_mask"][:, :start]
     try:
         cache = getattr(prep.model(**head, **{keyword: None}, use_cache=True), "past_key_values", None)
-    except (TypeError, ValueError, RuntimeError, IndexError, KeyError, AttributeError, NotImplementedError):
+    except SHORTCUT_FAILURES:
         return None
     if cache is None or not hasattr(cache, "batch_repeat_interleave") or cache.get_seq_length() != start:
         return None
@@ -513,10 +515,6 @@ def pixel_batches(prep: Prepared, baseline: torch.Tensor, cells: PixelCells,
         return batch
 
     return make
-
-
-SHORTCUT_FAILURES = (TypeError, ValueError, RuntimeError, IndexError, KeyError, AttributeError, NotImplementedError)
-"""What a family whose forward cannot take a shortcut raises: that family scores plainly."""
 
 
 def occluded_logprobs(prep: Prepared, baseline: torch.Tensor, cells: PixelCells,

@@ -98,6 +98,14 @@ FLAG_KINDS = ("failed", "wrong", "hallucination", "unfaithful", "unchanged_witho
 DEFAULT_FLAGS = ("failed", "wrong", "hallucination", "unfaithful")
 
 
+def _known(kind: str, names: list[str], options: Any) -> list[str]:
+    """``names`` without repeats, in order; a name not in ``options`` is a one-line error."""
+    for name in names:
+        if name not in options:
+            raise ValueError(f"unknown {kind} {name!r}; choose from {', '.join(options)}")
+    return list(dict.fromkeys(names))
+
+
 class AuditConfig(_Strict):
     """What ``xmllm run CONFIG.yaml`` audits, with what, and where the results go."""
 
@@ -156,18 +164,12 @@ class AuditConfig(_Strict):
     def _known_probes(cls, value: list[str]) -> list[str]:
         from .probes import PROBES
 
-        for name in value:
-            if name not in PROBES:
-                raise ValueError(f"unknown probe {name!r}; choose from {', '.join(PROBES)}")
-        return list(dict.fromkeys(value))
+        return _known("probe", value, PROBES)
 
     @field_validator("flags")
     @classmethod
     def _known_flags(cls, value: list[str]) -> list[str]:
-        for name in value:
-            if name not in FLAG_KINDS:
-                raise ValueError(f"unknown flag {name!r}; choose from {', '.join(FLAG_KINDS)}")
-        return list(dict.fromkeys(value))
+        return _known("flag", value, FLAG_KINDS)
 
     def results_fingerprint(self) -> str:
         """SHA-256 over everything a sample's result depends on (model, device, seed, explainers,

@@ -33,7 +33,7 @@ def run_ray(tasks: Iterable[SampleTask], spec: WorkerSpec, options: ExecutorConf
     with RayPool(spec, options) as pool:
         pool.map(tasks, done)
         return {"executor": "ray", "workers": len(pool.actors), "num_cpus": options.num_cpus,
-                "torch_threads": max(1, int(options.num_cpus)),
+                "torch_threads": actor_threads(options.num_cpus),
                 "num_gpus": options.num_gpus, "address": options.address or "local"}
 
 
@@ -96,13 +96,18 @@ class RayPool:
             done(_get(ray, ready[0]))
 
 
+def actor_threads(num_cpus: float) -> int:
+    """Torch threads of an actor given ``num_cpus`` CPUs (at least one)."""
+    return max(1, int(num_cpus))
+
+
 class RayWorker(AuditWorker):
     """An :class:`AuditWorker` as a Ray actor: torch threads pinned to the CPUs Ray gave it."""
 
     def __init__(self, spec: WorkerSpec, num_cpus: float) -> None:
         import torch
 
-        torch.set_num_threads(max(1, int(num_cpus)))
+        torch.set_num_threads(actor_threads(num_cpus))
         self.failure: XmllmError | None = None
         try:
             super().__init__(spec)

@@ -21,6 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from explainers.files import replace_dir
+
 from ..errors import XmllmError
 from .worker import RECORD, SampleOutput
 
@@ -76,28 +78,8 @@ class AuditStore:
                     handle.flush()
                     os.fsync(handle.fileno())
             os.chmod(tmp, 0o755)
-            old = None
-            if final.exists():
-                old = final.with_name(f"{_OLD}{out.key}-{os.getpid()}")
-                os.replace(final, old)
-            os.replace(tmp, final)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            replace_dir(tmp, final, old=final.with_name(f"{_OLD}{out.key}-{os.getpid()}"))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return final
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """``path`` replaced whole: written beside it under a temporary name, then renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

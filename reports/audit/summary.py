@@ -15,7 +15,9 @@ from typing import Any
 
 from ..provenance import utc_now
 from .config import LoadedConfig
-from .store import SAMPLES, write_atomic
+from explainers.files import write_atomic
+
+from .store import SAMPLES
 from .worker import RANDOM, RECORD, RUN
 
 AUDIT_JSON = "audit.json"

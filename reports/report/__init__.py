@@ -6,7 +6,6 @@ drawn by views chosen from their axes (:mod:`.views`); the page loads nothing fr
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 REPORT_NAME = "report.html"
@@ -36,19 +35,11 @@ def id_seed(manifest: dict) -> str:
 def write_report(run_dir: Path, out: Path | None = None) -> Path:
     """Render ``run_dir``'s report and write it atomically to ``out`` (default
     ``run_dir/report.html``); returns the path written."""
-    from explainers.explanation import _atomic
+    from explainers.files import write_atomic
 
     out = Path(out) if out is not None else Path(run_dir) / REPORT_NAME
-    html = render_report(run_dir)
-    _atomic(out, lambda fh: fh.write(html))
-    os.chmod(out, 0o644 & ~_umask())
+    write_atomic(out, render_report(run_dir))
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 __all__ = ["REPORT_NAME", "render_report", "write_report"]

@@ -1,0 +1,52 @@
+"""Outputs written whole or not at all: a file or folder appears under its name only once complete.
+
+Everything xmllm writes (explanations, manifests, reports, audit records, sample sets, site
+folders) goes through here, so that an interrupted run never leaves a half-written file where a
+reader, a cache or a resumed audit would take it for a finished one.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Callable
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic(path: Path, write: Callable[[IO[Any]], Any], binary: bool = False) -> None:
+    """Call ``write`` on a temporary file beside ``path``, then rename it into place; the file gets
+    the mode a plain ``open`` would give it (``mkstemp`` makes it private)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as fh:
+            write(fh)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """``path`` replaced whole by ``data`` (text as UTF-8)."""
+    atomic(path, lambda fh: fh.write(data), binary=isinstance(data, bytes))
+
+
+def replace_dir(staged: Path, final: Path, old: Path | None = None) -> None:
+    """Put the finished folder ``staged`` in ``final``'s place; the previous ``final`` is first
+    renamed aside (to ``old``, by default a hidden name beside it) and removed only after."""
+    aside = None
+    if final.exists():
+        aside = old if old is not None else final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, aside)
+    os.replace(staged, final)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
