@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from reports.errors import XmllmError
+from xmllm.explainers.errors import XmllmError
 
 from .schema import Catalog
 

@@ -2,7 +2,7 @@
 
 Strict types and ``extra="forbid"`` so that a typo in the YAML (``explainer:`` for
 ``explainers:``, ``year: "2024"``) fails loudly instead of silently dropping data.
-Checks that need the whole tree (id hierarchy, duplicate ids) live in :mod:`catalog.loader`,
+Checks that need the whole tree (id hierarchy, duplicate ids) live in :mod:`xmllm.catalog.loader`,
 where they can report the path of the offending node.
 """
 from __future__ import annotations
@@ -31,12 +31,8 @@ def _node_id(value: str) -> str:
 
 
 def _explainer_id(value: str) -> str:
-    # Imported here: the registry may load built-in explainer modules, only needed for unknown ids.
-    from explainers.ids import KNOWN_EXPLAINER_IDS
-
-    if value in KNOWN_EXPLAINER_IDS:
-        return value
-    from explainers.registry import registered
+    # Imported here: the registry loads the built-in explainer modules on first use.
+    from xmllm.explainers.registry import registered
 
     if value not in registered():
         raise ValueError(f"unknown explainer id {value!r}; run 'xmllm explainers' to list them")

@@ -1,4 +1,4 @@
-"""The catalog joined with the explainer registry: what is covered, what is still planned."""
+"""The catalog joined with the explainer registry: which leaves its explainers cover."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,7 +7,7 @@ from .schema import Catalog, Leaf
 
 
 def _status(explainer_id: str) -> str:
-    from explainers.registry import status
+    from xmllm.explainers.registry import status
 
     return status(explainer_id)
 
@@ -31,8 +31,8 @@ def is_covered(leaf: Leaf) -> bool:
 
 
 def coverage(cat: Catalog) -> dict[str, int]:
-    """Leaves covered and explainers implemented (out of every known or registered id)."""
-    from explainers.registry import describe_all
+    """Leaves covered and explainers implemented (out of every registered one)."""
+    from xmllm.explainers.registry import describe_all
 
     rows = describe_all()
     leaves = cat.leaves()

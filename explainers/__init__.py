@@ -1,6 +1,5 @@
 """Runnable explainers for image-text-to-text models, the model adapters they rely on,
 and the embedded demo world and model."""
-from .ids import KNOWN_EXPLAINER_IDS
 from .registry import (
     Citation,
     Explainer,
@@ -27,7 +26,6 @@ def __getattr__(name: str):
 __all__ = [
     "LoadedModel",
     "load_model",
-    "KNOWN_EXPLAINER_IDS",
     "Citation",
     "Explainer",
     "Need",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from reports.errors import XmllmError
+from .errors import XmllmError
 
 MAX_PIXELS = 40_000_000
 """Refuse images above this many pixels (a decompression bomb guard that raises, not warns)."""

@@ -12,8 +12,6 @@ import pkgutil
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from .ids import KNOWN_EXPLAINER_IDS
-
 Scope = Literal["sample", "dataset"]
 
 
@@ -54,7 +52,7 @@ class Explainer:
 
 _REGISTRY: dict[str, type[Explainer]] = {}
 
-BUILTIN_PACKAGE = "explainers.methods"
+BUILTIN_PACKAGE = "xmllm.explainers.methods"
 """Every module in this package defines built-in explainers (discovered, not listed)."""
 
 
@@ -106,30 +104,18 @@ def get_explainer(explainer_id: str) -> type[Explainer]:
     table = registered()
     if explainer_id in table:
         return table[explainer_id]
-    if explainer_id in KNOWN_EXPLAINER_IDS:
-        raise RegistryError(f"explainer {explainer_id!r} is planned but not implemented yet")
     raise RegistryError(f"unknown explainer id {explainer_id!r}; run 'xmllm explainers' to list them")
 
 
-def status(explainer_id: str) -> Literal["implemented", "planned", "unknown"]:
-    """Whether an id is implemented (registered), planned (known), or unknown."""
-    if explainer_id in registered():
-        return "implemented"
-    if explainer_id in KNOWN_EXPLAINER_IDS:
-        return "planned"
-    return "unknown"
+def status(explainer_id: str) -> Literal["implemented", "unknown"]:
+    """Whether an id is registered (implemented) or unknown."""
+    return "implemented" if explainer_id in registered() else "unknown"
 
 
 def describe_all() -> list[dict[str, Any]]:
-    """One record per known or registered id, for ``xmllm explainers``."""
-    table = registered()
-    ids = list(dict.fromkeys([*KNOWN_EXPLAINER_IDS, *table]))
+    """One record per registered explainer, for ``xmllm explainers``."""
     rows: list[dict[str, Any]] = []
-    for eid in ids:
-        cls = table.get(eid)
-        if cls is None:
-            rows.append({"id": eid, "status": "planned"})
-            continue
+    for eid, cls in registered().items():
         rows.append(
             {
                 "id": eid,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reports.errors import XmllmError
+from .errors import XmllmError
 
 
 class SampleSetError(XmllmError):

@@ -2,22 +2,25 @@
 
 Steps, each with a progress bar:
 
-1. one example run per implemented explainer (a builder from :mod:`reports.examples` picked by
-   id or scope) and its self-contained HTML report (:func:`reports.report.write_report`);
-2. the MMVP-style case study (:mod:`reports.casestudy`);
-3. the generated pages (:mod:`reports.site`): taxonomy, explainers, gallery, case study, and the
+1. one example run per implemented explainer (a builder from :mod:`xmllm.examples` picked by
+   id or scope) and its self-contained HTML report (:func:`xmllm.report.write_report`);
+2. the MMVP-style case study (:mod:`xmllm.casestudy`);
+3. the generated pages (:mod:`xmllm.site`): taxonomy, explainers, gallery, case study, and the
    pages of :data:`TRUST_MODULE` when that module exists;
 4. ``mkdocs build`` through MkDocs' Python API into the output folder.
 
-Model results are cached (:mod:`reports.cache`) by weights hash, sample hash, explainer and
+Model results are cached (:mod:`xmllm.cache`) by weights hash, sample hash, explainer and
 parameters; reports by their run and the renderer's source. A second build with nothing changed
 loads no model and takes a fraction of the first.
 
-Generated pages go to ``<docs>/generated/`` and reports to ``<docs>/reports/`` (both replaced
-whole on each build; git-ignored); the site goes to a temporary folder beside ``--out`` and
-replaces it only when MkDocs succeeds.
+The MkDocs project is staged in the cache folder (:func:`stage_project`): the hand-written pages of
+the config's ``docs_dir`` (``site/``, shipped in the package as ``xmllm/site_source/``), the
+generated pages under ``generated/`` and the reports under ``reports/``, with a copy of the config
+that points there. Nothing is written into the checkout or the installed package: only under
+``--out`` and the cache folder. The site goes to a temporary folder beside ``--out`` and replaces
+it only when MkDocs succeeds.
 
-Trust page hook: if a module ``reports.evaluation`` exists (:data:`TRUST_MODULE`, found with
+Trust page hook: if a module ``xmllm.evaluation`` exists (:data:`TRUST_MODULE`, found with
 ``importlib.util.find_spec``), its page joins the site, by the first of: ``site_pages(session,
 *, progress) -> SiteOutput | Mapping[str, str | bytes]`` (pages under ``generated/``, computed in
 the build), or ``write_trust_page(evaluation_json, docs_dir)`` applied to the file given as
@@ -33,39 +36,57 @@ import json
 import logging
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from explainers.files import replace_dir
+from .explainers.files import remove_stale, replace_dir, scratch_dir, write_atomic
 
-from .cache import DEFAULT_CACHE_DIR, RunCache, cache_key
-from .errors import XmllmError
+from .cache import RunCache, cache_key, default_cache_dir
+from .explainers.errors import XmllmError
 from .site.pages import GENERATED, REPORTS, SiteOutput
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = ROOT / "mkdocs.yml"
 DEFAULT_OUT = Path("public")
-TRUST_MODULE = "reports.evaluation"
+SITE_SOURCE = "site_source"
+"""Folder of the package holding ``mkdocs.yml`` and ``site/`` (links to the checkout's in a source tree)."""
+THEME_OVERRIDES = "mkdocs"
+"""Folder of :mod:`xmllm.templates` with the theme's template overrides (``custom_dir``)."""
+TRUST_MODULE = "xmllm.evaluation"
 TRUST_PAGE = f"{GENERATED}/trust.md"
 AUDITS_NAV = f"{GENERATED}/audits/index.md"
-"""Nav key of the audits' section (``xmllm build --audit DIR``); see :func:`reports.audit.site.site_pages`."""
+"""Nav key of the audits' section (``xmllm build --audit DIR``); see :func:`xmllm.audit.site.site_pages`."""
+SCRATCH = "scratch"
+"""Folder of the cache holding each build's staged MkDocs project while it runs."""
+STAGING_PREFIX = "site-"
 BUILD_MARKER = ".xmllm-site"
 """Written into every built site: only a folder holding it (or an empty one) is replaced by a build."""
-RENDERER_SOURCES = (ROOT / "reports" / "report", ROOT / "templates")
-"""Sources whose content keys cached reports: edit a template and reports re-render."""
+RENDERER_PACKAGES = ("xmllm.report", "xmllm.templates")
+"""Packages whose files key cached reports: edit a template and reports re-render."""
+
+
+def default_config() -> Path:
+    """The packaged MkDocs config (the checkout's ``mkdocs.yml`` in an editable install)."""
+    from importlib.resources import files
+
+    return Path(str(files("xmllm") / SITE_SOURCE / "mkdocs.yml"))
+
+
+def packaged_theme_overrides() -> Path:
+    from importlib.resources import files
+
+    return Path(str(files("xmllm.templates") / THEME_OVERRIDES))
 
 
 @dataclass
 class BuildOptions:
     out: Path = DEFAULT_OUT
-    config: Path = DEFAULT_CONFIG
+    config: Path | None = None
+    """An MkDocs config whose settings and hand-written pages to use (default: the packaged one)."""
     model: str = "demo"
     pairs: int = 100
     seed: int | None = None
-    cache: Path = DEFAULT_CACHE_DIR
+    cache: Path = field(default_factory=default_cache_dir)
     use_cache: bool = True
     explainers: list[str] | None = None
     """Explainer ids to make examples of; None: every implemented one."""
@@ -78,7 +99,7 @@ class BuildOptions:
     evaluation: Path | None = None
     """An ``evaluation.json`` of ``xmllm evaluate``, rendered as the "Which explainer to trust" page."""
     audits: list[Path] = field(default_factory=list)
-    """Output folders of ``xmllm run`` whose ``site/`` pages join the site under "Audits" (:mod:`reports.audit.site`)."""
+    """Output folders of ``xmllm run`` whose ``site/`` pages join the site under "Audits" (:mod:`xmllm.audit.site`)."""
 
 
 @dataclass
@@ -151,12 +172,13 @@ def _bar(total: int, desc: str, progress: bool, unit: str = "step"):
 
 def renderer_fingerprint() -> str:
     """SHA-256 over the report renderer's and templates' files (path and bytes)."""
+    from importlib.resources import files
+
     digest = hashlib.sha256()
-    for root in RENDERER_SOURCES:
-        if not root.is_dir():
-            continue
+    for package in RENDERER_PACKAGES:
+        root = Path(str(files(package)))
         for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
-            digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+            digest.update(f"{package}/{path.relative_to(root).as_posix()}".encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 
 
@@ -166,6 +188,11 @@ def _report_writer() -> Callable[[Path, Path], Any] | None:
     except ImportError:
         return None
     return write_report
+
+
+def _out_prefix(out: Path) -> str:
+    """Name prefix of the folder a site is built in beside ``out`` before it takes its place."""
+    return f".{out.name}.building-"
 
 
 def _check_out(out: Path) -> None:
@@ -179,12 +206,72 @@ def load_mkdocs_config(path: Path, site_dir: Path | None = None):
     from mkdocs.exceptions import ConfigurationError
 
     if not path.is_file():
-        raise XmllmError(f"--config {path}: no such file (run xmllm build from a checkout that has mkdocs.yml)")
+        raise XmllmError(f"--config {path}: no such file")
     try:
         kwargs = {"site_dir": str(site_dir)} if site_dir is not None else {}
         return load_config(config_file=str(path), **kwargs)
     except ConfigurationError as exc:
         raise XmllmError(f"{path}: {str(exc).splitlines()[0]}") from None
+
+
+@dataclass
+class StagedProject:
+    """A standalone MkDocs project in a scratch folder: ``docs/`` and ``mkdocs.yml``."""
+
+    root: Path
+    source_config: Path
+    source_docs: Path
+    theme_dir: Path | None
+
+    @property
+    def docs(self) -> Path:
+        return self.root / "docs"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "mkdocs.yml"
+
+
+def read_site_config(path: Path) -> dict[str, Any]:
+    """An MkDocs config as plain data, read safely (no Python tags)."""
+    from xmllm.explainers.safe_yaml import load_yaml
+
+    data = load_yaml(path, what="--config")
+    if not isinstance(data, dict):
+        raise XmllmError(f"--config {path}: expected a mapping of MkDocs settings")
+    return data
+
+
+def stage_project(config: Path, root: Path) -> StagedProject:
+    """Copy ``config``'s hand-written pages into ``root/docs`` (leaving out the build's own
+    ``generated/`` and ``reports/`` and dot-files) and write ``root/mkdocs.yml``: the same settings
+    with ``docs_dir`` pointing there and the theme's ``custom_dir`` made absolute (the config's own
+    folder when it exists beside the config, else the package's theme overrides)."""
+    config = config.resolve()
+    if not config.is_file():
+        raise XmllmError(f"--config {config}: no such file")
+    raw = read_site_config(config)
+    source_docs = config.parent / str(raw.get("docs_dir", "docs"))
+    if not source_docs.is_dir():
+        raise XmllmError(f"--config {config}: docs_dir {raw.get('docs_dir', 'docs')!r} is not a folder beside it")
+    theme = raw.get("theme")
+    theme = {"name": theme} if isinstance(theme, str) else dict(theme or {})
+    theme_dir = None
+    if "custom_dir" in theme:
+        own = config.parent / str(theme["custom_dir"])
+        theme_dir = own if own.is_dir() else packaged_theme_overrides()
+        theme["custom_dir"] = str(theme_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    skip = shutil.ignore_patterns(".*", "__pycache__")
+    shutil.copytree(source_docs, root / "docs", ignore=lambda folder, names: [
+        *skip(folder, names), *([GENERATED, REPORTS] if Path(folder) == source_docs else [])])
+    staged = StagedProject(root, config, source_docs, theme_dir)
+    raw.update(docs_dir=str(staged.docs), theme=theme)
+    raw.pop("site_dir", None)
+    import yaml
+
+    staged.config.write_text(yaml.safe_dump(raw, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return staged
 
 
 def expand_nav(nav: list[Any], sections: Mapping[str, list[Any]], exists: Callable[[str], bool]) -> list[Any]:
@@ -293,7 +380,7 @@ def write_tree(root: Path, pages: list[Any]) -> None:
 
 def example_ids(wanted: list[str] | None) -> list[str]:
     """Implemented explainers to make examples of (all by default), in registry order."""
-    from explainers.registry import RegistryError, get_explainer, registered
+    from xmllm.explainers.registry import RegistryError, get_explainer, registered
 
     if wanted is None:
         return list(registered())
@@ -312,10 +399,10 @@ def build_examples(session: Any, ids: list[str], reports_root: Path, progress: b
 
     An explainer whose example fails (a one-line error) is left out and its message put in
     ``failures``, so one broken explainer does not take the rest of the site down with it; one
-    that has no example on this model (:class:`~reports.examples.ExampleSkipped`) goes to
+    that has no example on this model (:class:`~xmllm.examples.ExampleSkipped`) goes to
     ``skipped`` with the reason.
     """
-    from explainers.registry import get_explainer
+    from xmllm.explainers.registry import get_explainer
 
     from .examples import ExampleSkipped, builder_for
     from .session import ModelUnavailable
@@ -441,7 +528,7 @@ class _Step:
 
 def build_site(opts: BuildOptions) -> BuildSummary:
     """Everything ``xmllm build`` does; see the module docstring."""
-    from catalog import load_catalog
+    from xmllm.catalog import load_catalog
 
     from .casestudy import DEFAULT_SEED, CaseStudyConfig, run_case_study
     from .session import ModelSession
@@ -452,18 +539,18 @@ def build_site(opts: BuildOptions) -> BuildSummary:
     t0 = time.perf_counter()
     clock = _Clock()
     out = Path(opts.out).resolve()
-    config_path = Path(opts.config).resolve()
+    config_path = Path(opts.config) if opts.config is not None else default_config()
     if opts.pairs < 1:
         raise XmllmError(f"--pairs must be a positive integer, got {opts.pairs}")
     _check_out(out)
-    mkdocs_config = load_mkdocs_config(config_path)
-    docs = Path(mkdocs_config["docs_dir"])
-    theme_dir = Path(mkdocs_config["theme"].custom_dir) if mkdocs_config["theme"].custom_dir else None
     ids = [] if opts.quick else example_ids(opts.explainers)
     cat = load_catalog(opts.catalog)  # a bad file raises CatalogError, a one-line XmllmError
 
-    session = ModelSession(opts.model, RunCache(opts.cache, enabled=opts.use_cache), device=opts.device)
-    staged = Path(tempfile.mkdtemp(prefix=".xmllm-build-", dir=docs))
+    cache = RunCache(opts.cache, enabled=opts.use_cache)
+    session = ModelSession(opts.model, cache, device=opts.device)
+    scratch = cache.root / SCRATCH
+    remove_stale(scratch, STAGING_PREFIX)
+    staged = stage_project(config_path, scratch_dir(scratch, STAGING_PREFIX))
     try:
         examples: dict[str, ExampleResult] = {}
         failures: dict[str, str] = {}
@@ -471,7 +558,7 @@ def build_site(opts: BuildOptions) -> BuildSummary:
         study = None
         with clock("examples"):
             if ids:
-                examples = build_examples(session, ids, staged / REPORTS, opts.progress, failures, skipped)
+                examples = build_examples(session, ids, staged.docs / REPORTS, opts.progress, failures, skipped)
         with clock("case study"):
             if not opts.quick:
                 seed = DEFAULT_SEED if opts.seed is None else opts.seed
@@ -490,36 +577,32 @@ def build_site(opts: BuildOptions) -> BuildSummary:
                 site.add(casestudy_page.CASESTUDY_PAGE, "# Case study\n\nNot computed in a quick build "
                          "(`xmllm build --quick` runs no model). Run `xmllm build` for the numbers.\n")
             if not opts.quick or opts.evaluation is not None:
-                site.extend(trust_pages(session, opts.progress, staged, opts.evaluation))
+                site.extend(trust_pages(session, opts.progress, staged.docs, opts.evaluation))
             if opts.audits:
                 from .audit.site import site_pages as audit_pages
 
                 site.extend(audit_pages(list(opts.audits)))
-            write_tree(staged, site.pages)
-            (staged / GENERATED).mkdir(exist_ok=True)
-            (staged / REPORTS).mkdir(exist_ok=True)
-            replace_dir(staged / GENERATED, docs / GENERATED)
-            replace_dir(staged / REPORTS, docs / REPORTS)
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
+            write_tree(staged.docs, site.pages)
 
-    with clock("mkdocs"):
-        digest = site_inputs_digest(config_path, docs, site.nav, theme_dir)
-        previous = _read_marker(out)
-        mkdocs_skipped = opts.use_cache and previous.get("inputs") == digest
-        if mkdocs_skipped:  # the same pages, config and theme: the built site is already what MkDocs would write
-            warnings = list(previous.get("warnings", []))
-        else:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp_out = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-            try:
-                warnings = run_mkdocs(config_path, tmp_out, site.nav)
-                marker = {"built_by": "xmllm build", "inputs": digest, "warnings": warnings}
-                (tmp_out / BUILD_MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
-                replace_dir(tmp_out, out)
-            except BaseException:
-                shutil.rmtree(tmp_out, ignore_errors=True)
-                raise
+        with clock("mkdocs"):
+            digest = site_inputs_digest(staged.source_config, staged.docs, site.nav, staged.theme_dir)
+            previous = _read_marker(out)
+            mkdocs_skipped = opts.use_cache and previous.get("inputs") == digest
+            if mkdocs_skipped:  # the same pages, config and theme: the built site is already what MkDocs would write
+                warnings = list(previous.get("warnings", []))
+            else:
+                remove_stale(out.parent, _out_prefix(out))
+                tmp_out = scratch_dir(out.parent, _out_prefix(out))
+                try:
+                    warnings = run_mkdocs(staged.config, tmp_out, site.nav)
+                    marker = {"built_by": "xmllm build", "inputs": digest, "warnings": warnings}
+                    write_atomic(tmp_out / BUILD_MARKER, json.dumps(marker, indent=1) + "\n")
+                    replace_dir(tmp_out, out)
+                except BaseException:
+                    shutil.rmtree(tmp_out, ignore_errors=True)
+                    raise
+    finally:
+        shutil.rmtree(staged.root, ignore_errors=True)
     return BuildSummary(
         out=out,
         seconds=time.perf_counter() - t0,

@@ -7,7 +7,7 @@ place, so an interrupted build leaves no half-written entry, and two builds raci
 both end with a complete entry.
 
 The weights' hash here reads the safetensors files exactly as
-:func:`explainers.models.loading.weights_sha256` does, without importing torch, so that a build
+:func:`xmllm.explainers.models.loading.weights_sha256` does, without importing torch, so that a build
 whose results are all cached never loads the model (nor torch).
 """
 from __future__ import annotations
@@ -17,11 +17,18 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-DEFAULT_CACHE_DIR = Path(".xmllm-cache")
+def default_cache_dir() -> Path:
+    """``$XMLLM_CACHE_DIR``, else ``xmllm`` in the user's cache folder (``$XDG_CACHE_HOME`` or
+    ``~/.cache``): one cache for every folder xmllm is run from, never inside a checkout."""
+    if os.environ.get("XMLLM_CACHE_DIR"):
+        return Path(os.environ["XMLLM_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "xmllm"
+
 COMPLETE = ".complete"
 """Written last inside an entry: an entry without it is ignored (and rebuilt)."""
 _HASH_CHUNK = 1 << 20
@@ -55,7 +62,7 @@ def cache_key(weights: str, sample: str, explainer: str, params: dict[str, Any] 
 def model_folder(spec: str) -> Path | None:
     """The local folder a model spec names ("demo" or a path), or None for a hub id."""
     if spec == "demo":
-        from explainers.demo import DEMO_MODEL_DIR
+        from xmllm.explainers.demo import DEMO_MODEL_DIR
 
         return Path(DEMO_MODEL_DIR)
     path = Path(spec).expanduser()
@@ -85,7 +92,7 @@ def weights_fingerprint(spec: str) -> str | None:
 class RunCache:
     """Run folders by key under ``root``; ``enabled=False`` builds every entry afresh each time."""
 
-    root: Path = DEFAULT_CACHE_DIR
+    root: Path = field(default_factory=default_cache_dir)
     enabled: bool = True
 
     def __post_init__(self) -> None:

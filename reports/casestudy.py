@@ -4,7 +4,7 @@ LVLM-Interpret (Stan et al. 2024, arXiv 2404.03118) looks at LLaVA on MMVP pairs
 vision encoder sees as alike, with a visible difference that changes the answer) and reports,
 from pictures of a few examples, that answers stay right when the model draws on the image more
 than on the question's wording. Here the same question is asked of many pairs of the demo world
-(:func:`explainers.demo.samples.make_pair`: one detail of the scene changed, and with it the
+(:func:`xmllm.explainers.demo.samples.make_pair`: one detail of the scene changed, and with it the
 answer), and measured:
 
 - for every sample, the model's greedy answer, whether it is right, and the image-vs-text share
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
-    from explainers.demo.samples import DemoSample
+    from xmllm.explainers.demo.samples import DemoSample
 
     from .session import ModelSession
 
@@ -60,7 +60,7 @@ class CaseStudyConfig:
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval of a proportion."""
-    from explainers.demo.evaluate import wilson as _wilson
+    from xmllm.explainers.demo.evaluate import wilson as _wilson
 
     return _wilson(k, n, z)
 
@@ -126,7 +126,7 @@ def quartile_accuracy(shares: Sequence[float], correct: Sequence[bool]) -> list[
 
 def draw_pairs(config: CaseStudyConfig) -> list[tuple["DemoSample", "DemoSample"]]:
     """``config.pairs`` MMVP-style pairs: sample ``i`` of the seed and its one-detail partner."""
-    from explainers.demo.samples import generate_sample, make_pair
+    from xmllm.explainers.demo.samples import generate_sample, make_pair
 
     pairs, index = [], 0
     while len(pairs) < config.pairs:
@@ -142,7 +142,7 @@ def draw_pairs(config: CaseStudyConfig) -> list[tuple["DemoSample", "DemoSample"
 
 def edits(sample: "DemoSample", seed: int) -> list[tuple[str, "DemoSample"]]:
     """The sample's rephrasings and its recolouring, as (kind, edited sample)."""
-    from explainers.demo.samples import counterfactuals
+    from xmllm.explainers.demo.samples import counterfactuals
 
     out = []
     for edited in counterfactuals(sample, seed):
@@ -156,8 +156,8 @@ def edits(sample: "DemoSample", seed: int) -> list[tuple[str, "DemoSample"]]:
 
 
 def _sample_record(session: "ModelSession", sample: "DemoSample", pair: str, role: str) -> dict[str, Any]:
-    from explainers.answering import is_correct
-    from explainers.demo.samples import to_explain_sample
+    from xmllm.explainers.answering import is_correct
+    from xmllm.explainers.demo.samples import to_explain_sample
 
     explain_sample = to_explain_sample(sample)
     record: dict[str, Any] = {
@@ -185,8 +185,8 @@ def _sample_record(session: "ModelSession", sample: "DemoSample", pair: str, rol
 
 def _edit_record(session: "ModelSession", original: dict[str, Any], source: "DemoSample", kind: str,
                  edited: "DemoSample") -> dict[str, Any]:
-    from explainers.answering import is_correct, normalise
-    from explainers.demo.samples import to_explain_sample
+    from xmllm.explainers.answering import is_correct, normalise
+    from xmllm.explainers.demo.samples import to_explain_sample
 
     got = session.answer(to_explain_sample(edited))
     return {

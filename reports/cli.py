@@ -9,7 +9,10 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Sequence
 
 from . import commands
-from .errors import XmllmError
+from .explainers.errors import XmllmError
+
+USER_ERROR = 2
+"""Exit status of every user error (a bad file, field or value): the CLI's one mapping of :class:`XmllmError`."""
 
 
 def package_version() -> str:
@@ -39,14 +42,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    from explainers.allocator import keep_freed_memory
+    from xmllm.explainers.allocator import keep_freed_memory
 
     keep_freed_memory()  # batched CPU forwards reuse freed blocks instead of page-faulting fresh ones
     try:
         return int(args.func(args) or 0)
     except XmllmError as exc:
         print(f"xmllm: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return USER_ERROR
     except KeyboardInterrupt:
         print("xmllm: interrupted", file=sys.stderr)
         return 130

@@ -6,13 +6,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from .errors import XmllmError
+from .explainers.errors import XmllmError
 from .provenance import package_versions, sample_sha256, utc_now
 
 if TYPE_CHECKING:  # pragma: no cover
-    from explainers.context import ExplainSample, Prepared
-    from explainers.explanation import Explanation
-    from explainers.models import LoadedModel
+    from xmllm.explainers.context import ExplainSample, Prepared
+    from xmllm.explainers.explanation import Explanation
+    from xmllm.explainers.models import LoadedModel
 
 
 @dataclass
@@ -27,7 +27,7 @@ class RunResult:
         """Write ``explanations.npz``, ``manifest.json`` and the sample's images
         (``image_0.png``, ...): everything a report needs, so a saved run re-renders without
         the model. Returns the arrays' and the manifest's paths."""
-        from explainers.explanation import save_explanations
+        from xmllm.explainers.explanation import save_explanations
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -44,13 +44,13 @@ class RunResult:
 
 def resolve_explainers(ids: list[str] | None = None, leaf: str | None = None) -> list[str]:
     """Explainer ids from an explicit list or a catalog leaf; one-line errors otherwise."""
-    from explainers.registry import RegistryError, get_explainer, sample_level_ids
+    from xmllm.explainers.registry import RegistryError, get_explainer, sample_level_ids
 
     if ids and leaf:
         raise XmllmError("give either --explainers or --leaf, not both")
     if leaf:
-        from catalog import load_catalog
-        from catalog.view import json_view
+        from xmllm.catalog import load_catalog
+        from xmllm.catalog.view import json_view
 
         leaves = {l["id"]: l for l in json_view(load_catalog())["leaves"]}
         if leaf not in leaves:
@@ -74,7 +74,7 @@ def resolve_explainers(ids: list[str] | None = None, leaf: str | None = None) ->
 
 def needs_attention(ids: list[str]) -> bool:
     """Whether any of the explainers needs eager attention weights."""
-    from explainers.registry import Need, get_explainer
+    from xmllm.explainers.registry import Need, get_explainer
 
     return any(Need.ATTENTION in get_explainer(eid).needs for eid in ids)
 
@@ -97,8 +97,8 @@ def run_explainers(
     and every report shows them. ``faithfulness=False`` skips those forwards."""
     import torch
 
-    from explainers.context import prepare
-    from explainers.registry import get_explainer
+    from xmllm.explainers.context import prepare
+    from xmllm.explainers.registry import get_explainer
 
     params = params or {}
     torch.manual_seed(seed)
@@ -158,15 +158,15 @@ def _torch_threads() -> int:
 def faithfulness_entry(loaded: "LoadedModel", prepared: "Prepared", explanations: "list[Explanation]",
                        seed: int = 0) -> dict[str, Any] | None:
     """Deletion and insertion of each explanation's scored image map on its own sample
-    (:func:`explainers.metrics.faithfulness_many`, every map in shared batches), as the manifest
+    (:func:`xmllm.explainers.metrics.faithfulness_many`, every map in shared batches), as the manifest
     keeps them: the settings once, then per explainer the map scored, both areas and both curves.
     Explainers without an image map are left out; one whose map cannot be scored (non-finite
     values, another grid) is listed under ``skipped`` with why. None when no explainer has a map."""
     import numpy as np
 
-    from explainers.methods.perturbation import first_layout
-    from explainers.metrics import DEFAULT_BASELINE, DEFAULT_STEPS, faithfulness_many, primary_image_map
-    from explainers.metrics.curves import SCORE_NOTE
+    from xmllm.explainers.methods.perturbation import first_layout
+    from xmllm.explainers.metrics import DEFAULT_BASELINE, DEFAULT_STEPS, faithfulness_many, primary_image_map
+    from xmllm.explainers.metrics.curves import SCORE_NOTE
 
     maps: dict[str, Any] = {}
     names: dict[str, str] = {}
@@ -231,7 +231,7 @@ IMAGE_NAME = "image_{}.png"
 
 def save_images(images: list, out_dir: Path) -> list[str]:
     """Each image as a lossless PNG beside the arrays (atomically); returns the file names."""
-    from explainers.files import atomic
+    from xmllm.explainers.files import atomic
 
     names = []
     for k, image in enumerate(images):
@@ -243,9 +243,9 @@ def save_images(images: list, out_dir: Path) -> list[str]:
 
 def layouts_json(layouts: list) -> list[dict[str, Any]]:
     """Where each image grid lies on its image, keyed by the map name explainers give it
-    (:func:`explainers.methods.attention.grid_names`), so a report can overlay a map on the
+    (:func:`xmllm.explainers.methods.attention.grid_names`), so a report can overlay a map on the
     right part of the right image."""
-    from explainers.methods.attention import grid_names
+    from xmllm.explainers.methods.attention import grid_names
 
     names = {id(grid): name for name, grid in grid_names(layouts)}
     return [

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from .cache import RunCache, cache_key, weights_fingerprint
-from .errors import XmllmError
+from .explainers.errors import XmllmError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from explainers.context import ExplainSample
-    from explainers.models import LoadedModel
+    from xmllm.explainers.context import ExplainSample
+    from xmllm.explainers.models import LoadedModel
 
 ANSWER_FILE = "answer.json"
 
@@ -64,8 +64,8 @@ class ModelSession:
     def loaded(self) -> "LoadedModel":
         """The model, loaded on first use with eager attention (which every explainer can use)."""
         if self._loaded is None:
-            from explainers.models import load_model
-            from explainers.models.errors import ModelLoadError
+            from xmllm.explainers.models import load_model
+            from xmllm.explainers.models.errors import ModelLoadError
 
             t = time.perf_counter()
             try:
@@ -105,7 +105,7 @@ class ModelSession:
     def answer(self, sample: "ExplainSample") -> dict[str, Any]:
         """The model's greedy answer to ``sample`` (``Answer.to_json()``), cached like a run."""
         def build(folder: Path) -> None:
-            from explainers.answering import generate_answer
+            from xmllm.explainers.answering import generate_answer
 
             got = generate_answer(self.loaded(), sample.images, sample.question)
             (folder / ANSWER_FILE).write_text(json.dumps(got.to_json(), sort_keys=True), encoding="utf-8")

@@ -9,9 +9,9 @@ import pytest
 import torch
 from tiny_models import TEST_IMAGE_SIZES, build_tiny, missing_dependency, tiny_image
 
-from explainers.answering import generate_answer
-from explainers.context import ExplainSample, Prepared, prepare
-from explainers.models import LoadedModel, adapter_for, load_model
+from xmllm.explainers.answering import generate_answer
+from xmllm.explainers.context import ExplainSample, Prepared, prepare
+from xmllm.explainers.models import LoadedModel, adapter_for, load_model
 
 _TINY: dict[str, LoadedModel] = {}
 

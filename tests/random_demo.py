@@ -9,7 +9,7 @@ SEED = 0
 
 def save_random_demo(folder: Path, seed: int = SEED) -> Path:
     """Save the demo LLaVA (random weights, the demo's processor) into ``folder``; returns it."""
-    from explainers.demo.model import build_model, build_processor
+    from xmllm.explainers.demo.model import build_model, build_processor
 
     if (folder / "config.json").is_file():
         return folder

@@ -12,9 +12,9 @@ import torch
 
 from tiny_models import build_tiny, tiny_image
 
-from explainers.context import ExplainSample
-from explainers.models import LoadedModel, adapter_for
-from reports.runner import RunResult, run_explainers
+from xmllm.explainers.context import ExplainSample
+from xmllm.explainers.models import LoadedModel, adapter_for
+from xmllm.runner import RunResult, run_explainers
 
 HOSTILE = """what colour is <script>alert(1)</script>"'& the square"""
 """A question that breaks any page that does not escape it."""

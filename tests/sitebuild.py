@@ -1,13 +1,11 @@
 """A small real site build shared by the build and browser tests (one per test session).
 
 The model is the demo architecture with random weights saved to a temporary folder (real
-forward passes, no dependence on the trained weights); the site source (mkdocs.yml and the
-hand-written pages under site/) is copied to a temporary folder so that the build's generated
-pages never touch the checkout.
+forward passes, no dependence on the trained weights); the build reads xmllm's own MkDocs
+sources and must leave the checkout's site/ exactly as it was (:func:`site_source_files`).
 """
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,20 +18,15 @@ SMALL_PAIRS = 4
 SMALL_EXPLAINERS = ["relevancy.modality", "attention.raw", "embedding.projection"]  # the last runs on a sample set
 
 
-def copy_site_source(dst: Path) -> Path:
-    """mkdocs.yml, its theme overrides and the static pages under site/ (not generated ones) into
-    ``dst``; returns the config's path."""
-    dst.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(ROOT / "mkdocs.yml", dst / "mkdocs.yml")
-    shutil.copytree(ROOT / "overrides", dst / "overrides")
-    shutil.copytree(ROOT / "site", dst / "site", ignore=shutil.ignore_patterns("generated", "reports", ".xmllm-*"))
-    return dst / "mkdocs.yml"
+def site_source_files() -> set[str]:
+    """Every file and folder under the checkout's site/ and templates/: a build adds nothing there."""
+    return {p.relative_to(ROOT).as_posix() for folder in ("site", "templates") for p in (ROOT / folder).rglob("*")
+            if "__pycache__" not in p.parts}
 
 
 @dataclass
 class SmallSite:
     out: Path
-    config: Path
     model: Path
     cache: Path
     first: object
@@ -43,11 +36,11 @@ class SmallSite:
 
 
 def build_small_site(root: Path) -> SmallSite:
-    from reports.build import BuildOptions, build_site
+    from xmllm.build import BuildOptions, build_site
 
-    config = copy_site_source(root / "src")
     model = save_random_demo(root / "model")
-    opts = BuildOptions(out=root / "public", config=config, model=str(model), pairs=SMALL_PAIRS,
+    before = site_source_files()
+    opts = BuildOptions(out=root / "public", model=str(model), pairs=SMALL_PAIRS,
                         cache=root / "cache", explainers=list(SMALL_EXPLAINERS), progress=False)
     t = time.perf_counter()
     first = build_site(opts)
@@ -55,7 +48,8 @@ def build_small_site(root: Path) -> SmallSite:
     t = time.perf_counter()
     second = build_site(opts)
     second_seconds = time.perf_counter() - t
-    return SmallSite(root / "public", config, model, root / "cache", first, second, first_seconds, second_seconds)
+    assert site_source_files() == before, "the build wrote into the checkout"
+    return SmallSite(root / "public", model, root / "cache", first, second, first_seconds, second_seconds)
 
 
 @pytest.fixture(scope="session")

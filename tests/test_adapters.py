@@ -23,7 +23,7 @@ from tiny_models import (
     tiny_image,
 )
 
-from explainers.models import (
+from xmllm.explainers.models import (
     FULL_IMAGE,
     AdapterError,
     ImageLayout,

@@ -14,16 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from explainers.allocator import OPT_OUT, _glibc
+from xmllm.explainers.allocator import OPT_OUT, _glibc
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = """
 import json, resource
-from explainers.allocator import allocator_state, keep_freed_memory
+from xmllm.explainers.allocator import allocator_state, keep_freed_memory
 state = keep_freed_memory()
-from explainers.methods.perturbation import Occlusion
-from explainers.models import load_model
-from reports.bench.models import own_prepared
+from xmllm.explainers.methods.perturbation import Occlusion
+from xmllm.explainers.models import load_model
+from xmllm.bench.models import own_prepared
 loaded = load_model("demo", device="cpu", eager_attention=True)
 prep = own_prepared(loaded)
 Occlusion().explain(loaded, prep, window=1)  # first call: the heap grows to its working size

@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny_models import FAMILIES, TEST_IMAGE_SIZES, build_tiny, missing_dependency, tiny_image
 
-from explainers.answering import Answer
-from explainers.capture import (
+from xmllm.explainers.answering import Answer
+from xmllm.explainers.capture import (
     AttentionRecorder,
     RolloutOptions,
     attn_implementations,
@@ -26,9 +26,9 @@ from explainers.capture import (
     eager_attention,
     full_attention_bytes,
 )
-from explainers.context import ExplainSample, Prepared, prepare
-from explainers.models import LoadedModel, adapter_for, load_model
-from explainers.registry import Need, get_explainer
+from xmllm.explainers.context import ExplainSample, Prepared, prepare
+from xmllm.explainers.models import LoadedModel, adapter_for, load_model
+from xmllm.explainers.registry import Need, get_explainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -290,7 +290,7 @@ def test_vision_rollout_is_the_same_during_generate_and_forward(llava, long_prep
 
 
 def test_rollout_saves_and_loads_back(llava, long_prepared, tmp_path):
-    from explainers.explanation import Explanation
+    from xmllm.explainers.explanation import Explanation
 
     exp = get_explainer("attention.rollout")().explain(llava, long_prepared, through_vision=True)
     exp.save(tmp_path / "rollout")
@@ -374,7 +374,7 @@ def demo() -> LoadedModel:
 
 @pytest.mark.slow
 def test_demo_maps_have_the_layout_grid(demo):
-    from explainers.demo.samples import generate_sample
+    from xmllm.explainers.demo.samples import generate_sample
 
     sample = generate_sample(0, 0)
     explain_sample = ExplainSample([sample.image()], sample.text, id=sample.id, expected=sample.answer)

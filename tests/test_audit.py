@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 from random_demo import save_random_demo
 
-from explainers.demo.samples import generate_samples, sample_record
-from reports.audit import ConfigError, load_config, run_audit
-from reports.errors import XmllmError
+from xmllm.explainers.demo.samples import generate_samples, sample_record
+from xmllm.audit import ConfigError, load_config, run_audit
+from xmllm import XmllmError
 
 HOSTILE = "<script>alert(1)</script></script><img src=x onerror=alert(2)> \"dq\" 'sq' & \x1b[31m\x07 end"
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
@@ -355,7 +355,7 @@ def test_two_runs_are_identical_but_for_the_timestamp(hostile_run, tmp_path):
 def compare_outputs(a: Path, b: Path) -> None:
     """Every file of two audit folders equal (arrays exactly), timestamps aside; run.json and
     timings.json hold seconds and are left out."""
-    from reports.report.run import load_run
+    from xmllm.report.run import load_run
 
     skip = {"run.json", "timings.json", ".xmllm-audit"}
     files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file() and p.name not in skip)
@@ -379,13 +379,10 @@ def compare_outputs(a: Path, b: Path) -> None:
 def test_site_build_includes_the_audit(hostile_run, tmp_path):
     """``xmllm build --quick --audit OUT``: the audit's pages, summary and reports join the site,
     under an Audits section of the nav."""
-    from sitebuild import copy_site_source
-
-    from reports.build import BuildOptions, build_site
+    from xmllm.build import BuildOptions, build_site
 
     _, outcome = hostile_run
-    config = copy_site_source(tmp_path / "src")
-    summary = build_site(BuildOptions(out=tmp_path / "public", config=config, quick=True, progress=False,
+    summary = build_site(BuildOptions(out=tmp_path / "public", quick=True, progress=False, cache=tmp_path / "cache",
                                       audits=[outcome.out, outcome.out]))
     assert summary.out == (tmp_path / "public").resolve()
     pages = sorted((tmp_path / "public" / "generated" / "audits").glob("*/index.html"))
@@ -400,7 +397,7 @@ def test_site_build_includes_the_audit(hostile_run, tmp_path):
     index = (tmp_path / "public" / "generated" / "audits" / "index.html").read_text(encoding="utf-8")
     assert "Audits" in index
     with pytest.raises(XmllmError, match="not a finished audit"):
-        build_site(BuildOptions(out=tmp_path / "public", config=config, quick=True, progress=False,
+        build_site(BuildOptions(out=tmp_path / "public", quick=True, cache=tmp_path / "cache", progress=False,
                                 audits=[tmp_path]))
 
 

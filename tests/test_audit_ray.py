@@ -10,7 +10,7 @@ import ray
 import torch  # a test dependency (users get it with the "distributed" extra): absent, this fails, not skips
 from test_audit import compare_outputs, model, write_config, write_set  # noqa: F401  (model is a fixture)
 
-from reports.audit import load_config, run_audit
+from xmllm.audit import load_config, run_audit
 
 
 AGENT_WAIT_MS = "300000"

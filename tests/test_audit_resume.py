@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from test_audit import model, write_config, write_set  # noqa: F401  (model is a fixture)
 
-from reports.audit import load_config, run_audit
+from xmllm.audit import load_config, run_audit
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = 10
@@ -32,7 +32,7 @@ def complete_folders(out: Path) -> list[Path]:
 
 def check_folder(folder: Path) -> dict:
     """Every file of a sample's folder parses: the record, the arrays, the manifest, the images."""
-    from reports.report.run import load_run
+    from xmllm.report.run import load_run
 
     record = json.loads((folder / "record.json").read_text(encoding="utf-8"))
     json.loads((folder / "timings.json").read_text(encoding="utf-8"))
@@ -54,7 +54,7 @@ def test_kill_9_mid_run_then_resume(tmp_path, model):  # noqa: F811
     cfg = write_config(tmp_path / "audit.yaml", model, probes=["blank_image"], faithfulness={"enabled": False})
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "reports.cli", "run", str(cfg), "--no-progress"], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "xmllm.cli", "run", str(cfg), "--no-progress"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + STARTUP_LIMIT_S

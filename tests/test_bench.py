@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from random_demo import save_random_demo
 
-from explainers.registry import registered
-from reports.cli import main
-from reports.commands.bench import discover
+from xmllm.explainers.registry import registered
+from xmllm.cli import main
+from xmllm.commands.bench import discover
 
 ROW_FIELDS = {"case", "group", "metric", "value", "target", "ok", "model", "ours", "reference", "unit", "details"}
 EXPLAINER_FIELDS = {"model", "time_ratio", "memory_ratio", "seconds", "generate_seconds", "peak_bytes",
@@ -123,7 +123,7 @@ def test_only_narrows_to_the_named_explainer_and_prints_a_table(model_dir):
 
 
 def test_the_peak_memory_counter_sees_what_a_function_holds():
-    from reports.bench.memory import peak_memory
+    from xmllm.bench.memory import peak_memory
 
     def hold() -> torch.Tensor:
         kept = torch.ones(1000, 1000)  # 4 MB held to the end

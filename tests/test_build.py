@@ -11,12 +11,12 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 
-from catalog import load_catalog
-from reports.build import BUILD_MARKER
-from reports.cache import weights_fingerprint
-from reports.cli import main
-from reports.commands.serve import make_server
-from reports.errors import XmllmError
+from xmllm.catalog import load_catalog
+from xmllm.build import BUILD_MARKER
+from xmllm.cache import weights_fingerprint
+from xmllm.cli import main
+from xmllm.commands.serve import make_server
+from xmllm import XmllmError
 from sitebuild import SMALL_EXPLAINERS, SMALL_PAIRS, small_site  # noqa: F401  (fixture)
 
 RESOURCE_ATTRS = {("script", "src"), ("link", "href"), ("img", "src"), ("iframe", "src"), ("source", "src"),
@@ -143,13 +143,13 @@ def test_build_and_serve_command_line_errors_are_one_line(tmp_path, capsys) -> N
 
 
 def test_a_model_that_cannot_load_stops_the_build_and_writes_nothing(tmp_path) -> None:
-    from reports.build import BuildOptions, build_site
-    from sitebuild import copy_site_source
+    from xmllm.build import BuildOptions, build_site
+    from sitebuild import site_source_files
 
-    config = copy_site_source(tmp_path / "src")
+    before = site_source_files()
     with pytest.raises(XmllmError, match=r"^--model .*nope.*does not exist"):
-        build_site(BuildOptions(out=tmp_path / "public", config=config, model=str(tmp_path / "nope"), pairs=1,
+        build_site(BuildOptions(out=tmp_path / "public", model=str(tmp_path / "nope"), pairs=1,
                                 cache=tmp_path / "cache", progress=False))
     assert not (tmp_path / "public").exists()
-    assert not (tmp_path / "src" / "site" / "generated").exists()
-    assert sorted(p.name for p in (tmp_path / "src" / "site").iterdir()) == ["assets", "index.md", "usage.md"]
+    assert site_source_files() == before
+    assert list((tmp_path / "cache" / "scratch").iterdir()) == []

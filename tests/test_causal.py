@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_perturbation import demo, demo_prepared, occlude_by_hand, tiny_prepared  # noqa: F401 (fixture)
 from tiny_models import FAMILIES
 
-from explainers.context import Prepared
-from explainers.methods.causal import MinimalSet
+from xmllm.explainers.context import Prepared
+from xmllm.explainers.methods.causal import MinimalSet
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 

@@ -9,9 +9,8 @@ from importlib.metadata import version
 
 import pytest
 
-from explainers.ids import KNOWN_EXPLAINER_IDS
-from explainers.registry import registered
-from reports.cli import build_parser, main
+from xmllm.explainers.registry import registered
+from xmllm.cli import build_parser, main
 
 
 def test_version(capsys) -> None:
@@ -37,21 +36,30 @@ def test_no_arguments_prints_help(capsys) -> None:
     assert "usage: xmllm" in capsys.readouterr().out
 
 
-def test_explainers_json_lists_every_known_id(capsys) -> None:
+def test_explainers_json_lists_every_registered_explainer(capsys) -> None:
     assert main(["explainers", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     ids = [r["id"] for r in rows]
-    assert len(ids) == len(set(ids))
-    assert set(ids) == set(KNOWN_EXPLAINER_IDS) | set(registered())
-    assert len(KNOWN_EXPLAINER_IDS) == 26
+    assert ids == sorted(registered()) and len(ids) == len(set(ids))
     for r in rows:
-        assert r["status"] == ("implemented" if r["id"] in registered() else "planned")
+        cls = registered()[r["id"]]
+        assert r["status"] == "implemented" and r["title"] == cls.title and r["scope"] == cls.scope
+
+
+def test_every_explainer_id_is_prefixed_by_the_module_that_defines_it() -> None:
+    """``gradient.saliency`` lives in ``xmllm.explainers.methods.gradient``: ids say where to look."""
+    from xmllm.explainers.registry import BUILTIN_PACKAGE
+
+    assert registered()
+    for eid, cls in registered().items():
+        family, _, name = eid.partition(".")
+        assert name and cls.__module__ == f"{BUILTIN_PACKAGE}.{family}", (eid, cls.__module__)
 
 
 def test_module_entry_point_runs() -> None:
-    """``python -m reports.cli`` works in a fresh interpreter, as the console script does."""
+    """``python -m xmllm.cli`` works in a fresh interpreter, as the console script does."""
     proc = subprocess.run(
-        [sys.executable, "-m", "reports.cli", "catalog", "--json"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "xmllm.cli", "catalog", "--json"], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(proc.stdout)["leaves"]) == 16

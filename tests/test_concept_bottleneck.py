@@ -18,14 +18,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_perturbation import tiny_loaded  # noqa: E402
 
-from explainers.answering import generate_answer
-from explainers.context import ExplainSample
-from explainers.demo import DEMO_MODEL_DIR
-from explainers.demo.model import PATCH_SIZE, build_model, build_processor
-from explainers.demo.samples import generate_samples, to_explain_sample
-from explainers.demo.world import Scene
-from explainers.explanation import Explanation
-from explainers.methods.design import (
+from xmllm.explainers.answering import generate_answer
+from xmllm.explainers.context import ExplainSample
+from xmllm.explainers.demo import DEMO_MODEL_DIR
+from xmllm.explainers.demo.model import PATCH_SIZE, build_model, build_processor
+from xmllm.explainers.demo.samples import generate_samples, to_explain_sample
+from xmllm.explainers.demo.world import Scene
+from xmllm.explainers.explanation import Explanation
+from xmllm.explainers.methods.design import (
     ConceptBottleneck,
     DecoderInputEdit,
     cell_coverage,
@@ -35,9 +35,9 @@ from explainers.methods.design import (
     labelled_cells,
     object_masks,
 )
-from explainers.models import LoadedModel, adapter_for, load_model
-from explainers.models.layout import PatchGrid
-from explainers.registry import get_explainer
+from xmllm.explainers.models import LoadedModel, adapter_for, load_model
+from xmllm.explainers.models.layout import PatchGrid
+from xmllm.explainers.registry import get_explainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 

@@ -21,13 +21,13 @@ from loaded_models import tiny_loaded  # noqa: E402
 from test_intervention import random_demo_folder, tiny_prepared  # noqa: E402
 from tiny_models import FAMILIES
 
-from explainers.answering import normalise
-from explainers.context import ExplainSample, prepare
-from explainers.demo.samples import FAMILY_NAMES, generate_samples, to_explain_sample
-from explainers.demo.world import Scene
-from explainers.methods.data import Counterfactual, demo_sample_from, parse_question
-from explainers.models import load_model
-from explainers.registry import get_explainer
+from xmllm.explainers.answering import normalise
+from xmllm.explainers.context import ExplainSample, prepare
+from xmllm.explainers.demo.samples import FAMILY_NAMES, generate_samples, to_explain_sample
+from xmllm.explainers.demo.world import Scene
+from xmllm.explainers.methods.data import Counterfactual, demo_sample_from, parse_question
+from xmllm.explainers.models import load_model
+from xmllm.explainers.registry import get_explainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 

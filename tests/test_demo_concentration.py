@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from explainers.context import prepare
-from explainers.demo.samples import generate_sample, to_explain_sample
-from explainers.metrics.localisation import pointing_game
-from explainers.metrics.maps import primary_image_map
-from explainers.metrics.truth import cell_truth
-from explainers.models import load_model
-from explainers.registry import get_explainer
+from xmllm.explainers.context import prepare
+from xmllm.explainers.demo.samples import generate_sample, to_explain_sample
+from xmllm.explainers.metrics.localisation import pointing_game
+from xmllm.explainers.metrics.maps import primary_image_map
+from xmllm.explainers.metrics.truth import cell_truth
+from xmllm.explainers.models import load_model
+from xmllm.explainers.registry import get_explainer
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "explainers/demo/weights/final"
 SEED = 4242

@@ -6,14 +6,14 @@ import json
 import pytest
 import torch
 
-from explainers.demo import DEMO_EARLY_MODEL_DIR, DEMO_MODEL_DIR
-from explainers.demo.samples import generate_samples
-from reports.cli import main
+from xmllm.explainers.demo import DEMO_EARLY_MODEL_DIR, DEMO_MODEL_DIR
+from xmllm.explainers.demo.samples import generate_samples
+from xmllm.cli import main
 
 
 @pytest.fixture(scope="module")
 def demo():
-    from explainers import load_model
+    from xmllm.explainers import load_model
 
     return load_model("demo")
 
@@ -45,7 +45,7 @@ def test_loads_through_the_hub_path_as_a_real_llava(demo):
 
 
 def test_answers_fresh_samples_correctly(demo):
-    from explainers.demo.evaluate import evaluate
+    from xmllm.explainers.demo.evaluate import evaluate
 
     # the bar (>= 95% overall, >= 90% per family on 1,000 held-out samples) on a 500-sample
     # slice of a seed never used in training: 100 per family
@@ -85,7 +85,7 @@ def test_demo_eval_json(capsys):
 
 
 def test_training_is_reproducible(tmp_path):
-    from explainers.demo.train import TrainConfig, train
+    from xmllm.explainers.demo.train import TrainConfig, train
 
     cfg = TrainConfig(vision_steps=2, qa_steps=2, restart_steps=2, batch=4, qa_samples=16, warmup=1, early_step=1,
                       threads=1, monitor_every=2)
@@ -102,7 +102,7 @@ def test_a_resumed_restart_cycle_equals_an_uninterrupted_run(tmp_path):
     from there and ends with the same bytes as a run that never stopped."""
     import shutil
 
-    from explainers.demo.train import TrainConfig, train
+    from xmllm.explainers.demo.train import TrainConfig, train
 
     cfg = TrainConfig(vision_steps=2, qa_steps=2, restart_steps=2, batch=4, qa_samples=16, warmup=1, early_step=1,
                       threads=1, monitor_every=0)

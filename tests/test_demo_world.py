@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from explainers.demo.questions import FAMILIES, NUMBER_WORDS
-from explainers.demo.samples import counterfactuals, generate_sample, generate_samples, make_pair
-from explainers.demo.world import COLOURS, Obj, Scene, relation
-from explainers.samples import SampleSetError, read_sample_set
-from reports.cli import main
+from xmllm.explainers.demo.questions import FAMILIES, NUMBER_WORDS
+from xmllm.explainers.demo.samples import counterfactuals, generate_sample, generate_samples, make_pair
+from xmllm.explainers.demo.world import COLOURS, Obj, Scene, relation
+from xmllm.explainers.samples import SampleSetError, read_sample_set
+from xmllm.cli import main
 
 
 def test_same_seed_same_samples_and_pixels():

@@ -16,10 +16,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny_models import build_tiny, missing_dependency
 
-from explainers.demo.model import PATCH_SIZE, build_model, build_processor
-from explainers.demo.samples import generate_samples, make_pair, to_explain_sample
-from explainers.explanation import Explanation
-from explainers.methods.embedding import (
+from xmllm.explainers.demo.model import PATCH_SIZE, build_model, build_processor
+from xmllm.explainers.demo.samples import generate_samples, make_pair, to_explain_sample
+from xmllm.explainers.explanation import Explanation
+from xmllm.explainers.methods.embedding import (
     ATTRIBUTES,
     COL_LABELS,
     ROW_LABELS,
@@ -34,9 +34,9 @@ from explainers.methods.embedding import (
     split_groups,
     unit_rows,
 )
-from explainers.methods.gradient import default_cam_layer
-from explainers.models import LoadedModel, adapter_for
-from explainers.registry import Need, get_explainer, registered
+from xmllm.explainers.methods.gradient import default_cam_layer
+from xmllm.explainers.models import LoadedModel, adapter_for
+from xmllm.explainers.registry import Need, get_explainer, registered
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 

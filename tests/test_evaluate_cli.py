@@ -14,8 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from random_demo import save_random_demo
 
-from reports.cli import main
-from reports.evaluation import read_result, trust_page_markdown, write_trust_page
+from xmllm.cli import main
+from xmllm.evaluation import read_result, trust_page_markdown, write_trust_page
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -156,13 +156,10 @@ def _markdown_tables(page: str) -> list[dict]:
 
 def test_site_build_includes_the_trust_page(result, tmp_path) -> None:
     """A real (quick) MkDocs build given the evaluation: the page, its plots and its nav entry."""
-    from sitebuild import copy_site_source
-
-    from reports.build import BuildOptions, build_site
+    from xmllm.build import BuildOptions, build_site
 
     _, out = result
-    config = copy_site_source(tmp_path / "src")
-    summary = build_site(BuildOptions(out=tmp_path / "public", config=config, quick=True, progress=False,
+    summary = build_site(BuildOptions(out=tmp_path / "public", quick=True, progress=False,
                                       cache=tmp_path / "cache", evaluation=out / "evaluation.json"))
     assert not summary.model_loaded
     built = tmp_path / "public" / "generated" / "trust.html"
@@ -176,7 +173,7 @@ def test_site_build_includes_the_trust_page(result, tmp_path) -> None:
     index = (tmp_path / "public" / "index.html").read_text(encoding="utf-8")
     assert 'href="generated/trust.html"' in index  # the nav slot shows once the page exists
     quick = tmp_path / "public-quick"
-    build_site(BuildOptions(out=quick, config=config, quick=True, progress=False, cache=tmp_path / "cache"))
+    build_site(BuildOptions(out=quick, quick=True, progress=False, cache=tmp_path / "cache"))
     assert not (quick / "generated" / "trust.html").exists()
     assert 'href="generated/trust.html"' not in (quick / "index.html").read_text(encoding="utf-8")
 
@@ -193,7 +190,7 @@ def test_same_seed_same_numbers_whatever_else_runs(result, model_dir, tmp_path, 
 
 
 def test_sample_set_from_jsonl(model_dir, tmp_path, capsys) -> None:
-    from explainers.demo.samples import generate_samples, write_sample_set
+    from xmllm.explainers.demo.samples import generate_samples, write_sample_set
 
     path = write_sample_set(generate_samples(3, 5), tmp_path / "set", progress=False)
     argv = ["evaluate", "--model", str(model_dir), "--samples", str(path), "--explainers", "gradient.saliency",

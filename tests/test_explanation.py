@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from explainers.explanation import Explanation, Target, load_explanations, save_explanations
-from reports.runner import parse_params
-from reports.errors import XmllmError
+from xmllm.explainers.explanation import Explanation, Target, load_explanations, save_explanations
+from xmllm.runner import parse_params
+from xmllm import XmllmError
 
 
 def _target() -> Target:

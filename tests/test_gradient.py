@@ -18,13 +18,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny_models import FAMILIES, TEST_IMAGE_SIZES, build_tiny, missing_dependency, tiny_image
 
-from explainers.answering import Answer
-from explainers.context import ExplainSample, Prepared, prepare
-from explainers.methods.gradient import GAP_WARNING, grid_names
-from explainers.methods.perturbation import baseline_pixels
-from explainers.models import adapter_for
-from explainers.models.loading import LoadedModel
-from explainers.registry import get_explainer
+from xmllm.explainers.answering import Answer
+from xmllm.explainers.context import ExplainSample, Prepared, prepare
+from xmllm.explainers.methods.gradient import GAP_WARNING, grid_names
+from xmllm.explainers.methods.perturbation import baseline_pixels
+from xmllm.explainers.models import adapter_for
+from xmllm.explainers.models.loading import LoadedModel
+from xmllm.explainers.registry import get_explainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -71,7 +71,7 @@ def tiny(family: str) -> Prepared:
 
 @pytest.fixture(scope="module")
 def demo() -> LoadedModel:
-    from explainers.models import load_model
+    from xmllm.explainers.models import load_model
 
     for path in DEMO_WEIGHTS:
         if (path / "config.json").is_file():
@@ -271,7 +271,7 @@ def test_every_family_gets_finite_grid_maps(family):
 
 
 def test_demo_maps_have_the_layout_grid(demo):
-    from explainers.demo.samples import generate_sample
+    from xmllm.explainers.demo.samples import generate_sample
 
     sample = generate_sample(0, 0)
     prep = prepare(demo, ExplainSample([sample.image()], sample.text, id=sample.id))

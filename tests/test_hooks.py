@@ -1,4 +1,4 @@
-"""explainers.hooks.Hooks on real torch modules: hooks live exactly as long as the ``with`` block.
+"""xmllm.explainers.hooks.Hooks on real torch modules: hooks live exactly as long as the ``with`` block.
 
 Plain modules check the block itself (fires inside, gone after, gone on an error, gone when a later
 registration fails); the tiny LLaVA checks explainer sites leave no hook on the model.
@@ -16,10 +16,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from loaded_models import tiny_prepared
 
-from explainers.hooks import Hooks
-from explainers.methods.lens import residual_states
-from explainers.methods.tokens import dropped_tokens
-from explainers.registry import get_explainer
+from xmllm.explainers.hooks import Hooks
+from xmllm.explainers.methods.lens import residual_states
+from xmllm.explainers.methods.tokens import dropped_tokens
+from xmllm.explainers.registry import get_explainer
 
 
 def hooked(model: nn.Module) -> list[tuple[str, str]]:

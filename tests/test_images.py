@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from explainers import images
-from explainers.images import ImageError, load_image
+from xmllm.explainers import images
+from xmllm.explainers.images import ImageError, load_image
 
 
 def test_modes_are_converted_to_rgb(tmp_path):

@@ -21,12 +21,12 @@ from tiny_models import FAMILIES
 from loaded_models import random_demo_loaded
 from loaded_models import tiny_prepared as shared_tiny_prepared
 
-from explainers.answering import generate_answer
-from explainers.context import ExplainSample, Prepared, prepare
-from explainers.demo.samples import generate_sample, to_explain_sample
-from explainers.explanation import Explanation
-from explainers.models import LoadedModel
-from explainers.registry import get_explainer
+from xmllm.explainers.answering import generate_answer
+from xmllm.explainers.context import ExplainSample, Prepared, prepare
+from xmllm.explainers.demo.samples import generate_sample, to_explain_sample
+from xmllm.explainers.explanation import Explanation
+from xmllm.explainers.models import LoadedModel
+from xmllm.explainers.registry import get_explainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 

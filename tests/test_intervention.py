@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_models import FAMILIES, TEST_IMAGE_SIZES, tiny_image
 from loaded_models import tiny_prepared as shared_tiny_prepared
 
-from explainers.context import ExplainSample, Prepared, prepare
-from explainers.demo.samples import generate_samples, make_pair, to_explain_sample
-from explainers.methods.intervention import (
+from xmllm.explainers.context import ExplainSample, Prepared, prepare
+from xmllm.explainers.demo.samples import generate_samples, make_pair, to_explain_sample
+from xmllm.explainers.methods.intervention import (
     ActivationPatching,
     AttentionKnockout,
     Corrupted,
@@ -31,9 +31,9 @@ from explainers.methods.intervention import (
     restored_share,
     sliding_windows,
 )
-from explainers.methods.perturbation import question_positions
-from explainers.models import LoadedModel, load_model
-from explainers.registry import get_explainer
+from xmllm.explainers.methods.perturbation import question_positions
+from xmllm.explainers.models import LoadedModel, load_model
+from xmllm.explainers.registry import get_explainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -47,7 +47,7 @@ TINY_QUESTION = "what colour is the square"
 
 def random_demo_folder(root: Path, seed: int) -> Path:
     """The demo architecture with random weights (``seed``), saved as a user's folder would be."""
-    from explainers.demo.model import build_model, build_processor
+    from xmllm.explainers.demo.model import build_model, build_processor
 
     folder = root / f"demo-random-{seed}"
     if not (folder / "config.json").is_file():

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny_models import build_tiny, tiny_image
 
-from explainers.models import (
+from xmllm.explainers.models import (
     LoadedModel,
     ModelLoadError,
     UnsupportedModelError,
@@ -21,8 +21,8 @@ from explainers.models import (
     resolve_dtype,
     weights_sha256,
 )
-from explainers.models.adapters.llava import LlavaAdapter
-from reports.errors import XmllmError
+from xmllm.explainers.models.adapters.llava import LlavaAdapter
+from xmllm import XmllmError
 
 QUESTION = "what colour is the square"
 
@@ -135,9 +135,9 @@ def test_uncached_hub_id_offline_is_one_line(monkeypatch):
 
 
 def test_missing_demo_model_is_one_line(monkeypatch, tmp_path):
-    import explainers.demo
+    import xmllm.explainers.demo
 
-    monkeypatch.setattr(explainers.demo, "DEMO_MODEL_DIR", tmp_path / "final")
+    monkeypatch.setattr(xmllm.explainers.demo, "DEMO_MODEL_DIR", tmp_path / "final")
     with pytest.raises(ModelLoadError) as info:
         load_model("demo", device="cpu")
     assert_one_line(info, "demo", str(tmp_path / "final"), "reinstall")

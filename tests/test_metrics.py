@@ -17,9 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loaded_models import answer_probability
 from random_demo import save_random_demo
 
-from explainers.context import prepare
-from explainers.demo.samples import generate_samples, to_explain_sample
-from explainers.metrics import (
+from xmllm.explainers.context import prepare
+from xmllm.explainers.demo.samples import generate_samples, to_explain_sample
+from xmllm.explainers.metrics import (
     SampleContext,
     area_under,
     cell_truth,
@@ -31,8 +31,8 @@ from explainers.metrics import (
     relevance_mass,
     relevance_rank,
 )
-from explainers.metrics.curves import CurveRunner, step_counts
-from explainers.models import load_model
+from xmllm.explainers.metrics.curves import CurveRunner, step_counts
+from xmllm.explainers.models import load_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 

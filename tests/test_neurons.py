@@ -23,12 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_perturbation import tiny_loaded, tiny_prepared  # noqa: E402
 from tiny_models import FAMILIES  # noqa: E402
 
-from explainers.context import ExplainSample, Prepared, prepare
-from explainers.demo import DEMO_MODEL_DIR
-from explainers.demo.model import build_model, build_processor
-from explainers.demo.samples import generate_samples, to_explain_sample
-from explainers.explanation import Explanation
-from explainers.methods.neurons import (
+from xmllm.explainers.context import ExplainSample, Prepared, prepare
+from xmllm.explainers.demo import DEMO_MODEL_DIR
+from xmllm.explainers.demo.model import build_model, build_processor
+from xmllm.explainers.demo.samples import generate_samples, to_explain_sample
+from xmllm.explainers.explanation import Explanation
+from xmllm.explainers.methods.neurons import (
     ModalitySpecific,
     TopActivations,
     ablated_logprobs,
@@ -37,9 +37,9 @@ from explainers.methods.neurons import (
     select_specific,
     specificity_entropy,
 )
-from explainers.methods.perturbation import answer_ids, logprobs_at
-from explainers.models import LoadedModel, adapter_for, load_model
-from explainers.registry import get_explainer
+from xmllm.explainers.methods.perturbation import answer_ids, logprobs_at
+from xmllm.explainers.models import LoadedModel, adapter_for, load_model
+from xmllm.explainers.registry import get_explainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 

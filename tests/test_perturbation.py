@@ -24,10 +24,10 @@ from tiny_models import (
 )
 from loaded_models import tiny_loaded  # noqa: F401  (other test modules import it from here)
 
-from explainers.answering import generate_answer
-from explainers.context import ExplainSample, Prepared, prepare
-from explainers.demo.samples import generate_samples
-from explainers.methods.perturbation import (
+from xmllm.explainers.answering import generate_answer
+from xmllm.explainers.context import ExplainSample, Prepared, prepare
+from xmllm.explainers.demo.samples import generate_samples
+from xmllm.explainers.methods.perturbation import (
     ACTIVATION_BUDGET_CPU,
     BATCH_SIZE_CPU,
     LogitRows,
@@ -44,7 +44,7 @@ from explainers.methods.perturbation import (
     shared_prefix,
     windows,
 )
-from explainers.models import LoadedModel, load_model
+from xmllm.explainers.models import LoadedModel, load_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 

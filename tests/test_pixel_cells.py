@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny_models import FAMILIES, TEST_IMAGE_SIZES, build_tiny, missing_dependency, tiny_image
 
-from explainers.models import adapter_for
+from xmllm.explainers.models import adapter_for
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -67,7 +67,7 @@ def tiny(family: str):
 
 @pytest.fixture(scope="module")
 def demo():
-    from explainers.models import load_model
+    from xmllm.explainers.models import load_model
 
     for path in DEMO_WEIGHTS:
         if (path / "config.json").is_file():
@@ -199,7 +199,7 @@ def test_llava_next_unpadded_cells_map_to_no_cell():
 
 
 def test_demo_patch_embeddings_move_only_in_the_perturbed_cell(demo):
-    from explainers.demo.samples import generate_sample
+    from xmllm.explainers.demo.samples import generate_sample
 
     sample = generate_sample(0, 0)
     adapter = demo.adapter

@@ -14,15 +14,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny_models import build_tiny, missing_dependency
 
-from explainers.answering import generate_answer
-from explainers.demo.model import build_model, build_processor
-from explainers.demo.questions import Presence
-from explainers.demo.samples import generate_samples, to_explain_sample
-from explainers.demo.world import Scene
-from explainers.explanation import Explanation
-from explainers.methods.benchmark import METRICS, SETTINGS, build_probes, parse_yes_no, pope_metrics
-from explainers.models import LoadedModel, adapter_for
-from explainers.registry import Need, get_explainer
+from xmllm.explainers.answering import generate_answer
+from xmllm.explainers.demo.model import build_model, build_processor
+from xmllm.explainers.demo.questions import Presence
+from xmllm.explainers.demo.samples import generate_samples, to_explain_sample
+from xmllm.explainers.demo.world import Scene
+from xmllm.explainers.explanation import Explanation
+from xmllm.explainers.methods.benchmark import METRICS, SETTINGS, build_probes, parse_yes_no, pope_metrics
+from xmllm.explainers.models import LoadedModel, adapter_for
+from xmllm.explainers.registry import Need, get_explainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 

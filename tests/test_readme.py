@@ -29,7 +29,7 @@ def test_readme_has_exactly_two_setup_commands_both_install_torch_cpu_first():
 
 
 def test_every_cli_command_is_in_the_readme_reference():
-    from reports.cli import build_parser
+    from xmllm.cli import build_parser
 
     readme = (ROOT / "README.md").read_text()
     sub = next(a for a in build_parser()._actions if a.dest == "command")

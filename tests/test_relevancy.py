@@ -18,10 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny_models import FAMILIES, TEST_IMAGE_SIZES, build_tiny, missing_dependency, tiny_image
 
-from explainers.answering import Answer
-from explainers.context import ExplainSample, prepare
-from explainers.methods.relevancy import CheferRelevancy, ModalityRelevancy, compute_relevancy
-from explainers.models import LoadedModel, adapter_for, load_model
+from xmllm.explainers.answering import Answer
+from xmllm.explainers.context import ExplainSample, prepare
+from xmllm.explainers.methods.relevancy import CheferRelevancy, ModalityRelevancy, compute_relevancy
+from xmllm.explainers.models import LoadedModel, adapter_for, load_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -76,7 +76,7 @@ def tiny_prepared(family: str, text: str = TINY_ANSWER):
 
 
 def demo_prepared(demo: LoadedModel, text: str):
-    from explainers.demo.samples import generate_sample
+    from xmllm.explainers.demo.samples import generate_sample
 
     sample = generate_sample(0, 1)
     return forced(demo, [sample.image()], sample.text, text)
@@ -268,7 +268,7 @@ def test_modality_shares_sum_to_one(demo):
 
 
 def test_the_model_own_answer_on_the_demo(demo):
-    from explainers.demo.samples import generate_sample
+    from xmllm.explainers.demo.samples import generate_sample
 
     sample = generate_sample(0, 2)
     exp = CheferRelevancy().explain(demo, ExplainSample([sample.image()], sample.text, id=sample.id))
@@ -320,7 +320,7 @@ def test_through_the_vision_tower_on_every_family(family):
 
 
 def test_explanations_save_and_load(demo, tmp_path):
-    from explainers.explanation import Explanation
+    from xmllm.explainers.explanation import Explanation
 
     prepared = demo_prepared(demo, "red circle")
     for explainer in (CheferRelevancy(), ModalityRelevancy()):

@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_relevancy import FAMILIES, assert_close, slow_relevancy, tiny_prepared
 
-from explainers.capture import attn_implementations
-from explainers.methods.relevancy import ROW_ATTENTION, compute_relevancy
+from xmllm.explainers.capture import attn_implementations
+from xmllm.explainers.methods.relevancy import ROW_ATTENTION, compute_relevancy
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -64,7 +64,7 @@ def test_a_layer_the_kernel_cannot_run_sends_the_explainer_down_the_eager_path()
 
 
 def test_the_explainer_records_how_its_gradients_were_taken():
-    from explainers.methods.relevancy import CheferRelevancy
+    from xmllm.explainers.methods.relevancy import CheferRelevancy
 
     prepared = tiny_prepared("llava")
     assert CheferRelevancy().explain(prepared.loaded, prepared).meta["kernel"] == STREAMED

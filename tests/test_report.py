@@ -24,15 +24,15 @@ from loaded_models import answer_probability
 from report_runs import ANSWER_TOKENS, EXPLAINERS, HOSTILE, IMAGE_SIZE, make_run, tiny_llava
 from tiny_models import tiny_image
 
-from explainers.context import ExplainSample
-from explainers.explanation import Explanation, Target, load_explanations, save_explanations
-from explainers.registry import get_explainer
-from reports.cli import main
-from reports.errors import XmllmError
-from reports.report import render_report, write_report
-from reports.report.about import leaves_by_explainer
-from reports.report.slabs import HEAD_MEAN, MANTISSA_BITS, Slab, build_slab, compact, fit_budget
-from reports.runner import run_explainers
+from xmllm.explainers.context import ExplainSample
+from xmllm.explainers.explanation import Explanation, Target, load_explanations, save_explanations
+from xmllm.explainers.registry import get_explainer
+from xmllm.cli import main
+from xmllm import XmllmError
+from xmllm.report import render_report, write_report
+from xmllm.report.about import leaves_by_explainer
+from xmllm.report.slabs import HEAD_MEAN, MANTISSA_BITS, Slab, build_slab, compact, fit_budget
+from xmllm.runner import run_explainers
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -165,8 +165,8 @@ IMAGE_MAP_EXPLAINERS = ("attention.raw", "attention.rollout", "perturbation.occl
 def test_each_image_map_shows_its_deletion_and_insertion_areas(run_dir, tree) -> None:
     """The areas shown in each map's section, parsed back, equal the areas recomputed from the
     saved map through the metric classes on a fresh prepare of the same model and sample."""
-    from explainers.context import prepare
-    from explainers.metrics import SampleContext, get_metric, primary_image_map
+    from xmllm.explainers.context import prepare
+    from xmllm.explainers.metrics import SampleContext, get_metric, primary_image_map
 
     manifest = _manifest(run_dir)
     assert manifest["timings_seconds"]["faithfulness"] > 0
@@ -312,7 +312,7 @@ def test_explain_command_writes_the_report(tmp_path, capsys) -> None:
 
 def test_dataset_scope_run_lists_samples_and_draws_points(tmp_path) -> None:
     """A dataset-scope run (``samples`` instead of ``sample``, no images) with a real projection."""
-    from explainers.registry import get_explainer
+    from xmllm.explainers.registry import get_explainer
 
     loaded = tiny_llava()
     samples = [ExplainSample([tiny_image(32, 32, seed=k)], f"what colour is shape {k}", id=f"s{k}", expected="red")
@@ -336,7 +336,7 @@ def test_dataset_scope_run_lists_samples_and_draws_points(tmp_path) -> None:
 
 
 def test_json_in_script_cannot_end_the_element() -> None:
-    from reports.report.render import script_json
+    from xmllm.report.render import script_json
 
     value = {"q": "</script><script>alert(1)</script>&'\u2028\u2029"}
     text = str(script_json(value))

@@ -17,9 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from report_runs import ANSWER_TOKENS, make_run
 
-from explainers.explanation import load_explanations
-from reports.report import write_report
-from reports.report.slabs import MANTISSA_BITS
+from xmllm.explainers.explanation import load_explanations
+from xmllm.report import write_report
+from xmllm.report.slabs import MANTISSA_BITS
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"

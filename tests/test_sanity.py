@@ -13,11 +13,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from random_demo import save_random_demo
 
-from explainers.context import prepare
-from explainers.demo.samples import generate_samples, to_explain_sample
-from explainers.metrics.sanity import SURVIVAL_THRESHOLD, cascade, explainer_map, randomisation_check, randomised
-from explainers.metrics.stats import average_ranks, mean_interval, spearman
-from explainers.models import load_model
+from xmllm.explainers.context import prepare
+from xmllm.explainers.demo.samples import generate_samples, to_explain_sample
+from xmllm.explainers.metrics.sanity import SURVIVAL_THRESHOLD, cascade, explainer_map, randomisation_check, randomised
+from xmllm.explainers.metrics.stats import average_ranks, mean_interval, spearman
+from xmllm.explainers.models import load_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 

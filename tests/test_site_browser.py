@@ -41,7 +41,7 @@ def browser():
 
 @pytest.fixture(scope="module")
 def served(small_site):  # noqa: F811
-    from reports.commands.serve import make_server
+    from xmllm.commands.serve import make_server
 
     server = make_server(small_site.out, 0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

@@ -20,13 +20,13 @@ from tiny_models import FAMILIES
 from loaded_models import random_demo_loaded
 from loaded_models import tiny_prepared as shared_tiny_prepared
 
-from explainers.answering import generate_answer
-from explainers.capture import attn_implementations, eager_attention
-from explainers.context import Prepared, prepare
-from explainers.demo.samples import generate_sample, to_explain_sample
-from explainers.explanation import Explanation
-from explainers.models import LoadedModel
-from explainers.registry import Need, get_explainer
+from xmllm.explainers.answering import generate_answer
+from xmllm.explainers.capture import attn_implementations, eager_attention
+from xmllm.explainers.context import Prepared, prepare
+from xmllm.explainers.demo.samples import generate_sample, to_explain_sample
+from xmllm.explainers.explanation import Explanation
+from xmllm.explainers.models import LoadedModel
+from xmllm.explainers.registry import Need, get_explainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 

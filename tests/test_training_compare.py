@@ -20,14 +20,14 @@ from loaded_models import tiny_loaded  # noqa: E402
 from test_intervention import random_demo_folder, tiny_prepared  # noqa: E402
 from tiny_models import FAMILIES
 
-import explainers.demo
-from explainers.context import prepare
-from explainers.demo.samples import generate_samples, to_explain_sample
-from explainers.explanation import Explanation
-from explainers.methods.perturbation import Occlusion
-from explainers.methods.training import CompareCheckpoints, rank_correlation
-from explainers.models import ModelLoadError, load_model
-from explainers.registry import get_explainer
+import xmllm.explainers.demo
+from xmllm.explainers.context import prepare
+from xmllm.explainers.demo.samples import generate_samples, to_explain_sample
+from xmllm.explainers.explanation import Explanation
+from xmllm.explainers.methods.perturbation import Occlusion
+from xmllm.explainers.methods.training import CompareCheckpoints, rank_correlation
+from xmllm.explainers.models import ModelLoadError, load_model
+from xmllm.explainers.registry import get_explainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -109,14 +109,14 @@ def test_each_checkpoint_may_explain_its_own_answer(first, prep, folders):
 
 
 def test_demo_early_is_the_default_partner_of_demo(monkeypatch, folders, prep):
-    monkeypatch.setattr(explainers.demo, "DEMO_MODEL_DIR", folders[0])
-    monkeypatch.setattr(explainers.demo, "DEMO_EARLY_MODEL_DIR", folders[1])
+    monkeypatch.setattr(xmllm.explainers.demo, "DEMO_MODEL_DIR", folders[0])
+    monkeypatch.setattr(xmllm.explainers.demo, "DEMO_EARLY_MODEL_DIR", folders[1])
     demo = load_model("demo", device="cpu", dtype="float32")
     early = load_model("demo-early", device="cpu", dtype="float32")
     assert early.source == str(folders[1]) and early.spec == "demo-early"
     exp = CompareCheckpoints().explain(demo, prep.sample, params=OCCLUSION)
     assert exp.params["other"] == "demo-early" and exp.meta["models"]["other"]["source"] == str(folders[1])
-    monkeypatch.setattr(explainers.demo, "DEMO_EARLY_MODEL_DIR", folders[1].parent / "missing")
+    monkeypatch.setattr(xmllm.explainers.demo, "DEMO_EARLY_MODEL_DIR", folders[1].parent / "missing")
     with pytest.raises(ModelLoadError, match="reinstall") as info:
         load_model("demo-early", device="cpu")
     assert "\n" not in str(info.value) and "missing" in str(info.value)

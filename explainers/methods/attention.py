@@ -4,7 +4,7 @@ All three read each answer token's *generating row* (the query at its logit posi
 repeated word keeps its own maps, and every grid comes from the adapter's layouts (no token
 counts or offsets are assumed). Raw and summary capture during the model's own ``generate``
 when given a fresh sample, or in one teacher-forced forward when given a :class:`Prepared`;
-rollout needs every row of every layer and always uses the forward (see explainers.capture).
+rollout needs every row of every layer and always uses the forward (see xmllm.explainers.capture).
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ For every image, the model is asked yes/no questions about objects that are in i
 ground truth, ``extra["objects"]``) and as many that are not, drawn three ways: *random*
 absent objects, the *popular* ones (most frequent in the set) and *adversarial* ones that share
 a colour or a shape with an object in the image. Every answer is the model's own greedy answer
-(:func:`explainers.answering.generate_answer`), recorded with its question; the metrics are
+(:func:`xmllm.explainers.answering.generate_answer`), recorded with its question; the metrics are
 computed from those records alone, so a reader can recount them.
 """
 from __future__ import annotations

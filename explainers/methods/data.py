@@ -3,8 +3,8 @@ recoloured, moved or removed, or when the question is worded differently.
 
 On a demo-world sample the ground truth rides in ``sample.extra`` (``family``, ``objects``): the
 scene and the question's structure are rebuilt from it, the question family's own edits
-(:func:`explainers.demo.samples.counterfactuals` and the family's answer-flipping edit, as in
-:func:`explainers.demo.samples.make_pair`) produce each edited image with its new right
+(:func:`xmllm.explainers.demo.samples.counterfactuals` and the family's answer-flipping edit, as in
+:func:`xmllm.explainers.demo.samples.make_pair`) produce each edited image with its new right
 answer, and the model answers every edit by its own greedy decoding. Any other sample can
 only be reworded: pass ``rephrasings``.
 """
@@ -70,7 +70,7 @@ def _template_pattern(template: str) -> re.Pattern[str]:
 
 
 def parse_question(family: str, text: str) -> Any:
-    """The demo :class:`~explainers.demo.questions.Question` whose wording is ``text``."""
+    """The demo :class:`~xmllm.explainers.demo.questions.Question` whose wording is ``text``."""
     from ..demo.questions import ALL_FAMILIES, Question
 
     kind = ALL_FAMILIES.get(family)

@@ -2,7 +2,7 @@
 
 ``inference.uncertainty`` measures the entropy of each answer token's next-token distribution,
 from the model's own logits and, through the logit lens (shared code in
-:mod:`explainers.methods.lens`), after every decoder block: a distribution that stays flat until
+:mod:`xmllm.explainers.methods.lens`), after every decoder block: a distribution that stays flat until
 the last layers marks an answer formed late and held loosely (MemVR retraces the image when this
 layer-wise uncertainty is high).
 

@@ -8,7 +8,7 @@ layer); read at the image tokens' positions it shows which words each patch's st
 to as it climbs the decoder (Neo et al.: object words surface at the object's patches).
 
 The helpers here (:func:`pick_layers`, :func:`residual_states`, :func:`lens_logprobs`,
-:func:`entropy`) are shared with :mod:`explainers.methods.inference` (per-layer entropy).
+:func:`entropy`) are shared with :mod:`xmllm.explainers.methods.inference` (per-layer entropy).
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ copies share one batched forward. A cell is occluded in pixel space through the 
 it), so the same code serves every family, tiles and dynamic resolutions included.
 
 The helpers below (baselines, cell masks, batched scoring, question positions) are shared
-with :mod:`explainers.methods.causal`.
+with :mod:`xmllm.explainers.methods.causal`.
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .context import SampleContext
 
 IMAGE_MAP = "image_map"
-"""A ``(rows, cols)`` map over the first image's main grid (see explainers.models.layout)."""
+"""A ``(rows, cols)`` map over the first image's main grid (see xmllm.explainers.models.layout)."""
 
 
 class MetricError(ValueError):

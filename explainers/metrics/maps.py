@@ -3,7 +3,7 @@
 An explainer may return many image maps (per answer token, per layer and head, per grid). The
 one scored is the whole answer's map over the first image's main grid: ``image.answer`` when
 the explainer gives it, else ``image`` with every leading axis (answer token, layer, head)
-averaged away. Every explainer here follows that naming (see explainers.explanation).
+averaged away. Every explainer here follows that naming (see xmllm.explainers.explanation).
 """
 from __future__ import annotations
 

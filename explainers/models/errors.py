@@ -1,7 +1,7 @@
 """One-line, user-facing errors of model loading and model adapters."""
 from __future__ import annotations
 
-from reports.errors import XmllmError
+from ..errors import XmllmError
 
 
 class ModelLoadError(XmllmError):

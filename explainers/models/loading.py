@@ -204,7 +204,7 @@ class _Source:
 
 def _resolve(spec: str, allow_pickle: bool, revision: str | None) -> _Source:
     if spec in (DEMO_SPEC, DEMO_EARLY_SPEC):
-        from explainers.demo import DEMO_EARLY_MODEL_DIR, DEMO_MODEL_DIR
+        from xmllm.explainers.demo import DEMO_EARLY_MODEL_DIR, DEMO_MODEL_DIR
 
         folder = Path(DEMO_MODEL_DIR if spec == DEMO_SPEC else DEMO_EARLY_MODEL_DIR)
         label = "the demo model folder" if spec == DEMO_SPEC else "the early demo model folder"

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..errors import XmllmError
+from ..explainers.errors import XmllmError
 
 
 class ConfigError(XmllmError):
@@ -26,7 +26,7 @@ class _Strict(BaseModel):
 
 
 class JsonlSource(_Strict):
-    """The project's JSONL sample set (explainers.samples)."""
+    """The project's JSONL sample set (xmllm.explainers.samples)."""
 
     type: Literal["jsonl"]
     path: str = Field(min_length=1)
@@ -70,7 +70,7 @@ class FaithfulnessConfig(_Strict):
     @field_validator("baseline")
     @classmethod
     def _known_baseline(cls, value: str) -> str:
-        from explainers.methods.perturbation import BASELINES
+        from xmllm.explainers.methods.perturbation import BASELINES
 
         if value not in BASELINES:
             raise ValueError(f"unknown baseline {value!r}; choose from {', '.join(BASELINES)}")
@@ -148,7 +148,7 @@ class AuditConfig(_Strict):
     @field_validator("explainers")
     @classmethod
     def _known_explainers(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        from explainers.registry import RegistryError, get_explainer
+        from xmllm.explainers.registry import RegistryError, get_explainer
 
         for eid in value:
             try:

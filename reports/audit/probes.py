@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
-    from explainers.context import Prepared
+    from xmllm.explainers.context import Prepared
 
 
 def blank_image(prepared: Prepared, seed: int) -> dict[str, Any]:
-    from explainers.answering import generate_answer, normalise
-    from explainers.methods.perturbation import baseline_images
+    from xmllm.explainers.answering import generate_answer, normalise
+    from xmllm.explainers.methods.perturbation import baseline_images
 
     blanks = baseline_images(prepared.sample.images, "mean", seed, 0.0)
     got = generate_answer(prepared.loaded, blanks, prepared.sample.question)
@@ -30,9 +30,9 @@ def blank_image(prepared: Prepared, seed: int) -> dict[str, Any]:
 
 
 def pope(prepared: Prepared, seed: int) -> dict[str, Any]:
-    from explainers.answering import generate_answer
-    from explainers.demo.world import COLOURS, SHAPES
-    from explainers.methods.benchmark import DEFAULT_TEMPLATE, object_keys, parse_yes_no
+    from xmllm.explainers.answering import generate_answer
+    from xmllm.explainers.demo.world import COLOURS, SHAPES
+    from xmllm.explainers.methods.benchmark import DEFAULT_TEMPLATE, object_keys, parse_yes_no
 
     sample = prepared.sample
     try:

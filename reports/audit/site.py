@@ -4,7 +4,7 @@
 escaped), ``summary.html`` (the summary page with links only to the reports copied here) and
 ``reports/<key>.html`` (per-sample reports, flagged samples first, at most
 ``site.max_reports``). ``xmllm build --audit OUT`` (:func:`site_pages`, called from
-:mod:`reports.build`) copies each such folder to ``generated/audits/<slug>/`` under the docs
+:mod:`xmllm.build`) copies each such folder to ``generated/audits/<slug>/`` under the docs
 folder and adds an "Audits" section to the nav.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..errors import XmllmError
+from ..explainers.errors import XmllmError
 from ..site import markdown as mdx
 from ..site.pages import GENERATED, SiteOutput, nav_title
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from explainers.samples import (  # the set's path rule: inside its folder unless allowed
+from xmllm.explainers.samples import (  # the set's path rule: inside its folder unless allowed
     SampleSetError,
     _resolve,
 )
@@ -57,7 +57,7 @@ def read_items(loaded: LoadedConfig) -> list[AuditItem]:
 
 
 def _jsonl(loaded: LoadedConfig, source: JsonlSource) -> list[AuditItem]:
-    from explainers.samples import read_sample_set
+    from xmllm.explainers.samples import read_sample_set
 
     records = read_sample_set(loaded.resolve(source.path), allow_absolute=loaded.config.allow_absolute_paths)
     out = []
@@ -173,7 +173,7 @@ READERS: dict[str, Callable[[LoadedConfig, Any], list[AuditItem]]] = {
 
 def read_bytes(path: Path | None) -> bytes | None:
     """A file's bytes for shipping to a worker; a one-line error for a missing or oversized one."""
-    from explainers.images import ImageError
+    from xmllm.explainers.images import ImageError
 
     if path is None:
         return None

@@ -21,9 +21,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from explainers.files import replace_dir
+from xmllm.explainers.files import replace_dir
 
-from ..errors import XmllmError
+from ..explainers.errors import XmllmError
 from .worker import RECORD, SampleOutput
 
 SAMPLES = "samples"

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..provenance import utc_now
 from .config import LoadedConfig
-from explainers.files import write_atomic
+from xmllm.explainers.files import write_atomic
 
 from .store import SAMPLES
 from .worker import RANDOM, RECORD, RUN

@@ -57,10 +57,10 @@ class AuditWorker:
     """One model, loaded once; :meth:`process` audits samples one at a time."""
 
     def __init__(self, spec: WorkerSpec) -> None:
-        from explainers.models import load_model
-        from explainers.models.errors import ModelLoadError
+        from xmllm.explainers.models import load_model
+        from xmllm.explainers.models.errors import ModelLoadError
 
-        from ..errors import XmllmError
+        from ..explainers.errors import XmllmError
         from ..runner import needs_attention
 
         self.spec = spec
@@ -107,8 +107,8 @@ class AuditWorker:
     def _sample(self, task: SampleTask, folder: Path):
         import numpy as np
 
-        from explainers.context import ExplainSample
-        from explainers.images import load_image
+        from xmllm.explainers.context import ExplainSample
+        from xmllm.explainers.images import load_image
 
         item = task.item
         image = load_image(_spill(task.image_bytes, _input_path(folder, item)))
@@ -127,7 +127,7 @@ class AuditWorker:
 
         import torch
 
-        from explainers.answering import is_correct
+        from xmllm.explainers.answering import is_correct
 
         from ..report import write_report
         from ..runner import run_explainers
@@ -149,7 +149,7 @@ class AuditWorker:
         t = time.perf_counter()
         reliance = next((e for e in result.explanations if e.explainer == RELIANCE), None)
         if reliance is None:
-            from explainers.methods.inference import VisualReliance
+            from xmllm.explainers.methods.inference import VisualReliance
 
             torch.manual_seed(seed)
             reliance = VisualReliance().explain(self.loaded, prepared)
@@ -183,7 +183,7 @@ class AuditWorker:
         timings["save"] = time.perf_counter() - t
 
     def _faithfulness(self, result: Any, prepared: Any) -> dict[str, Any]:
-        from explainers.metrics import faithfulness_many, primary_image_map, random_map
+        from xmllm.explainers.metrics import faithfulness_many, primary_image_map, random_map
 
         fc, seed = self.config.faithfulness, self.config.seed
         described, maps = {}, {}
@@ -248,7 +248,7 @@ def _suffix(name: str) -> str:
 
 def _one_line(exc: BaseException, folder: Path, item: AuditItem) -> str:
     """The error in one line; the worker's scratch paths replaced by the sample's own file name."""
-    from ..errors import XmllmError
+    from ..explainers.errors import XmllmError
 
     text = str(exc) if isinstance(exc, (XmllmError, _SampleFailure)) else f"{type(exc).__name__}: {exc}"
     shown = str(item.image) if item.image is not None else item.image_name

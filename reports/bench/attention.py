@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from explainers.capture import AttentionRecorder, eager_attention, full_attention_bytes
+from xmllm.explainers.capture import AttentionRecorder, eager_attention, full_attention_bytes
 
 from . import BenchContext, BenchRow, interleaved
 from .models import ANSWER_TOKENS, LARGE, LONG_QUESTION, MAIN, answer_tokens, demo_sample, prompt_inputs

@@ -1,7 +1,7 @@
 """What ``xmllm evaluate`` costs per sample on the demo model, and what ``--demo 500`` would take.
 
 One evaluation of a few object-grounded demo questions with the evaluation's default explainers
-(every sample-level one that gives an image map, less ``NOT_BY_DEFAULT`` of reports.evaluation.run)
+(every sample-level one that gives an image map, less ``NOT_BY_DEFAULT`` of xmllm.evaluation.run)
 and metrics, and the randomisation cascade on one or two of them. Reported: wall and CPU seconds
 per sample (explain, score, both; per explainer in the details), the metrics' share, the
 cascade's seconds per (sample, stage), and the projected minutes of ``xmllm evaluate --demo 500``
@@ -24,7 +24,7 @@ SEED = 0
 
 
 def _evaluate(loaded: Any, samples: int, sanity: int) -> dict[str, Any]:
-    from explainers.registry import sample_level_ids
+    from xmllm.explainers.registry import sample_level_ids
 
     from ..evaluation import EvaluationConfig, demo_samples, evaluate
 
@@ -36,7 +36,7 @@ def _evaluate(loaded: Any, samples: int, sanity: int) -> dict[str, Any]:
 def cases(ctx: BenchContext) -> list[BenchRow]:
     if "demo" not in ctx.models:
         return []
-    from explainers.metrics.sanity import cascade
+    from xmllm.explainers.metrics.sanity import cascade
 
     loaded = ctx.models["demo"]
     n = QUICK_SAMPLES if ctx.quick else SAMPLES

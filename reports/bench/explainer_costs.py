@@ -7,7 +7,7 @@ do_sample=False)``, which produces the same T tokens. Two ratios per explainer, 
 
 * time: interleaved rounds (explainer, generate, explainer, generate ...), median of the ratios;
 * peak memory: the most tensor bytes each held at once, in runs of their own
-  (:mod:`reports.bench.memory`).
+  (:mod:`xmllm.bench.memory`).
 
 Explainers that need something besides the sample get it from :data:`NEED_INPUTS`.
 """
@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from explainers.registry import Need, registered, sample_level_ids
+from xmllm.explainers.registry import Need, registered, sample_level_ids
 
-from ..errors import XmllmError
+from ..explainers.errors import XmllmError
 from . import BenchContext, BenchRow, interleaved
 from .memory import peak_memory
 from .models import MAIN, demo_sample, own_prepared, prompt_inputs

@@ -12,11 +12,11 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from explainers.answering import Answer
-from explainers.context import ExplainSample, Prepared, prepare
+from xmllm.explainers.answering import Answer
+from xmllm.explainers.context import ExplainSample, Prepared, prepare
 
 if TYPE_CHECKING:  # pragma: no cover
-    from explainers.models import LoadedModel
+    from xmllm.explainers.models import LoadedModel
 
     from . import BenchContext
 
@@ -27,7 +27,7 @@ def build_llava_576(folder: Path, seed: int = 0) -> Path:
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from explainers.demo.model import CHAT_TEMPLATE, build_tokenizer
+    from xmllm.explainers.demo.model import CHAT_TEMPLATE, build_tokenizer
 
     if (folder / "config.json").is_file():
         return folder
@@ -89,7 +89,7 @@ def answer_tokens(ctx: BenchContext) -> int:
 
 def demo_sample() -> ExplainSample:
     """The demo world's bench sample with its ground truth (objects, mask, pair) for explainers."""
-    from explainers.demo.samples import generate_sample, to_explain_sample
+    from xmllm.explainers.demo.samples import generate_sample, to_explain_sample
 
     return to_explain_sample(generate_sample(SAMPLE_SEED, 0))
 
@@ -122,6 +122,6 @@ def prompt_inputs(loaded: LoadedModel, images: list[Any], question: str) -> Any:
 
 def load_large(folder: Path, device: str = "auto") -> LoadedModel:
     """Build (if needed) and load the large model with eager attention, as the attention explainers need."""
-    from explainers.models import load_model
+    from xmllm.explainers.models import load_model
 
     return load_model(build_llava_576(folder), device=device, eager_attention=True)

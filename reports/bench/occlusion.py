@@ -14,7 +14,7 @@ tokens' log-probabilities, through the same scoring function), on the demo model
 
 Each row reports the largest absolute difference between the two whole-answer maps.
 
-Both sides run in one process under the allocator ``xmllm`` sets (:mod:`explainers.allocator`).
+Both sides run in one process under the allocator ``xmllm`` sets (:mod:`xmllm.explainers.allocator`).
 Under glibc's default, Captum's eager forwards on the 576-token model page-faulted their attention
 matrices afresh each call (7.4 s against 3.2 s kept), which had made ours look 4.2x faster there;
 kept, the CPU ratio on that model is about 2x, and 1.2-1.3x of it on the same kernel: a forward of
@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from explainers.context import Prepared
-from explainers.methods.perturbation import (
+from xmllm.explainers.context import Prepared
+from xmllm.explainers.methods.perturbation import (
     Occlusion,
     answer_ids,
     baseline_pixels,

@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from explainers.capture import eager_attention
-from explainers.context import Prepared
-from explainers.methods.relevancy import compute_relevancy
+from xmllm.explainers.capture import eager_attention
+from xmllm.explainers.context import Prepared
+from xmllm.explainers.methods.relevancy import compute_relevancy
 
 from . import BenchContext, BenchRow, Timings, interleaved
 from .models import LARGE, LONG_QUESTION, MAIN, answer_tokens, forced_prepared, own_prepared

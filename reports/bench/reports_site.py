@@ -25,10 +25,10 @@ QUICK_EXPLAINERS = ["attention.summary", "relevancy.chefer", "inference.uncertai
 
 def report_size(ctx: BenchContext) -> BenchRow:
     """Bytes of the report of one demo sample explained by every sample-level explainer."""
-    from explainers.demo.samples import generate_sample, to_explain_sample
-    from explainers.registry import sample_level_ids
-    from reports.report import write_report
-    from reports.runner import run_explainers
+    from xmllm.explainers.demo.samples import generate_sample, to_explain_sample
+    from xmllm.explainers.registry import sample_level_ids
+    from xmllm.report import write_report
+    from xmllm.runner import run_explainers
 
     loaded = ctx.models[MAIN]
     ids = sample_level_ids()
@@ -52,7 +52,7 @@ def report_size(ctx: BenchContext) -> BenchRow:
 
 def build_times(ctx: BenchContext) -> BenchRow:
     """A fresh build (empty cache) then the same build again (nothing changed)."""
-    from reports.build import BuildOptions, build_site
+    from xmllm.build import BuildOptions, build_site
 
     pairs = QUICK_PAIRS if ctx.quick else PAIRS
     with tempfile.TemporaryDirectory(prefix="xmllm-bench-build-") as tmp:

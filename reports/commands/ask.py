@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..errors import XmllmError
+from ..explainers.errors import XmllmError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,10 +27,10 @@ def run(args: argparse.Namespace) -> int:
     if single and (args.image is None or not (args.question or "").strip()):
         raise XmllmError("--image and a non-empty --question are both required")
 
-    from explainers.answering import generate_answer, is_correct
-    from explainers.images import load_image
-    from explainers.models import load_model
-    from explainers.samples import read_sample_set
+    from xmllm.explainers.answering import generate_answer, is_correct
+    from xmllm.explainers.images import load_image
+    from xmllm.explainers.models import load_model
+    from xmllm.explainers.samples import read_sample_set
 
     if single:
         items = [(None, load_image(args.image), args.question, None)]

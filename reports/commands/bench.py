@@ -1,6 +1,6 @@
 """``xmllm bench``: what explaining costs, as ratios measured side by side in one run.
 
-Every module of :mod:`reports.bench` with a ``cases(ctx)`` function is a case (discovered, not
+Every module of :mod:`xmllm.bench` with a ``cases(ctx)`` function is a case (discovered, not
 listed): attention capture, relevancy and occlusion against the ways they replace, each
 sample-level explainer against a plain greedy ``generate`` of the same answer, and any case added
 later. They run on the model chosen with ``--model`` and, unless ``--no-large``, on a larger
@@ -21,7 +21,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ..errors import XmllmError
+from ..explainers.errors import XmllmError
 
 PROGRESS_WIDTH = 100
 
@@ -63,7 +63,7 @@ class Case:
 
 
 def discover() -> list[Case]:
-    """Every module of :mod:`reports.bench` that defines ``cases(ctx)``, in name order."""
+    """Every module of :mod:`xmllm.bench` that defines ``cases(ctx)``, in name order."""
     from .. import bench
 
     found = []
@@ -98,7 +98,7 @@ def run_cases(cases: list[Case], ctx: Any) -> tuple[list[tuple[str, Any]], dict[
 
 
 def load_models(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
-    from explainers.models import load_model
+    from xmllm.explainers.models import load_model
 
     from ..bench.models import LARGE, MAIN, load_large
 
@@ -228,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from explainers.allocator import allocator_state
+    from xmllm.explainers.allocator import allocator_state
 
     from ..bench import BenchContext
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import XmllmError
+from ..explainers.errors import XmllmError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from ..build import DEFAULT_CONFIG, DEFAULT_OUT
-    from ..cache import DEFAULT_CACHE_DIR
+    from ..build import DEFAULT_OUT
 
     p = sub.add_parser("build", help="build the site: example reports, case study, catalog pages, MkDocs")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default public/)")
@@ -18,7 +17,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="world seed of the case study's pairs")
     p.add_argument("--explainers", default="",
                    help="comma-separated explainer ids to make examples of (default: every implemented one)")
-    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE_DIR, help="cache folder (default .xmllm-cache/)")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="cache folder (default $XMLLM_CACHE_DIR, else ~/.cache/xmllm)")
     p.add_argument("--no-cache", action="store_true", help="compute every result afresh")
     p.add_argument("--quick", action="store_true",
                    help="run no model: catalog, explainer and static pages only (for editing the site)")
@@ -26,20 +26,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="an evaluation.json of 'xmllm evaluate': adds the 'Which explainer to trust' page")
     p.add_argument("--audit", type=Path, action="append", default=[], metavar="DIR",
                    help="an output folder of 'xmllm run': its pages join the site under Audits (repeatable)")
-    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="the MkDocs config (default: the checkout's mkdocs.yml)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="an MkDocs config with its docs_dir of hand-written pages (default: xmllm's own)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..build import BuildOptions, build_site
+    from ..cache import default_cache_dir
 
     if args.pairs < 1:
         raise XmllmError(f"--pairs must be a positive integer, got {args.pairs}")
     wanted = [e.strip() for e in args.explainers.split(",") if e.strip()] or None
     summary = build_site(BuildOptions(
         out=args.out, config=args.config, model=args.model, pairs=args.pairs, seed=args.seed,
-        cache=args.cache, use_cache=not args.no_cache, explainers=wanted, quick=args.quick, device=args.device,
+        cache=args.cache or default_cache_dir(), use_cache=not args.no_cache, explainers=wanted, quick=args.quick, device=args.device,
         evaluation=args.evaluation, audits=args.audit,
     ))
     for warning in summary.warnings:

@@ -10,7 +10,7 @@ import json
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from catalog import Leaf
+    from xmllm.catalog import Leaf
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from catalog import coverage, is_covered, json_view, load_catalog
+    from xmllm.catalog import coverage, is_covered, json_view, load_catalog
 
     cat = load_catalog(args.check)
     if args.json:
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.check}: ok ({cov['leaves_total']} leaves, {cov['explainer_ids_used']} explainer ids)")
         return 0
 
-    from explainers.registry import status
+    from xmllm.explainers.registry import status
 
     s = cat.survey
     print(f"{s.title}\n{s.authors}, {s.year}, arXiv {s.arxiv}\n")

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import XmllmError
+from ..explainers.errors import XmllmError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -50,8 +50,8 @@ def _positive(value: int, name: str) -> int:
 
 
 def run_samples(args: argparse.Namespace) -> int:
-    from explainers.demo.questions import ALL_FAMILIES as FAMILIES
-    from explainers.demo.samples import counterfactuals, generate_samples, make_pair, write_sample_set
+    from xmllm.explainers.demo.questions import ALL_FAMILIES as FAMILIES
+    from xmllm.explainers.demo.samples import counterfactuals, generate_samples, make_pair, write_sample_set
 
     n = _positive(args.n, "n")
     families = [f.strip() for f in args.families.split(",") if f.strip()] or None
@@ -73,7 +73,7 @@ def run_samples(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from explainers.demo.train import TrainConfig, train
+    from xmllm.explainers.demo.train import TrainConfig, train
 
     cfg = TrainConfig(seed=args.seed)
     if args.vision_steps is not None:
@@ -93,8 +93,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from explainers.demo.evaluate import evaluate
-    from explainers.models import load_model
+    from xmllm.explainers.demo.evaluate import evaluate
+    from xmllm.explainers.models import load_model
 
     loaded = load_model(args.model)
     report = evaluate(loaded, _positive(args.n, "n"), args.seed, progress=sys.stderr.isatty() or True)

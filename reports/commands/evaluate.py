@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import XmllmError
+from ..explainers.errors import XmllmError
 
 DEFAULT_OUT = Path("runs/evaluation")
 
@@ -35,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
-    from explainers.methods.perturbation import BASELINES
+    from xmllm.explainers.methods.perturbation import BASELINES
 
     if args.baseline is not None and args.baseline not in BASELINES:
         raise XmllmError(f"--baseline {args.baseline!r}: choose from {', '.join(BASELINES)}")
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from explainers.models import load_model
+    from xmllm.explainers.models import load_model
 
     loaded = load_model(args.model, device=args.device, eager_attention=needs_attention(ids))
     config = EvaluationConfig(ids, params, explicit=bool(named), seed=args.seed, baseline=args.baseline,

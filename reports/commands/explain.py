@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import XmllmError
+from ..explainers.errors import XmllmError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -40,9 +40,9 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from explainers.context import ExplainSample
-    from explainers.images import load_image
-    from explainers.models import load_model
+    from xmllm.explainers.context import ExplainSample
+    from xmllm.explainers.images import load_image
+    from xmllm.explainers.models import load_model
 
     image = load_image(args.image)
     loaded = load_model(args.model, device=args.device, eager_attention=needs_attention(ids))

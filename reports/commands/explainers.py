@@ -1,4 +1,4 @@
-"""``xmllm explainers``: list the registered and planned explainers."""
+"""``xmllm explainers``: list the registered explainers."""
 from __future__ import annotations
 
 import argparse
@@ -6,13 +6,13 @@ import json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("explainers", help="list explainers (implemented and planned)")
+    p = sub.add_parser("explainers", help="list the explainers with their metadata")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from explainers.registry import describe_all
+    from xmllm.explainers.registry import describe_all
 
     rows = describe_all()
     if args.json:

@@ -1,4 +1,4 @@
-"""``xmllm run CONFIG.yaml``: audit a model over a sample set (see :mod:`reports.audit`)."""
+"""``xmllm run CONFIG.yaml``: audit a model over a sample set (see :mod:`xmllm.audit`)."""
 from __future__ import annotations
 
 import argparse

@@ -6,7 +6,7 @@ import errno
 import functools
 from pathlib import Path
 
-from ..errors import XmllmError
+from ..explainers.errors import XmllmError
 
 HOST = "127.0.0.1"
 

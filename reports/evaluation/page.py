@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..errors import XmllmError
+from ..explainers.errors import XmllmError
 from .run import FORMAT_VERSION, RANDOM_LABEL
 from .table import arrow, cell, row_label
 

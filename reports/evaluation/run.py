@@ -1,7 +1,7 @@
 """Run explainers over samples and score every image map: which explainer can be trusted.
 
 Per sample: the model's greedy answer is prepared once; each explainer explains it and its
-scored map (see explainers.metrics.maps) goes through every registered metric alongside a
+scored map (see xmllm.explainers.metrics.maps) goes through every registered metric alongside a
 random map, the floor. After the samples, the model-randomisation cascade runs on the first
 few of them. Per explainer and metric the table holds the mean with a 95% bootstrap interval;
 an explainer is flagged *unfaithful* unless its deletion area beats the random floor with
@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import XmllmError
+from ..explainers.errors import XmllmError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from explainers.context import ExplainSample, Prepared
-    from explainers.models import LoadedModel
+    from xmllm.explainers.context import ExplainSample, Prepared
+    from xmllm.explainers.models import LoadedModel
 
 FORMAT_VERSION = 1
 EVAL_PARAMS: dict[str, dict[str, Any]] = {
@@ -81,7 +81,7 @@ cores (measured per explainer on the demo model; see reports/bench/evaluation.py
 def default_explainers(candidates: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     """The sample-level explainers an evaluation runs when none are named, and those left out
     (with why). Whether an explainer gives an image map shows on the first sample."""
-    from explainers.registry import get_explainer
+    from xmllm.explainers.registry import get_explainer
 
     keep, left_out = [], {}
     for eid in candidates:
@@ -125,9 +125,9 @@ def evaluate(loaded: "LoadedModel", samples: Sequence["ExplainSample"], config: 
     """Explain and score every sample, run the sanity cascade, and summarise: the result JSON."""
     import torch
 
-    from explainers.answering import is_correct
-    from explainers.context import prepare
-    from explainers.metrics import (
+    from xmllm.explainers.answering import is_correct
+    from xmllm.explainers.context import prepare
+    from xmllm.explainers.metrics import (
         DEFAULT_BASELINE,
         DEFAULT_STEPS,
         SampleContext,
@@ -135,7 +135,7 @@ def evaluate(loaded: "LoadedModel", samples: Sequence["ExplainSample"], config: 
         random_map,
         registered_metrics,
     )
-    from explainers.registry import get_explainer
+    from xmllm.explainers.registry import get_explainer
 
     from ..provenance import package_versions, utc_now
 
@@ -228,7 +228,7 @@ def evaluate(loaded: "LoadedModel", samples: Sequence["ExplainSample"], config: 
     sanity = None
     scored_ids = [eid for eid in active if eid in map_names]
     if kept and scored_ids and config.sanity_samples > 0:
-        from explainers.metrics.sanity import cascade, randomisation_check
+        from xmllm.explainers.metrics.sanity import cascade, randomisation_check
 
         total = len(cascade(loaded)) * len(kept)
         done = [0]
@@ -325,7 +325,7 @@ def _record(sample: "ExplainSample", prepared: "Prepared", is_correct: Callable[
 def summarise(result: dict[str, Any], curve_sums: dict[str, dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
     """The table (mean and 95% interval per explainer and metric, random floor included), flags,
     mean curves, pointing game per question family and the verdict, from the per-sample records."""
-    from explainers.metrics.stats import mean_interval
+    from xmllm.explainers.metrics.stats import mean_interval
 
     seed = result["config"]["seed"]
     metric_names = [m["name"] for m in result["metrics"]]

@@ -6,10 +6,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import XmllmError
+from ..explainers.errors import XmllmError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from explainers.context import ExplainSample
+    from xmllm.explainers.context import ExplainSample
 
 MAX_DRAWS_PER_SAMPLE = 4
 """Demo draws tried per grounded question wanted: about 70% of questions are grounded, so
@@ -19,7 +19,7 @@ running out means something is wrong with the world, not bad luck."""
 def demo_samples(n: int, seed: int) -> "list[ExplainSample]":
     """The first ``n`` object-grounded demo questions of ``seed``: those whose answer depends on
     objects in the image (colour, shape, count above zero, presence answered yes, position)."""
-    from explainers.demo.samples import generate_sample, to_explain_sample
+    from xmllm.explainers.demo.samples import generate_sample, to_explain_sample
 
     if n <= 0:
         raise XmllmError(f"--demo must be a positive number of samples, got {n}")
@@ -35,8 +35,8 @@ def demo_samples(n: int, seed: int) -> "list[ExplainSample]":
 
 def jsonl_samples(path: Path) -> "list[ExplainSample]":
     """Every sample of a JSONL sample set, its mask (if any) checked against its image."""
-    from explainers.context import ExplainSample
-    from explainers.samples import read_sample_set
+    from xmllm.explainers.context import ExplainSample
+    from xmllm.explainers.samples import read_sample_set
 
     out = []
     for record in read_sample_set(path):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:  # pragma: no cover
-    from explainers.registry import Explainer
+    from xmllm.explainers.registry import Explainer
 
     from ..session import ModelSession
 

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 from . import ExampleRun, example_builder
 
 if TYPE_CHECKING:  # pragma: no cover
-    from explainers.context import ExplainSample
-    from explainers.registry import Explainer
+    from xmllm.explainers.context import ExplainSample
+    from xmllm.explainers.registry import Explainer
 
     from ..session import ModelSession
 
@@ -24,7 +24,7 @@ DATASET_SCENES = 16
 
 
 def example_set() -> "list[ExplainSample]":
-    from explainers.demo.samples import generate_samples, make_pair, to_explain_sample
+    from xmllm.explainers.demo.samples import generate_samples, make_pair, to_explain_sample
 
     out = []
     for s in generate_samples(DATASET_SCENES, DATASET_SEED):
@@ -49,7 +49,7 @@ def dataset_example(session: "ModelSession", cls: "type[Explainer]") -> ExampleR
     def build(folder: Path) -> None:
         import torch
 
-        from explainers.explanation import save_explanations
+        from xmllm.explainers.explanation import save_explanations
 
         from ..provenance import package_versions, utc_now
         from ..session import sample_hash

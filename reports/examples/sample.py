@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING
 from . import ExampleRun, example_builder
 
 if TYPE_CHECKING:  # pragma: no cover
-    from explainers.context import ExplainSample
-    from explainers.registry import Explainer
+    from xmllm.explainers.context import ExplainSample
+    from xmllm.explainers.registry import Explainer
 
     from ..session import ModelSession
 
@@ -18,7 +18,7 @@ EXAMPLE_FAMILY = "colour"
 
 
 def example_sample() -> "ExplainSample":
-    from explainers.demo.samples import generate_sample, to_explain_sample
+    from xmllm.explainers.demo.samples import generate_sample, to_explain_sample
 
     return to_explain_sample(generate_sample(EXAMPLE_SEED, EXAMPLE_INDEX, EXAMPLE_FAMILY))
 

@@ -9,7 +9,7 @@ from . import ExampleRun, ExampleSkipped, example_builder
 from .sample import example_sample
 
 if TYPE_CHECKING:  # pragma: no cover
-    from explainers.registry import Explainer
+    from xmllm.explainers.registry import Explainer
 
     from ..session import ModelSession
 
@@ -21,7 +21,7 @@ def earlier_checkpoint(spec: str) -> tuple[str, Path] | None:
     """The spec and folder of the model's earlier checkpoint: ``demo-early`` for the demo model,
     a sibling ``early/`` folder for a local one; None when there is none."""
     if spec == "demo":
-        from explainers.demo import DEMO_EARLY_MODEL_DIR
+        from xmllm.explainers.demo import DEMO_EARLY_MODEL_DIR
 
         return ("demo-early", DEMO_EARLY_MODEL_DIR) if (DEMO_EARLY_MODEL_DIR / "config.json").is_file() else None
     folder = model_folder(spec)

@@ -35,7 +35,7 @@ def id_seed(manifest: dict) -> str:
 def write_report(run_dir: Path, out: Path | None = None) -> Path:
     """Render ``run_dir``'s report and write it atomically to ``out`` (default
     ``run_dir/report.html``); returns the path written."""
-    from explainers.files import write_atomic
+    from xmllm.explainers.files import write_atomic
 
     out = Path(out) if out is not None else Path(run_dir) / REPORT_NAME
     write_atomic(out, render_report(run_dir))

@@ -45,7 +45,7 @@ class About:
 
 def about(explainer_id: str) -> About:
     """The explainer's title, summary, citations and catalog leaves."""
-    from explainers.registry import registered
+    from xmllm.explainers.registry import registered
 
     leaves = leaves_by_explainer().get(explainer_id, ())
     cls = registered().get(explainer_id)
@@ -59,7 +59,7 @@ def about(explainer_id: str) -> About:
 @lru_cache(maxsize=1)
 def leaves_by_explainer() -> dict[str, tuple[LeafRef, ...]]:
     """Every catalog leaf, indexed by each explainer id it lists."""
-    from catalog import load_catalog
+    from xmllm.catalog import load_catalog
 
     index: dict[str, list[LeafRef]] = {}
     for path, leaf in load_catalog().iter_leaves():
@@ -72,7 +72,7 @@ def leaves_by_explainer() -> dict[str, tuple[LeafRef, ...]]:
 
 def survey() -> dict[str, Any]:
     """The survey the catalog follows (title, authors, year, arXiv link)."""
-    from catalog import load_catalog
+    from xmllm.catalog import load_catalog
 
     s = load_catalog().survey
     return {"title": s.title, "authors": s.authors, "year": s.year, "url": ARXIV_ABS.format(s.arxiv)}

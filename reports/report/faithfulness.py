@@ -1,7 +1,7 @@
 """Each image map's deletion and insertion on its own sample, as a section of the report shows it.
 
 The runner scores every explainer's image map when the run is made (``manifest["faithfulness"]``,
-see :func:`reports.runner.faithfulness_entry`); this module turns one explainer's entry into
+see :func:`xmllm.runner.faithfulness_entry`); this module turns one explainer's entry into
 what the template draws: both areas, the settings, and the two curves as inline SVG (points
 computed here, so the page needs no script and loads nothing for them).
 """

@@ -14,7 +14,6 @@ from typing import Any
 
 from markupsafe import Markup
 
-from templates import TEMPLATE_DIR
 
 from .about import About, about, survey
 from .faithfulness import FaithfulnessBlock, FaithfulnessSkip, block_for
@@ -69,10 +68,12 @@ def script_json(value: Any) -> Markup:
 
 @lru_cache(maxsize=1)
 def environment():
-    from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+    from jinja2 import Environment, FunctionLoader, StrictUndefined, select_autoescape
+
+    from ..templates import read_template
 
     env = Environment(
-        loader=FileSystemLoader(str(TEMPLATE_DIR)),
+        loader=FunctionLoader(read_template),
         autoescape=select_autoescape(enabled_extensions=("html", "htm", "xml", "j2"), default_for_string=True,
                                      default=True),
         undefined=StrictUndefined,
@@ -203,10 +204,12 @@ def answer_tokens(target: Any, manifest: dict[str, Any]) -> dict[str, Any]:
 def _correct(answer: str, expected: Any) -> bool | None:
     if not isinstance(expected, str) or not expected:
         return None
-    from explainers.answering import is_correct
+    from xmllm.explainers.answering import is_correct
 
     return is_correct(answer, expected)
 
 
 def _asset(name: str) -> str:
-    return (TEMPLATE_DIR / name).read_text(encoding="utf-8")
+    from ..templates import read_template
+
+    return read_template(name)

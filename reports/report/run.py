@@ -13,9 +13,9 @@ from typing import Any
 
 from PIL import Image
 
-from explainers.explanation import Explanation, Target
+from xmllm.explainers.explanation import Explanation, Target
 
-from ..errors import XmllmError
+from ..explainers.errors import XmllmError
 
 MANIFEST = "manifest.json"
 ARRAYS = "explanations.npz"

@@ -1,4 +1,4 @@
-"""A picture of a report for the docs: ``python -m reports.report.screenshot RUN_DIR OUT.png``.
+"""A picture of a report for the docs: ``python -m xmllm.report.screenshot RUN_DIR OUT.png``.
 
 Opens ``RUN_DIR/report.html`` (rendered first if missing) in Debian's Chromium through
 Playwright, clicks a patch of the first image view that has an answer-token strip (so the
@@ -12,7 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import XmllmError
+from ..cli import USER_ERROR
+from ..explainers.errors import XmllmError
 
 CHROMIUM = Path("/usr/bin/chromium")
 WIDTH = 1280
@@ -79,7 +80,7 @@ def screenshot(run_dir: Path, out: Path, section: str | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reports.report.screenshot", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m xmllm.report.screenshot", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a run folder (xmllm explain --out)")
     parser.add_argument("out", type=Path, help="the PNG to write")
     parser.add_argument("--section", help="explainer id whose section ends the picture (default: the first with "
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         print(screenshot(args.run_dir, args.out, args.section))
     except XmllmError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return USER_ERROR
     return 0
 
 

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from explainers.explanation import Explanation
+from xmllm.explainers.explanation import Explanation
 
 MANTISSA_BITS = 12
 """Mantissa bits kept of float32's 23: relative error below 2**-13, about four significant digits."""

@@ -2,7 +2,7 @@
 
 Each view class claims the maps it can draw (by axis names and sizes, in :data:`VIEWS` order)
 and renders them as a Bokeh figure wired to the section's controls plus a static PNG. Any
-explainer whose arrays follow the axis conventions of :mod:`explainers.explanation` is drawn
+explainer whose arrays follow the axis conventions of :mod:`xmllm.explainers.explanation` is drawn
 without report code of its own; whatever no view claims is listed in a table. A new kind of
 view is a subclass registered with :func:`register_view`.
 """
@@ -16,7 +16,7 @@ import numpy as np
 from bokeh.models import ColumnDataSource
 from PIL import Image
 
-from explainers.explanation import Explanation
+from xmllm.explainers.explanation import Explanation
 
 from . import figures, static
 from .slabs import VALUE_BUDGET, Slab, build_slab, describe, stack_slabs

@@ -1,4 +1,4 @@
-"""The case study page: the numbers of :mod:`reports.casestudy`, its plot, and the records."""
+"""The case study page: the numbers of :mod:`xmllm.casestudy`, its plot, and the records."""
 from __future__ import annotations
 
 import json
@@ -65,7 +65,7 @@ def render(study: dict[str, Any]) -> str:
         "",
         f"- **Pairs:** {res['pairs']} (seed {cfg['seed']}), {res['samples']} samples. Each pair is a scene of the demo "
         "world and the same scene with one detail changed so that the right answer changes "
-        "(`explainers.demo.samples.make_pair`), over the five question families.",
+        "(`xmllm.explainers.demo.samples.make_pair`), over the five question families.",
         f"- **Model:** {md.code(study['model']['spec'])}, weights SHA-256 {md.code(study['model']['weights_sha256'][:16])}…",
         f"- **Image vs text share:** explainer {md.code(study['explainer'])}: Chefer et al.'s relevancy of the "
         "whole answer over the final sequence, split into image tokens and prompt-text tokens "

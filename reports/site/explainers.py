@@ -88,68 +88,60 @@ def _cost(example: "ExampleResult | None") -> list[str]:
     ]
 
 
-def render_explainer(row: dict[str, Any], cls: type | None, example: "ExampleResult | None",
+def render_explainer(row: dict[str, Any], cls: type, example: "ExampleResult | None",
                      leaves: list[tuple[str, str]], note: str | None = None) -> str:
     from .taxonomy import leaf_page
 
     eid = row["id"]
     page = explainer_page(eid)
-    if row["status"] != "implemented" or cls is None:
-        parts = [
-            f"# {md.text(eid)}",
-            "",
-            f"{md.code(eid)} &middot; **planned**: the project commits to this explainer but has not implemented it yet.",
-            "",
-        ]
+    needs = [NEED_TEXT.get(n, n) for n in row["needs"]]
+    parts = [
+        f"# {md.text(row['title'])}",
+        "",
+        f"{md.code(eid)} &middot; family {md.code(row['family'])} &middot; runs on "
+        f"{'one sample' if row['scope'] == 'sample' else 'a sample set'}"
+        + (f" &middot; needs {md.text(', '.join(needs))}" if needs else ""),
+        "",
+        md.text(row["summary"]) if row["summary"] else "",
+        "",
+        "## What it computes",
+        "",
+        md.docstring(cls.__doc__),
+        "",
+    ]
+    module = sys.modules.get(cls.__module__)
+    if module is not None and module.__doc__:
+        parts += [f"### How it is computed (module {md.code(cls.__module__)})", "", md.docstring(module.__doc__), ""]
+    explain_doc = md.docstring(inspect.getdoc(cls.explain) if cls.explain.__doc__ else None)
+    params = parameters(cls)
+    parts += ["## Parameters", ""]
+    if params:
+        parts.append(md.table(
+            ["Name", "Default", "Type"],
+            [[md.code(p["name"]), "required" if p["required"] else md.code(repr(p["default"])),
+              md.cell(p["annotation"])] for p in params],
+        ))
+        parts += ["", f"Pass them as {md.code('--param ' + eid + '.NAME=VALUE')} to "
+                  f"{md.code('xmllm explain')}.", ""]
     else:
-        needs = [NEED_TEXT.get(n, n) for n in row["needs"]]
-        parts = [
-            f"# {md.text(row['title'])}",
-            "",
-            f"{md.code(eid)} &middot; family {md.code(row['family'])} &middot; runs on "
-            f"{'one sample' if row['scope'] == 'sample' else 'a sample set'}"
-            + (f" &middot; needs {md.text(', '.join(needs))}" if needs else ""),
-            "",
-            md.text(row["summary"]) if row["summary"] else "",
-            "",
-            "## What it computes",
-            "",
-            md.docstring(cls.__doc__),
-            "",
-        ]
-        module = sys.modules.get(cls.__module__)
-        if module is not None and module.__doc__:
-            parts += [f"### How it is computed (module {md.code(cls.__module__)})", "", md.docstring(module.__doc__), ""]
-        explain_doc = md.docstring(inspect.getdoc(cls.explain) if cls.explain.__doc__ else None)
-        params = parameters(cls)
-        parts += ["## Parameters", ""]
-        if params:
-            parts.append(md.table(
-                ["Name", "Default", "Type"],
-                [[md.code(p["name"]), "required" if p["required"] else md.code(repr(p["default"])),
-                  md.cell(p["annotation"])] for p in params],
-            ))
-            parts += ["", f"Pass them as {md.code('--param ' + eid + '.NAME=VALUE')} to "
-                      f"{md.code('xmllm explain')}.", ""]
-        else:
-            parts += ["None.", ""]
-        if explain_doc:
-            parts += [explain_doc, ""]
-        parts += ["## Cost", ""] + _cost(example)
-        parts += ["## Citations", ""]
-        parts += [_citation(c) for c in row["citations"]] or ["None recorded."]
-        parts.append("")
-        parts += ["## Example", ""]
-        if example is not None and example.report:
-            parts.append(
-                f"{md.link('Example report', relative(page, example.report))} on {md.code(example.sample_id)}: "
-                f"{md.text(example.question)} &rarr; the model answered {md.code(example.answer)}"
-                + (f" (expected {md.code(example.expected)})." if example.expected else "."))
-        elif note:
-            parts.append(f"No example report in this build: {md.text(note)}.")
-        else:
-            parts.append("No example report in this build.")
-        parts.append("")
+        parts += ["None.", ""]
+    if explain_doc:
+        parts += [explain_doc, ""]
+    parts += ["## Cost", ""] + _cost(example)
+    parts += ["## Citations", ""]
+    parts += [_citation(c) for c in row["citations"]] or ["None recorded."]
+    parts.append("")
+    parts += ["## Example", ""]
+    if example is not None and example.report:
+        parts.append(
+            f"{md.link('Example report', relative(page, example.report))} on {md.code(example.sample_id)}: "
+            f"{md.text(example.question)} &rarr; the model answered {md.code(example.answer)}"
+            + (f" (expected {md.code(example.expected)})." if example.expected else "."))
+    elif note:
+        parts.append(f"No example report in this build: {md.text(note)}.")
+    else:
+        parts.append("No example report in this build.")
+    parts.append("")
     parts += ["## In the taxonomy", ""]
     parts += [f"- {md.link(name, relative(page, leaf_page(leaf_id)))}" for leaf_id, name in leaves] or [
         "No catalog leaf lists this explainer."]
@@ -186,8 +178,8 @@ def render_index(rows: list[dict[str, Any]], examples: dict[str, "ExampleResult"
 def generate(examples: dict[str, "ExampleResult"], catalog: Any = None,
              notes: dict[str, str] | None = None) -> SiteOutput:
     """The explainers index and one page per known or registered explainer, with their nav."""
-    from catalog import load_catalog
-    from explainers.registry import describe_all, registered
+    from xmllm.catalog import load_catalog
+    from xmllm.explainers.registry import describe_all, registered
 
     cat = catalog if catalog is not None else load_catalog()
     rows = describe_all()
@@ -199,14 +191,13 @@ def generate(examples: dict[str, "ExampleResult"], catalog: Any = None,
     for r in rows:
         out.add(explainer_page(r["id"]), render_explainer(r, classes.get(r["id"]), examples.get(r["id"]),
                                                           leaves.get(r["id"], []), (notes or {}).get(r["id"])))
-        label = r["id"] + ("" if r["status"] == "implemented" else " (planned)")
-        nav.append({nav_title(label): explainer_page(r["id"])})
+        nav.append({nav_title(r["id"]): explainer_page(r["id"])})
     out.nav[EXPLAINERS_INDEX] = nav
     return out
 
 
 def titles() -> dict[str, str]:
-    """Explainer id to title (the id itself for planned ones)."""
-    from explainers.registry import describe_all
+    """Explainer id to title."""
+    from xmllm.explainers.registry import describe_all
 
     return {r["id"]: r.get("title", r["id"]) for r in describe_all()}

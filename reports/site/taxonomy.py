@@ -12,7 +12,7 @@ from . import markdown as md
 from .pages import GENERATED, SiteOutput, nav_title, relative
 
 if TYPE_CHECKING:  # pragma: no cover
-    from catalog import Catalog, Leaf, Perspective
+    from xmllm.catalog import Catalog, Leaf, Perspective
 
     from ..build import ExampleResult
 
@@ -35,7 +35,7 @@ def explainer_page(explainer_id: str) -> str:
 
 
 def _status(explainer_id: str) -> str:
-    from explainers.registry import status
+    from xmllm.explainers.registry import status
 
     return status(explainer_id)
 
@@ -171,7 +171,7 @@ def render_index(cat: "Catalog", coverage: dict[str, int]) -> str:
 
 def generate(examples: dict[str, "ExampleResult"], titles: dict[str, str], catalog: Any = None) -> SiteOutput:
     """Every taxonomy page, and the nav section that replaces ``generated/taxonomy/index.md``."""
-    from catalog import coverage, load_catalog
+    from xmllm.catalog import coverage, load_catalog
 
     cat = catalog if catalog is not None else load_catalog()
     out = SiteOutput()

@@ -1,10 +1,19 @@
-"""One adapter per model family, found by ``config.model_type`` through a registry."""
+"""One adapter per model family, found by ``config.model_type`` through a registry.
+
+Every module of this package is imported here, so adding a family is adding one file whose
+adapter class carries ``@register_adapter`` (modules are discovered, not listed).
+"""
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Any
 
-from . import gemma3, idefics3, llava, llava_next, paligemma, qwen2_vl  # noqa: F401  (register)
 from .base import ExtraPlan, GridPlan, ImagePlan, ModelAdapter, lookup_adapter, register_adapter, registered_adapters
+
+
+for _module in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 
 def adapter_for(model: Any, processor: Any) -> ModelAdapter:
