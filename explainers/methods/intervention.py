@@ -356,6 +356,8 @@ class AttentionKnockout(Explainer):
             kernel = attn_implementations(prep.model.config)[""]
         tokens = len(prep.answer.token_ids)
         knocked = torch.cat(chunks) if chunks else torch.empty(0, tokens)
+        if knocked.numel():  # a knockout that cuts nothing is the unperturbed forward, exactly (its batched
+            knocked[torch.tensor(pairs) == 0] = original[0]  # rerun would differ in the last bits by batch size)
         shape = (len(parsed), len(spans))
         base = float(_joint(original)[0])
         prob = _joint(knocked).reshape(shape) if knocked.numel() else torch.zeros(shape, dtype=torch.float64)
