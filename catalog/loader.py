@@ -13,6 +13,7 @@ import yaml
 from pydantic import ValidationError
 
 from xmllm.explainers.errors import XmllmError
+from xmllm.explainers.safe_yaml import YamlError, compose, construct, format_loc, read_text
 
 from .schema import Catalog
 
@@ -29,14 +30,6 @@ class CatalogError(XmllmError, ValueError):
         self.message = " ".join(message.split())  # guarantee one line
         where = f"{file}:{line}" if line else file
         super().__init__(f"{where}: {path}: {self.message}" if path else f"{where}: {self.message}")
-
-
-def format_loc(loc: Loc) -> str:
-    """``('perspectives', 1, 'leaves', 0)`` -> ``perspectives[1].leaves[0]``."""
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
 
 
 def line_of(root: yaml.Node | None, loc: Loc) -> int | None:
@@ -58,21 +51,6 @@ def line_of(root: yaml.Node | None, loc: Loc) -> int | None:
             break
         node = nxt
     return line
-
-
-def _duplicate_keys(node: yaml.Node, loc: tuple[str | int, ...] = ()) -> Iterator[tuple[Loc, int]]:
-    """Mapping keys given twice; PyYAML would silently keep the last one."""
-    if isinstance(node, yaml.MappingNode):
-        seen: set[str] = set()
-        for key, value in node.value:
-            if isinstance(key, yaml.ScalarNode):
-                if key.value in seen:
-                    yield (*loc, key.value), key.start_mark.line + 1
-                seen.add(key.value)
-                yield from _duplicate_keys(value, (*loc, key.value))
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            yield from _duplicate_keys(item, (*loc, i))
 
 
 def _describe(err: dict) -> str:
@@ -131,27 +109,11 @@ def load_catalog(path: str | Path | None = None) -> Catalog:
     """Read, parse and validate a catalog file (default: the packaged taxonomy)."""
     path = Path(path) if path is not None else DEFAULT_PATH
     name = display_name(path) if path == DEFAULT_PATH else str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CatalogError(name, "file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CatalogError(name, f"cannot read file: {exc}") from None
-
-    loader = yaml.SafeLoader(text)
-    try:
-        root = loader.get_single_node()
-        for loc, line in _duplicate_keys(root) if root is not None else ():
-            raise CatalogError(name, f"duplicate key {loc[-1]!r}", line, format_loc(loc))
-        data = loader.construct_document(root) if root is not None else None
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else None
-        raise CatalogError(name, f"YAML syntax error: {exc.problem or exc.context}", line) from None
-    except yaml.YAMLError as exc:
-        raise CatalogError(name, f"YAML error: {exc}") from None
-    finally:
-        loader.dispose()
+    try:  # bounded size and alias expansion, duplicate keys refused, plain data only
+        root, loader = compose(read_text(path, name), name)
+        data = construct(root, loader, name)
+    except YamlError as exc:
+        raise CatalogError(name, exc.message, exc.line, exc.loc) from None
 
     if not isinstance(data, dict):
         got = "an empty file" if data is None else type(data).__name__

@@ -10,7 +10,14 @@ import enum
 import importlib
 import pkgutil
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Mapping, Sequence
+
+from .params import ExplainerParams, ParamError, check_declaration  # noqa: F401  (ParamError: re-exported)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .context import ExplainSample, Prepared
+    from .explanation import Explanation
+    from .models import LoadedModel
 
 Scope = Literal["sample", "dataset"]
 
@@ -36,7 +43,12 @@ class Citation:
 
 
 class Explainer:
-    """Base class: subclasses set the metadata and implement :meth:`explain`."""
+    """Base class: subclasses set the metadata, declare :attr:`Params` and implement :meth:`compute`.
+
+    :meth:`explain` is the one entry point (Captum's ``attribute``): it validates the keyword
+    parameters against the declaration before any model work, makes the sample ready (the answer,
+    the final sequence, the positions) and calls :meth:`compute` with both typed.
+    """
 
     id: ClassVar[str]
     title: ClassVar[str]
@@ -45,9 +57,31 @@ class Explainer:
     needs: ClassVar[frozenset[Need]] = frozenset()
     citations: ClassVar[tuple[Citation, ...]] = ()
     summary: ClassVar[str] = ""
+    Params: ClassVar[type[ExplainerParams]] = ExplainerParams
+    """The declared parameters (a frozen dataclass of :func:`~xmllm.explainers.params.param` fields)."""
 
-    def explain(self, model: Any, sample: Any, **params: Any) -> Any:  # pragma: no cover - abstract
-        raise NotImplementedError(f"{type(self).__name__} does not implement explain()")
+    @classmethod
+    def check_params(cls, params: Mapping[str, Any] | None) -> ExplainerParams:
+        """The validated parameters, or a one-line :class:`ParamError`; needs no model."""
+        return cls.Params.parse(params, cls.id)
+
+    def explain(self, model: "LoadedModel", sample: "ExplainSample | Prepared | Sequence[ExplainSample]",
+                **params: Any) -> "Explanation":
+        """Explain ``sample`` (one sample, or a sample set for ``scope == "dataset"``) on ``model``."""
+        checked = self.check_params(params)
+        return self.compute(model, self.ready(model, sample), checked)
+
+    def ready(self, model: "LoadedModel", sample: Any) -> Any:
+        """The sample as :meth:`compute` takes it: for one sample, prepared on ``model`` (answer,
+        final sequence, positions); a sample set as it is."""
+        if self.scope != "sample":
+            return sample
+        from .context import as_prepared
+
+        return as_prepared(model, sample)
+
+    def compute(self, model: "LoadedModel", sample: Any, params: Any) -> "Explanation":  # pragma: no cover
+        raise NotImplementedError(f"{type(self).__name__} does not implement compute()")
 
 
 _REGISTRY: dict[str, type[Explainer]] = {}
@@ -67,6 +101,10 @@ def register(cls: type[Explainer]) -> type[Explainer]:
             raise RegistryError(f"explainer class {cls.__name__} must set a non-empty {attr!r}")
     if cls.scope not in ("sample", "dataset"):
         raise RegistryError(f"explainer {cls.id}: scope must be 'sample' or 'dataset', not {cls.scope!r}")
+    try:
+        check_declaration(cls)
+    except (TypeError, ValueError) as exc:
+        raise RegistryError(f"explainer {cls.id}: {exc}") from None
     existing = _REGISTRY.get(cls.id)
     if existing is not None and existing is not cls:
         raise RegistryError(f"explainer id {cls.id!r} is already registered by {existing.__name__}")
@@ -125,6 +163,7 @@ def describe_all() -> list[dict[str, Any]]:
                 "scope": cls.scope,
                 "needs": sorted(n.value for n in cls.needs),
                 "summary": cls.summary,
+                "params": [spec.describe() for spec in cls.Params.specs()],
                 "citations": [
                     {"title": c.title, "year": c.year, "arxiv": c.arxiv, "authors": c.authors}
                     for c in cls.citations

@@ -23,11 +23,12 @@ MAX_NODES = 200_000
 
 
 class YamlError(XmllmError, ValueError):
-    """A YAML file that cannot be read safely; ``str()`` is one line naming the file (and line)."""
+    """A YAML file that cannot be read safely; ``str()`` is one line: ``file:line: path: message``."""
 
-    def __init__(self, name: str, message: str, line: int | None = None) -> None:
-        self.name, self.line, self.message = name, line, " ".join(message.split())
-        super().__init__(f"{name}:{line}: {self.message}" if line else f"{name}: {self.message}")
+    def __init__(self, name: str, message: str, line: int | None = None, loc: str = "") -> None:
+        self.name, self.line, self.loc, self.message = name, line, loc, " ".join(message.split())
+        where = f"{name}:{line}" if line else name
+        super().__init__(f"{where}: {loc}: {self.message}" if loc else f"{where}: {self.message}")
 
 
 def read_text(path: Path, name: str | None = None, max_bytes: int = MAX_BYTES) -> str:
@@ -65,7 +66,7 @@ def compose(text: str, name: str, max_nodes: int = MAX_NODES) -> tuple[yaml.Node
         if root is not None:
             _check_size(root, name, max_nodes)
             for loc, line in duplicate_keys(root):
-                raise YamlError(name, f"duplicate key {loc[-1]!r} at {format_loc(loc)}", line)
+                raise YamlError(name, f"duplicate key {loc[-1]!r}", line, format_loc(loc))
     except yaml.MarkedYAMLError as exc:
         loader.dispose()
         mark = exc.problem_mark or exc.context_mark

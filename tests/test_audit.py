@@ -167,10 +167,15 @@ def bad_images_run(tmp_path_factory, model):
     ("samples: {type: jsonl, path: a.jsonl}\nexplainers: [benchmark.pope]\n", "runs over a whole sample set"),
     ("samples: {type: jsonl, path: a.jsonl}\nprobes: [psychic]\n", "field probes: unknown probe 'psychic'"),
     ("samples: {type: jsonl, path: a.jsonl}\nfaithfulness: {baseline: '<i>'}\n", "field faithfulness.baseline"),
-    ("samples: !!python/object/apply:os.system ['echo pwned']\n", "safe_load"),
-    ("name: !!python/object:builtins.object {}\n", "line 1"),
+    ("samples: !!python/object/apply:os.system ['echo pwned']\n", "read safely: no Python tags"),
+    ("name: !!python/object:builtins.object {}\n", "c.yaml:1:"),
     ("- just\n- a list\n", "must be a mapping"),
-    ("name: [unclosed\n", "not valid YAML"),
+    ("name: [unclosed\n", "YAML syntax error"),
+    ("name: a\noutput: x\noutput: y\n", "duplicate key 'output'"),
+    ("samples: {type: jsonl, path: a.jsonl}\nexplainers: {perturbation.occlusion: {windw: 2}}\n",
+     "perturbation.occlusion: unknown parameter 'windw'"),
+    ("samples: {type: jsonl, path: a.jsonl}\nexplainers: {perturbation.occlusion: {window: 0}}\n",
+     "parameter window=0 must be an integer >= 1"),
 ])
 def test_config_errors_are_one_line_naming_the_field(tmp_path, body, expected):
     cfg = tmp_path / "c.yaml"

@@ -63,3 +63,17 @@ def test_module_entry_point_runs() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(proc.stdout)["leaves"]) == 16
+
+
+def test_explainers_id_lists_the_declared_parameters(capsys) -> None:
+    assert main(["explainers", "perturbation.occlusion"]) == 0
+    out = capsys.readouterr().out
+    specs = registered()["perturbation.occlusion"].Params.specs()
+    for spec in specs:
+        assert f"  {spec.name} = {json.dumps(spec.default)}  ({spec.type_text()})" in out
+        assert spec.help in out
+    assert main(["explainers", "perturbation.occlusion", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert [p["name"] for p in row["params"]] == [s.name for s in specs]
+    assert main(["explainers", "nope.none"]) == 2
+    assert capsys.readouterr().err.strip() == "xmllm: error: unknown explainer id 'nope.none'; run 'xmllm explainers' to list them"

@@ -142,8 +142,8 @@ def test_samples_without_ground_truth_need_rephrasings(demo):
     row = exp.meta["rows"][1]
     assert exp.meta["source"] == "rephrasings" and row["expected"] == sample.expected
     assert row["answer"] == greedy_by_hand(demo, sample.images[0], "Which colour does the square have?")[0]
-    for params, fragment in (({"rephrasings": "again?"}, "list of questions"), ({"rephrasings": [" "]}, "non-empty"),
-                             ({"colour": "red"}, "unknown parameter")):
+    for params, fragment in (({"rephrasings": "again?"}, r"rephrasings='again\?' must be a list of strings"),
+                             ({"rephrasings": [" "]}, "non-empty"), ({"colour": "red"}, "unknown parameter")):
         with pytest.raises(ValueError, match=fragment):
             Counterfactual().explain(demo, bare, **params)
 

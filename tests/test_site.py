@@ -102,23 +102,24 @@ def test_every_explainer_has_a_page_with_parameters_and_citations(generated) -> 
         for c in row["citations"]:
             if c["arxiv"]:
                 assert f"https://arxiv.org/abs/{c['arxiv']}" in doc.hrefs
-        sig = inspect.signature(get_explainer(row["id"]).explain)
-        for name, p in list(sig.parameters.items())[3:]:
-            if p.kind is p.KEYWORD_ONLY:
-                assert f"<code>{name}</code>" in markdown.markdown(pages[path], extensions=EXTENSIONS)
-    # the relevancy.modality table holds the real defaults
+        html = markdown.markdown(pages[path], extensions=EXTENSIONS)
+        text = " ".join(" ".join(parse(html).text).split())
+        for spec in get_explainer(row["id"]).Params.specs():
+            assert f"<code>{spec.name}</code>" in html and " ".join(spec.help.split()) in text, (row["id"], spec.name)
+    # the relevancy.modality table holds the declared defaults, as JSON
     rel = markdown.markdown(pages[explainer_pages.explainer_page("relevancy.modality")], extensions=EXTENSIONS)
     assert re.search(r"<code>top_k</code></td>\s*<td><code>3</code>", rel)
-    assert re.search(r"<code>target</code></td>\s*<td><code>'logprob'</code>", rel)
+    assert re.search(r'<code>target</code></td>\s*<td><code>"logprob"</code>', rel)
     nav_targets = [next(iter(item.values())) for item in nav[explainer_pages.EXPLAINERS_INDEX][1:]]
     assert nav_targets == [explainer_pages.explainer_page(r["id"]) for r in describe_all()]
 
 
-def test_parameters_skip_model_and_sample_and_read_defaults() -> None:
+def test_parameters_come_from_the_declaration() -> None:
     cls = registered()["relevancy.modality"]
     params = {p["name"]: p for p in explainer_pages.parameters(cls)}
-    assert set(params) == {"target", "top_k", "batch"}
-    assert params["top_k"]["default"] == 3 and not params["top_k"]["required"]
+    assert set(params) == {"target", "top_k", "batch"} == set(cls.Params.names())
+    assert params["top_k"]["default"] == 3 and params["top_k"]["type"] == "integer >= 1"
+    assert params["target"]["choices"] and params["top_k"]["help"]
 
 
 def test_text_escapes_html_and_markdown() -> None:

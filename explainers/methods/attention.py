@@ -8,18 +8,22 @@ rollout needs every row of every layer and always uses the forward (see xmllm.ex
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..capture import (
+    HEAD_FUSIONS,
     RolloutOptions,
     capture,
     capture_forward,
 )
-from ..context import Prepared, as_prepared
+from ..context import ExplainSample, Prepared
 from ..explanation import Explanation
+from ..models import LoadedModel
 from ..models.layout import ImageLayout, PatchGrid
+from ..params import ExplainerParams, param
 from ..registry import Citation, Explainer, Need, register
 
 FAMILY = "attention"
@@ -62,11 +66,10 @@ def zscore(values: torch.Tensor) -> torch.Tensor:
     return centred / std if float(std) > 0 else torch.zeros_like(values)
 
 
-def _layers_param(layers: Any, count: int) -> list[int]:
+def _layers_param(layers: tuple[int, ...] | None, count: int) -> list[int]:
+    """Decoder block indices (negative ones count from the end) checked against the model."""
     if layers is None:
         return list(range(count))
-    if isinstance(layers, (int, str)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
-        raise ValueError(f"layers must be a list of decoder block indices or None, not {layers!r}")
     picked = [i + count if i < 0 else i for i in layers]
     if not picked or any(not 0 <= i < count for i in picked):
         raise ValueError(f"layers={list(layers)!r}: the decoder has blocks 0..{count - 1}")
@@ -94,9 +97,15 @@ class RawAttention(Explainer):
         "image grid and over the prompt's words (LVLM-Interpret's answer->image view, per position)."
     )
 
-    def explain(self, model: Any, sample: Any, layers: list[int] | None = None, **params: Any) -> Explanation:
-        _no_extra(self.id, params)
-        picked = _layers_param(layers, len(model.adapter.decoder_layers()))
+    @dataclass(frozen=True)
+    class Params(ExplainerParams):
+        layers: tuple[int, ...] | None = param(None, "decoder blocks to keep (negative from the end); null keeps all")
+
+    def ready(self, model: LoadedModel, sample: ExplainSample | Prepared) -> ExplainSample | Prepared:
+        return sample  # a fresh sample is captured during the model's own generate
+
+    def compute(self, model: LoadedModel, sample: ExplainSample | Prepared, params: Params) -> Explanation:
+        picked = _layers_param(params.layers, len(model.adapter.decoder_layers()))
         prepared, record = capture(model, sample, blocks=False)
         rows = record.rows.index_select(1, torch.as_tensor(picked))
         exp = Explanation(
@@ -122,8 +131,10 @@ class AttentionSummary(Explainer):
         "the prompt, each also as z-scores across heads and layers (VL-InterpreT)."
     )
 
-    def explain(self, model: Any, sample: Any, **params: Any) -> Explanation:
-        _no_extra(self.id, params)
+    def ready(self, model: LoadedModel, sample: ExplainSample | Prepared) -> ExplainSample | Prepared:
+        return sample  # a fresh sample is captured during the model's own generate
+
+    def compute(self, model: LoadedModel, sample: ExplainSample | Prepared, params: ExplainerParams) -> Explanation:
         prepared, record = capture(model, sample, blocks=True)
         images, text = prepared.image_positions, prepared.text_positions
         means: dict[str, torch.Tensor] = {}
@@ -162,21 +173,18 @@ class AttentionRollout(Explainer):
         "through_vision, carried on through the vision tower onto its patch grid."
     )
 
-    def explain(
-        self,
-        model: Any,
-        sample: Any,
-        head_fusion: str = "mean",
-        discard_ratio: float = 0.0,
-        through_vision: bool = False,
-        **params: Any,
-    ) -> Explanation:
-        _no_extra(self.id, params)
-        options = RolloutOptions(head_fusion, discard_ratio)
-        if not isinstance(through_vision, bool):
-            raise ValueError(f"through_vision must be true or false, not {through_vision!r}")
+    @dataclass(frozen=True)
+    class Params(ExplainerParams):
+        head_fusion: str = param("mean", "how each layer's heads become one matrix", choices=HEAD_FUSIONS)
+        discard_ratio: float = param(0.0, "share of each row's smallest non-zero weights set to zero",
+                                     low=0.0, high=1.0, high_open=True)
+        through_vision: bool = param(False, "carry the rollout on through the vision tower onto its patch grid")
+
+    def compute(self, model: LoadedModel, sample: Prepared, params: Params) -> Explanation:
+        through_vision = params.through_vision
+        options = RolloutOptions(params.head_fusion, params.discard_ratio)
         depth = vision_depth(model) if through_vision else None
-        prepared = as_prepared(model, sample)
+        prepared = sample
         try:
             record = capture_forward(
                 prepared, blocks=False, rollout=options, vision=options if through_vision else None, vision_depth=depth
@@ -189,8 +197,7 @@ class AttentionRollout(Explainer):
         assert rollout is not None
         meta = _meta(prepared, record.source, {"residual": "0.5 I + 0.5 A, rows normalised",
                                                "discard": "per row, smallest non-zero weights"})
-        params_used = {"head_fusion": head_fusion, "discard_ratio": float(discard_ratio), "through_vision": through_vision}
-        exp = Explanation(self.id, params_used, prepared.target(), meta=meta)
+        exp = Explanation(self.id, params.as_dict(), prepared.target(), meta=meta)
         for name, grid in grid_names(prepared.layouts):
             per_token = grid.gather(rollout)
             exp.add(name, per_token, ("answer_token", "row", "col"))
@@ -253,7 +260,3 @@ def project_through_vision(prepared: Prepared, rollout: torch.Tensor, vision: to
     cells = rollout.index_select(-1, grid.positions.to(rollout.device))  # (T, cells)
     return (cells @ patch_rollout).reshape(-1, grid.rows, grid.cols)
 
-
-def _no_extra(explainer: str, params: dict[str, Any]) -> None:
-    if params:
-        raise ValueError(f"{explainer}: unknown parameter(s) {', '.join(sorted(params))}")

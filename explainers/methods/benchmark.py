@@ -20,8 +20,9 @@ from ..answering import generate_answer, normalise
 from ..context import ExplainSample
 from ..demo.questions import Presence
 from ..explanation import Explanation, Target
+from ..models import LoadedModel
+from ..params import ExplainerParams, param
 from ..registry import Citation, Explainer, Need, register
-from .perturbation import choice, positive_int
 
 FAMILY = "benchmark"
 SETTINGS: tuple[str, ...] = ("random", "popular", "adversarial")
@@ -159,20 +160,21 @@ class PopeBenchmark(Explainer):
         "greedy answers, each recorded."
     )
 
-    def explain(self, model: Any, sample: Any, settings: Sequence[str] = SETTINGS,
-                per_image: int = DEFAULT_PER_IMAGE, seed: int = 0, template: str = DEFAULT_TEMPLATE,
-                max_new_tokens: int | None = None, **params: Any) -> Explanation:
-        if params:
-            raise ValueError(f"{self.id}: unknown parameter(s) {', '.join(sorted(params))}")
-        settings = self._settings(settings)
-        per_image = positive_int("per_image", per_image)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise ValueError(f"parameter seed={seed!r} must be an integer")
-        seed = int(seed)
-        template = self._template(template)
-        if max_new_tokens is not None:
-            max_new_tokens = positive_int("max_new_tokens", max_new_tokens)
-        samples = list(sample) if isinstance(sample, Sequence) and not isinstance(sample, str) else None
+    @dataclass(frozen=True)
+    class Params(ExplainerParams):
+        settings: tuple[str, ...] = param(SETTINGS, "how absent objects are drawn (at least one)", choices=SETTINGS)
+        per_image: int = param(DEFAULT_PER_IMAGE, "present objects asked about per image, and as many absent", low=1)
+        seed: int = param(0, "seed of the objects drawn per image")
+        template: str = param(DEFAULT_TEMPLATE, "the question, with the fields {colour} and {shape}")
+        max_new_tokens: int | None = param(None, "answer length limit (null: the model's generation config)", low=1)
+
+    def compute(self, model: LoadedModel, samples: Sequence[ExplainSample], params: Params) -> Explanation:
+        if not params.settings:
+            raise ValueError(f"{self.id}: parameter settings=[] must name at least one of {', '.join(SETTINGS)}")
+        settings = list(dict.fromkeys(params.settings))
+        per_image, seed, max_new_tokens = params.per_image, params.seed, params.max_new_tokens
+        template = self._template(params.template)
+        samples = list(samples) if isinstance(samples, Sequence) and not isinstance(samples, str) else None
         if not samples or not all(isinstance(s, ExplainSample) for s in samples):
             raise ValueError(f"{self.id} is dataset-scope: pass a non-empty list of samples")
         keys = [object_keys(s, self.id) for s in samples]
@@ -211,8 +213,7 @@ class PopeBenchmark(Explainer):
         scores["answers_generated"] = float(len(records))
         exp = Explanation(
             self.id,
-            {"settings": list(settings), "per_image": per_image, "seed": seed, "template": template,
-             "max_new_tokens": max_new_tokens},
+            {**params.as_dict(), "settings": list(settings)},
             Target(text="", token_ids=[], tokens=[], positions=[], probs=[]),
             scores=scores,
             meta={
@@ -238,17 +239,8 @@ class PopeBenchmark(Explainer):
         return exp
 
     @staticmethod
-    def _settings(settings: Any) -> list[str]:
-        if isinstance(settings, str) or not isinstance(settings, Sequence) or not settings:
-            raise ValueError(f"parameter settings={settings!r} must be a non-empty list of {', '.join(SETTINGS)}")
-        for s in settings:
-            choice("settings", s, SETTINGS)
-        return list(dict.fromkeys(settings))
-
-    @staticmethod
-    def _template(template: Any) -> str:
-        if not isinstance(template, str):
-            raise ValueError(f"parameter template={template!r} must be a string with {{colour}} and {{shape}}")
+    def _template(template: str) -> str:
+        """The template, checked to use {colour} and {shape} and no other field."""
         try:
             probe = template.format(colour="red", shape="circle")
         except (KeyError, IndexError, ValueError):

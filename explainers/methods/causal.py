@@ -14,9 +14,11 @@ from typing import Any
 
 import torch
 
-from ..context import Prepared, as_prepared
+from ..context import Prepared
 from ..explanation import Explanation
 from ..hooks import Hooks
+from ..models import LoadedModel
+from ..params import ExplainerParams, param
 from ..registry import Citation, Explainer, register
 from .perturbation import (
     BASELINES,
@@ -28,13 +30,11 @@ from .perturbation import (
     batch_size_for,
     batched_logprobs,
     cell_map,
-    choice,
     blur_radius_for,
     fused_attention,
     first_layout,
     logprobs_at,
     per_token_keys,
-    positive_int,
     question_positions,
     repeat_inputs,
     replacement_id,
@@ -272,29 +272,37 @@ class MinimalSet(Explainer):
         "sufficiency check (everything but the set masked)."
     )
 
-    def explain(self, model: Any, sample: Any, *, max_cells: int | None = None, rank_by: str = "occlusion",
-                include_text: bool = False, baseline: str = "black", batch_size: int | None = None,
-                seed: int = 0, blur_radius: float | None = None, views: str = "all",
-                replacement: int | str | None = None, regenerate: bool = True, fast_attention: bool = True,
-                **params: Any) -> Explanation:
-        if params:
-            raise ValueError(f"{self.id}: unknown parameter(s) {', '.join(sorted(params))}")
-        rank_by = choice("rank_by", rank_by, RANKINGS)
-        baseline = choice("baseline", baseline, BASELINES)
-        views = choice("views", views, VIEWS)
-        for name, flag in (("include_text", include_text), ("regenerate", regenerate)):
-            if not isinstance(flag, bool):
-                raise ValueError(f"parameter {name}={flag!r} must be True or False")
-        prep = as_prepared(model, sample)
-        batch_size = batch_size_for(prep, batch_size)
+    @dataclass(frozen=True)
+    class Params(ExplainerParams):
+        max_cells: int | None = param(None, "largest set the greedy search tries (null: every unit)", low=1)
+        rank_by: str = param("occlusion", "how units are ordered before the search: drop when masked alone, "
+                                          "or gradient x (input - baseline)", choices=RANKINGS)
+        include_text: bool = param(False, "also mask question words, not only image cells")
+        baseline: str = param("black", "what masked cells show", choices=BASELINES)
+        batch_size: int | None = param(None, "masked copies per forward (null: as many as the device's budget fits)",
+                                       low=1)
+        seed: int = param(0, "seed of the noise baseline")
+        blur_radius: float | None = param(None, "blur baseline's radius in pixels (null: half a grid cell)",
+                                          low=0.0, low_open=True)
+        views: str = param("all", "mask a cell in every grid of the image, or only in the main grid", choices=VIEWS)
+        replacement: int | str | None = param(None, "the token masked words become, as an id or a token "
+                                                    "(null: unk, else pad)")
+        regenerate: bool = param(True, "regenerate the answer under the mask and under its complement")
+        fast_attention: bool = param(True, "run the masked forwards with the fused attention kernel")
+
+    def compute(self, model: LoadedModel, sample: Prepared, params: Params) -> Explanation:
+        rank_by, include_text, baseline, views = params.rank_by, params.include_text, params.baseline, params.views
+        regenerate = params.regenerate
+        prep = sample
+        batch_size = batch_size_for(prep, params.batch_size)
         grid = first_layout(prep).main_grid
-        radius = blur_radius_for(prep, blur_radius)
-        repl = replacement_id(prep, replacement)
+        radius = blur_radius_for(prep, params.blur_radius)
+        repl = replacement_id(prep, params.replacement)
         units = image_units(prep, views) + (word_units(prep) if include_text else [])
-        limit = len(units) if max_cells is None else min(positive_int("max_cells", max_cells), len(units))
-        masker = Masker(prep, baseline_pixels(prep, baseline, seed, radius), cell_map(prep), repl)
+        limit = len(units) if params.max_cells is None else min(params.max_cells, len(units))
+        masker = Masker(prep, baseline_pixels(prep, baseline, params.seed, radius), cell_map(prep), repl)
         scorer = FirstToken(prep, masker, batch_size)
-        with fused_attention(prep.model, fast_attention):
+        with fused_attention(prep.model, params.fast_attention):
             found = search(prep, masker, scorer, units, limit, rank_by)
             # without a flip there is no set: "masked" then reports the largest set tried
             tried = [units[i] for i in found.chosen]
@@ -313,10 +321,8 @@ class MinimalSet(Explainer):
 
         exp = Explanation(
             self.id,
-            {"max_cells": limit, "rank_by": rank_by, "include_text": include_text, "baseline": baseline,
-             "batch_size": batch_size, "seed": seed, "blur_radius": radius if baseline == "blur" else None,
-             "views": views, "replacement": repl if include_text else None, "regenerate": regenerate,
-             "fast_attention": fast_attention},
+            {**params.as_dict(), "max_cells": limit, "batch_size": batch_size,
+             "blur_radius": radius if baseline == "blur" else None, "replacement": repl if include_text else None},
             prep.target(),
         )
         cells = torch.zeros(grid.rows, grid.cols)

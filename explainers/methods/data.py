@@ -20,11 +20,13 @@ import numpy as np
 import torch
 
 from ..answering import Answer, generate_answer, is_correct, normalise
-from ..context import ExplainSample, Prepared, as_prepared, prepare
+from ..context import ExplainSample, Prepared, prepare
 from ..explanation import Explanation
+from ..models import LoadedModel
+from ..params import ExplainerParams, param
 from ..registry import Citation, Explainer, register
 from .intervention import axis_labels
-from .perturbation import an_int, logprobs_at
+from .perturbation import logprobs_at
 
 FAMILY = "data"
 
@@ -191,14 +193,15 @@ class Counterfactual(Explainer):
         "answer, its probability, and whether the answer flipped and is right."
     )
 
-    def explain(self, model: Any, sample: Any, *, rephrasings: Sequence[str] | None = None, seed: int = 0,
-                **params: Any) -> Explanation:
-        if params:
-            raise ValueError(f"{self.id}: unknown parameter(s) {', '.join(sorted(params))}")
-        seed = an_int("seed", seed)
-        if rephrasings is not None and (isinstance(rephrasings, str) or not isinstance(rephrasings, Sequence)):
-            raise ValueError(f"parameter rephrasings={rephrasings!r} must be a list of questions")
-        prep = as_prepared(model, sample)
+    @dataclass(frozen=True)
+    class Params(ExplainerParams):
+        rephrasings: tuple[str, ...] | None = param(
+            None, "other wordings of the question to ask (the only edit of a sample without demo ground truth)")
+        seed: int = param(0, "seed of the demo world's edits (which colour, where to)")
+
+    def compute(self, model: LoadedModel, sample: Prepared, params: Params) -> Explanation:
+        rephrasings, seed = params.rephrasings, params.seed
+        prep = sample
         source = prep.sample
         demo = demo_sample_from(source)
         if demo is None and not rephrasings:
@@ -214,7 +217,7 @@ class Counterfactual(Explainer):
             answer = generate_answer(model, edit.sample.images, edit.sample.question)
             rows.append(_row(edit.kind, edit.description, edit.sample.question, edit.expected, answer,
                              forced_prob(model, edit.sample, prep.answer), prep.answer, expected0, edit.objects))
-        return _table(self.id, prep, rows, {"rephrasings": list(rephrasings or []), "seed": seed},
+        return _table(self.id, prep, rows, {**params.as_dict(), "rephrasings": list(rephrasings or [])},
                       "demo" if demo is not None else "rephrasings")
 
 

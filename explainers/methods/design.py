@@ -29,7 +29,9 @@ from ..answering import generate_answer, is_correct, normalise
 from ..context import ExplainSample, Prepared
 from ..explanation import Explanation, Target
 from ..hooks import Hooks
+from ..models import LoadedModel
 from ..models.layout import ImageLayout, PatchGrid
+from ..params import ExplainerParams, param
 from ..registry import Citation, Explainer, Need, register
 from .gradient import default_cam_layer
 from .perturbation import fused_attention
@@ -438,32 +440,6 @@ def fit_probes(table: CellTable, samples: Sequence[ExplainSample], objects: Sequ
     return probes, skipped
 
 
-def _fraction(name: str, value: Any, closed_top: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (0.0 < value <= 1.0 if closed_top
-                                                                              else 0.0 < value < 1.0)
-    if not ok:
-        raise ValueError(f"parameter {name}={value!r} must be a number in (0, 1{']' if closed_top else ')'}")
-    return float(value)
-
-
-def _names(name: str, value: Any, options: Sequence[str]) -> list[str]:
-    if isinstance(value, str) or not isinstance(value, Sequence) or not value:
-        raise ValueError(f"parameter {name}={value!r} must be a non-empty list from {', '.join(options)}")
-    for item in value:
-        if item not in options:
-            raise ValueError(f"parameter {name}: {item!r} is not one of {', '.join(options)}")
-    return list(dict.fromkeys(value))
-
-
-def _alphas(value: Any) -> list[float]:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = [value]
-    if isinstance(value, str) or not isinstance(value, Sequence) or not value or not all(
-            isinstance(a, (int, float)) and not isinstance(a, bool) and a >= 0 for a in value):
-        raise ValueError(f"parameter alphas={value!r} must be a non-empty list of numbers >= 0")
-    return [float(a) for a in value]
-
-
 @dataclass
 class Intervention:
     """One sample's concept edit and the answers it produced."""
@@ -555,26 +531,36 @@ class ConceptBottleneck(Explainer):
         "random direction of the same size."
     )
 
-    def explain(self, model: Any, samples: Any, *, concepts: Sequence[str] = tuple(CONCEPTS),
-                sites: Sequence[str] = SITES, min_coverage: float = DEFAULT_MIN_COVERAGE,
-                edit_coverage: float = DEFAULT_EDIT_COVERAGE, test_fraction: float = DEFAULT_TEST_FRACTION,
-                alphas: Sequence[float] = DEFAULT_ALPHAS, intervene: bool = True, seed: int = 0,
-                max_new_tokens: int | None = None, vision_layer: int | None = None, fast_attention: bool = True,
-                **params: Any) -> Explanation:
-        """``concepts`` and ``sites`` to probe; cells count as an object's at ``min_coverage``; the
+    @dataclass(frozen=True)
+    class Params(ExplainerParams):
+        concepts: tuple[str, ...] = param(tuple(CONCEPTS), "concepts to probe (at least one)", choices=tuple(CONCEPTS))
+        sites: tuple[str, ...] = param(SITES, "where patch features are read (at least one)", choices=SITES)
+        min_coverage: float = param(DEFAULT_MIN_COVERAGE, "share of a cell an object must cover for the cell to be its",
+                                    low=0.0, low_open=True, high=1.0)
+        edit_coverage: float = param(DEFAULT_EDIT_COVERAGE, "interventions edit every cell the object covers this much",
+                                     low=0.0, low_open=True, high=1.0)
+        test_fraction: float = param(DEFAULT_TEST_FRACTION, "share of the samples held out of the probe fits",
+                                     low=0.0, low_open=True, high=1.0, high_open=True)
+        alphas: tuple[float, ...] = param(DEFAULT_ALPHAS, "intervention strengths in probe-margin steps (0: no edit)",
+                                          low=0.0)
+        intervene: bool = param(True, "edit the asked-about object's projector features and regenerate the answer")
+        seed: int = param(0, "seed of the sample split, the shuffled labels, the edit targets and the controls")
+        max_new_tokens: int | None = param(None, "answer length limit (null: the model's generation config)", low=1)
+        vision_layer: int | None = param(None, "vision block of the vision site (null: the one the projector reads)")
+        fast_attention: bool = param(True, "run the forwards with the fused attention kernel")
+
+    def compute(self, model: LoadedModel, samples: Sequence[ExplainSample], params: Params) -> Explanation:
+        """Probe ``concepts`` at ``sites``; cells count as an object's at ``min_coverage``; the
         interventions edit every cell the object covers at ``edit_coverage`` or more, at each of
         ``alphas`` (0 edits nothing); ``test_fraction`` of the samples are held out of the fit."""
-        if params:
-            raise ValueError(f"{self.id}: unknown parameter(s) {', '.join(sorted(params))}")
-        concepts = _names("concepts", concepts, tuple(CONCEPTS))
-        sites = _names("sites", sites, SITES)
-        min_coverage = _fraction("min_coverage", min_coverage, closed_top=True)
-        edit_coverage = _fraction("edit_coverage", edit_coverage, closed_top=True)
-        test_fraction = _fraction("test_fraction", test_fraction)
-        alphas = _alphas(alphas)
-        for name, flag in (("intervene", intervene), ("fast_attention", fast_attention)):
-            if not isinstance(flag, bool):
-                raise ValueError(f"parameter {name}={flag!r} must be True or False")
+        for name in ("concepts", "sites", "alphas"):
+            if not getattr(params, name):
+                raise ValueError(f"{self.id}: parameter {name}=[] must not be empty")
+        concepts, sites = list(dict.fromkeys(params.concepts)), list(dict.fromkeys(params.sites))
+        min_coverage, edit_coverage, test_fraction = params.min_coverage, params.edit_coverage, params.test_fraction
+        alphas = list(params.alphas)
+        intervene, seed, max_new_tokens = params.intervene, params.seed, params.max_new_tokens
+        fast_attention = params.fast_attention
         if intervene and PROJECTOR_SITE not in sites:
             raise ValueError(f"{self.id}: intervene=True edits the projector features: add 'projector' to sites")
         if isinstance(samples, (ExplainSample, Prepared)) or not isinstance(samples, Sequence) or len(samples) < 2:
@@ -583,10 +569,11 @@ class ConceptBottleneck(Explainer):
         objects = [sample_objects(s, self.id) for s in samples]
         adapter = model.adapter
         blocks = len(adapter.vision_layers())
+        vision_layer = params.vision_layer
         if vision_layer is None:
             vision_layer = default_cam_layer(adapter)
-        elif isinstance(vision_layer, bool) or not isinstance(vision_layer, int) or not -blocks <= vision_layer < blocks:
-            raise ValueError(f"parameter vision_layer={vision_layer!r} must be a vision block index in "
+        elif not -blocks <= vision_layer < blocks:
+            raise ValueError(f"{self.id}: parameter vision_layer={vision_layer!r} must be a vision block index in "
                              f"{-blocks}..{blocks - 1}")
         vision_layer %= blocks
 
@@ -614,9 +601,7 @@ class ConceptBottleneck(Explainer):
 
         exp = Explanation(
             self.id,
-            {"concepts": concepts, "sites": sites, "min_coverage": min_coverage, "edit_coverage": edit_coverage,
-             "test_fraction": test_fraction, "alphas": alphas, "intervene": intervene, "seed": seed,
-             "max_new_tokens": max_new_tokens, "vision_layer": vision_layer, "fast_attention": fast_attention},
+            {**params.as_dict(), "concepts": concepts, "sites": sites, "vision_layer": vision_layer},
             Target(text="", token_ids=[], tokens=[], positions=[], probs=[]),
         )
         if fitted:

@@ -26,9 +26,10 @@ from PIL import Image, ImageDraw
 from ..context import ExplainSample
 from ..explanation import Explanation, Target
 from ..hooks import Hooks
+from ..models import LoadedModel
+from ..params import ExplainerParams, param
 from ..registry import Citation, Explainer, Need, register
 from .gradient import default_cam_layer
-from .perturbation import choice, positive_int
 
 FAMILY = "embedding"
 
@@ -79,24 +80,7 @@ def empty_target() -> Target:
     return Target(text="", token_ids=[], tokens=[], positions=[], probs=[])
 
 
-# --- parameters and samples ------------------------------------------------------------------------
-
-
-def a_fraction(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
-        raise ValueError(f"parameter {name}={value!r} must be a number strictly between 0 and 1")
-    return float(value)
-
-
-def a_positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"parameter {name}={value!r} must be a number > 0")
-    return float(value)
-
-
-def no_extra(explainer: str, params: Mapping[str, Any]) -> None:
-    if params:
-        raise ValueError(f"{explainer}: unknown parameter(s) {', '.join(sorted(params))}")
+# --- samples ---------------------------------------------------------------------------------------
 
 
 def sample_list(explainer: str, samples: Any, minimum: int = 1) -> list[ExplainSample]:
@@ -523,19 +507,23 @@ class LinearProbe(Explainer):
         "samples fixed by the seed, with a shuffled-label control for each probe."
     )
 
-    def explain(self, model: Any, sample: Any, seed: int = 0, test_fraction: float = DEFAULT_TEST_FRACTION,
-                C: float = DEFAULT_C, max_iter: int = DEFAULT_MAX_ITER,
-                attributes: Sequence[str] | None = None, **params: Any) -> Explanation:
-        no_extra(self.id, params)
-        seed = _an_int("seed", seed)
-        test_fraction = a_fraction("test_fraction", test_fraction)
-        c = a_positive("C", C)
-        max_iter = positive_int("max_iter", max_iter)
-        samples = sample_list(self.id, sample, minimum=2)
+    @dataclass(frozen=True)
+    class Params(ExplainerParams):
+        seed: int = param(0, "seed of the train/test split by sample and of the control's shuffled labels")
+        test_fraction: float = param(DEFAULT_TEST_FRACTION, "share of the samples (pairs count once) held out",
+                                     low=0.0, high=1.0, low_open=True, high_open=True)
+        C: float = param(DEFAULT_C, "inverse L2 strength of the logistic-regression probes", low=0.0, low_open=True)
+        max_iter: int = param(DEFAULT_MAX_ITER, "iteration limit of each probe's solver", low=1)
+        attributes: tuple[str, ...] | None = param(
+            None, "attributes to probe (null: all, family only when every sample has one)", choices=ATTRIBUTES)
+
+    def compute(self, model: LoadedModel, samples: Sequence[ExplainSample], params: Params) -> Explanation:
+        seed, test_fraction, c, max_iter = params.seed, params.test_fraction, params.C, params.max_iter
+        samples = sample_list(self.id, samples, minimum=2)
         for s in samples:
             objects_of(s, self.id)
             one_image(s, self.id)
-        wanted = self._attributes(attributes, samples)
+        wanted = self._attributes(params.attributes, samples)
         group_of = sample_groups(samples)
         test_samples = split_groups(int(group_of.max()) + 1, test_fraction, seed)[group_of]
         layers = len(model.adapter.decoder_layers())
@@ -567,7 +555,7 @@ class LinearProbe(Explainer):
 
         exp = Explanation(
             self.id,
-            {"seed": seed, "test_fraction": test_fraction, "C": c, "max_iter": max_iter, "attributes": list(wanted)},
+            {**params.as_dict(), "attributes": list(wanted)},
             empty_target(),
             meta={
                 "attributes": list(wanted),
@@ -611,14 +599,13 @@ class LinearProbe(Explainer):
         exp.scores["objects"] = float(len(data.object_owner))
         return exp
 
-    def _attributes(self, attributes: Sequence[str] | None, samples: Sequence[ExplainSample]) -> list[str]:
+    def _attributes(self, attributes: tuple[str, ...] | None, samples: Sequence[ExplainSample]) -> list[str]:
+        """The attributes to probe: the declared ones (each already one of ATTRIBUTES), or all."""
         has_family = all(isinstance(s.extra.get("family"), str) for s in samples)
         if attributes is None:
             return [a for a in ATTRIBUTES if a != "family" or has_family]
-        if isinstance(attributes, str) or not isinstance(attributes, Sequence) or not attributes:
-            raise ValueError(f"parameter attributes={attributes!r} must be a non-empty list of {', '.join(ATTRIBUTES)}")
-        for a in attributes:
-            choice("attributes", a, ATTRIBUTES)
+        if not attributes:
+            raise ValueError(f"{self.id}: parameter attributes=[] must name at least one of {', '.join(ATTRIBUTES)}")
         if "family" in attributes and not has_family:
             raise ValueError(f"{self.id}: attribute 'family' needs extra['family'] on every sample")
         return list(dict.fromkeys(attributes))
@@ -632,12 +619,6 @@ class LinearProbe(Explainer):
         for i in range(layers):
             out[DECODER_SITE.format(i)] = f"output of decoder.blocks.{i} (the residual stream after it)"
         return out
-
-
-def _an_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"parameter {name}={value!r} must be an integer")
-    return int(value)
 
 
 # --- projections and the modality gap -----------------------------------------------------------------
@@ -698,13 +679,15 @@ class HiddenStateProjection(Explainer):
         "text-token embeddings."
     )
 
-    def explain(self, model: Any, sample: Any, seed: int = 0, image_points: int = DEFAULT_POINTS,
-                text_points: int = DEFAULT_POINTS, **params: Any) -> Explanation:
-        no_extra(self.id, params)
-        seed = _an_int("seed", seed)
-        image_points = positive_int("image_points", image_points)
-        text_points = positive_int("text_points", text_points)
-        samples = sample_list(self.id, sample)
+    @dataclass(frozen=True)
+    class Params(ExplainerParams):
+        seed: int = param(0, "seed of the points drawn per sample")
+        image_points: int = param(DEFAULT_POINTS, "image-token points drawn per sample into the projection", low=1)
+        text_points: int = param(DEFAULT_POINTS, "text-token points drawn per sample into the projection", low=1)
+
+    def compute(self, model: LoadedModel, samples: Sequence[ExplainSample], params: Params) -> Explanation:
+        seed, image_points, text_points = params.seed, params.image_points, params.text_points
+        samples = sample_list(self.id, samples)
         tokenizer = model.adapter.tokenizer
         special = torch.as_tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
         count = len(model.adapter.decoder_layers())
@@ -746,7 +729,7 @@ class HiddenStateProjection(Explainer):
             gaps[li] = modality_gap(sums["image"][li], counts["image"], sums["text"][li], counts["text"])
         exp = Explanation(
             self.id,
-            {"seed": seed, "image_points": image_points, "text_points": text_points},
+            params.as_dict(),
             empty_target(),
             meta={
                 "layers": layers,

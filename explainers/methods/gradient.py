@@ -18,16 +18,19 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..context import Prepared, as_prepared
+from ..context import Prepared
 from ..explanation import Explanation
 from ..hooks import Hooks
+from ..models import LoadedModel
 from ..models.layout import ImageLayout, PatchGrid
+from ..params import ExplainerParams, param
 from ..registry import Citation, Explainer, Need, register
-from .perturbation import baseline_pixels, choice, default_blur_radius, logprobs_at, positive_int, repeat_inputs
+from .perturbation import baseline_pixels, default_blur_radius, logprobs_at, repeat_inputs
 
 FAMILY = "gradient"
 POOLS: tuple[str, ...] = ("abs_sum", "sum", "l2")
@@ -72,18 +75,7 @@ CAPTUM = Citation("Captum: A unified and generic model interpretability library 
                   "Kokhlikyan et al.")
 
 
-# --- parameters ------------------------------------------------------------------------------------
-
-
-def _flag(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"parameter {name}={value!r} must be true or false")  # noqa: TRY004 (a bad parameter)
-    return value
-
-
-def _no_extra(explainer: str, params: dict[str, Any]) -> None:
-    if params:
-        raise ValueError(f"{explainer}: unknown parameter(s) {', '.join(sorted(params))}")
+# --- the input -------------------------------------------------------------------------------------
 
 
 def _pixels(prep: Prepared, explainer: str) -> torch.Tensor:
@@ -165,13 +157,13 @@ def inputs_only_gradients(model: torch.nn.Module) -> Iterator[None]:
     """Stop parameters requiring gradients for the duration: no weight gradients are wanted, and
     autograd then keeps far fewer activations. Restored on exit."""
     changed = [p for p in model.parameters() if p.requires_grad]
-    for param in changed:
-        param.requires_grad_(False)
+    for weight in changed:
+        weight.requires_grad_(False)
     try:
         yield
     finally:
-        for param in changed:
-            param.requires_grad_(True)
+        for weight in changed:
+            weight.requires_grad_(True)
 
 
 # --- pooling onto grids ----------------------------------------------------------------------------
@@ -228,42 +220,48 @@ def with_answer(per_target: torch.Tensor, per_token: bool) -> torch.Tensor:
 
 
 class _PixelAttribution(Explainer):
-    """Shared driver: validate, attribute per target, pool onto every grid, score."""
+    """Shared driver: attribute per target, pool onto every grid, score.
+
+    Its :class:`Params` hold what every pixel method shares (pooling, per-token maps, the engine);
+    a method with options of its own extends them (integrated gradients: the path)."""
 
     family = FAMILY
     needs = frozenset({Need.GRADIENTS})
     default_pool: str = "sum"
 
-    def attribute(self, objective: PixelObjective, x: torch.Tensor, per_token: bool, engine: str,
-                  token_batch: int, options: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float], dict[str, Any]]:
+    @dataclass(frozen=True)
+    class Params(ExplainerParams):
+        pool: str | None = param(None, "how pixel scores combine within a grid cell (null: abs_sum for saliency, "
+                                       "sum otherwise)", choices=POOLS)
+        per_token: bool = param(True, "a map per answer token besides the whole answer's")
+        engine: str = param("batched", "all tokens' gradients from one retained graph, or Captum once per token",
+                            choices=ENGINES)
+        token_batch: int = param(DEFAULT_TOKEN_BATCH, "answer tokens per vectorised backward pass", low=1)
+
+    def attribute(self, objective: PixelObjective, x: torch.Tensor,
+                  params: Params) -> tuple[torch.Tensor, dict[str, float], dict[str, Any]]:
         """``(K, *pixel_values.shape)`` attributions (K = T per token, or 1 for the answer)."""
         raise NotImplementedError
 
-    def options(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Method-specific parameters, validated and popped from ``params`` before any model work."""
-        return {}
+    def recorded(self, prep: Prepared, params: Params) -> dict[str, Any]:
+        """The parameters as the explanation records them: as used, defaults resolved."""
+        return {**params.as_dict(), "pool": params.pool or self.default_pool}
 
-    def explain(self, model: Any, sample: Any, pool: str | None = None, per_token: bool = True,
-                engine: str = "batched", token_batch: int = DEFAULT_TOKEN_BATCH, **params: Any) -> Explanation:
-        pool = choice("pool", self.default_pool if pool is None else pool, POOLS)
-        per_token = _flag("per_token", per_token)
-        engine = choice("engine", engine, ENGINES)
-        token_batch = positive_int("token_batch", token_batch)
-        options = self.options(params)
-        _no_extra(self.id, params)
-        prep = as_prepared(model, sample)
+    def compute(self, model: LoadedModel, sample: Prepared, params: Params) -> Explanation:
+        prep = sample
         pixels = _pixels(prep, self.id)
+        used = self.recorded(prep, params)
+        pool, per_token = used["pool"], params.per_token
         cell_map = prep.adapter.pixel_cell_map(prep.inputs)
         objective = PixelObjective(prep)
         x = pixels.detach().unsqueeze(0)
         with inputs_only_gradients(prep.model):
-            attr, scores, meta = self.attribute(objective, x, per_token, engine, token_batch, options)
+            attr, scores, meta = self.attribute(objective, x, params)
         answer = attr.sum(0)
         pooled = pool_positions(with_answer(attr, per_token), cell_map, prep.seq_len, pool)
         exp = Explanation(
             self.id,
-            {"pool": pool, "per_token": per_token, "engine": engine, "token_batch": token_batch,
-             **options},
+            used,
             prep.target(),
             scores={**scores, "off_grid_fraction": off_grid_fraction(answer.unsqueeze(0), cell_map)},
             meta={"target": TARGET_NOTE, "model_type": prep.adapter.model_type, "pool": pool,
@@ -312,14 +310,14 @@ class Saliency(_PixelAttribution):
     )
     default_pool = "abs_sum"
 
-    def attribute(self, objective, x, per_token, engine, token_batch, options):
-        if engine == "captum":
+    def attribute(self, objective, x, params):
+        if params.engine == "captum":
             from captum.attr import Saliency as CaptumSaliency
 
-            grads = _captum_per_target(CaptumSaliency, objective, x, per_token, abs=False)
+            grads = _captum_per_target(CaptumSaliency, objective, x, params.per_token, abs=False)
             values = _logprobs(objective, x)
         else:
-            grads, values = _gradients_at(objective, x, per_token, token_batch)
+            grads, values = _gradients_at(objective, x, params.per_token, params.token_batch)
         return grads, {"answer_logprob": float(values.sum())}, {}
 
 
@@ -333,14 +331,14 @@ class InputXGradient(_PixelAttribution):
         "Taylor contribution against an all-zero input), summed per grid cell by default."
     )
 
-    def attribute(self, objective, x, per_token, engine, token_batch, options):
-        if engine == "captum":
+    def attribute(self, objective, x, params):
+        if params.engine == "captum":
             from captum.attr import InputXGradient as CaptumInputXGradient
 
-            attr = _captum_per_target(CaptumInputXGradient, objective, x, per_token)
+            attr = _captum_per_target(CaptumInputXGradient, objective, x, params.per_token)
             values = _logprobs(objective, x)
         else:
-            grads, values = _gradients_at(objective, x, per_token, token_batch)
+            grads, values = _gradients_at(objective, x, params.per_token, params.token_batch)
             attr = grads * x.float()
         return attr, {"answer_logprob": float(values.sum())}, {}
 
@@ -356,29 +354,31 @@ class IntegratedGradients(_PixelAttribution):
         "sum to the change in log-probability (completeness), and the gap is reported."
     )
 
-    def options(self, params: dict[str, Any]) -> dict[str, Any]:
-        baseline = choice("baseline", params.pop("baseline", "black"), IG_BASELINES)
-        radius = params.pop("blur_radius", None)
-        if radius is not None and (isinstance(radius, bool) or not isinstance(radius, (int, float)) or radius <= 0):
-            raise ValueError(f"parameter blur_radius={radius!r} must be a positive number of pixels")
-        return {
-            "n_steps": positive_int("n_steps", params.pop("n_steps", DEFAULT_STEPS)),
-            "internal_batch_size": positive_int("internal_batch_size",
-                                                params.pop("internal_batch_size", DEFAULT_INTERNAL_BATCH)),
-            "baseline": baseline,
-            "blur_radius": radius,
-            "method": IG_METHOD,
-        }
+    @dataclass(frozen=True)
+    class Params(_PixelAttribution.Params):
+        n_steps: int = param(DEFAULT_STEPS, "points on the path (Gauss-Legendre quadrature)", low=1)
+        internal_batch_size: int = param(DEFAULT_INTERNAL_BATCH, "path points per forward", low=1)
+        baseline: str = param("black", "the image the path starts from, through the model's processor",
+                              choices=IG_BASELINES)
+        blur_radius: float | None = param(None, "blur baseline's radius in pixels (null: half a grid cell)",
+                                          low=0.0, low_open=True)
 
-    def attribute(self, objective, x, per_token, engine, token_batch, options):
-        steps, batch = options["n_steps"], options["internal_batch_size"]
-        if options["baseline"] != "blur":
-            options.pop("blur_radius")
-        elif options["blur_radius"] is None:  # record the radius actually used
-            options["blur_radius"] = default_blur_radius(objective.prep)
-        base = baseline_pixels(objective.prep, options["baseline"], blur_radius=options.get("blur_radius"))
+    def recorded(self, prep: Prepared, params: Params) -> dict[str, Any]:
+        used = super().recorded(prep, params)
+        if params.baseline != "blur":  # a radius only means something for the blur baseline
+            del used["blur_radius"]
+        elif params.blur_radius is None:  # record the radius actually used
+            used["blur_radius"] = default_blur_radius(prep)
+        used["method"] = IG_METHOD
+        return used
+
+    def attribute(self, objective, x, params):
+        steps, batch = params.n_steps, params.internal_batch_size
+        per_token, token_batch = params.per_token, params.token_batch
+        radius = params.blur_radius if params.baseline == "blur" else None
+        base = baseline_pixels(objective.prep, params.baseline, blur_radius=radius)
         base = base.detach().unsqueeze(0)
-        if engine == "captum":
+        if params.engine == "captum":
             from captum.attr import IntegratedGradients as CaptumIG
 
             attr = _captum_per_target(CaptumIG, objective, x, per_token, baselines=base, n_steps=steps,
@@ -487,16 +487,20 @@ class GradCAM(Explainer):
         "relu(sum_c w_c a_c) per token (class token excluded), pooled onto each grid cell."
     )
 
-    def explain(self, model: Any, sample: Any, layer: int | None = None, pool: str = "sum", per_token: bool = True,
-                token_batch: int = DEFAULT_TOKEN_BATCH, **params: Any) -> Explanation:
-        _no_extra(self.id, params)
-        pool = choice("pool", pool, POOLS)
-        per_token = _flag("per_token", per_token)
-        token_batch = positive_int("token_batch", token_batch)
-        prep = as_prepared(model, sample)
+    @dataclass(frozen=True)
+    class Params(ExplainerParams):
+        layer: int | None = param(None, "vision block to explain, negative from the end (null: the last one the "
+                                        "decoder reads)")
+        pool: str = param("sum", "how vision-token scores combine within a grid cell", choices=POOLS)
+        per_token: bool = param(True, "a map per answer token besides the whole answer's")
+        token_batch: int = param(DEFAULT_TOKEN_BATCH, "answer tokens per vectorised backward pass", low=1)
+
+    def compute(self, model: LoadedModel, sample: Prepared, params: Params) -> Explanation:
+        prep = sample
+        pool, per_token, token_batch = params.pool, params.per_token, params.token_batch
         pixels = _pixels(prep, self.id)
         blocks = prep.adapter.vision_layers()
-        index = self._layer(layer, prep.adapter, len(blocks))
+        index = self._layer(params.layer, prep.adapter, len(blocks))
         token_map = prep.adapter.vision_token_map(prep.inputs).to(pixels.device)
         objective = PixelObjective(prep)
         store: list[torch.Tensor] = []
@@ -531,12 +535,13 @@ class GradCAM(Explainer):
         add_grid_maps(exp, prep.layouts, pooled, per_token)
         return exp
 
-    @staticmethod
-    def _layer(layer: Any, adapter: Any, count: int) -> int:
+    def _layer(self, layer: int | None, adapter: Any, count: int) -> int:
+        """The block index, checked against the model's vision depth (negative from the end)."""
         if layer is None:
             return default_cam_layer(adapter)
-        if isinstance(layer, bool) or not isinstance(layer, int) or not -count <= layer < count:
-            raise ValueError(f"parameter layer={layer!r} must be a vision block index in {-count}..{count - 1}")
+        if not -count <= layer < count:
+            raise ValueError(f"{self.id}: parameter layer={layer!r} must be a vision block index in "
+                             f"{-count}..{count - 1}")
         return layer % count
 
 

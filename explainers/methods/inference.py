@@ -14,29 +14,27 @@ VCD's contrastive distribution says whether decoding against the noised image wo
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from ..context import Prepared, as_prepared
+from ..context import Prepared
 from ..explanation import Explanation
+from ..models import LoadedModel
 from ..models.errors import AdapterError
+from ..params import ExplainerParams, param
 from ..registry import Citation, Explainer, register
 from .lens import (
     LOGIT_LENS,
     READOUT,
     entropy,
     lens_logprobs,
-    no_extra,
     pick_layers,
     residual_states,
 )
 from .perturbation import (
-    an_int,
     answer_ids,
     baseline_pixels,
-    choice,
     fused_attention,
     logprobs_at,
     repeat_inputs,
@@ -79,13 +77,6 @@ def vcd_alpha_bar(step: int) -> float:
     return float(torch.cumprod(1.0 - betas, dim=0)[step])
 
 
-def noise_step_param(value: Any) -> int:
-    step = an_int("noise_step", value)
-    if not 0 <= step < DIFFUSION_STEPS:
-        raise ValueError(f"parameter noise_step={value!r} must be in 0..{DIFFUSION_STEPS - 1}")
-    return step
-
-
 def image_value_mask(prep: Prepared) -> torch.Tensor | None:
     """Where ``pixel_values`` carries picture (a grid cell's pixels), or None to mean everywhere.
 
@@ -123,14 +114,6 @@ def vcd_logits(real: torch.Tensor, distorted: torch.Tensor, alpha: float, beta: 
     return contrast, plausible
 
 
-def _number(name: str, value: Any, low: float, high: float | None = None) -> float:
-    ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
-    if not ok or not value >= low or (high is not None and not value <= high):
-        span = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"parameter {name}={value!r} must be a number {span}")
-    return float(value)
-
-
 # --- the explainers ------------------------------------------------------------------------------------
 
 
@@ -146,10 +129,14 @@ class Uncertainty(Explainer):
         "how sure the model is, and how deep in the network it became sure."
     )
 
-    def explain(self, model: Any, sample: Any, *, layers: list[int] | None = None, **params: Any) -> Explanation:
-        no_extra(self.id, params)
-        prep = as_prepared(model, sample)
-        picked = pick_layers(layers, len(prep.adapter.decoder_layers()))
+    @dataclass(frozen=True)
+    class Params(ExplainerParams):
+        layers: tuple[int, ...] | None = param(None, "decoder blocks read through the logit lens (negative from the end); "
+                                                     "null reads all")
+
+    def compute(self, model: LoadedModel, sample: Prepared, params: Params) -> Explanation:
+        prep = sample
+        picked = pick_layers(params.layers, len(prep.adapter.decoder_layers()))
         states, logits = residual_states(prep, prep.logit_positions, picked)
         ids = answer_ids(prep)
         logp = torch.log_softmax(logits.cpu(), dim=-1)
@@ -160,7 +147,7 @@ class Uncertainty(Explainer):
         answer_logp = logp[torch.arange(T), ids]
         per_layer = torch.stack([entropy(lp.cpu()) for lp in lens_logprobs(prep, states)], dim=1)  # (T, L)
 
-        exp = Explanation(self.id, {"layers": picked}, prep.target())
+        exp = Explanation(self.id, {**params.as_dict(), "layers": picked}, prep.target())
         exp.add("entropy", token_entropy, ("answer_token",))
         exp.add("entropy.lens", per_layer, ("answer_token", "layer"))
         exp.add("margin", margin, ("answer_token",))
@@ -198,19 +185,23 @@ class VisualReliance(Explainer):
         "token needs the picture, and VCD's contrastive distribution whether it survives contrastive decoding."
     )
 
-    def explain(self, model: Any, sample: Any, *, blank: str = "mean", noise_step: int = DEFAULT_NOISE_STEP,
-                seed: int = 0, alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_BETA,
-                threshold: float = RELIANCE_THRESHOLD, fast_attention: bool = True, **params: Any) -> Explanation:
-        no_extra(self.id, params)
-        blank = choice("blank", blank, BLANKS)
-        step = noise_step_param(noise_step)
-        seed = an_int("seed", seed)
-        alpha = _number("alpha", alpha, 0.0)
-        beta = _number("beta", beta, 0.0, 1.0)
-        if beta == 0.0:
-            raise ValueError("parameter beta=0.0 must be > 0 (VCD's plausibility cut)")
-        threshold = _number("threshold", threshold, 0.0)
-        prep = as_prepared(model, sample)
+    @dataclass(frozen=True)
+    class Params(ExplainerParams):
+        blank: str = param("mean", "the blank image: the image's mean colour everywhere, or black", choices=BLANKS)
+        noise_step: int = param(DEFAULT_NOISE_STEP, "VCD diffusion step the noised image is distorted to",
+                                low=0, high=DIFFUSION_STEPS - 1)
+        seed: int = param(0, "seed of the diffusion noise")
+        alpha: float = param(DEFAULT_ALPHA, "VCD's contrast strength: (1 + alpha) real - alpha noised logits", low=0.0)
+        beta: float = param(DEFAULT_BETA, "VCD's plausibility cut: only tokens with p >= beta * max p may be chosen",
+                            low=0.0, low_open=True, high=1.0)
+        threshold: float = param(RELIANCE_THRESHOLD, "log-probability drop above which a token relies on the image",
+                                 low=0.0)
+        fast_attention: bool = param(True, "run the three forwards with the fused attention kernel")
+
+    def compute(self, model: LoadedModel, sample: Prepared, params: Params) -> Explanation:
+        blank, step, seed = params.blank, params.noise_step, params.seed
+        alpha, beta, threshold, fast_attention = params.alpha, params.beta, params.threshold, params.fast_attention
+        prep = sample
         if "pixel_values" not in prep.inputs or not prep.layouts:
             raise ValueError(f"sample {prep.sample.id!r} has no image: visual reliance needs one")
         pixels = prep.inputs["pixel_values"]
@@ -231,12 +222,7 @@ class VisualReliance(Explainer):
         in_set = plausible[torch.arange(T), ids]
         reliant = torch.maximum(drops["blank"], drops["noised"]) > threshold
 
-        exp = Explanation(
-            self.id,
-            {"blank": blank, "noise_step": step, "seed": seed, "alpha": alpha, "beta": beta,
-             "threshold": threshold, "fast_attention": fast_attention},
-            prep.target(),
-        )
+        exp = Explanation(self.id, params.as_dict(), prep.target())
         for name, values in zip(CONDITIONS, (real, blank_lp, noised)):
             exp.add(f"logprob.{name}", values, ("answer_token",))
         for name, values in drops.items():

@@ -27,18 +27,17 @@ import torch
 
 from ..answering import generate_answer
 from ..capture import EAGER, attn_implementations
-from ..context import ExplainSample, Prepared, as_prepared, prepare
+from ..context import ExplainSample, Prepared, prepare
 from ..explanation import Explanation
 from ..hooks import Hooks
+from ..models import LoadedModel
+from ..params import ExplainerParams, param
 from ..registry import Citation, Explainer, Need, register
 from .perturbation import (
-    an_int,
     answer_ids,
     batch_size_for,
-    choice,
     fused_attention,
     logprobs_at,
-    positive_int,
     question_positions,
     repeat_inputs,
 )
@@ -99,33 +98,31 @@ POSITION_SETS: dict[str, Callable[[Prepared], torch.Tensor]] = {
 
 def positions_of(prep: Prepared, name: str) -> torch.Tensor:
     """The sorted sequence positions of the named set (CPU LongTensor)."""
-    choice("position set", name, tuple(POSITION_SETS))
+    if name not in POSITION_SETS:
+        raise ValueError(f"position set {name!r} must be one of {', '.join(POSITION_SETS)}")
     return torch.unique(POSITION_SETS[name](prep).long().cpu())
 
 
-def _names(param: str, value: Any, default: Sequence[str], allowed: Sequence[str]) -> list[str]:
-    names = list(default) if value is None else value
-    if isinstance(names, str) or not isinstance(names, Sequence) or not names:
-        raise ValueError(f"parameter {param}={value!r} must be a non-empty list of {', '.join(allowed)}")
-    for name in names:
-        choice(param, name, allowed)
+def _names(name: str, value: tuple[str, ...] | None, default: Sequence[str]) -> list[str]:
+    """A declared list of names (``default`` when None), checked to be non-empty and without repeats."""
+    names = list(default) if value is None else list(value)
+    if not names:
+        raise ValueError(f"parameter {name}=[] must name at least one entry")
     if len(set(names)) != len(names):
-        raise ValueError(f"parameter {param}={list(names)!r} names an entry twice")
-    return list(names)
+        raise ValueError(f"parameter {name}={names!r} names an entry twice")
+    return names
 
 
-def _layers(value: Any, count: int) -> list[int]:
+def _layers(value: tuple[int, ...] | None, count: int) -> list[int]:
+    """Decoder block indices (negative ones count from the end; all when None), sorted and checked
+    against the model's depth."""
     if value is None:
         return list(range(count))
-    if isinstance(value, (int, str)) or not isinstance(value, Sequence) or not value:
-        raise ValueError(f"parameter layers={value!r} must be a non-empty list of decoder block indices")
-    out = []
-    for i in value:
-        i = an_int("layers", i)
-        i = i + count if i < 0 else i
-        if not 0 <= i < count:
-            raise ValueError(f"parameter layers={list(value)!r}: the decoder has blocks 0..{count - 1}")
-        out.append(i)
+    if not value:
+        raise ValueError("parameter layers=[] must name at least one decoder block")
+    out = [i + count if i < 0 else i for i in value]
+    if any(not 0 <= i < count for i in out):
+        raise ValueError(f"parameter layers={list(value)!r}: the decoder has blocks 0..{count - 1}")
     return sorted(set(out))
 
 
@@ -203,17 +200,11 @@ def window_label(window: Sequence[int]) -> str:
     return ",".join(map(str, window))
 
 
-def _explicit_windows(value: Any, layers: int) -> list[list[int]]:
-    if isinstance(value, (str, int)) or not isinstance(value, Sequence):
-        raise ValueError(f"parameter windows={value!r} must be a list of lists of decoder block indices")
-    out = []
-    for window in value:
-        if isinstance(window, (str, int)) or not isinstance(window, Sequence):
-            raise ValueError(f"parameter windows={value!r}: each window is a list of block indices (possibly empty)")
-        picked = sorted({an_int("windows", i) for i in window})
-        if any(not 0 <= i < layers for i in picked):
-            raise ValueError(f"parameter windows={value!r}: the decoder has blocks 0..{layers - 1}")
-        out.append(picked)
+def _explicit_windows(value: tuple[tuple[int, ...], ...], layers: int) -> list[list[int]]:
+    """Each window's blocks, sorted without repeats, checked against the model's depth."""
+    out = [sorted(set(window)) for window in value]
+    if any(not 0 <= i < layers for window in out for i in window):
+        raise ValueError(f"parameter windows={[list(w) for w in value]!r}: the decoder has blocks 0..{layers - 1}")
     return out
 
 
@@ -319,30 +310,44 @@ class AttentionKnockout(Explainer):
         "and measure how the answer's probability changes: where the image's information flows in."
     )
 
-    def explain(self, model: Any, sample: Any, *, edges: Sequence[str] | None = None, window: int | None = None,
-                stride: int = 1, windows: Sequence[Sequence[int]] | None = None, batch_size: int | None = None,
-                fast_attention: bool = True, **params: Any) -> Explanation:
-        if params:
-            raise ValueError(f"{self.id}: unknown parameter(s) {', '.join(sorted(params))}")
-        if edges is not None and (isinstance(edges, str) or not isinstance(edges, Sequence) or not edges):
-            raise ValueError(f"parameter edges={edges!r} must be a non-empty list like ['image->answer']")
-        parsed = [Edge.parse(e) for e in (DEFAULT_EDGES if edges is None else edges)]
+    @dataclass(frozen=True)
+    class Params(ExplainerParams):
+        edges: tuple[str, ...] | None = param(None, "flows to block, each SOURCE->DESTINATION over image, question, "
+                                                    "answer, text, all (null: the four image/question flows)")
+        window: int | None = param(None, "blocks per sliding window (null: a quarter of the decoder, at least two)",
+                                   low=1)
+        stride: int = param(1, "blocks between sliding windows' starts", low=1)
+        windows: tuple[tuple[int, ...], ...] | None = param(None, "explicit windows, each a list of decoder blocks "
+                                                                  "(possibly empty), instead of window", low=0)
+        batch_size: int | None = param(None, "knocked-out copies per forward (null: as many as the device's budget "
+                                             "fits)", low=1)
+        fast_attention: bool = param(True, "run the forwards with the fused (sdpa) attention kernel")
+
+    def compute(self, model: LoadedModel, sample: Prepared, params: Params) -> Explanation:
+        edges, window, windows, fast_attention = params.edges, params.window, params.windows, params.fast_attention
+        if edges is not None and not edges:
+            raise ValueError(f"{self.id}: parameter edges=[] must be a non-empty list like ['image->answer']")
+        try:
+            parsed = [Edge.parse(e) for e in (DEFAULT_EDGES if edges is None else edges)]
+        except ValueError as error:
+            raise ValueError(f"{self.id}: parameter edges: {error}") from None
         if len({e.name for e in parsed}) != len(parsed):
-            raise ValueError(f"parameter edges={list(edges or [])!r} names an edge twice")
-        prep = as_prepared(model, sample)
+            raise ValueError(f"{self.id}: parameter edges={list(edges or [])!r} names an edge twice")
+        prep = sample
         knock = Knockout(prep)
         layers = knock.layers
         if windows is not None:
             if window is not None:
-                raise ValueError("give either window (a size) or windows (explicit lists of blocks), not both")
+                raise ValueError(f"{self.id}: give either window (a size) or windows (explicit lists of blocks), "
+                                 "not both")
             spans = _explicit_windows(windows, layers)
             size = None
         else:
-            size = default_window(layers) if window is None else positive_int("window", window)
+            size = default_window(layers) if window is None else window
             if size > layers:
-                raise ValueError(f"parameter window={size}: the decoder has only {layers} blocks")
-            spans = sliding_windows(layers, size, positive_int("stride", stride))
-        batch_size = batch_size_for(prep, batch_size)
+                raise ValueError(f"{self.id}: parameter window={size}: the decoder has only {layers} blocks")
+            spans = sliding_windows(layers, size, params.stride)
+        batch_size = batch_size_for(prep, params.batch_size)
         cuts = [e.block(prep) for e in parsed]
         plan = [(cuts[e], frozenset(w)) for e in range(len(parsed)) for w in spans]
         with fused_attention(prep.model, fast_attention):
@@ -367,8 +372,8 @@ class AttentionKnockout(Explainer):
 
         exp = Explanation(
             self.id,
-            {"edges": [e.name for e in parsed], "window": size, "stride": stride if windows is None else None,
-             "windows": spans, "batch_size": batch_size, "fast_attention": fast_attention},
+            {**params.as_dict(), "edges": [e.name for e in parsed], "window": size,
+             "stride": params.stride if windows is None else None, "windows": spans, "batch_size": batch_size},
             prep.target(),
         )
         exp.add("prob_change", change, ("edge", "window"))
@@ -577,7 +582,8 @@ def corruption_for(prep: Prepared, kind: str, counterfactual: Any, noise_scale: 
     """The corrupted run the parameters ask for (see :data:`CORRUPTIONS`)."""
     from .data import demo_pair
 
-    kind = choice("corruption", kind, CORRUPTIONS)
+    if kind not in CORRUPTIONS:
+        raise ValueError(f"parameter corruption={kind!r} must be one of {', '.join(CORRUPTIONS)}")
     if kind in ("auto", "pair"):
         partner = counterfactual
         if partner is None:
@@ -608,24 +614,36 @@ class ActivationPatching(Explainer):
         "that comes back."
     )
 
-    def explain(self, model: Any, sample: Any, *, counterfactual: ExplainSample | Prepared | None = None,
-                corruption: str = "auto", components: Sequence[str] | None = None,
-                groups: Sequence[str] | None = None, layers: Sequence[int] | None = None,
-                noise_scale: float = NOISE_SCALE, seed: int = 0, pair_seed: int = 0, batch_size: int | None = None,
-                fast_attention: bool = True, **params: Any) -> Explanation:
-        if params:
-            raise ValueError(f"{self.id}: unknown parameter(s) {', '.join(sorted(params))}")
-        comps = _names("components", components, tuple(COMPONENT_POINTS), tuple(COMPONENT_POINTS))
-        names = _names("groups", groups, DEFAULT_GROUPS, tuple(POSITION_SETS))
-        if isinstance(noise_scale, bool) or not isinstance(noise_scale, (int, float)) or not noise_scale > 0:
-            raise ValueError(f"parameter noise_scale={noise_scale!r} must be a number > 0")
-        seed, pair_seed = an_int("seed", seed), an_int("pair_seed", pair_seed)
-        prep = as_prepared(model, sample)
-        picked = _layers(layers, len(prep.adapter.decoder_layers()))
-        batch_size = batch_size_for(prep, batch_size)
+    @dataclass(frozen=True)
+    class Params(ExplainerParams):
+        counterfactual: Any = param(None, "the corrupted input: an ExplainSample of the same token count (null: the "
+                                          "demo world's pair, if any)", cli=False)
+        corruption: str = param("auto", "a counterfactual pair, noise on the image tokens, or auto (pair where there "
+                                        "is one)", choices=CORRUPTIONS)
+        components: tuple[str, ...] | None = param(None, "what is restored: residual stream, attention or MLP output "
+                                                         "(null: all three)", choices=tuple(COMPONENT_POINTS))
+        groups: tuple[str, ...] | None = param(None, "token groups restored one at a time (null: image, question, "
+                                                     "answer)", choices=tuple(POSITION_SETS))
+        layers: tuple[int, ...] | None = param(None, "decoder blocks patched (negative from the end); null patches all")
+        noise_scale: float = param(NOISE_SCALE, "noise corruption's std in embedding stds (Meng et al.: 3)",
+                                   low=0.0, low_open=True)
+        seed: int = param(0, "seed of the noise corruption")
+        pair_seed: int = param(0, "seed of the demo world's counterfactual pair (when none is given)")
+        batch_size: int | None = param(None, "patched copies per forward (null: as many as the device's budget fits)",
+                                       low=1)
+        fast_attention: bool = param(True, "run the forwards with the fused attention kernel")
+
+    def compute(self, model: LoadedModel, sample: Prepared, params: Params) -> Explanation:
+        counterfactual, seed, pair_seed = params.counterfactual, params.seed, params.pair_seed
+        noise_scale, fast_attention = params.noise_scale, params.fast_attention
+        comps = _names("components", params.components, tuple(COMPONENT_POINTS))
+        names = _names("groups", params.groups, DEFAULT_GROUPS)
+        prep = sample
+        picked = _layers(params.layers, len(prep.adapter.decoder_layers()))
+        batch_size = batch_size_for(prep, params.batch_size)
         sets = {g: positions_of(prep, g) for g in names}
         with fused_attention(prep.model, fast_attention):
-            corrupted = corruption_for(prep, corruption, counterfactual, float(noise_scale), seed, pair_seed)
+            corrupted = corruption_for(prep, params.corruption, counterfactual, noise_scale, seed, pair_seed)
             points = [COMPONENT_POINTS[c].format(i) for c in comps for i in picked]
             patcher = Patcher(prep, corrupted, points, torch.cat(list(sets.values())))
             clean = patcher.capture_clean()
@@ -639,12 +657,12 @@ class ActivationPatching(Explainer):
 
         exp = Explanation(
             self.id,
-            {"corruption": corrupted.kind, "components": comps, "groups": names, "layers": picked,
-             "noise_scale": float(noise_scale) if corrupted.kind == "noise" else None,
+            {**params.as_dict(cli_only=True), "corruption": corrupted.kind, "components": comps, "groups": names,
+             "layers": picked, "noise_scale": noise_scale if corrupted.kind == "noise" else None,
              "seed": seed if corrupted.kind == "noise" else None,
              "pair_seed": pair_seed if corrupted.kind == "pair" and counterfactual is None else None,
              "counterfactual": (corrupted.info or {}).get("id") if corrupted.kind == "pair" else None,
-             "batch_size": batch_size, "fast_attention": fast_attention},
+             "batch_size": batch_size},
             prep.target(),
         )
         exp.add("restored", share, ("component", "layer", "group"))

@@ -13,17 +13,19 @@ The helpers here (:func:`pick_layers`, :func:`residual_states`, :func:`lens_logp
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..context import Prepared, as_prepared
+from ..context import Prepared
 from ..explanation import Explanation
 from ..hooks import Hooks
+from ..models import LoadedModel
+from ..params import ExplainerParams, param
 from ..registry import Citation, Explainer, register
 from .attention import grid_names
-from .perturbation import positive_int
 
 FAMILY = "lens"
 DEFAULT_TOP_K = 5
@@ -41,17 +43,21 @@ NEO_ET_AL = Citation(
 # --- shared with inference.uncertainty ---------------------------------------------------------------
 
 
-def pick_layers(layers: Any, count: int) -> list[int]:
-    """Decoder block indices (negative ones count from the end), or all when None."""
+def pick_layers(layers: Any, count: int, owner: str | None = None) -> list[int]:
+    """Decoder block indices (negative ones count from the end), or all when None; checked against
+    the model's depth (a declared ``tuple[int, ...]`` parameter is already a list of integers; a raw
+    value from a caller that did not declare it is checked here too). ``owner`` (an explainer id)
+    prefixes the error."""
+    prefix = f"{owner}: " if owner else ""
     if layers is None:
         return list(range(count))
     if isinstance(layers, (int, str, bool)) or not all(
         isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in layers
     ):
-        raise ValueError(f"parameter layers={layers!r} must be a list of decoder block indices or None")
+        raise ValueError(f"{prefix}parameter layers={layers!r} must be a list of decoder block indices or None")
     picked = [int(i) + count if i < 0 else int(i) for i in layers]
     if not picked or any(not 0 <= i < count for i in picked):
-        raise ValueError(f"parameter layers={list(layers)!r}: the decoder has blocks 0..{count - 1}")
+        raise ValueError(f"{prefix}parameter layers={list(layers)!r}: the decoder has blocks 0..{count - 1}")
     return picked
 
 
@@ -110,11 +116,6 @@ def ranks_of(logprobs: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     return (logprobs > chosen).sum(-1)
 
 
-def no_extra(explainer: str, params: dict[str, Any]) -> None:
-    if params:
-        raise ValueError(f"{explainer}: unknown parameter(s) {', '.join(sorted(params))}")
-
-
 def settle_layer(ranks: np.ndarray, layers: Sequence[int]) -> int | None:
     """The first picked layer from which the token stays the lens's top prediction, or None."""
     settled = None
@@ -140,12 +141,15 @@ class LogitLens(Explainer):
         "top vocabulary tokens at every image patch per layer (what the patches come to mean)."
     )
 
-    def explain(self, model: Any, sample: Any, *, layers: list[int] | None = None, top_k: int = DEFAULT_TOP_K,
-                **params: Any) -> Explanation:
-        no_extra(self.id, params)
-        top_k = positive_int("top_k", top_k)
-        prep = as_prepared(model, sample)
-        picked = pick_layers(layers, len(prep.adapter.decoder_layers()))
+    @dataclass(frozen=True)
+    class Params(ExplainerParams):
+        layers: tuple[int, ...] | None = param(None, "decoder blocks to read, negative from the end (null: all)")
+        top_k: int = param(DEFAULT_TOP_K, "vocabulary tokens kept per answer token, patch and layer", low=1)
+
+    def compute(self, model: LoadedModel, sample: Prepared, params: Params) -> Explanation:
+        top_k = params.top_k
+        prep = sample
+        picked = pick_layers(params.layers, len(prep.adapter.decoder_layers()), self.id)
         grids = grid_names(prep.layouts)
         answer_rows = prep.logit_positions
         positions = torch.cat([answer_rows, *[grid.positions for _, grid in grids]])

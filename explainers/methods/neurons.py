@@ -32,9 +32,11 @@ from ..answering import generate_answer, is_correct
 from ..context import ExplainSample, Prepared, as_prepared
 from ..explanation import Explanation, Target
 from ..hooks import Hooks
+from ..models import LoadedModel
+from ..params import ExplainerParams, param
 from ..registry import Citation, Explainer, Need, register
 from .gradient import grid_names, inputs_only_gradients
-from .perturbation import answer_ids, batch_size_for, choice, fused_attention, logprobs_at, positive_int, repeat_inputs
+from .perturbation import answer_ids, batch_size_for, fused_attention, logprobs_at, repeat_inputs
 
 FAMILY = "neurons"
 VALUE_POINT = "decoder.blocks.{}.mlp.down"
@@ -258,25 +260,6 @@ def random_groups(total: int, size: int, draws: int, seed: int, exclude: Sequenc
             for _ in range(draws)]
 
 
-def _bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"parameter {name}={value!r} must be True or False")
-    return value
-
-
-def _no_extra(explainer: str, params: dict[str, Any]) -> None:
-    if params:
-        raise ValueError(f"{explainer}: unknown parameter(s) {', '.join(sorted(params))}")
-
-
-def _fraction(name: str, value: Any, low_open: bool = True) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (0.0 < value < 1.0 if low_open
-                                                                              else 0.0 <= value < 1.0)
-    if not ok:
-        raise ValueError(f"parameter {name}={value!r} must be a number in {'(0' if low_open else '[0'}, 1)")
-    return float(value)
-
-
 # --- neurons.top_activations -------------------------------------------------------------------------
 
 
@@ -317,21 +300,27 @@ class TopActivations(Explainer):
         "ablations: the top k zeroed together and one by one, against k random neurons."
     )
 
-    def explain(self, model: Any, sample: Any, *, top_k: int = DEFAULT_TOP_K, rank_by: str = "attribution",
-                random_draws: int = DEFAULT_RANDOM_DRAWS, seed: int = 0, batch_size: int | None = None,
-                fast_attention: bool = True, **params: Any) -> Explanation:
+    @dataclass(frozen=True)
+    class Params(ExplainerParams):
+        top_k: int = param(DEFAULT_TOP_K, "neurons kept, ablated together and one by one", low=1)
+        rank_by: str = param("attribution", "rank by signed attribution (support for the answer) or its absolute value",
+                             choices=RANKINGS)
+        random_draws: int = param(DEFAULT_RANDOM_DRAWS, "random groups of top_k neurons ablated as the baseline", low=1)
+        seed: int = param(0, "seed of the random groups")
+        batch_size: int | None = param(None, "ablated copies per forward (null: as many as the device's budget fits)",
+                                       low=1)
+        fast_attention: bool = param(True, "run the forwards with the fused attention kernel")
+
+    def compute(self, model: LoadedModel, sample: Prepared, params: Params) -> Explanation:
         """``top_k`` neurons by ``rank_by``; ``random_draws`` random groups of ``top_k`` (seeded by
         ``seed``) as the ablation baseline; ``batch_size`` ablated copies per forward."""
-        _no_extra(self.id, params)
-        top_k = positive_int("top_k", top_k)
-        rank_by = choice("rank_by", rank_by, RANKINGS)
-        random_draws = positive_int("random_draws", random_draws)
-        fast_attention = _bool("fast_attention", fast_attention)
-        prep = as_prepared(model, sample)
-        batch_size = batch_size_for(prep, batch_size)
+        top_k, rank_by, random_draws, seed = params.top_k, params.rank_by, params.random_draws, params.seed
+        fast_attention = params.fast_attention
+        prep = sample
+        batch_size = batch_size_for(prep, params.batch_size)
         space = neuron_space(prep.adapter, self.id)
         if top_k >= space.total:
-            raise ValueError(f"parameter top_k={top_k} must be below the model's {space.total} MLP neurons")
+            raise ValueError(f"{self.id}: parameter top_k={top_k} must be below the model's {space.total} MLP neurons")
 
         with fused_attention(prep.model, fast_attention):
             values, grads, logprob = value_attribution(prep, space)
@@ -358,8 +347,7 @@ class TopActivations(Explainer):
 
         exp = Explanation(
             self.id,
-            {"top_k": top_k, "rank_by": rank_by, "random_draws": random_draws, "seed": seed,
-             "batch_size": batch_size, "fast_attention": fast_attention},
+            {**params.as_dict(), "batch_size": batch_size},
             prep.target(),
         )
         exp.add("attribution", space.table(attribution), ("layer", "unit"))
@@ -580,36 +568,46 @@ class ModalitySpecific(Explainer):
         "log-probability and accuracy when that group is zeroed, against random groups of the same size."
     )
 
-    def explain(self, model: Any, samples: Any, *, domains: str = "modality", threshold: str = "positive",
-                quantile: float = DEFAULT_QUANTILE, top_rate: float = TOP_RATE, filter_rate: float = FILTER_RATE,
-                top_k: int | None = None, random_draws: int = DEFAULT_SPECIFIC_RANDOM_DRAWS, seed: int = 0,
-                accuracy: bool | None = None, max_new_tokens: int | None = None, batch_size: int | None = None,
-                fast_attention: bool = True, **params: Any) -> Explanation:
+    @dataclass(frozen=True)
+    class Params(ExplainerParams):
+        domains: str = param("modality", "image vs text tokens, or each sample's extra['family']", choices=DOMAIN_KINDS)
+        threshold: str = param("positive", "active means act(gate) > 0, or above the layer's quantile",
+                               choices=THRESHOLDS)
+        quantile: float = param(DEFAULT_QUANTILE, "the layer quantile of activations a neuron must exceed (threshold "
+                                "'quantile')", low=0.0, low_open=True, high=1.0, high_open=True)
+        top_rate: float = param(TOP_RATE, "share of all neurons kept as the specific group (unless top_k)",
+                                low=0.0, low_open=True, high=1.0, high_open=True)
+        filter_rate: float = param(FILTER_RATE, "quantile of activation probabilities a candidate must reach in a domain",
+                                   low=0.0, high=1.0, high_open=True)
+        top_k: int | None = param(None, "size of the specific group (null: top_rate of all neurons)", low=1)
+        random_draws: int = param(DEFAULT_SPECIFIC_RANDOM_DRAWS, "random groups of the same size ablated as the baseline",
+                                  low=1)
+        seed: int = param(0, "seed of the quantile estimate and the random groups")
+        accuracy: bool | None = param(None, "regenerate answers under each ablation (null: when every sample has an "
+                                            "expected answer)")
+        max_new_tokens: int | None = param(None, "regenerated answers' length limit (null: the model's generation config)",
+                                           low=1)
+        batch_size: int | None = param(None, "ablated copies per forward (null: as many as the device's budget fits)",
+                                       low=1)
+        fast_attention: bool = param(True, "run the forwards with the fused attention kernel")
+
+    def compute(self, model: LoadedModel, samples: Sequence[ExplainSample], params: Params) -> Explanation:
         """``domains``: image vs text tokens, or each sample's ``extra['family']``; ``threshold``: active
         means ``act(gate) > 0`` or above the layer's ``quantile``; the group is the ``top_k`` (default:
         ``top_rate`` of all neurons) lowest-entropy neurons among those reaching the ``filter_rate``
         quantile of activation probabilities; ``accuracy`` regenerates answers under each ablation
         (default: when every sample has an expected answer)."""
-        _no_extra(self.id, params)
-        domains = choice("domains", domains, DOMAIN_KINDS)
-        threshold = choice("threshold", threshold, THRESHOLDS)
-        quantile = _fraction("quantile", quantile)
-        top_rate = _fraction("top_rate", top_rate)
-        filter_rate = _fraction("filter_rate", filter_rate, low_open=False)
-        random_draws = positive_int("random_draws", random_draws)
-        fast_attention = _bool("fast_attention", fast_attention)
-        if accuracy is not None:
-            accuracy = _bool("accuracy", accuracy)
+        domains, threshold, quantile = params.domains, params.threshold, params.quantile
+        top_rate, filter_rate, top_k = params.top_rate, params.filter_rate, params.top_k
+        random_draws, seed, accuracy = params.random_draws, params.seed, params.accuracy
+        max_new_tokens, fast_attention = params.max_new_tokens, params.fast_attention
         if isinstance(samples, (ExplainSample, Prepared)) or not isinstance(samples, Sequence) or not samples:
             raise ValueError(f"{self.id}: give a non-empty list of samples (a dataset-scope explainer)")
         preps = [as_prepared(model, s) for s in samples]
-        batch_size = batch_size_for(preps[0], batch_size)
+        batch_size = batch_size_for(preps[0], params.batch_size)
         space = neuron_space(preps[0].adapter, self.id)
         names = _domain_names(domains, preps, self.id)
-        if top_k is None:
-            size = max(1, round(top_rate * space.total))
-        else:
-            size = positive_int("top_k", top_k)
+        size = max(1, round(top_rate * space.total)) if top_k is None else top_k
         has_expected = all(p.sample.expected for p in preps)
         if accuracy and not has_expected:
             missing = next(p.sample.id for p in preps if not p.sample.expected)
@@ -635,10 +633,8 @@ class ModalitySpecific(Explainer):
 
         exp = Explanation(
             self.id,
-            {"domains": domains, "threshold": threshold, "quantile": quantile if threshold == "quantile" else None,
-             "top_rate": top_rate, "filter_rate": filter_rate, "top_k": top_k, "random_draws": random_draws,
-             "seed": seed, "accuracy": accuracy, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
-             "fast_attention": fast_attention},
+            {**params.as_dict(), "quantile": quantile if threshold == "quantile" else None, "accuracy": accuracy,
+             "batch_size": batch_size},
             Target(text="", token_ids=[], tokens=[], positions=[], probs=[]),
         )
         exp.add("activation_probability", space.table(probs), ("domain", "layer", "unit"))

@@ -24,10 +24,12 @@ import torch
 from PIL import Image, ImageFilter
 
 from ..capture import attn_implementations
-from ..context import Prepared, as_prepared
+from ..context import Prepared
 from ..explanation import Explanation
 from ..hooks import Hooks
+from ..models import LoadedModel
 from ..models.layout import ImageLayout, PatchGrid
+from ..params import ExplainerParams, param
 from ..registry import Citation, Explainer, register
 
 FAMILY = "perturbation"
@@ -675,24 +677,30 @@ class Occlusion(Explainer):
         "token's log-probability; many occluded copies per teacher-forced forward."
     )
 
-    def explain(self, model: Any, sample: Any, *, window: int = 1, stride: int | None = None,
-                baseline: str = "black", batch_size: int | None = None, seed: int = 0,
-                blur_radius: float | None = None, views: str = "all", fast_attention: bool = True,
-                prefix_cache: bool = True, logit_rows: bool = True, **params: Any) -> Explanation:
-        if params:
-            raise ValueError(f"{self.id}: unknown parameter(s) {', '.join(sorted(params))}")
-        for name, flag in (("prefix_cache", prefix_cache), ("logit_rows", logit_rows)):
-            if not isinstance(flag, bool):
-                raise ValueError(f"parameter {name}={flag!r} must be true or false")
-        window = positive_int("window", window)
-        stride = window if stride is None else positive_int("stride", stride)
-        baseline = choice("baseline", baseline, BASELINES)
-        views = choice("views", views, VIEWS)
-        prep = as_prepared(model, sample)
-        batch_size = batch_size_for(prep, batch_size)
+    @dataclass(frozen=True)
+    class Params(ExplainerParams):
+        window: int = param(1, "side of the occluded square, in grid cells", low=1)
+        stride: int | None = param(None, "step between windows, in cells (null: the window's side)", low=1)
+        baseline: str = param("black", "what occluded cells show", choices=BASELINES)
+        batch_size: int | None = param(None, "occluded copies per forward (null: as many as the device's budget fits)",
+                                       low=1)
+        seed: int = param(0, "seed of the noise baseline")
+        blur_radius: float | None = param(None, "blur baseline's radius in pixels (null: half a grid cell)",
+                                          low=0.0, low_open=True)
+        views: str = param("all", "occlude every grid of every image, or only each image's main grid", choices=VIEWS)
+        fast_attention: bool = param(True, "run the occluded forwards with the fused attention kernel")
+        prefix_cache: bool = param(True, "share the unoccluded prefix's key/value cache between copies (checked)")
+        logit_rows: bool = param(True, "run the last block's post-attention work on the logit rows only (checked)")
+
+    def compute(self, model: LoadedModel, sample: Prepared, params: Params) -> Explanation:
+        window, baseline, views, seed = params.window, params.baseline, params.views, params.seed
+        stride = window if params.stride is None else params.stride
+        prefix_cache, logit_rows, fast_attention = params.prefix_cache, params.logit_rows, params.fast_attention
+        prep = sample
+        batch_size = batch_size_for(prep, params.batch_size)
         layout = first_layout(prep)
         grid = layout.main_grid
-        radius = blur_radius_for(prep, blur_radius)
+        radius = blur_radius_for(prep, params.blur_radius)
         cells = PixelCells(cell_map(prep))
         base = baseline_pixels(prep, baseline, seed, radius)
         wins = windows(layout, window, stride, views)
@@ -748,14 +756,20 @@ class TextAblation(Explainer):
         "log-probability; all ablations batched, positions recomputed."
     )
 
-    def explain(self, model: Any, sample: Any, *, mode: str = "drop", replacement: int | str | None = None,
-                batch_size: int | None = None, fast_attention: bool = True, **params: Any) -> Explanation:
-        if params:
-            raise ValueError(f"{self.id}: unknown parameter(s) {', '.join(sorted(params))}")
-        mode = choice("mode", mode, TEXT_MODES)
-        prep = as_prepared(model, sample)
-        batch_size = batch_size_for(prep, batch_size)
-        repl = replacement_id(prep, replacement)
+    @dataclass(frozen=True)
+    class Params(ExplainerParams):
+        mode: str = param("drop", "drop each question token, or replace it by the replacement token",
+                          choices=TEXT_MODES)
+        replacement: int | str | None = param(None, "the replacing token, as an id or a token (null: unk, else pad)")
+        batch_size: int | None = param(None, "ablated copies per forward (null: as many as the device's budget fits)",
+                                       low=1)
+        fast_attention: bool = param(True, "run the ablated forwards with the fused attention kernel")
+
+    def compute(self, model: LoadedModel, sample: Prepared, params: Params) -> Explanation:
+        mode, fast_attention = params.mode, params.fast_attention
+        prep = sample
+        batch_size = batch_size_for(prep, params.batch_size)
+        repl = replacement_id(prep, params.replacement)
         words = question_positions(prep)
         if not words:
             raise ValueError(f"sample {prep.sample.id!r}: the question has no ablatable tokens")

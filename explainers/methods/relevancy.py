@@ -38,17 +38,19 @@ import contextvars
 import math
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..capture import attn_implementations, eager_attention
-from ..context import ExplainSample, Prepared, as_prepared
+from ..context import Prepared
 from ..explanation import Explanation
 from ..hooks import Hooks
+from ..models import LoadedModel
 from ..models.errors import AdapterError
+from ..params import ExplainerParams, param
 from ..registry import Citation, Explainer, Need, register
 
 THROUGH: tuple[str, ...] = ("decoder", "vision", "both")
@@ -87,29 +89,6 @@ LVLM_INTERPRET = Citation(
 VISION_ATTN_PREFIX = "vision.blocks."
 DECODER_ATTN_PREFIX = "decoder.blocks."
 ATTN_SUFFIX = ".attn"
-
-
-# --- parameters ------------------------------------------------------------------------------------
-
-
-def _check_params(explainer: str, params: dict[str, Any], allowed: Sequence[str]) -> None:
-    unknown = sorted(set(params) - set(allowed))
-    if unknown:
-        raise ValueError(f"{explainer}: unknown parameter {unknown[0]!r}; known: {', '.join(allowed)}")
-
-
-def _choice(explainer: str, name: str, value: Any, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ValueError(f"{explainer}: {name}={value!r} is not one of {', '.join(choices)}")
-    return str(value)
-
-
-def _positive_int(explainer: str, name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{explainer}: {name}={value!r} must be a positive integer")
-    return int(value)
-
-
 
 
 # --- capturing attention weights -------------------------------------------------------------------
@@ -772,26 +751,21 @@ class CheferRelevancy(Explainer):
         "every answer token (no KV-cache approximation), through the decoder, the vision tower, or both."
     )
 
-    def explain(
-        self,
-        model: Any,
-        sample: ExplainSample | Prepared,
-        *,
-        through: str = DEFAULT_THROUGH,
-        target: str = DEFAULT_TARGET,
-        batch: int = DEFAULT_BATCH,
-        **params: Any,
-    ) -> Explanation:
-        """``through``: where relevancy reaches the image maps from, one of :data:`THROUGH`;
-        ``target``: the log-prob or logit of each answer token; ``batch``: targets per backward."""
-        _check_params(self.id, params, ("through", "target", "batch"))
-        through = _choice(self.id, "through", through, THROUGH)
-        target = _choice(self.id, "target", target, TARGETS)
-        batch = _positive_int(self.id, "batch", batch)
-        prepared = as_prepared(model, sample)
-        result = compute_relevancy(prepared, target=target, through=through, batch=batch, explainer=self.id)
+    @dataclass(frozen=True)
+    class Params(ExplainerParams):
+        through: str = param(DEFAULT_THROUGH, "where the image maps' relevancy comes from: decoder, vision tower "
+                                              "or both", choices=THROUGH)
+        target: str = param(DEFAULT_TARGET, "what is explained: each answer token's log-prob or logit",
+                            choices=TARGETS)
+        batch: int = param(DEFAULT_BATCH, "answer-token targets per backward call", low=1)
 
-        exp = Explanation(self.id, {"through": through, "target": target, "batch": batch}, prepared.target())
+    def compute(self, model: LoadedModel, sample: Prepared, params: Params) -> Explanation:
+        through = params.through
+        prepared = sample
+        result = compute_relevancy(prepared, target=params.target, through=through, batch=params.batch,
+                                   explainer=self.id)
+
+        exp = Explanation(self.id, params.as_dict(), prepared.target())
         add_image_maps(exp, prepared, result.image, result.image_answer)
         add_prompt_maps(exp, prepared, result)
         shares = result.shares(result.decoder)[:, 0]
@@ -816,26 +790,20 @@ class ModalityRelevancy(Explainer):
         "tokens, with the prompt words that weigh most: LVLM-Interpret's image-vs-text view, computed exactly."
     )
 
-    def explain(
-        self,
-        model: Any,
-        sample: ExplainSample | Prepared,
-        *,
-        target: str = DEFAULT_TARGET,
-        top_k: int = DEFAULT_TOP_K,
-        batch: int = DEFAULT_BATCH,
-        **params: Any,
-    ) -> Explanation:
-        """``target``: the log-prob or logit of each answer token; ``top_k``: prompt words listed
-        per answer token; ``batch``: targets per backward call."""
-        _check_params(self.id, params, ("target", "top_k", "batch"))
-        target = _choice(self.id, "target", target, TARGETS)
-        top_k = _positive_int(self.id, "top_k", top_k)
-        batch = _positive_int(self.id, "batch", batch)
-        prepared = as_prepared(model, sample)
-        result = compute_relevancy(prepared, target=target, through="decoder", batch=batch, explainer=self.id)
+    @dataclass(frozen=True)
+    class Params(ExplainerParams):
+        target: str = param(DEFAULT_TARGET, "what is explained: each answer token's log-prob or logit",
+                            choices=TARGETS)
+        top_k: int = param(DEFAULT_TOP_K, "prompt words listed per answer token", low=1)
+        batch: int = param(DEFAULT_BATCH, "answer-token targets per backward call", low=1)
 
-        exp = Explanation(self.id, {"target": target, "top_k": top_k, "batch": batch}, prepared.target())
+    def compute(self, model: LoadedModel, sample: Prepared, params: Params) -> Explanation:
+        top_k = params.top_k
+        prepared = sample
+        result = compute_relevancy(prepared, target=params.target, through="decoder", batch=params.batch,
+                                   explainer=self.id)
+
+        exp = Explanation(self.id, params.as_dict(), prepared.target())
         per_token = result.shares(result.decoder)
         whole = result.shares(result.decoder_answer)
         exp.add("share", per_token, ("answer_token", "modality"))

@@ -18,19 +18,21 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..capture import capture_forward, eager_attention
-from ..context import Prepared, as_prepared
+from ..context import Prepared
 from ..explanation import Explanation
 from ..hooks import Hooks
+from ..models import LoadedModel
+from ..params import ExplainerParams, param
 from ..registry import Citation, Explainer, Need, register
 from .attention import grid_names
-from .lens import no_extra
-from .perturbation import an_int, answer_ids, batch_size_for, logprobs_at, positive_int, repeat_inputs
+from .perturbation import answer_ids, batch_size_for, logprobs_at, repeat_inputs
 
 FAMILY = "tokens"
 ORDERS: tuple[str, ...] = ("least_attended_first", "most_attended_first", "random")
@@ -126,9 +128,9 @@ def drop_orders(scores: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
     return {"least_attended_first": least, "most_attended_first": most, "random": shuffled}
 
 
-def _layer_index(name: str, value: Any, count: int) -> int:
-    index = an_int(name, value)
-    index = index + count if index < 0 else index
+def _layer_index(name: str, value: int, count: int) -> int:
+    """A decoder block index (negative ones count from the end) checked against the model's depth."""
+    index = value + count if value < 0 else value
     if not 0 <= index < count:
         raise ValueError(f"parameter {name}={value!r}: the decoder has blocks 0..{count - 1}")
     return index
@@ -150,16 +152,24 @@ class VisualTokenImportance(Explainer):
         "teacher-forced answer's probability: curves over the fraction dropped and the area under each."
     )
 
-    def explain(self, model: Any, sample: Any, *, steps: int = DEFAULT_STEPS, rank_layer: int | None = None,
-                from_layer: int = 0, seed: int = 0, batch_size: int | None = None, **params: Any) -> Explanation:
-        no_extra(self.id, params)
-        steps = positive_int("steps", steps)
-        seed = an_int("seed", seed)
-        prep = as_prepared(model, sample)
+    @dataclass(frozen=True)
+    class Params(ExplainerParams):
+        steps: int = param(DEFAULT_STEPS, "fractions of the image tokens dropped: 0, 1/steps, ..., 1", low=1)
+        rank_layer: int | None = param(None, "decoder block whose attention ranks the image tokens, negative from the "
+                                             "end (null: FastV's block 1, or the last block of a shallower decoder)")
+        from_layer: int = param(0, "first decoder block the dropped tokens are removed from (negative from the end)")
+        seed: int = param(0, "seed of the random dropping order")
+        batch_size: int | None = param(None, "dropped copies per forward (null: as many as the device's budget fits)",
+                                       low=1)
+
+    def compute(self, model: LoadedModel, sample: Prepared, params: Params) -> Explanation:
+        steps, seed = params.steps, params.seed
+        prep = sample
         count = len(prep.adapter.decoder_layers())
-        rank_layer = _layer_index("rank_layer", min(FASTV_RANK_LAYER, count - 1) if rank_layer is None else rank_layer, count)
-        from_layer = _layer_index("from_layer", from_layer, count)
-        batch_size = batch_size_for(prep, batch_size)
+        rank_layer = _layer_index("rank_layer", min(FASTV_RANK_LAYER, count - 1) if params.rank_layer is None
+                                  else params.rank_layer, count)
+        from_layer = _layer_index("from_layer", params.from_layer, count)
+        batch_size = batch_size_for(prep, params.batch_size)
         image = prep.image_positions
         if image.numel() == 0:
             raise ValueError(f"sample {prep.sample.id!r} has no image tokens to drop")
@@ -183,7 +193,7 @@ class VisualTokenImportance(Explainer):
 
         exp = Explanation(
             self.id,
-            {"steps": steps, "rank_layer": rank_layer, "from_layer": from_layer, "seed": seed, "batch_size": batch_size},
+            {**params.as_dict(), "rank_layer": rank_layer, "from_layer": from_layer, "batch_size": batch_size},
             prep.target(),
         )
         exp.add("curve", probs, ("order", "fraction"))

@@ -7,15 +7,18 @@ explanation, not of answer length; each checkpoint's own greedy answer is report
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..answering import Answer, generate_answer
-from ..context import Prepared, as_prepared, prepare
+from ..context import Prepared, prepare
 from ..explanation import Explanation
+from ..models import LoadedModel
+from ..params import ExplainerParams, ParamError, param
 from ..registry import Citation, Explainer, Need, RegistryError, get_explainer, register
 from .perturbation import logprobs_at
 
@@ -67,7 +70,7 @@ def _ranks(values: np.ndarray) -> np.ndarray:
 def load_other(model: Any, other: Any) -> Any:
     """``other`` as a LoadedModel: given one, or loaded from a spec like ``model`` (device, dtype,
     attention kernel); None means the spec's known partner (``demo`` -> ``demo-early``)."""
-    from ..models import LoadedModel, load_model
+    from ..models import load_model
 
     if isinstance(other, LoadedModel):
         return other
@@ -111,25 +114,43 @@ class CompareCheckpoints(Explainer):
         "and each checkpoint's own answer."
     )
 
-    def explain(self, model: Any, sample: Any, *, explainer: str = "perturbation.occlusion", other: Any = None,
-                params: dict[str, Any] | None = None, same_answer: bool = True, **extra: Any) -> Explanation:
-        if extra:
-            raise ValueError(f"{self.id}: unknown parameter(s) {', '.join(sorted(extra))}")
+    @dataclass(frozen=True)
+    class Params(ExplainerParams):
+        explainer: str = param("perturbation.occlusion", "id of the sample-level explainer run on both checkpoints")
+        other: Any = param(None, "the checkpoint compared with: a LoadedModel or a model spec (null: the spec's "
+                                 "known partner, demo -> demo-early)", cli=False)
+        params: dict[str, Any] | None = param(None, "the inner explainer's parameters, checked by its declaration")
+        same_answer: bool = param(True, "explain the first model's answer on both checkpoints (False: each its own)")
+
+    @classmethod
+    def check_params(cls, params: Mapping[str, Any] | None) -> ExplainerParams:
+        """The declared checks, then the inner explainer's id and its ``params`` against that
+        explainer's own declaration, and ``other``'s kind: all before any model work."""
+        checked = super().check_params(params)
         try:
-            inner_cls = get_explainer(explainer) if isinstance(explainer, str) else None
+            inner_cls = get_explainer(checked.explainer)
         except RegistryError as error:
-            raise ValueError(f"parameter explainer: {error}") from None
-        if inner_cls is None:
-            raise ValueError(f"parameter explainer={explainer!r} must be an explainer id")
-        if inner_cls.scope != "sample" or inner_cls is type(self):
-            raise ValueError(f"parameter explainer={explainer!r} must be a sample-level explainer other than {self.id}")
-        if params is not None and not isinstance(params, dict):
-            raise ValueError(f"parameter params={params!r} must be a mapping of {explainer}'s parameters")
-        if not isinstance(same_answer, bool):
-            raise ValueError(f"parameter same_answer={same_answer!r} must be True or False")
-        inner_params = dict(params or {})
-        prep = as_prepared(model, sample)
-        loaded = load_other(model, other)
+            raise ParamError(f"{cls.id}: parameter explainer: {error}") from None
+        if inner_cls.scope != "sample" or inner_cls is cls:
+            raise ParamError(f"{cls.id}: parameter explainer={checked.explainer!r} must be a sample-level explainer "
+                             f"other than {cls.id}")
+        try:
+            inner_cls.check_params(checked.params)
+        except ParamError as error:
+            raise ParamError(f"{cls.id}: parameter params: {error}") from None
+        other = checked.other
+        spec = isinstance(other, str) and bool(other.strip())
+        if other is not None and not spec and not isinstance(other, LoadedModel):
+            raise ParamError(f"{cls.id}: parameter other={other!r} must be a model spec (a folder, a hub id or "
+                             "'demo-early') or a LoadedModel")
+        return checked
+
+    def compute(self, model: LoadedModel, sample: Prepared, params: Params) -> Explanation:
+        inner_cls = get_explainer(params.explainer)
+        inner_params = dict(params.params or {})
+        same_answer = params.same_answer
+        prep = sample
+        loaded = load_other(model, params.other)
         other_prep = forced(loaded, prep) if same_answer else prepare(loaded, prep.sample)
         own = other_prep.answer if not same_answer else generate_answer(loaded, prep.sample.images,
                                                                          prep.sample.question)
@@ -139,8 +160,8 @@ class CompareCheckpoints(Explainer):
             results.append(inner_cls().explain(side_prep.loaded, side_prep, **inner_params))
         first, second = results
 
-        exp = Explanation(self.id, {"explainer": explainer, "other": _spec(loaded)["spec"], "params": inner_params,
-                                    "same_answer": same_answer}, prep.target())
+        exp = Explanation(self.id, {**params.as_dict(cli_only=True), "other": _spec(loaded)["spec"],
+                                    "params": inner_params}, prep.target())
         correlations: dict[str, float | None] = {}
         skipped = []
         for name, axes in first.axes.items():

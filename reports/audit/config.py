@@ -157,6 +157,7 @@ class AuditConfig(_Strict):
                 raise ValueError(f"unknown explainer {eid!r}; run 'xmllm explainers' to list them") from None
             if explainer.scope != "sample":
                 raise ValueError(f"explainer {eid!r} runs over a whole sample set, not per sample")
+            explainer.check_params(value[eid])  # the explainer's declaration, before any model work
         return value
 
     @field_validator("probes")
@@ -211,26 +212,19 @@ class LoadedConfig:
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> LoadedConfig:
-    """Read ``path`` with ``yaml.safe_load`` and validate it; ``overrides`` are dotted keys
-    (``executor.kind``) set on top, as the command line gives them."""
-    import yaml
+    """Read ``path`` safely (:mod:`xmllm.explainers.safe_yaml`: no Python tags, bounded aliases and
+    size, no duplicate keys) and validate it whole, explainer parameters included, before any
+    model work; ``overrides`` are dotted keys (``executor.kind``) set on top, as the command line
+    gives them."""
+    from xmllm.explainers.safe_yaml import YamlError, load_yaml
 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason})") from None
-    except yaml.constructor.ConstructorError as exc:
-        mark = exc.problem_mark
-        where = f"line {mark.line + 1}" if mark is not None else "somewhere"
-        raise ConfigError(f"{path}: {where}: {_one_line(exc.problem)} (configs are read with yaml.safe_load: "
-                          "no Python objects)") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        raise ConfigError(f"{path}: not valid YAML: {where}{_one_line(getattr(exc, 'problem', None) or exc)}") from None
+        data = load_yaml(path)
+    except YamlError as exc:
+        raise ConfigError(str(exc)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the config must be a mapping of fields (name, model, samples, ...)")
     for dotted, value in (overrides or {}).items():

@@ -7,6 +7,7 @@ build ran the explainer's example (or when the cached run it reuses was made).
 from __future__ import annotations
 
 import inspect
+import json
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -32,23 +33,9 @@ def explainer_page(explainer_id: str) -> str:
 
 
 def parameters(cls: type) -> list[dict[str, Any]]:
-    """The keyword parameters of ``cls.explain`` after (model, sample), with defaults."""
-    sig = inspect.signature(cls.explain)
-    params = [p for p in sig.parameters.values() if p.name != "self"]
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    skip = {p.name for p in positional[:2]}  # the model and the sample (or sample set)
-    out = []
-    for p in params:
-        if p.name in skip or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
-            continue
-        out.append({
-            "name": p.name,
-            "default": None if p.default is p.empty else p.default,
-            "required": p.default is p.empty,
-            "annotation": None if p.annotation is p.empty else (
-                p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", str(p.annotation))),
-        })
-    return out
+    """The explainer's declared parameters (:attr:`Explainer.Params`): name, default, accepted
+    values and help, as ``xmllm explainers --json`` gives them."""
+    return [spec.describe() for spec in cls.Params.specs()]
 
 
 def _leaves_by_explainer(catalog: Any) -> dict[str, list[tuple[str, str]]]:
@@ -112,17 +99,19 @@ def render_explainer(row: dict[str, Any], cls: type, example: "ExampleResult | N
     module = sys.modules.get(cls.__module__)
     if module is not None and module.__doc__:
         parts += [f"### How it is computed (module {md.code(cls.__module__)})", "", md.docstring(module.__doc__), ""]
-    explain_doc = md.docstring(inspect.getdoc(cls.explain) if cls.explain.__doc__ else None)
+    explain_doc = md.docstring(inspect.getdoc(cls.compute) if cls.compute.__doc__ else None)
     params = parameters(cls)
     parts += ["## Parameters", ""]
     if params:
         parts.append(md.table(
-            ["Name", "Default", "Type"],
-            [[md.code(p["name"]), "required" if p["required"] else md.code(repr(p["default"])),
-              md.cell(p["annotation"])] for p in params],
+            ["Name", "Default", "Accepted values", "What it sets"],
+            [[md.code(p["name"]), md.code(json.dumps(p["default"])), md.cell(p["type"]), md.cell(p["help"])]
+             for p in params],
         ))
-        parts += ["", f"Pass them as {md.code('--param ' + eid + '.NAME=VALUE')} to "
-                  f"{md.code('xmllm explain')}.", ""]
+        parts += ["", f"Pass them as {md.code('--param ' + eid + '.NAME=VALUE')} (the value as JSON) to "
+                  f"{md.code('xmllm explain')}, as {md.code('params={' + repr(eid) + ': {...}}')} to "
+                  f"{md.code('xmllm.explain')}, or under the explainer in an audit config; "
+                  f"{md.code('xmllm explainers ' + eid)} lists them.", ""]
     else:
         parts += ["None.", ""]
     if explain_doc:
