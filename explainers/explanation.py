@@ -46,6 +46,18 @@ class Explanation:
     axes: dict[str, tuple[str, ...]] = field(default_factory=dict)
     scores: dict[str, float] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    context: Any = field(default=None, repr=False, compare=False)
+    """The run this explanation belongs to (its images and provenance), set by :class:`xmllm.Run`
+    for display; never saved."""
+
+    def _repr_html_(self) -> str:
+        """This explanation's interactive report, inline in a notebook (in its own frame)."""
+        from xmllm.report.run import Run  # the renderer lives with the reports, above the core
+
+        run = self.context if isinstance(self.context, Run) else None
+        if run is None or not any(e is self for e in run.explanations):
+            run = Run({"explainers": [self.explainer]}, [self])
+        return run.only(self.explainer)._repr_html_()
 
     def add(self, name: str, array: Any, axes: Iterable[str]) -> None:
         """Store an array under ``name`` with one axis name per dimension."""

@@ -14,14 +14,31 @@ from typing import Any
 
 from .explainers.errors import XmllmError
 
+_API = {
+    "load_model": "xmllm.api",
+    "explain": "xmllm.api",
+    "load_run": "xmllm.api",
+    "evaluate": "xmllm.api",
+    "audit": "xmllm.api",
+    "catalog": "xmllm.catalog",  # the package itself, callable: xmllm.catalog() loads the taxonomy
+    "Run": "xmllm.report.run",
+    "Explanation": "xmllm.explainers.explanation",
+}
+
 
 def __getattr__(name: str) -> Any:
-    """``load_model`` without importing torch at package import."""
-    if name == "load_model":
-        from .explainers.models import load_model
+    """The API's names, imported on first use (so ``import xmllm`` stays cheap)."""
+    import importlib
 
-        return load_model
+    if name == "catalog":
+        return importlib.import_module(_API[name])
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
     raise AttributeError(f"module 'xmllm' has no attribute {name!r}")
 
 
-__all__ = ["XmllmError", "load_model"]
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])
+
+
+__all__ = ["XmllmError", *_API]

@@ -242,6 +242,54 @@ def read_site_config(path: Path) -> dict[str, Any]:
     return data
 
 
+def package_tree(root: Path) -> Path:
+    """A folder in which ``xmllm`` is one tree of source files, for mkdocstrings' static reading.
+
+    A wheel installs the package as one folder already. An editable install maps
+    ``xmllm.explainers``, ``xmllm.catalog`` and ``xmllm.templates`` from folders of their own
+    (``package-dir``), which only the import system follows; there a tree of links is made under
+    ``root``: ``xmllm/`` links every entry of the package's own folder plus those subpackages."""
+    import importlib.util
+
+    import xmllm
+
+    top = Path(xmllm.__file__).resolve().parent
+    outside = {}
+    for sub in ("explainers", "catalog", "templates"):
+        spec = importlib.util.find_spec(f"xmllm.{sub}")
+        location = Path(next(iter(spec.submodule_search_locations))).resolve() if spec else None
+        if location is not None and location != top / sub:
+            outside[sub] = location
+    if not outside:
+        return top.parent
+    tree = root / "xmllm"
+    tree.mkdir(parents=True)
+    for entry in top.iterdir():
+        if entry.name not in outside and entry.name != "__pycache__":
+            (tree / entry.name).symlink_to(entry)
+    for sub, location in outside.items():
+        (tree / sub).symlink_to(location)
+    return root
+
+
+def _point_mkdocstrings_at_package(raw: dict[str, Any], root: Path) -> None:
+    """Give the config's mkdocstrings Python handler the package's source tree (if it has one)."""
+    plugins = raw.get("plugins")
+    if not isinstance(plugins, list):
+        return
+    for k, entry in enumerate(plugins):
+        name, options = (entry, {}) if isinstance(entry, str) else next(iter(entry.items()), (None, {}))
+        if name != "mkdocstrings":
+            continue
+        options = dict(options or {})
+        handlers = dict(options.get("handlers") or {})
+        python = dict(handlers.get("python") or {})
+        python["paths"] = [str(package_tree(root / "package"))]
+        handlers["python"] = python
+        options["handlers"] = handlers
+        plugins[k] = {name: options}
+
+
 def stage_project(config: Path, root: Path) -> StagedProject:
     """Copy ``config``'s hand-written pages into ``root/docs`` (leaving out the build's own
     ``generated/`` and ``reports/`` and dot-files) and write ``root/mkdocs.yml``: the same settings
@@ -267,6 +315,7 @@ def stage_project(config: Path, root: Path) -> StagedProject:
         *skip(folder, names), *([GENERATED, REPORTS] if Path(folder) == source_docs else [])])
     staged = StagedProject(root, config, source_docs, theme_dir)
     raw.update(docs_dir=str(staged.docs), theme=theme)
+    _point_mkdocstrings_at_package(raw, root)
     raw.pop("site_dir", None)
     import yaml
 
@@ -534,7 +583,7 @@ def build_site(opts: BuildOptions) -> BuildSummary:
     from .session import ModelSession
     from .site import casestudy as casestudy_page
     from .site import explainers as explainer_pages
-    from .site import gallery, taxonomy
+    from .site import gallery, notebook, taxonomy
 
     t0 = time.perf_counter()
     clock = _Clock()
@@ -571,6 +620,7 @@ def build_site(opts: BuildOptions) -> BuildSummary:
                      **{k: f"the example failed in this build: {v}" for k, v in failures.items()}}
             site.extend(explainer_pages.generate(examples, catalog=cat, notes=notes))
             site.extend(gallery.generate(examples, titles, _sample_png(examples), quick=opts.quick))
+            site.extend(notebook.generate(staged.docs))
             if study is not None:
                 site.extend(casestudy_page.generate(study, plot_svg(session.cache, study)))
             else:

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from .explainers.errors import XmllmError
@@ -14,32 +12,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from xmllm.explainers.explanation import Explanation
     from xmllm.explainers.models import LoadedModel
 
-
-@dataclass
-class RunResult:
-    """The explanations of one sample with the manifest that says how they were made."""
-
-    prepared: "Prepared"
-    explanations: "list[Explanation]"
-    manifest: dict[str, Any] = field(default_factory=dict)
-
-    def save(self, out_dir: Path) -> tuple[Path, Path]:
-        """Write ``explanations.npz``, ``manifest.json`` and the sample's images
-        (``image_0.png``, ...): everything a report needs, so a saved run re-renders without
-        the model. Returns the arrays' and the manifest's paths."""
-        from xmllm.explainers.explanation import save_explanations
-
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        npz, manifest = out_dir / "explanations.npz", out_dir / "manifest.json"
-        extra = dict(self.manifest)
-        images = save_images(getattr(getattr(self.prepared, "sample", None), "images", None) or [], out_dir)
-        if images:
-            extra["sample"] = {**extra.get("sample", {}), "images": images}
-        if "layouts" not in extra and getattr(self.prepared, "layouts", None) is not None:
-            extra["layouts"] = layouts_json(self.prepared.layouts)
-        save_explanations(self.explanations, npz, manifest, extra=extra)
-        return npz, manifest
+    from .report.run import Run
 
 
 def resolve_explainers(ids: list[str] | None = None, leaf: str | None = None) -> list[str]:
@@ -87,7 +60,7 @@ def run_explainers(
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
     faithfulness: bool = True,
-) -> RunResult:
+) -> "Run":
     """Explain the model's greedy answer on ``sample`` with each explainer in turn;
     ``progress`` is called with each explainer's id when it is done.
 
@@ -146,7 +119,12 @@ def run_explainers(
     }
     if faithful is not None:
         manifest["faithfulness"] = faithful
-    return RunResult(prepared, explanations, manifest)
+    from .report.run import IMAGE_NAME, Run
+
+    names = [IMAGE_NAME.format(k) for k in range(len(sample.images))]
+    manifest["sample"]["images"] = names
+    manifest["layouts"] = layouts_json(prepared.layouts)
+    return Run(manifest, explanations, list(sample.images), names, prepared=prepared)
 
 
 def _torch_threads() -> int:
@@ -223,22 +201,6 @@ def parse_params(pairs: list[str]) -> dict[str, dict[str, Any]]:
             value = raw
         out.setdefault(eid, {})[name] = value
     return out
-
-
-IMAGE_NAME = "image_{}.png"
-"""File name of a run's ``k``-th input image inside its folder."""
-
-
-def save_images(images: list, out_dir: Path) -> list[str]:
-    """Each image as a lossless PNG beside the arrays (atomically); returns the file names."""
-    from xmllm.explainers.files import atomic
-
-    names = []
-    for k, image in enumerate(images):
-        name = IMAGE_NAME.format(k)
-        atomic(out_dir / name, lambda fh, img=image: img.save(fh, format="PNG"), binary=True)
-        names.append(name)
-    return names
 
 
 def layouts_json(layouts: list) -> list[dict[str, Any]]:

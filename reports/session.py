@@ -97,7 +97,7 @@ class ModelSession:
         def build(folder: Path) -> None:
             result = run_explainers(self.loaded(), sample, [explainer], {explainer: dict(params or {})},
                                     seed=self.seed)
-            result.save(folder)
+            result.save(folder, report=False)  # reports are rendered and cached apart
 
         key_params = {**(params or {}), **({"key_extra": key_extra} if key_extra else {})}
         return self.cached(sample_hash(sample), explainer, key_params, build)

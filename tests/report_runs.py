@@ -14,7 +14,8 @@ from tiny_models import build_tiny, tiny_image
 
 from xmllm.explainers.context import ExplainSample
 from xmllm.explainers.models import LoadedModel, adapter_for
-from xmllm.runner import RunResult, run_explainers
+from xmllm.report.run import Run
+from xmllm.runner import run_explainers
 
 HOSTILE = """what colour is <script>alert(1)</script>"'& the square"""
 """A question that breaks any page that does not escape it."""
@@ -39,9 +40,9 @@ def tiny_llava() -> LoadedModel:
 
 
 def make_run(out: Path, question: str = HOSTILE, ids: tuple[str, ...] = EXPLAINERS,
-             expected: str | None = "red") -> RunResult:
+             expected: str | None = "red") -> Run:
     """Explain the tiny model's answer to ``question`` and save the run folder in ``out``."""
     sample = ExplainSample([tiny_image(*IMAGE_SIZE)], question, id="tiny-sample", expected=expected)
     result = run_explainers(tiny_llava(), sample, list(ids), seed=0)
-    result.save(out)
+    result.save(out, report=False)
     return result

@@ -13,6 +13,8 @@ import pytest
 
 from xmllm.catalog import load_catalog
 from xmllm.build import BUILD_MARKER
+
+ROOT = Path(__file__).resolve().parents[1]
 from xmllm.cache import weights_fingerprint
 from xmllm.cli import main
 from xmllm.commands.serve import make_server
@@ -153,3 +155,24 @@ def test_a_model_that_cannot_load_stops_the_build_and_writes_nothing(tmp_path) -
     assert not (tmp_path / "public").exists()
     assert site_source_files() == before
     assert list((tmp_path / "cache" / "scratch").iterdir()) == []
+
+
+def test_the_site_has_the_python_api_page_and_the_notebook(small_site) -> None:
+    """The API page is generated from the docstrings (mkdocstrings) and lists every public
+    function of xmllm.api; the example notebook is rendered, and downloadable."""
+    import xmllm.api
+
+    api = (small_site.out / "api.html").read_text(encoding="utf-8")
+    for name in xmllm.api.__all__:
+        anchor = f'id="xmllm.api.{name}"'
+        assert anchor in api, name
+        section = api.split(anchor, 1)[1].split('id="xmllm.', 1)[0]
+        assert "<p>" in section, f"{name}: its docstring is not on the page"
+    for obj in ("xmllm.report.run.Run", "xmllm.explainers.explanation.Explanation",
+                "xmllm.explainers.registry.Explainer", "xmllm.explainers.params.param"):
+        assert f'id="{obj}"' in api, obj
+    notebook = (small_site.out / "generated" / "notebook.html").read_text(encoding="utf-8")
+    assert "xmllm.explain" in notebook and 'href="../notebook.ipynb"' in notebook
+    assert (small_site.out / "notebook.ipynb").read_bytes() == (ROOT / "site" / "notebook.ipynb").read_bytes()
+    index = (small_site.out / "index.html").read_text(encoding="utf-8")
+    assert 'href="api.html"' in index and 'href="generated/notebook.html"' in index

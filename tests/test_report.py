@@ -204,7 +204,7 @@ def test_a_run_without_faithfulness_shows_none(tmp_path) -> None:
     sample = ExplainSample([tiny_image(*IMAGE_SIZE)], "what colour is it", id="tiny-sample")
     result = run_explainers(tiny_llava(), sample, ["perturbation.occlusion"], seed=0, faithfulness=False)
     assert "faithfulness" not in result.manifest and "faithfulness" not in result.manifest["timings_seconds"]
-    result.save(tmp_path / "run")
+    result.save(tmp_path / "run", report=False)
     tree = parse(render_report(tmp_path / "run"))
     assert not tree.with_class("faithfulness")
 

@@ -122,14 +122,12 @@ class AuditWorker:
                              extra=dict(item.extra))
 
     def _audit(self, task: SampleTask, folder: Path, record: dict[str, Any], timings: dict[str, float]) -> None:
-        import inspect
         import time
 
         import torch
 
         from xmllm.explainers.answering import is_correct
 
-        from ..report import write_report
         from ..runner import run_explainers
 
         config, seed = self.config, self.config.seed
@@ -137,8 +135,7 @@ class AuditWorker:
         for spilled in (_input_path(folder, task.item), folder / "mask.png"):
             spilled.unlink(missing_ok=True)  # inputs are not outputs
         # the audit scores faithfulness itself (config steps and baseline, with a random floor)
-        extra = {"faithfulness": False} if "faithfulness" in inspect.signature(run_explainers).parameters else {}
-        result = run_explainers(self.loaded, sample, self.ids, config.explainers, seed=seed, **extra)
+        result = run_explainers(self.loaded, sample, self.ids, config.explainers, seed=seed, faithfulness=False)
         timings.update(result.manifest.pop("timings_seconds", {}))
         for exp in result.explanations:  # seconds vary run to run; they live in timings.json
             exp.meta.pop("seconds", None)
@@ -177,9 +174,7 @@ class AuditWorker:
 
         result.manifest["audit"] = {"fingerprint": self.spec.fingerprint, "input_sha256": task.input_sha256}
         t = time.perf_counter()
-        result.save(folder / RUN)
-        if config.reports:
-            write_report(folder / RUN)  # element ids seeded by the run: identical on every audit
+        result.save(folder / RUN, report=config.reports)  # element ids seeded by the run: identical on every audit
         timings["save"] = time.perf_counter() - t
 
     def _faithfulness(self, result: Any, prepared: Any) -> dict[str, Any]:

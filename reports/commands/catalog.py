@@ -21,9 +21,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from xmllm.catalog import coverage, is_covered, json_view, load_catalog
+    from xmllm.catalog import coverage, is_covered, json_view
 
-    cat = load_catalog(args.check)
+    from ..api import catalog
+
+    cat = catalog(args.check)
     if args.json:
         print(json.dumps(json_view(cat), indent=2, ensure_ascii=False))
         return 0

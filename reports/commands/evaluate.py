@@ -21,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                                      "with an image map but causal.minimal_set, whose 0/1 set costs "
                                                      "as much as the rest to find)")
     p.add_argument("--param", action="append", default=[], metavar="ID.NAME=VALUE",
-                   help="an explainer parameter, overriding the evaluation's defaults (repeatable)")
+                   help="an explainer parameter, overriding the evaluation's defaults (repeatable; VALUE as JSON; 'xmllm explainers ID' lists an explainer's parameters)")
     p.add_argument("--seed", type=int, default=0, help="seed of the demo samples, random maps and intervals (default 0)")
     p.add_argument("--baseline", default=None, help="what a removed cell shows: black (default), mean, blur or noise")
     p.add_argument("--steps", type=int, default=None, help="points of the deletion and insertion curves (default 8)")
@@ -35,56 +35,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
+    """The options in the words the user typed, before anything is loaded (the API checks the
+    same values again, naming its own arguments)."""
     from xmllm.explainers.methods.perturbation import BASELINES
 
     if args.baseline is not None and args.baseline not in BASELINES:
         raise XmllmError(f"--baseline {args.baseline!r}: choose from {', '.join(BASELINES)}")
-    if args.steps is not None and args.steps < 1:
-        raise XmllmError(f"--steps must be a positive integer, got {args.steps}")
-    if args.sanity_samples is not None and args.sanity_samples < 0:
-        raise XmllmError(f"--sanity-samples must be 0 or more, got {args.sanity_samples}")
-    if args.demo is not None and args.demo < 1:
-        raise XmllmError(f"--demo must be a positive number of samples, got {args.demo}")
+    for flag, value, low in (("--steps", args.steps, 1), ("--sanity-samples", args.sanity_samples, 0),
+                             ("--demo", args.demo, 1)):
+        if value is not None and value < low:
+            raise XmllmError(f"{flag} must be {'a positive number' if low else '0 or more'}, got {value}")
     if args.out.exists() and not args.out.is_dir():
         raise XmllmError(f"--out {args.out}: exists and is not a folder")
 
 
 def run(args: argparse.Namespace) -> int:
-    _check(args)
-    from ..evaluation import (
-        SANITY_SAMPLES,
-        TABLE_NAME,
-        EvaluationConfig,
-        demo_samples,
-        evaluate,
-        jsonl_samples,
-        save_result,
-        text_table,
-        write_page,
-    )
-    from ..runner import needs_attention, parse_params, resolve_explainers
-
-    named = [e.strip() for e in args.explainers.split(",") if e.strip()]
-    ids = resolve_explainers(named or None)
-    params = parse_params(args.param)
-    unknown = sorted(set(params) - set(ids))
-    if unknown:
-        raise XmllmError(f"--param names explainer {unknown[0]!r}, which is not being run")
-    if args.samples is not None:
-        samples = jsonl_samples(args.samples)
-        source = {"source": "jsonl", "path": str(args.samples)}
-    else:
-        samples = demo_samples(args.demo, args.seed)
-        source = {"source": "demo", "seed": args.seed, "grounded_only": True}
-
     from tqdm import tqdm
 
-    from xmllm.explainers.models import load_model
+    _check(args)
 
-    loaded = load_model(args.model, device=args.device, eager_attention=needs_attention(ids))
-    config = EvaluationConfig(ids, params, explicit=bool(named), seed=args.seed, baseline=args.baseline,
-                              steps=args.steps, sanity_samples=SANITY_SAMPLES if args.sanity_samples is None
-                              else args.sanity_samples)
+    from ..api import evaluate
+    from ..evaluation import RESULT_NAME, TABLE_NAME, text_table
+    from ..evaluation.page import PAGE_NAME
+    from ..runner import parse_params
+
+    named = [e.strip() for e in args.explainers.split(",") if e.strip()]
     bars: dict[str, tqdm] = {}
 
     def progress(phase: str, done: int, total: int) -> None:
@@ -96,20 +71,16 @@ def run(args: argparse.Namespace) -> int:
         bar.update(done - bar.n)
 
     try:
-        result = evaluate(loaded, samples, config, source, progress)
+        result = evaluate(args.model, samples=args.samples, demo=args.demo, explainers=named or None,
+                          params=parse_params(args.param), seed=args.seed, baseline=args.baseline,
+                          steps=args.steps, sanity_samples=args.sanity_samples, device=args.device,
+                          progress=progress, out=args.out)
     finally:
         for bar in bars.values():
             bar.close()
-    table = text_table(result)
-    path = save_result(result, args.out)
-    table_path = args.out / TABLE_NAME
-    tmp = table_path.with_name(f".{TABLE_NAME}.tmp")
-    tmp.write_text(table, encoding="utf-8")
-    tmp.replace(table_path)
-    page = write_page(result, args.out)
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "per_sample"}, indent=1, sort_keys=True))
     else:
-        print(table, end="")
-        print(f"wrote {path}, {table_path} and {page}")
+        print(text_table(result), end="")
+        print(f"wrote {args.out / RESULT_NAME}, {args.out / TABLE_NAME} and {args.out / PAGE_NAME}")
     return 0

@@ -18,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     group.add_argument("--explainers", default="", help="comma-separated explainer ids (default: all sample-level ones)")
     group.add_argument("--leaf", help="a catalog leaf id: run its implemented explainers")
     p.add_argument("--param", action="append", default=[], metavar="ID.NAME=VALUE",
-                   help="an explainer parameter, e.g. perturbation.occlusion.window=2 (repeatable)")
+                   help="an explainer parameter, e.g. perturbation.occlusion.window=2 (repeatable; VALUE as JSON; 'xmllm explainers ID' lists an explainer's parameters)")
     p.add_argument("--expected", help="the expected answer, if known (recorded in the manifest)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
@@ -28,32 +28,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.question.strip():
-        raise XmllmError("--question must not be empty")
-    from ..runner import needs_attention, parse_params, resolve_explainers, run_explainers
-
-    ids = resolve_explainers([e.strip() for e in args.explainers.split(",") if e.strip()] or None, args.leaf)
-    params = parse_params(args.param)
-    unknown = sorted(set(params) - set(ids))
-    if unknown:
-        raise XmllmError(f"--param names explainer {unknown[0]!r}, which is not being run")
-
     from tqdm import tqdm
 
-    from xmllm.explainers.context import ExplainSample
-    from xmllm.explainers.images import load_image
-    from xmllm.explainers.models import load_model
+    from ..api import check_params, explain
+    from ..runner import parse_params, resolve_explainers
 
-    image = load_image(args.image)
-    loaded = load_model(args.model, device=args.device, eager_attention=needs_attention(ids))
-    sample = ExplainSample([image], args.question, id=args.image.stem, expected=args.expected)
+    if not args.question.strip():
+        raise XmllmError("--question must not be empty")
+    ids = resolve_explainers([e.strip() for e in args.explainers.split(",") if e.strip()] or None, args.leaf)
+    try:
+        params = check_params(ids, parse_params(args.param))
+    except XmllmError as exc:
+        raise XmllmError(f"--param: {exc}") from None
     with tqdm(total=len(ids), desc="explaining", unit="explainer", file=sys.stderr) as bar:
-        result = run_explainers(loaded, sample, ids, params, seed=args.seed,
-                                progress=lambda eid: (bar.set_postfix_str(eid), bar.update(1)))
-    npz, manifest = result.save(args.out)
-    print(f"answer: {result.prepared.answer.text!r}")
-    print(f"wrote {npz} and {manifest} ({len(ids)} explainers)")
-    from ..report import write_report
-
-    print(f"report: {write_report(args.out)}")
+        run = explain(args.model, args.image, args.question, ids, params=params, seed=args.seed,
+                      expected=args.expected, device=args.device,
+                      progress=lambda eid: (bar.set_postfix_str(eid), bar.update(1)))
+    folder = run.save(args.out)
+    print(f"answer: {run.answer.get('text', '')!r}")
+    print(f"wrote {folder / 'explanations.npz'} and {folder / 'manifest.json'} ({len(ids)} explainers)")
+    print(f"report: {folder / 'report.html'}")
     return 0

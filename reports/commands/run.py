@@ -21,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..audit import load_config, run_audit
+    from ..api import audit
 
     overrides = {}
     if args.executor:
@@ -33,9 +33,8 @@ def run(args: argparse.Namespace) -> int:
         overrides["executor.workers"] = args.workers
     if args.limit is not None:
         overrides["limit"] = args.limit
-    loaded = load_config(args.config, overrides)
-    outcome = run_audit(loaded, args.out, fail_fast=args.fail_fast, retry_failed=args.retry_failed,
-                        progress=not args.no_progress)
+    outcome = audit(args.config, args.out, overrides=overrides, fail_fast=args.fail_fast,
+                    retry_failed=args.retry_failed, progress=not args.no_progress)
     rate = outcome.computed / outcome.seconds if outcome.seconds > 0 else 0.0
     print(f"audited {outcome.total} samples in {outcome.seconds:.1f}s: {outcome.computed} computed "
           f"({rate:.2f}/s on {outcome.executor.get('executor', 'local')}), {outcome.reused} reused, "

@@ -13,13 +13,9 @@ REPORT_NAME = "report.html"
 
 def render_report(run_dir: Path) -> str:
     """The HTML page of the run saved in ``run_dir``: the same bytes on every render of it."""
-    from .ids import stable_bokeh_ids
-    from .render import render_run
     from .run import load_run
 
-    run = load_run(Path(run_dir))
-    with stable_bokeh_ids(id_seed(run.manifest)):
-        return render_run(run)
+    return load_run(Path(run_dir)).report_html()
 
 
 def id_seed(manifest: dict) -> str:

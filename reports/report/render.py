@@ -19,7 +19,7 @@ from .about import About, about, survey
 from .faithfulness import FaithfulnessBlock, FaithfulnessSkip, block_for
 from .figures import SectionControls
 from .palettes import palettes
-from .run import SavedRun
+from .run import Run
 from .slabs import show_token
 from .views import PageImages, ViewOut, plan
 
@@ -100,7 +100,7 @@ def number(value: Any) -> str:
     return str(value)
 
 
-def render_run(run: SavedRun) -> str:
+def render_run(run: Run) -> str:
     """The page of one saved run."""
     from bokeh.embed import components
     from bokeh.layouts import column, row

@@ -1,15 +1,18 @@
-"""A saved run folder read back: manifest, explanations and input images, nothing else.
+"""A run: one sample explained by several explainers, in memory or read back from its folder.
 
-Reports render from this alone, so a cached run re-renders without loading the model. Every
-failure is a one-line :class:`XmllmError` that names the file at fault.
+:func:`xmllm.explain` makes a :class:`Run`; :meth:`Run.save` writes what ``xmllm explain --out``
+writes (arrays, manifest, input images, the report) and :func:`load_run` reads a folder back
+without the model. Reports render from a run alone, so a cached run re-renders without loading
+the model. Every failure while reading is a one-line :class:`XmllmError` that names the file.
 """
 from __future__ import annotations
 
+import html
 import json
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
-from typing import Any
+from typing import Any, Iterator
 
 from PIL import Image
 
@@ -19,17 +22,37 @@ from ..explainers.errors import XmllmError
 
 MANIFEST = "manifest.json"
 ARRAYS = "explanations.npz"
+REPORT = "report.html"
+IMAGE_NAME = "image_{}.png"
+"""File name of a run's ``k``-th input image inside its folder."""
+INLINE_HEIGHT = 760
+"""Pixels of the frame a notebook shows a report in (it scrolls; drag its corner to resize)."""
 
 
 @dataclass
-class SavedRun:
-    """What ``xmllm explain --out DIR`` left in DIR."""
+class Run:
+    """One explained sample: the answer with per-token probabilities, every explanation by
+    explainer id, the provenance (the manifest: model and weights hash, parameters, seed, package
+    versions, sample hash) and the input images.
 
-    folder: Path
+    Example:
+
+        run = xmllm.explain(model, "cat.png", "What colour is the cat?", ["relevancy.chefer"])
+        run.answer["text"], run["relevancy.chefer"].maps["image.answer"].shape
+    """
+
     manifest: dict[str, Any]
     explanations: list[Explanation]
     images: list[Image.Image] = field(default_factory=list)
     image_names: list[str] = field(default_factory=list)
+    folder: Path | None = None
+    """Where the run was saved or read from (None for a run only in memory)."""
+    prepared: Any = field(default=None, repr=False)
+    """The prepared sample when the run was computed in this process (None when read back)."""
+
+    def __post_init__(self) -> None:
+        for exp in self.explanations:
+            exp.context = self
 
     @property
     def target(self) -> Target | None:
@@ -39,9 +62,117 @@ class SavedRun:
                 return exp.target
         return self.explanations[0].target if self.explanations else None
 
+    @property
+    def answer(self) -> dict[str, Any]:
+        """The explained answer: ``text``, ``tokens``, ``token_ids`` and ``probs`` (per token)."""
+        return dict(self.manifest.get("answer") or {})
 
-def load_run(folder: Path) -> SavedRun:
-    """Read ``folder``'s manifest, arrays and images; a one-line error naming the bad file."""
+    @property
+    def ids(self) -> list[str]:
+        """The explainers of this run, in the order they ran."""
+        return [exp.explainer for exp in self.explanations]
+
+    def __getitem__(self, explainer_id: str) -> Explanation:
+        for exp in self.explanations:
+            if exp.explainer == explainer_id:
+                return exp
+        raise KeyError(f"{explainer_id!r} is not in this run; it holds {', '.join(self.ids) or 'nothing'}")
+
+    def __contains__(self, explainer_id: object) -> bool:
+        return explainer_id in self.ids
+
+    def __iter__(self) -> Iterator[Explanation]:
+        return iter(self.explanations)
+
+    def __len__(self) -> int:
+        return len(self.explanations)
+
+    def save(self, folder: str | Path, report: bool = True) -> Path:
+        """Write ``explanations.npz``, ``manifest.json``, the input images (``image_0.png``, ...) and,
+        with ``report``, ``report.html`` into ``folder``, each file whole or not at all; returns the
+        folder. :func:`load_run` reads it back."""
+        from xmllm.explainers.explanation import save_explanations
+        from xmllm.explainers.files import atomic, make_dir, write_atomic
+
+        folder = make_dir(Path(folder))
+        names = self.image_names or [IMAGE_NAME.format(k) for k in range(len(self.images))]
+        for name, image in zip(names, self.images):
+            atomic(folder / name, lambda fh, img=image: img.save(fh, format="PNG"), binary=True)
+        extra = {k: v for k, v in self.manifest.items() if k != "explanations"}
+        if names:
+            extra["sample"] = {**extra.get("sample", {}), "images": list(names)}
+        save_explanations(self.explanations, folder / ARRAYS, folder / MANIFEST, extra=extra)
+        if report:
+            write_atomic(folder / REPORT, self.report_html())
+        self.folder = folder
+        return folder
+
+    def report_html(self) -> str:
+        """The self-contained interactive report (the same bytes for the same run)."""
+        from . import id_seed
+        from .ids import stable_bokeh_ids
+        from .render import render_run
+
+        with stable_bokeh_ids(id_seed(self.manifest)):
+            return render_run(self)
+
+    def only(self, explainer_id: str) -> "Run":
+        """This run with one explanation (what :meth:`Explanation._repr_html_` shows)."""
+        exp = self[explainer_id]
+        manifest = {**self.manifest, "explainers": [explainer_id]}
+        if isinstance(manifest.get("params"), dict):
+            manifest["params"] = {k: v for k, v in manifest["params"].items() if k == explainer_id}
+        if isinstance(manifest.get("timings_seconds"), dict):
+            manifest["timings_seconds"] = {k: v for k, v in manifest["timings_seconds"].items()
+                                           if k in (explainer_id, "prepare")}
+        if isinstance(manifest.get("faithfulness"), dict):
+            faith = dict(manifest["faithfulness"])
+            faith["explainers"] = {k: v for k, v in (faith.get("explainers") or {}).items() if k == explainer_id}
+            manifest["faithfulness"] = faith
+        view = Run(manifest, [exp], self.images, self.image_names, self.folder, self.prepared)
+        exp.context = self  # the single view borrows it; the explanation still belongs to this run
+        return view
+
+    def _repr_html_(self) -> str:
+        """The report, inline in a notebook: inside its own frame, so that two reports in one
+        notebook share no element ids, scripts or styles, and nothing is loaded from anywhere."""
+        return inline_frame(self.report_html(), self.manifest)
+
+    def show(self) -> None:
+        """Show the report: inline in a notebook, else in the web browser (from a file in the
+        cache folder, replaced when the same run is shown again)."""
+        try:
+            from IPython import get_ipython
+            from IPython.display import HTML, display
+        except ImportError:
+            get_ipython = None
+        if get_ipython is not None and get_ipython() is not None:
+            display(HTML(self._repr_html_()))
+            return
+        import hashlib
+        import webbrowser
+
+        from xmllm.cache import default_cache_dir
+        from xmllm.explainers.files import write_atomic
+
+        page = self.report_html()
+        path = default_cache_dir() / "shown" / f"{hashlib.sha256(page.encode()).hexdigest()[:16]}.html"
+        write_atomic(path, page)
+        print(f"report: {path}")
+        webbrowser.open(path.as_uri())
+
+
+def inline_frame(page: str, manifest: dict[str, Any]) -> str:
+    """``page`` in a sandboxed ``<iframe srcdoc>``: scripts run in an opaque origin of their own."""
+    question = (manifest.get("sample") or {}).get("question", "xmllm report")
+    return (f'<iframe title="{html.escape(str(question)[:200], quote=True)}" sandbox="allow-scripts" '
+            f'style="width:100%;height:{INLINE_HEIGHT}px;border:1px solid #ccc;resize:vertical" '
+            f'srcdoc="{html.escape(page, quote=True)}"></iframe>')
+
+
+def load_run(folder: str | Path) -> Run:
+    """Read ``folder``'s manifest, arrays and images (what :meth:`Run.save` and ``xmllm explain
+    --out`` write) back into a :class:`Run`; a one-line error naming the bad file."""
     folder = Path(folder)
     if not folder.is_dir():
         raise XmllmError(f"{folder}: not a run folder (expected a folder written by 'xmllm explain --out')")
@@ -53,7 +184,7 @@ def load_run(folder: Path) -> SavedRun:
     explanations = _read_explanations(manifest, manifest_path, arrays_path)
     names = _image_names(manifest, manifest_path)
     images = [_read_image(folder / name) for name in names]
-    return SavedRun(folder, manifest, explanations, images, names)
+    return Run(manifest, explanations, images, names, folder)
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:

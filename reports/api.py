@@ -1,0 +1,273 @@
+"""The Python API: what the ``xmllm`` commands do, as functions for scripts and notebooks.
+
+Every command is a thin wrapper over one of these, so a notebook and the command line give the
+same numbers for the same inputs and seed::
+
+    import xmllm
+
+    model = xmllm.load_model("demo")
+    run = xmllm.explain(model, "shapes.png", "What colour is the circle?",
+                        ["relevancy.chefer", "gradient.integrated", "perturbation.occlusion"])
+    run.answer["text"], run.answer["probs"]      # the answer and each token's probability
+    run["perturbation.occlusion"].maps["image"]  # (answer token, row, col) array
+    run                                          # in a notebook: the interactive report
+    run.save("runs/circle")                      # what `xmllm explain --out` writes
+    again = xmllm.load_run("runs/circle")        # read back without the model
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .explainers.errors import XmllmError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image
+
+    from .audit.run import AuditOutcome
+    from .catalog import Catalog
+    from .explainers.models import LoadedModel
+    from .report.run import Run
+
+def load_model(spec: str | os.PathLike[str] = "demo", device: str = "auto", dtype: str = "auto") -> "LoadedModel":
+    """Load a model with its processor and family adapter: ``"demo"`` (the embedded demo model),
+    a local Hugging Face folder, or a hub id already in the local cache.
+
+    ``device`` is ``auto`` (CUDA when present, else the CPU), ``cpu`` or ``cuda[:N]``; ``dtype`` is
+    ``auto`` (bfloat16 on CUDA, float32 on the CPU), ``float32``, ``bfloat16`` or ``float16``.
+    Weights are read from safetensors only and remote code is never run. Explainers that need
+    attention weights switch the model to eager attention themselves while they run.
+
+    Example:
+
+        model = xmllm.load_model("demo", device="cpu")
+        model.provenance()["weights_sha256"][:12]
+    """
+    from .explainers.models import load_model as _load
+
+    return _load(spec, device=device, dtype=dtype)
+
+
+def _model(model: "LoadedModel | str | os.PathLike[str]", device: str, dtype: str) -> "LoadedModel":
+    return load_model(model, device=device, dtype=dtype) if isinstance(model, (str, os.PathLike)) else model
+
+
+def as_image(image: Any, what: str = "image") -> "Image.Image":
+    """A PIL RGB image from a path, a PIL image or an array (H x W x 3 or H x W; uint8 0-255, or
+    floats 0-1); a one-line error otherwise."""
+    import numpy as np
+    from PIL import Image
+
+    from .explainers.images import load_image
+
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(Path(image))
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, np.ndarray) or hasattr(image, "__array__"):
+        array = np.asarray(image)
+        if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
+            array = np.moveaxis(array, 0, -1)  # channels first (a tensor's layout)
+        if array.ndim == 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] != 3) or 0 in array.shape:
+            raise XmllmError(f"{what}: an array image must be H x W or H x W x 3, got shape {tuple(array.shape)}")
+        if array.dtype.kind == "f":
+            if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+                raise XmllmError(f"{what}: a float array image must hold values in [0, 1]")
+            array = np.round(array * 255)
+        elif array.dtype.kind not in "ui" or array.min() < 0 or array.max() > 255:
+            raise XmllmError(f"{what}: an integer array image must hold values 0-255")
+        return Image.fromarray(array.astype(np.uint8)).convert("RGB")
+    raise XmllmError(f"{what}: expected a file path, a PIL image or an array, not {type(image).__name__}")
+
+
+def explain(
+    model: "LoadedModel | str | os.PathLike[str]",
+    image: Any,
+    question: str,
+    explainers: Sequence[str] | None = None,
+    *,
+    leaf: str | None = None,
+    params: Mapping[str, Mapping[str, Any]] | None = None,
+    seed: int = 0,
+    expected: str | None = None,
+    sample_id: str | None = None,
+    faithfulness: bool = True,
+    device: str = "auto",
+    dtype: str = "auto",
+    progress: Callable[[str], None] | None = None,
+) -> "Run":
+    """Explain the model's answer to ``question`` about ``image`` with each explainer.
+
+    ``model`` is a loaded model (:func:`load_model`) or a spec to load. ``image`` is a path, a PIL
+    image or an array (or a list of them for several images). ``explainers`` names explainer ids
+    (default: every sample-level one); ``leaf`` takes a catalog leaf's instead. ``params`` maps an
+    explainer id to its parameters, checked against the explainer's declaration before any model
+    work (``xmllm explainers ID`` lists them). The same inputs and seed give the same numbers.
+
+    Returns a :class:`~xmllm.report.run.Run`: the answer with per-token probabilities
+    (``run.answer``), each :class:`~xmllm.explainers.explanation.Explanation` by id (``run[id]``),
+    provenance (``run.manifest``); ``run.show()`` or the notebook shows its report.
+
+    Example:
+
+        run = xmllm.explain(model, "shapes.png", "What colour is the circle?", ["gradient.integrated"],
+                            params={"gradient.integrated": {"steps": 16}})
+    """
+    from .explainers.context import ExplainSample
+    from .runner import resolve_explainers, run_explainers
+
+    if not isinstance(question, str) or not question.strip():
+        raise XmllmError("question: must be a non-empty string")
+    if isinstance(explainers, str):
+        explainers = [e.strip() for e in explainers.split(",") if e.strip()]
+    ids = resolve_explainers(list(explainers) if explainers else None, leaf)
+    checked = check_params(ids, params)
+    images = [as_image(img, f"image {k}") for k, img in enumerate(image)] if isinstance(image, (list, tuple)) \
+        else [as_image(image)]
+    name = sample_id or (Path(image).stem if isinstance(image, (str, os.PathLike)) else "sample")
+    loaded = _model(model, device, dtype)
+    sample = ExplainSample(images, question, id=name, expected=expected)
+    return run_explainers(loaded, sample, ids, checked, seed=seed, progress=progress, faithfulness=faithfulness)
+
+
+def check_params(ids: Sequence[str], params: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict[str, Any]]:
+    """``params`` checked against each explainer's declaration before any model work: one-line
+    errors for an explainer that is not being run, an unknown parameter or a bad value."""
+    from .explainers.registry import get_explainer
+
+    params = {str(k): dict(v or {}) for k, v in (params or {}).items()}
+    unknown = sorted(set(params) - set(ids))
+    if unknown:
+        raise XmllmError(f"params name explainer {unknown[0]!r}, which is not being run")
+    for eid, values in params.items():
+        get_explainer(eid).check_params(values)
+    return params
+
+
+def load_run(folder: str | os.PathLike[str]) -> "Run":
+    """Read a run folder (written by :meth:`Run.save` or ``xmllm explain --out``) back, without
+    the model: the same explanations, arrays equal to the saved ones, and the provenance."""
+    from .report.run import load_run as _load
+
+    return _load(Path(folder))
+
+
+def evaluate(
+    model: "LoadedModel | str | os.PathLike[str]" = "demo",
+    *,
+    samples: str | os.PathLike[str] | None = None,
+    demo: int | None = None,
+    explainers: Sequence[str] | None = None,
+    params: Mapping[str, Mapping[str, Any]] | None = None,
+    seed: int = 0,
+    baseline: str | None = None,
+    steps: int | None = None,
+    sanity_samples: int | None = None,
+    out: str | os.PathLike[str] | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Which explainer to trust: score every image-map explainer against ground-truth masks
+    (pointing game, relevance mass and rank, deletion and insertion against random floors, the
+    model-randomisation check) over a JSONL sample set (``samples``) or ``demo`` N grounded demo
+    questions. Returns the result (``evaluation.json``'s content); with ``out``, also writes
+    ``evaluation.json``, ``table.txt`` and the "Which explainer to trust" page there.
+
+    Example:
+
+        result = xmllm.evaluate("demo", demo=50, explainers=["gradient.saliency"])
+        result["summary"]["gradient.saliency"]["pointing_game"]
+    """
+    from .evaluation import SANITY_SAMPLES, EvaluationConfig, demo_samples, jsonl_samples
+    from .evaluation import evaluate as _evaluate
+    from .explainers.methods.perturbation import BASELINES
+    from .runner import resolve_explainers
+
+    if (samples is None) == (demo is None):
+        raise XmllmError("give either samples (a JSONL sample set) or demo (a number of demo questions)")
+    if baseline is not None and baseline not in BASELINES:
+        raise XmllmError(f"baseline {baseline!r}: choose from {', '.join(BASELINES)}")
+    if steps is not None and steps < 1:
+        raise XmllmError(f"steps must be a positive integer, got {steps}")
+    if sanity_samples is not None and sanity_samples < 0:
+        raise XmllmError(f"sanity_samples must be 0 or more, got {sanity_samples}")
+    if demo is not None and demo < 1:
+        raise XmllmError(f"demo must be a positive number of samples, got {demo}")
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise XmllmError(f"out {out}: exists and is not a folder")
+    named = list(explainers or [])
+    ids = resolve_explainers(named or None)
+    checked = check_params(ids, params)
+    if samples is not None:
+        sample_set = jsonl_samples(Path(samples))
+        source = {"source": "jsonl", "path": str(samples)}
+    else:
+        sample_set = demo_samples(demo, seed)
+        source = {"source": "demo", "seed": seed, "grounded_only": True}
+    loaded = _model(model, device, dtype)
+    config = EvaluationConfig(ids, checked, explicit=bool(named), seed=seed, baseline=baseline, steps=steps,
+                              sanity_samples=SANITY_SAMPLES if sanity_samples is None else sanity_samples)
+    result = _evaluate(loaded, sample_set, config, source, progress)
+    if out is not None:
+        save_evaluation(result, Path(out))
+    return result
+
+
+def save_evaluation(result: dict[str, Any], out: Path) -> None:
+    """Write ``evaluation.json``, ``table.txt`` and the trust page with its plots into ``out``."""
+    from .evaluation import TABLE_NAME, save_result, text_table, write_page
+    from .explainers.files import write_atomic
+
+    save_result(result, out)
+    write_atomic(out / TABLE_NAME, text_table(result))
+    write_page(result, out)
+
+
+def audit(config: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
+          overrides: Mapping[str, Any] | None = None, fail_fast: bool = False, retry_failed: bool = False,
+          progress: bool = True) -> "AuditOutcome":
+    """Run the audit a YAML config describes (``xmllm run CONFIG``): explainers over a whole
+    sample set, resumable, with per-sample reports, ``summary.html``, ``audit.json`` and a site
+    section. ``overrides`` are dotted config keys (``{"executor.kind": "ray", "limit": 10}``).
+
+    Example:
+
+        outcome = xmllm.audit("audit.yaml", overrides={"limit": 20})
+        outcome.summary, outcome.failed
+    """
+    from .audit import load_config, run_audit
+
+    loaded = load_config(Path(config), dict(overrides or {}))
+    return run_audit(loaded, Path(out) if out is not None else None, fail_fast=fail_fast,
+                     retry_failed=retry_failed, progress=progress)
+
+
+def catalog(path: str | os.PathLike[str] | None = None) -> "Catalog":  # xmllm.catalog(...) calls the package
+    """The survey's taxonomy (Dang et al., arXiv 2412.02104) as a validated catalog: three
+    perspectives, sixteen leaves, the cited methods, and the explainers that put each leaf into
+    practice; ``path`` validates another catalog file instead.
+
+    Example:
+
+        [leaf.id for leaf in xmllm.catalog().leaves()][:3]
+    """
+    from .catalog import load_catalog
+
+    return load_catalog(path)
+
+
+def explainers() -> list[dict[str, Any]]:
+    """Every registered explainer with its metadata and declared parameters (what
+    ``xmllm explainers --json`` prints)."""
+    from .explainers.registry import describe_all
+
+    return describe_all()
+
+
+__all__ = ["as_image", "audit", "catalog", "check_params", "evaluate", "explain", "explainers", "load_model",
+           "load_run", "save_evaluation"]
