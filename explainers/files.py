@@ -42,12 +42,18 @@ def write_atomic(path: Path, data: str | bytes) -> None:
 
 def replace_dir(staged: Path, final: Path, old: Path | None = None) -> None:
     """Put the finished folder ``staged`` in ``final``'s place; the previous ``final`` is first
-    renamed aside (to ``old``, by default a hidden name beside it) and removed only after."""
+    renamed aside (to ``old``, by default a hidden name beside it) and removed only after; when
+    the second rename fails, the previous folder is put back."""
     aside = None
     if final.exists():
         aside = old if old is not None else final.with_name(f".{final.name}.old-{os.getpid()}")
         os.replace(final, aside)
-    os.replace(staged, final)
+    try:
+        os.replace(staged, final)
+    except BaseException:
+        if aside is not None and not final.exists():
+            os.replace(aside, final)
+        raise
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
 

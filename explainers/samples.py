@@ -70,7 +70,7 @@ def read_sample_set(path: str | Path, *, allow_absolute: bool = False) -> list[S
     root = path.parent.resolve()
     records: list[SampleRecord] = []
     seen: set[str] = set()
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(read_utf8(path).split("\n"), start=1):  # not splitlines: JSON may hold U+2028
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
@@ -105,6 +105,22 @@ def read_sample_set(path: str | Path, *, allow_absolute: bool = False) -> list[S
     if not records:
         raise SampleSetError(f"{path}: sample set is empty")
     return records
+
+
+def read_utf8(path: Path) -> str:
+    """The file's UTF-8 text; a file in another encoding (Latin-1, UTF-16) is a one-line error
+    naming the file, the line and the byte, not a ``UnicodeDecodeError``."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SampleSetError(f"{path}: cannot read the file: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise SampleSetError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                             "save the file as UTF-8") from None
+    return text.removeprefix("\ufeff")  # a byte-order mark some editors write
 
 
 def _resolve(root: Path, rel: str, where: str, key: str, allow_absolute: bool) -> Path:

@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
+import signal
 import sys
+import threading
 from importlib.metadata import PackageNotFoundError, version
 from typing import Sequence
 
@@ -13,6 +15,21 @@ from .explainers.errors import XmllmError
 
 USER_ERROR = 2
 """Exit status of every user error (a bad file, field or value): the CLI's one mapping of :class:`XmllmError`."""
+INTERRUPTED = 130
+"""Exit status after Ctrl-C (SIGINT): 128 + 2, as shells report it."""
+TERMINATED = 143
+"""Exit status after SIGTERM (``kill``, a scheduler's timeout): 128 + 15. Either way the command
+stops as after Ctrl-C: ``xmllm: interrupted``, scratch folders removed, nothing half-written, and an
+audit resumes where it stopped when rerun."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it unwinds (and cleans up) as after Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the cleanup
+    raise Terminated()
 
 
 def package_version() -> str:
@@ -45,14 +62,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     from xmllm.explainers.allocator import keep_freed_memory
 
     keep_freed_memory()  # batched CPU forwards reuse freed blocks instead of page-faulting fresh ones
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return int(args.func(args) or 0)
     except XmllmError as exc:
         print(f"xmllm: error: {exc}", file=sys.stderr)
         return USER_ERROR
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("xmllm: interrupted", file=sys.stderr)
-        return 130
+        return TERMINATED if isinstance(exc, Terminated) else INTERRUPTED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +32,22 @@ def slug(name: str) -> str:
 
 
 def write_site(out: Path, data: dict[str, Any], html: str) -> Path:
-    """Write ``out/site/`` whole (into a temporary folder, then renamed)."""
+    """Write ``out/site/`` whole: into a scratch folder named with this process's id (one left
+    by a killed run is removed here), then renamed into place; modes follow the umask."""
+    from xmllm.explainers.files import make_dir, remove_stale, replace_dir, scratch_dir
+
+    from .store import SITE_SCRATCH, OutputError
     from .summary import SUMMARY_HTML, render_summary
 
     copied = _chosen_reports(data)
-    tmp = Path(tempfile.mkdtemp(prefix=".site-", dir=out))
+    final = out / SITE
+    remove_stale(out, SITE_SCRATCH)
     try:
-        (tmp / REPORTS).mkdir()
+        tmp = scratch_dir(out, SITE_SCRATCH)
+    except OSError as exc:
+        raise OutputError(final, exc) from None
+    try:
+        make_dir(tmp / REPORTS)
         for row in data["samples"]:
             if row["key"] in copied:
                 shutil.copyfile(out / row["report"], tmp / REPORTS / f"{row['key']}.html")
@@ -47,19 +55,14 @@ def write_site(out: Path, data: dict[str, Any], html: str) -> Path:
                                          for row in data["samples"]]}
         (tmp / SUMMARY_HTML).write_text(render_summary(site_data), encoding="utf-8")
         (tmp / INDEX).write_text(markdown_page(site_data), encoding="utf-8")
-        for path in tmp.rglob("*"):
-            os.chmod(path, 0o755 if path.is_dir() else 0o644)
-        os.chmod(tmp, 0o755)
-        final = out / SITE
-        old = out / f".site-old-{os.getpid()}"
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, final, old=out / f"{SITE_SCRATCH}{os.getpid()}-old")
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(final, exc) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out / SITE
+    return final
 
 
 def _chosen_reports(data: dict[str, Any]) -> set[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 from xmllm.explainers.samples import (  # the set's path rule: inside its folder unless allowed
     SampleSetError,
     _resolve,
+    read_utf8,
 )
 
 from .config import HfDatasetSource, ImageFolderSource, JsonlSource, LoadedConfig
@@ -81,26 +83,24 @@ def _image_folder(loaded: LoadedConfig, source: ImageFolderSource) -> list[Audit
         raise SampleSetError(f"{loaded.path}: field samples.csv: {table} not found")
     out: list[AuditItem] = []
     seen: set[str] = set()
+    text = read_utf8(table)  # another encoding: one line naming the CSV's line, not a traceback
     try:
-        with table.open(encoding="utf-8", newline="") as handle:
-            reader = csv.DictReader(handle)
-            missing = [c for c in ("image", "question") if c not in (reader.fieldnames or [])]
-            if missing:
-                raise SampleSetError(f"{table}: missing column {missing[0]!r} (columns: image, question, answer, id)")
-            for row in reader:
-                where = f"{table}:{reader.line_num}"
-                for name in ("image", "question"):
-                    if not (row.get(name) or "").strip():
-                        raise SampleSetError(f"{where}: field {name!r} must be a non-empty string")
-                sid = (row.get("id") or "").strip() or row["image"]
-                if sid in seen:
-                    raise SampleSetError(f"{where}: duplicate sample id {sid!r}")
-                seen.add(sid)
-                image = _resolve(folder, row["image"], where, "image", allow)
-                out.append(AuditItem(len(out), sid, row["question"], (row.get("answer") or None), image, None,
-                                     image.name))
-    except UnicodeDecodeError as exc:
-        raise SampleSetError(f"{table}: not UTF-8 text ({exc.reason})") from None
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        missing = [c for c in ("image", "question") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise SampleSetError(f"{table}: missing column {missing[0]!r} (columns: image, question, answer, id)")
+        for row in reader:
+            where = f"{table}:{reader.line_num}"
+            for name in ("image", "question"):
+                if not (row.get(name) or "").strip():
+                    raise SampleSetError(f"{where}: field {name!r} must be a non-empty string")
+            sid = (row.get("id") or "").strip() or row["image"]
+            if sid in seen:
+                raise SampleSetError(f"{where}: duplicate sample id {sid!r}")
+            seen.add(sid)
+            image = _resolve(folder, row["image"], where, "image", allow)
+            out.append(AuditItem(len(out), sid, row["question"], (row.get("answer") or None), image, None,
+                                 image.name))
     except csv.Error as exc:
         raise SampleSetError(f"{table}: not a readable CSV ({exc})") from None
     if not out:

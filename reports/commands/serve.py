@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import errno
 import functools
+import stat
+from http import HTTPStatus
 from pathlib import Path
 
 from ..explainers.errors import XmllmError
@@ -28,17 +30,46 @@ def make_server(folder: Path, port: int):
     if not 0 <= port <= 65535:
         raise XmllmError(f"--port {port}: must be between 0 and 65535")
 
+    root = folder.resolve()
+
     class Handler(SimpleHTTPRequestHandler):
+        """Regular files inside the folder only: no directory listings, no symlink that leads out
+        of it, no device or socket; everything else answers 404."""
+
+        def send_head(self):
+            path = Path(self.translate_path(self.path))
+            if path.is_dir():
+                if not self.path.split("?", 1)[0].split("#", 1)[0].endswith("/"):
+                    return super().send_head()  # the redirect to the slashed URL
+                path = path / "index.html"
+            if not _servable(path, root):
+                self.send_error(HTTPStatus.NOT_FOUND, "File not found")
+                return None
+            return super().send_head()
+
+        def list_directory(self, path):  # never reached for a folder without index.html; refuse anyway
+            self.send_error(HTTPStatus.NOT_FOUND, "File not found")
+            return None
+
         def log_message(self, format: str, *args) -> None:  # quiet: one line per request is noise here
             pass
 
-    handler = functools.partial(Handler, directory=str(folder))
+    handler = functools.partial(Handler, directory=str(root))
     try:
         return ThreadingHTTPServer((HOST, port), handler)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise XmllmError(f"--port {port}: already in use; pick another with --port") from None
         raise XmllmError(f"cannot serve on {HOST}:{port}: {exc.strerror or exc}") from None
+
+
+def _servable(path: Path, root: Path) -> bool:
+    """``path``, with every link resolved, is a regular file inside ``root``."""
+    try:
+        real = path.resolve(strict=True)
+        return real.is_relative_to(root) and stat.S_ISREG(real.stat().st_mode)
+    except (OSError, RuntimeError):  # missing, a link loop, unreadable
+        return False
 
 
 def run(args: argparse.Namespace) -> int:
