@@ -102,13 +102,14 @@ class RolloutOptions:
 
 
 def fuse_heads(weights: torch.Tensor, how: str) -> torch.Tensor:
-    """``(..., heads, q, k)`` -> ``(..., q, k)`` by the mean, max or min over heads."""
+    """``(..., heads, q, k)`` -> ``(..., q, k)`` in float32 by the mean, max or min over heads (the
+    mean accumulates in float32 without a float32 copy of every head)."""
     if how == "mean":
-        return weights.mean(dim=-3)
+        return weights.mean(dim=-3, dtype=torch.float32)
     if how == "max":
-        return weights.amax(dim=-3)
+        return weights.amax(dim=-3).float()
     if how == "min":
-        return weights.amin(dim=-3)
+        return weights.amin(dim=-3).float()
     raise ValueError(f"head_fusion must be one of {', '.join(HEAD_FUSIONS)}, not {how!r}")
 
 
@@ -128,11 +129,15 @@ def discard_lowest(attn: torch.Tensor, ratio: float) -> torch.Tensor:
 
 
 def rollout_layer(weights: torch.Tensor, options: RolloutOptions) -> torch.Tensor:
-    """One layer's rollout factor: fused heads, discarded tail, ``0.5 I + 0.5 A``, rows summing to 1."""
-    attn = discard_lowest(fuse_heads(weights.float(), options.head_fusion), options.discard_ratio)
-    eye = torch.eye(attn.shape[-1], device=attn.device, dtype=attn.dtype)
-    mixed = RESIDUAL_WEIGHT * attn + (1.0 - RESIDUAL_WEIGHT) * eye
-    return mixed / mixed.sum(dim=-1, keepdim=True)
+    """One layer's rollout factor: fused heads, discarded tail, ``0.5 I + 0.5 A``, rows summing to 1.
+
+    In place on the fused matrix (no identity, no float32 copy of every head), the same float32
+    operations in the same order as ``0.5 * A + 0.5 * I`` then a division: off the diagonal the
+    identity adds an exact zero."""
+    attn = discard_lowest(fuse_heads(weights, options.head_fusion), options.discard_ratio)
+    mixed = attn.mul_(RESIDUAL_WEIGHT)
+    mixed.diagonal(dim1=-2, dim2=-1).add_(1.0 - RESIDUAL_WEIGHT)
+    return mixed.div_(mixed.sum(dim=-1, keepdim=True))
 
 
 # --- the record --------------------------------------------------------------------------------------
@@ -284,6 +289,12 @@ class AttentionRecorder:
                 masks[getattr(self, f"{name}_positions"), column] = 1.0
             self._on_device[key] = masks.to(device)
         return self._on_device[key]
+
+    def start_rollout(self, size: int, device: torch.device) -> None:
+        """Begin the decoder rollout from the identity (``R = A_L ... A_1 I``): the running product
+        then exists, at its one size, through every block's attention, the first included, so a
+        forward's memory does not depend on how many blocks came before."""
+        self._decoder_product = torch.eye(size, device=device)
 
     def _vision_hook(self, layer: int, point: str):
         def hook(_module: torch.nn.Module, _args: Any, output: Any) -> None:
@@ -444,8 +455,14 @@ def capture_forward(
         vision=vision,
         vision_depth=vision_depth,
     )
+    from .memory import accepts_logits_to_keep
+
+    # the capture reads attention, not logits: one row of them instead of (seq x vocabulary)
+    keep = {"logits_to_keep": 1} if accepts_logits_to_keep(prepared.model) else {}
+    if rollout is not None:
+        recorder.start_rollout(prepared.seq_len, prepared.inputs["input_ids"].device)
     with eager_attention(prepared.model), recorder:
-        prepared.forward()
+        prepared.forward(use_cache=False, **keep)
     return recorder.forwarded()
 
 

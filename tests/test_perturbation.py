@@ -27,8 +27,8 @@ from loaded_models import tiny_loaded  # noqa: F401  (other test modules import 
 from xmllm.explainers.answering import generate_answer
 from xmllm.explainers.context import ExplainSample, Prepared, prepare
 from xmllm.explainers.demo.samples import generate_samples
+from xmllm.explainers.memory import SAFETY, forward_copy_bytes, memory_budget
 from xmllm.explainers.methods.perturbation import (
-    ACTIVATION_BUDGET_CPU,
     BATCH_SIZE_CPU,
     LogitRows,
     Occlusion,
@@ -365,19 +365,25 @@ def test_pixel_cells_mask_exactly_the_pixels_the_map_assigns(family):
         PixelCells(mapping).masked(pixels[..., :-1], baseline, sets)
 
 
-def test_cpu_batch_size_fits_the_activation_budget():
-    """Small models get the full CPU batch; a model whose per-copy activation is wide gets as many
-    copies as fit the budget (LLaVA-1.5-7B's MLP width at 700 tokens: 8), never fewer than one."""
+def test_cpu_batch_size_fits_the_memory_budget():
+    """Small models get the full CPU batch; where one copy's forward is large the batch is as many
+    copies as fit the run's memory budget (a wider MLP: fewer), never fewer than one; an explicit
+    batch_size wins."""
     prep = tiny_prepared("llava")
     assert batch_size_for(prep, None) == BATCH_SIZE_CPU
     assert batch_size_for(prep, 5) == 5
+    one = int(forward_copy_bytes(prep) * SAFETY) + 1
+    with memory_budget(8 * one):
+        assert batch_size_for(prep, None) == 8
+        assert batch_size_for(prep, 5) == 5
+    with memory_budget(one // 2):  # one copy overflows the budget: still one
+        assert batch_size_for(prep, None) == 1
     text = prep.model.config.get_text_config()
     before = text.intermediate_size
     try:
-        text.intermediate_size = ACTIVATION_BUDGET_CPU // (8 * prep.seq_len)
-        assert batch_size_for(prep, None) == 8
-        text.intermediate_size = ACTIVATION_BUDGET_CPU  # one copy overflows the budget: still one
-        assert batch_size_for(prep, None) == 1
+        with memory_budget(8 * one):
+            text.intermediate_size = 4 * before  # wider copies, fewer of them
+            assert batch_size_for(prep, None) < 8
     finally:
         text.intermediate_size = before
     with pytest.raises(ValueError, match="batch_size=0"):

@@ -20,6 +20,8 @@ from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from xmllm.bench.scale_configs import IDEFICS3_TEMPLATE, LLAVA_TEMPLATE, QWEN_TEMPLATE
+
 SEED = 0
 """Every tiny model is initialised from this torch seed, so test results are reproducible."""
 
@@ -145,26 +147,8 @@ def _vision_kwargs(patch_size: int) -> dict:
 
 # --- chat templates (jinja) for the tiny processors -------------------------------------------
 
-LLAVA_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] | upper }}: "
-    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n"
-    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
-    "{% if message['role'] == 'user' %} {% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
-QWEN_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% for c in message['content'] %}{% if c['type'] == 'image' %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-IDEFICS3_TEMPLATE = (
-    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}:"
-    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>"
-    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
-    "{% if add_generation_prompt %}Assistant:{% endif %}"
-)
+# LLaVA's, Qwen2-VL's and Idefics3's come from the scale bench (its real-width processors use them too)
+
 PALIGEMMA_TEMPLATE = (
     "{% for message in messages %}"
     "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>{% endif %}{% endfor %}"

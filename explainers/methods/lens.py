@@ -22,6 +22,7 @@ import torch
 from ..context import Prepared
 from ..explanation import Explanation
 from ..hooks import Hooks
+from ..memory import accepts_logits_to_keep
 from ..models import LoadedModel
 from ..params import ExplainerParams, param
 from ..registry import Citation, Explainer, register
@@ -83,14 +84,15 @@ def residual_states(prep: Prepared, positions: torch.Tensor, layers: Sequence[in
 
         return hook
 
+    rows_only = accepts_logits_to_keep(prep.model)  # logits of the kept rows only, not (seq x vocabulary)
     with Hooks() as hooks:
         for i in layers:
             hooks.add(points[BLOCK_POINT.format(i)].register_forward_hook(keep(i)))
-        out = prep.forward(use_cache=False)
+        out = prep.forward(use_cache=False, **({"logits_to_keep": pos} if rows_only else {}))
     missing = [i for i in layers if i not in kept]
     if missing:
         raise RuntimeError(f"decoder blocks {missing} did not run in the forward")
-    logits = out.logits[0].index_select(0, pos).float()
+    logits = (out.logits[0] if rows_only else out.logits[0].index_select(0, pos)).float()
     return torch.stack([kept[i] for i in layers]), logits
 
 
@@ -102,6 +104,41 @@ def lens_logprobs(prep: Prepared, states: torch.Tensor) -> Iterator[torch.Tensor
     """
     for layer_states in states:
         yield torch.log_softmax(prep.adapter.unembed(layer_states).float(), dim=-1)
+
+
+def lens_rows(prep: Prepared, rows: int) -> int:
+    """Rows read out at once: as many (rows x vocabulary) blocks as the memory budget fits, at most ``rows``."""
+    from ..memory import ModelShape, copies_within
+
+    shape = ModelShape.of(prep.loaded)
+    per_row = shape.vocab * (shape.dtype_bytes + 4 + 4)  # LM head output, its float32 copy, log-softmax
+    return copies_within(per_row, prep.loaded.device, most=max(1, rows))
+
+
+@torch.inference_mode()
+def lens_summaries(prep: Prepared, states: torch.Tensor, token_ids: torch.Tensor,
+                   k: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per layer of ``states`` ``(L, P, hidden)``, what the logit lens keeps of its log-probabilities,
+    on the CPU: the top ``k`` values and ids ``(P, k)``, every row's log-probability of each answer
+    token ``(P, T)``, and the rank of answer token t in row t for the first T rows ``(T,)``.
+
+    Rows are read out in chunks that fit the memory budget (:func:`lens_rows`), so no
+    ``P x vocabulary`` block is ever whole, however long the sequence or large the vocabulary."""
+    total, answers = int(states.shape[1]), int(token_ids.numel())
+    step = lens_rows(prep, total)
+    for layer_states in states:
+        values, top, at_answer, ranks = [], [], [], []
+        for start in range(0, total, step):
+            logp = torch.log_softmax(prep.adapter.unembed(layer_states[start : start + step]).float(), dim=-1)
+            chunk_values, chunk_top = logp.topk(k, dim=-1)
+            values.append(chunk_values.cpu())
+            top.append(chunk_top.cpu())
+            at_answer.append(logp[:, token_ids.to(logp.device)].cpu())
+            if start < answers:
+                ids = token_ids[start : min(answers, start + step)]
+                ranks.append(ranks_of(logp[: ids.numel()], ids).cpu())
+            del logp
+        yield torch.cat(values), torch.cat(top), torch.cat(at_answer), torch.cat(ranks)
 
 
 def entropy(logprobs: torch.Tensor) -> torch.Tensor:
@@ -157,6 +194,7 @@ class LogitLens(Explainer):
         ids = torch.as_tensor(prep.answer.token_ids, dtype=torch.long)
         T, L = ids.numel(), len(picked)
         k = min(top_k, int(logits.shape[-1]))
+        del logits  # only its width is needed: (rows x vocabulary) floats need not stay alive
 
         answer_prob = torch.empty(T, L, dtype=torch.float64)
         answer_rank = np.empty((T, L), dtype=np.int64)
@@ -166,21 +204,17 @@ class LogitLens(Explainer):
         cell_top_prob = {name: torch.empty(L, grid.size, dtype=torch.float64) for name, grid in grids}
         cell_answer_prob = {name: torch.empty(T, L, grid.size, dtype=torch.float64) for name, grid in grids}
 
-        for li, logp in enumerate(lens_logprobs(prep, states)):
-            logp = logp.cpu()
-            rows = logp[:T]
-            answer_prob[:, li] = rows[torch.arange(T), ids].double().exp()
-            answer_rank[:, li] = ranks_of(rows, ids).numpy()
-            values, top = rows.topk(k, dim=-1)
-            answer_top[:, li], answer_top_prob[:, li] = top, values.double().exp()
+        for li, (values, top, at_answer, ranks) in enumerate(lens_summaries(prep, states, ids, k)):
+            answer_prob[:, li] = at_answer[torch.arange(T), torch.arange(T)].double().exp()
+            answer_rank[:, li] = ranks.numpy()
+            answer_top[:, li], answer_top_prob[:, li] = top[:T], values[:T].double().exp()
             start = T
             for name, grid in grids:
-                block = logp[start : start + grid.size]
+                block = slice(start, start + grid.size)
                 start += grid.size
-                values, top = block.topk(k, dim=-1)
-                cells[name][li] = top
-                cell_top_prob[name][li] = values[:, 0].double().exp()
-                cell_answer_prob[name][:, li] = block[:, ids].T.double().exp()
+                cells[name][li] = top[block]
+                cell_top_prob[name][li] = values[block, 0].double().exp()
+                cell_answer_prob[name][:, li] = at_answer[block].T.double().exp()
 
         tokenizer = prep.loaded.processor.tokenizer
         exp = Explanation(self.id, {"layers": picked, "top_k": k}, prep.target())

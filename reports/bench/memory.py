@@ -60,11 +60,21 @@ class _StorageCounter(TorchDispatchMode):
             return
         self.peak = max(self.peak, self.live)
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        out = func(*args, **(kwargs or {}))
+    def _see_outputs(self, out: Any, args: tuple, kwargs: dict) -> None:
+        """Count the storages ``out`` allocated: not those of its inputs (a view or an in-place
+        result of a weight allocated before the call is no allocation of the call's)."""
+        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor) and t.device.type != "meta"}
         for item in tree_flatten(out)[0]:
-            if isinstance(item, torch.Tensor):
+            if isinstance(item, torch.Tensor) and (item.device.type == "meta"
+                                                   or item.untyped_storage()._cdata not in inputs
+                                                   or item.untyped_storage()._cdata in self._sizes):
                 self._see(item)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self._see_outputs(out, args, kwargs)
         return out
 
 

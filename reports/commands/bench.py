@@ -5,6 +5,11 @@ listed): attention capture, relevancy and occlusion against the ways they replac
 sample-level explainer against a plain greedy ``generate`` of the same answer, and any case added
 later. They run on the model chosen with ``--model`` and, unless ``--no-large``, on a larger
 random LLaVA-shaped model (576 image tokens) built for the run, to show how costs scale.
+
+``--scale`` runs another section instead: every sample-level explainer's peak memory on
+real-width LLaVA-1.5-7B/-13B, LLaVA-NeXT-7B, Qwen2-VL-7B and Idefics3-8B configurations, measured
+at a few decoder blocks and projected to the published depth plus the weights
+(:mod:`xmllm.bench.scale`); ``--device cuda`` measures it with the GPU's allocator.
 """
 from __future__ import annotations
 
@@ -36,6 +41,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="run only the cases, and explainers, whose name contains SUBSTRING")
     p.add_argument("--repeat", type=int, default=3, metavar="N", help="timed rounds per comparison (default 3)")
     p.add_argument("--no-large", action="store_true", help="skip the large random 576-image-token model")
+    p.add_argument("--scale", action="store_true",
+                   help="instead of the cases: every sample-level explainer's peak memory on real-width LLaVA-1.5-7B/"
+                        "13B, LLaVA-NeXT-7B, Qwen2-VL-7B and Idefics3-8B configs, projected to full depth against "
+                        "24/48/80 GB GPUs (with --only: explainers whose id contains it)")
+    p.add_argument("--configs", metavar="NAMES",
+                   help="with --scale: comma-separated configs (default all: "
+                        "llava-1.5-7b,llava-1.5-13b,llava-next-7b,qwen2-vl-7b,idefics3-8b)")
     p.set_defaults(func=run)
 
 
@@ -218,7 +230,42 @@ def _num(value: float | None) -> float:
 # --- the command ------------------------------------------------------------------------------------
 
 
+def run_scale(args: argparse.Namespace) -> int:
+    """``--scale``: the real-width memory table (:mod:`xmllm.bench.scale`)."""
+    from tqdm import tqdm
+
+    from xmllm.explainers.models import resolve_device
+    from xmllm.explainers.registry import sample_level_ids
+
+    from ..bench.scale import render, run_scale as measure_scale
+    from ..bench.scale_configs import CONFIGS
+
+    known = [c.name for c in CONFIGS]
+    names = [n.strip() for n in args.configs.split(",") if n.strip()] if args.configs else None
+    unknown = [n for n in names or [] if n not in known]
+    if unknown or names == []:
+        raise XmllmError(f"--configs {args.configs!r}: unknown {', '.join(unknown) or 'empty list'}; "
+                         f"known: {', '.join(known)}")
+    if args.only and not any(args.only in eid for eid in sample_level_ids()):
+        raise XmllmError(f"--only {args.only!r} matches no sample-level explainer")
+    device = resolve_device("cpu" if args.device == "auto" else args.device)
+    if device.type not in ("cpu", "cuda"):
+        raise XmllmError(f"--device {args.device!r}: --scale measures on cpu (free arithmetic) or cuda (the allocator)")
+    with tqdm(desc="bench --scale", unit="run", file=sys.stderr, ncols=PROGRESS_WIDTH) as bar:
+        def tell(label: str) -> None:
+            bar.set_postfix_str(label)
+            bar.update(1)
+
+        report = measure_scale(names, args.only, device, tell)
+    print(json.dumps(report, indent=2, allow_nan=False) if args.json else render(report))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "scale", False):
+        return run_scale(args)
+    if getattr(args, "configs", None):
+        raise XmllmError("--configs needs --scale")
     if args.repeat < 1:
         raise XmllmError(f"--repeat {args.repeat}: must be at least 1")
     cases = [case for case in discover() if case.matches(args.only)]

@@ -1,0 +1,661 @@
+"""``xmllm bench --scale``: every sample-level explainer's peak memory on real-width models.
+
+For each published architecture of :mod:`xmllm.bench.scale_configs` (LLaVA-1.5-7B and -13B,
+LLaVA-NeXT-7B, Qwen2-VL-7B, Idefics3-8B) and each sample-level explainer: the peak tensor memory
+of one explanation (bfloat16, one image, a 32-token forced answer, eager attention as ``xmllm
+explain`` loads a model) with the decoder cut to 1, 2 and 4 blocks and the vision tower to
+:data:`VISION_BASE` blocks, plus one run with :data:`VISION_STEP` vision blocks; a least-squares
+line in the number of decoder blocks (its residual says how straight it is) and the vision step's
+slope project the peak to the published depth; the weights (every parameter in bfloat16) come on
+top. The table compares that with 24, 48 and 80 GB GPUs (GiB, as GPU memory is counted).
+
+Each explanation runs under the memory budget the smallest fitting GPU would give it
+(:func:`gpu_budget`, the same rule :func:`xmllm.explainers.memory.default_budget` applies on a
+real GPU) and with the per-copy estimates of the full-depth model
+(:func:`xmllm.explainers.memory.planning`), so it batches as it would on that GPU.
+
+On a CPU the measurement is the free-arithmetic one of :mod:`xmllm.bench.free_compute`: real
+shapes, real allocations, no matrix products (the test suite checks it equals the real-arithmetic
+count exactly, every explainer, four families). With ``--device cuda`` the models get random
+weights on the GPU and every number is ``torch.cuda.max_memory_allocated`` of real runs.
+
+Where memory does not depend on a parameter, the measurement uses a cheaper value (fewer
+occlusion windows, IG path points or token-drop steps than the defaults, but never fewer copies
+per forward than the defaults batch); :func:`plan` says which, and the table lists it.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from xmllm.explainers.answering import Answer
+from xmllm.explainers.context import ExplainSample, Prepared, prepare
+from xmllm.explainers.memory import CUDA_FREE_SHARE, CUDA_RESERVE, memory_budget, planning
+from xmllm.explainers.registry import registered, sample_level_ids
+
+from .scale_configs import CONFIGS, ScaleConfig, bench_image, build, build_processor, parameter_count
+
+GIB = 1 << 30
+DEPTHS: tuple[int, ...] = (1, 2, 4)
+"""Decoder blocks the models are cut to; the line through these is projected to the full depth."""
+VISION_BASE = 2
+"""Vision blocks of every measured model: the fewest for which every family's decoder reads a
+block's output (LLaVA reads the second-to-last hidden state)."""
+VISION_STEP = 3
+"""Vision blocks of the one extra run (at one decoder block) that gives the vision tower's slope."""
+GPUS: tuple[int, ...] = (24, 48, 80)
+"""GPU sizes in GiB the projections are compared with."""
+CUDA_CONTEXT = 512 << 20
+"""What a CUDA context and the kernels' libraries take before any tensor (about 0.3-0.6 GiB)."""
+DTYPE = torch.bfloat16
+ANSWER_TOKENS = 32
+ANSWER_WORDS = "the red circle is left of the blue square and the green triangle is above it"
+FREE = "tensor storages of real-shaped operators, matrix products free (xmllm.bench.free_compute)"
+CUDA = "torch.cuda.max_memory_allocated, real arithmetic, random weights"
+
+
+# --- budgets ------------------------------------------------------------------------------------------
+
+
+def gpu_budget(gpu_gib: int, weights: int) -> int:
+    """What :func:`~xmllm.explainers.memory.default_budget` gives on a GPU of ``gpu_gib`` GiB that
+    holds ``weights`` bytes of weights and a CUDA context."""
+    free = gpu_gib * GIB - weights - CUDA_CONTEXT
+    return max(1, int(free * CUDA_FREE_SHARE) - CUDA_RESERVE)
+
+
+def target_gpu(weights: int) -> int:
+    """The smallest GPU of :data:`GPUS` whose budget after the weights is at least 2 GiB."""
+    for size in GPUS:
+        if gpu_budget(size, weights) >= 2 * GIB:
+            return size
+    return GPUS[-1]
+
+
+# --- what each explainer is measured with ---------------------------------------------------------------
+
+
+PROBES: tuple[int, int] = (4, 8)
+"""Copies per forward a batching explainer is measured with; the peak at the batch the defaults use is
+extrapolated along the line through the two (a batched forward's tensors grow by one copy's worth
+per copy). Explainers that batch no more than the larger probe are measured at their own batch."""
+
+
+@dataclass
+class Plan:
+    """How one explainer is measured: its parameters, what they change against the defaults, and
+    (for batching explainers) the batch the defaults use at full depth and the probes measured."""
+
+    params: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+    batch: int | None = None
+    """Copies per forward the defaults batch at full depth on the budget's GPU (batching explainers)."""
+    probes: tuple[int, ...] = ()
+    """Batches measured (explicit batch sizes), stopping after the first forward of that batch."""
+    set_batch: Callable[[dict[str, Any], int], dict[str, Any]] | None = None
+    no_truth: bool = False
+    """Explain the sample without its demo ground truth (counterfactual: one rephrasing instead of
+    the demo's edits, each costing what a rephrasing does)."""
+    cost: dict[str, float] | None = None
+    """Forward-equivalents at the defaults where the measured run does not complete them."""
+    stop_backwards: int | None = None
+    """Stop once this many backward passes have run (each later one repeats the first's sizes)."""
+
+    def at(self, batch: int) -> dict[str, Any]:
+        return self.set_batch(dict(self.params), batch) if self.set_batch else dict(self.params)
+
+
+def _windows(side_rows: int, side_cols: int, window: int) -> int:
+    return math.ceil(side_rows / window) * math.ceil(side_cols / window)
+
+
+def _batch_size(params: dict[str, Any], batch: int) -> dict[str, Any]:
+    return {**params, "batch_size": batch}
+
+
+def _probes(copies: int) -> tuple[int, ...]:
+    return (copies,) if copies <= PROBES[-1] else PROBES
+
+
+def _costs(forwards: float, backwards: float = 0.0, lower_bound: bool = False) -> dict[str, float]:
+    out = {"forwards": round(forwards, 2), "backwards": round(backwards, 2),
+           "forward_equivalents": round(forwards + 2 * backwards, 2)}
+    if lower_bound:
+        out["lower_bound"] = True
+    return out
+
+
+def plan(eid: str, prep: Prepared, full_layers: int) -> Plan:
+    """How ``eid`` is measured on ``prep`` (call under the budget and :func:`planning`)."""
+    from xmllm.explainers.methods import causal, intervention, neurons, tokens
+    from xmllm.explainers.methods.gradient import DEFAULT_STEPS, IntegratedGradients, path_batch
+    from xmllm.explainers.methods.perturbation import batch_size_for, first_layout, windows
+
+    loaded = prep.loaded
+    answer = len(prep.answer.token_ids)
+    step = (answer - 1) / prep.seq_len  # a generation's decode steps, in copies of the sequence
+    if eid in ("perturbation.occlusion", "training.compare"):
+        copies = batch_size_for(prep, None)
+        grid = first_layout(prep).main_grid
+        cells = len(windows(first_layout(prep), 1, 1, "all"))
+
+        def window_for(batch: int) -> int:  # the largest window with enough windows to fill the batch
+            window = 1
+            while window < max(grid.rows, grid.cols) and _windows(grid.rows, grid.cols, window + 1) >= batch:
+                window += 1
+            return window
+
+        occlusion = _costs(1 + cells + 1)
+        if eid == "training.compare":
+            return Plan({"other": loaded, "params": {}}, "the model against itself; its occlusion as occlusion's",
+                        copies, _probes(copies),
+                        lambda p, b: {**p, "params": {"window": window_for(b), "batch_size": b}},
+                        cost=_costs(2 * occlusion["forwards"] + 1 + step))
+        return Plan({}, f"larger windows than 1 (the peak is one forward's: {copies} copies)", copies,
+                    _probes(copies), lambda p, b: {"window": window_for(b), "batch_size": b}, cost=occlusion)
+    if eid == "gradient.integrated":
+        points = path_batch(prep, IntegratedGradients.Params())
+        return Plan({"n_steps": points}, f"n_steps {points} (one chunk of {points} path points; {DEFAULT_STEPS} by "
+                    "default, chunked the same way)",
+                    cost=_costs(DEFAULT_STEPS + 2, DEFAULT_STEPS * answer))
+    if eid == "tokens.visual_importance":
+        copies = batch_size_for(prep, None, eager=True)
+        sets = 3 * (tokens.DEFAULT_STEPS + 1) - 4  # three orders; none and all dropped are shared
+        copies = min(copies, sets)
+        return Plan({}, f"fewer steps than {tokens.DEFAULT_STEPS} (the peak is one forward's: {copies} copies)",
+                    copies, _probes(copies),
+                    lambda p, b: {"steps": min(tokens.DEFAULT_STEPS, max(2, math.ceil((b + 4) / 3))), "batch_size": b},
+                    cost=_costs(1 + sets))
+    if eid == "intervention.attention_knockout":
+        copies = batch_size_for(prep, None)
+        edges = len(intervention.DEFAULT_EDGES)
+        size = intervention.default_window(full_layers)
+        plans = edges * len(intervention.sliding_windows(full_layers, size, 1))
+        copies = min(copies, plans)
+        return Plan({}, f"one-block windows instead of {size}-block ones (the peak is one forward's: {copies} copies)",
+                    copies, _probes(copies),
+                    lambda p, b: {"windows": [[0]] * math.ceil(b / edges), "batch_size": b}, cost=_costs(1 + plans))
+    if eid == "intervention.activation_patching":
+        copies = batch_size_for(prep, None)
+        rows = 3 * 3 * full_layers + 1
+        copies = min(copies, rows)
+        return Plan({"corruption": "noise"}, f"noise corruption (no counterfactual image at this size); the peak "
+                    f"is one forward's: {copies} copies", copies, _probes(copies), _batch_size,
+                    cost=_costs(2 + rows))
+    if eid == "neurons.top_activations":
+        copies = batch_size_for(prep, None)
+        groups = 2 + neurons.DEFAULT_TOP_K + neurons.DEFAULT_RANDOM_DRAWS
+        copies = min(copies, groups)
+        return Plan({}, f"the peak is one forward's: {copies} copies", copies, _probes(copies), _batch_size,
+                    cost=_costs(1 + groups, 1))
+    if eid == "causal.minimal_set":
+        copies = batch_size_for(prep, None)
+        units = len(causal.image_units(prep, "all"))
+        return Plan({}, f"the peak is one forward's: {copies} copies", copies, _probes(copies), _batch_size,
+                    cost=_costs(1 + units + 2 * (1 + step), lower_bound=True))
+    if eid == "data.counterfactual":
+        from xmllm.explainers.methods.data import demo_edits, demo_sample_from
+
+        demo = demo_sample_from(prep.sample)
+        edits = len(demo_edits(demo, 0)) if demo is not None else 1
+        return Plan({"rephrasings": [prep.sample.question + " ?"]}, f"one rephrasing instead of the demo's {edits} "
+                    "edits (each one generation and one forward of the same size)", no_truth=True,
+                    cost=_costs(edits * (2 + step)))
+    if eid in ("relevancy.chefer", "relevancy.modality"):
+        return Plan({}, f"stopped in its second of {answer + 1} backward passes (one per answer token and one for "
+                    "the whole answer, each of the same sizes)", stop_backwards=1, cost=_costs(1, answer + 1))
+    return Plan()
+
+
+class _Stop(Exception):
+    """Raised by :class:`Costs` once the planned number of forwards has run."""
+
+
+class Costs:
+    """Counts copy-forwards and copy-backwards through the first decoder block, in units of the
+    explained sequence (a batch of 8 full copies is 8; a 1-token decode step is 1/seq)."""
+
+    def __init__(self, prep: Prepared, stop_batch: int | None = None, stop_backwards: int | None = None) -> None:
+        self.prep = prep
+        self.block = prep.adapter.decoder_layers()[0]
+        self.forward_tokens = 0
+        self.backward_tokens = 0
+        self.backwards = 0
+        self.stop_batch = stop_batch
+        self.stop_backwards = stop_backwards
+        self.done = False
+
+    def _forward(self, _module: Any, _args: Any, output: Any) -> None:
+        hidden = output[0] if isinstance(output, (tuple, list)) else output
+        if not torch.is_tensor(hidden):
+            return
+        self.forward_tokens += hidden.numel() // hidden.shape[-1]
+        if self.stop_batch is not None and hidden.shape[0] >= self.stop_batch:
+            self.done = True  # the next forward repeats this batch's sizes: stop there
+        if hidden.requires_grad:
+            hidden.register_hook(self._backward)
+
+    def _backward(self, grad: torch.Tensor) -> None:
+        if self.stop_backwards is not None and self.backwards >= self.stop_backwards:
+            raise _Stop(f"stopped in backward pass {self.backwards + 1}")
+        self.backwards += 1
+        self.backward_tokens += grad.numel() // grad.shape[-1]
+
+    def _count(self, _module: Any, _args: Any) -> None:
+        if self.done:
+            raise _Stop(f"stopped after the first forward of {self.stop_batch} copies")
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[Costs]:
+        handles = [self.block.register_forward_pre_hook(self._count), self.block.register_forward_hook(self._forward)]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def summary(self) -> dict[str, float]:
+        seq = self.prep.seq_len
+        forwards, backwards = self.forward_tokens / seq, self.backward_tokens / seq
+        return {"forwards": round(forwards, 2), "backwards": round(backwards, 2),
+                "forward_equivalents": round(forwards + 2 * backwards, 2)}
+
+
+# --- one measurement --------------------------------------------------------------------------------------
+
+
+def forced(loaded: Any, image: Any, tokens: int = ANSWER_TOKENS) -> Prepared:
+    """The bench question on ``image`` with a forced answer of ``tokens`` word tokens, carrying the
+    demo sample's ground truth (the counterfactual and patching explainers edit the scene)."""
+    from .models import demo_sample
+
+    base = demo_sample()
+    text = " ".join([ANSWER_WORDS] * (tokens // len(ANSWER_WORDS.split()) + 1))
+    ids = loaded.adapter.tokenize_answer(text)[:tokens]
+    tokenizer = loaded.processor.tokenizer
+    answer = Answer(tokenizer.decode(ids), tuple(ids), tuple(tokenizer.convert_ids_to_tokens(ids)),
+                    tuple(0.0 for _ in ids))
+    sample = ExplainSample([image], base.question, id=base.id, expected=base.expected, mask=base.mask,
+                           extra=dict(base.extra))
+    return prepare(loaded, sample, answer=answer)
+
+
+KNOWN_AFTER_FORWARDS = ("nothing to restore",)
+"""Errors raised after every forward on free arithmetic (patching's clean and corrupted runs give the
+same logits when no product depends on the input): the peak still holds."""
+
+
+@dataclass
+class Measured:
+    peak: int | None
+    seconds: float
+    costs: dict[str, float]
+    error: str | None = None
+    stopped: bool = False
+
+
+def measure_one(eid: str, prep: Prepared, params: dict[str, Any], device: torch.device,
+                stop_batch: int | None = None, stop_backwards: int | None = None) -> Measured:
+    """One explanation's peak tensor bytes (free arithmetic on a CPU, the allocator on CUDA); with
+    ``stop_batch``, stopped after its first forward of that many copies; with ``stop_backwards``,
+    once that many backward passes have run."""
+    from .free_compute import measure
+
+    cls = registered()[eid]
+    costs = Costs(prep, stop_batch, stop_backwards)
+    start = time.perf_counter()
+
+    def run() -> Any:
+        torch.manual_seed(0)
+        with costs.installed():
+            return cls().explain(prep.loaded, prep, **params)
+
+    if device.type == "cuda":  # the allocator's own count (what xmllm.bench.memory.peak_memory reads)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        try:
+            result = run()
+        except Exception as error:  # noqa: BLE001 - a stop, or an error reported in the table
+            result = error
+        torch.cuda.synchronize(device)
+        value = torch.cuda.max_memory_allocated(device) - before
+    else:
+        result, value = measure(run)
+    seconds = time.perf_counter() - start
+    stopped = isinstance(result, _Stop)
+    error = None
+    if isinstance(result, Exception) and not stopped:
+        message = str(result).splitlines()[0] if str(result) else type(result).__name__
+        if not any(known in message for known in KNOWN_AFTER_FORWARDS):
+            error, value = f"{type(result).__name__}: {message}", None
+    return Measured(value, round(seconds, 2), costs.summary(), error, stopped)
+
+
+# --- the fit ------------------------------------------------------------------------------------------
+
+
+def fit(points: Sequence[tuple[float, float]]) -> dict[str, float]:
+    """Least squares ``peak = intercept + slope * layers``; residual: root-mean-square and largest |r|."""
+    n = len(points)
+    xs, ys = [float(x) for x, _ in points], [float(y) for _, y in points]
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
+    intercept = my - slope * mx
+    residuals = [y - (intercept + slope * x) for x, y in zip(xs, ys)]
+    return {"intercept": intercept, "slope": slope,
+            "residual_rms": math.sqrt(sum(r * r for r in residuals) / n),
+            "residual_max": max(abs(r) for r in residuals)}
+
+
+def project(line: dict[str, float], layers: int) -> float:
+    return line["intercept"] + line["slope"] * layers
+
+
+# --- a whole configuration -------------------------------------------------------------------------------
+
+
+@dataclass
+class Model:
+    """One architecture's fixed numbers for the run."""
+
+    config: ScaleConfig
+    processor: Any
+    parameters: int
+    gpu: int
+    budget: int
+
+    @property
+    def weights(self) -> int:
+        return self.parameters * torch.empty((), dtype=DTYPE).element_size()
+
+
+def describe(config: ScaleConfig) -> Model:
+    processor = build_processor(config)
+    parameters = parameter_count(config, processor)
+    weights = parameters * torch.empty((), dtype=DTYPE).element_size()
+    gpu = target_gpu(weights)
+    return Model(config, processor, parameters, gpu, gpu_budget(gpu, weights))
+
+
+def _prep_for(prep: Prepared, chosen: Plan) -> Prepared:
+    if not chosen.no_truth:
+        return prep
+    from dataclasses import replace
+
+    return replace(prep, sample=replace(prep.sample, extra={}, mask=None))
+
+
+def measure_points(builder: Callable[[int, int], Any], image: Any, ids: Sequence[str],
+                   points: Sequence[tuple[int, int]], full: tuple[int, int], budget: int | None,
+                   device: torch.device, tell: Callable[[str], None] | None = None, label: str = ""
+                   ) -> tuple[dict[str, dict[tuple[int, int], Measured]], dict[str, Plan], dict[str, Measured],
+                              dict[str, Any]]:
+    """Every explainer at every (decoder, vision) point of the models ``builder`` makes, chunking as
+    the ``full``-depth model would on a GPU under ``budget`` (None: the device's default). A batching
+    explainer runs at its larger probe at every point and at its smaller probe at the first point
+    (the per-copy bytes); returns the runs, the plans, those smaller-probe runs, and the sizes."""
+    runs: dict[str, dict[tuple[int, int], Measured]] = {eid: {} for eid in ids}
+    plans: dict[str, Plan] = {}
+    small: dict[str, Measured] = {}
+    info: dict[str, Any] = {}
+    for layers, vision_layers in points:
+        loaded = builder(layers, vision_layers)
+        prep = forced(loaded, image)
+        info.update(seq_len=prep.seq_len, image_tokens=int(prep.image_positions.numel()),
+                    answer_tokens=len(prep.answer.token_ids))
+        with memory_budget(budget), planning(*full, device="cuda"):
+            for eid in ids:
+                if tell is not None:
+                    tell(f"{label} {layers}+{vision_layers} {eid}")
+                if eid not in plans:
+                    plans[eid] = plan(eid, prep, full[0])
+                chosen = plans[eid]
+                sample = _prep_for(prep, chosen)
+                probe = max(chosen.probes) if chosen.probes else None
+                params = chosen.at(probe) if probe else chosen.params
+                runs[eid][(layers, vision_layers)] = measure_one(eid, sample, params, device, probe,
+                                                                 chosen.stop_backwards)
+                if len(chosen.probes) > 1 and (layers, vision_layers) == points[0]:
+                    low = min(chosen.probes)
+                    small[eid] = measure_one(eid, sample, chosen.at(low), device, low)
+        del loaded, prep
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return runs, plans, small, info
+
+
+def measure_config(model: Model, ids: Sequence[str], device: torch.device, depths: Sequence[int] = DEPTHS,
+                   vision: tuple[int, int] = (VISION_BASE, VISION_STEP),
+                   tell: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Every explainer in ``ids`` on ``model`` at each depth, fitted and projected: one row each."""
+    config = model.config
+    full = (config.decoder_layers, config.vision_layers)
+    base, step = vision
+    points = [(layers, base) for layers in depths] + [(depths[0], step)]
+    values = "random" if device.type == "cuda" else "free"
+
+    def builder(layers: int, vision_layers: int) -> Any:
+        return build(config, layers, vision_layers, values=values, device=device, dtype=DTYPE,
+                     processor=model.processor)
+
+    runs, plans, small, info = measure_points(builder, bench_image(config), ids, points, full, model.budget,
+                                              device, tell, config.name)
+    return [_row(model, eid, plans[eid], runs[eid], small.get(eid), points, full, info) for eid in ids]
+
+
+def projection(runs: dict[tuple[int, int], Measured], points: Sequence[tuple[int, int]], chosen: Plan,
+               small: Measured | None, full: tuple[int, int], vision: bool = True) -> dict[str, Any]:
+    """The fit through the decoder points (``points`` minus the last, the vision step, when ``vision``)
+    and the projected activation bytes at ``full`` depth. For a batching explainer every point's
+    peak is first carried from the larger probe to the batch the defaults use, by the per-copy
+    bytes between the two probes at the first point."""
+    base_points = list(points[:-1] if vision else points)
+    shift, out = 0.0, {}
+    if len(chosen.probes) > 1 and small is not None and small.peak is not None and chosen.batch:
+        low, high = min(chosen.probes), max(chosen.probes)
+        per_copy = (runs[points[0]].peak - small.peak) / (high - low)
+        shift = max(0.0, per_copy) * (chosen.batch - high)
+        out.update(per_copy_bytes=per_copy, batch=chosen.batch, probes=list(chosen.probes))
+    elif chosen.batch:
+        out.update(batch=chosen.batch, probes=list(chosen.probes))
+    line = fit([(layers, runs[(layers, v)].peak + shift) for layers, v in base_points])
+    vision_slope = runs[points[-1]].peak - runs[points[0]].peak if vision else 0
+    activations = project(line, full[0]) + vision_slope * (full[1] - points[0][1])
+    return {**out, "fit": line, "vision_slope_bytes": vision_slope, "projected_activation_bytes": activations}
+
+
+def _row(model: Model, eid: str, chosen: Plan, runs: dict[tuple[int, int], Measured], small: Measured | None,
+         points: list[tuple[int, int]], full: tuple[int, int], info: dict[str, Any]) -> dict[str, Any]:
+    measured = [*runs.values(), *([small] if small is not None else [])]
+    errors = sorted({m.error for m in measured if m.error})
+    row: dict[str, Any] = {
+        "config": model.config.name, "explainer": eid, "note": chosen.note, "gpu_budget_gib": model.gpu,
+        "budget_bytes": model.budget, "weights_bytes": model.weights, "parameters": model.parameters,
+        "peaks": {f"{layers}+{vision}": runs[(layers, vision)].peak for layers, vision in points},
+        "seconds": round(sum(m.seconds for m in measured), 1),
+        "costs": chosen.cost or runs[points[-2]].costs, "stopped": any(m.stopped for m in measured), **info,
+    }
+    if errors or any(m.peak is None for m in measured):
+        row.update(error=errors[0] if errors else "no peak measured", projected_bytes=None, fits={})
+        return row
+    row.update(projection(runs, points, chosen, small, full))
+    total = row["projected_activation_bytes"] + model.weights
+    row.update(projected_bytes=total, fits={str(g): total <= g * GIB for g in GPUS},
+               smallest_gpu=next((g for g in GPUS if total <= g * GIB), None))
+    return row
+
+
+# --- the whole run ------------------------------------------------------------------------------------------
+
+
+def run_scale(config_names: Sequence[str] | None, only: str | None, device: torch.device,
+              tell: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The ``--scale`` report: rows per configuration and explainer, with timing."""
+    start = time.perf_counter()
+    ids = [eid for eid in sample_level_ids() if not only or only in eid]
+    configs = [c for c in CONFIGS if not config_names or c.name in config_names]
+    rows: list[dict[str, Any]] = []
+    models = {}
+    for config in configs:
+        model = describe(config)
+        models[config.name] = {
+            "source": config.source, "model_type": config.model_type, "parameters": model.parameters,
+            "weights_bytes": model.weights, "decoder_layers": config.decoder_layers,
+            "vision_layers": config.vision_layers, "image_size": list(config.image_size),
+            "image_tokens_published": config.image_tokens, "note": config.note, "measured_on_gpu_gib": model.gpu,
+            "budget_bytes": model.budget,
+            "numbers": {"text": config.text, "vision": config.vision, "top": config.top,
+                        "processor": config.processor},
+        }
+        rows += measure_config(model, ids, device, tell=tell)
+    return {"device": str(device), "method": CUDA if device.type == "cuda" else FREE, "dtype": "bfloat16",
+            "answer_tokens": ANSWER_TOKENS, "depths": list(DEPTHS), "vision_blocks": [VISION_BASE, VISION_STEP],
+            "gpus_gib": list(GPUS), "models": models, "rows": rows,
+            "seconds": round(time.perf_counter() - start, 1), "threads": torch.get_num_threads()}
+
+
+def _gib(value: float | None) -> str:
+    return "-" if value is None else f"{value / GIB:.1f}"
+
+
+def render(report: dict[str, Any]) -> str:
+    """The projected peaks as a table (GiB) against each GPU size, then the fits and notes."""
+    configs = list(report["models"])
+    explainers = sorted({r["explainer"] for r in report["rows"]})
+    by = {(r["config"], r["explainer"]): r for r in report["rows"]}
+    lines = [f"xmllm bench --scale on {report['device']}: {report['method']}; bfloat16, one image, "
+             f"a {report['answer_tokens']}-token forced answer; decoder cut to {report['depths']} blocks, "
+             f"vision to {report['vision_blocks'][0]} (+1 for its slope); projected to the published depth "
+             f"+ weights, in GiB"]
+    for name, info in report["models"].items():
+        lines.append(f"  {name}: {info['source']}, {info['parameters'] / 1e9:.2f}B parameters "
+                     f"({info['weights_bytes'] / GIB:.1f} GiB bf16), {info['decoder_layers']} + "
+                     f"{info['vision_layers']} blocks; explained under the budget of a {info['measured_on_gpu_gib']} "
+                     f"GB GPU ({info['budget_bytes'] / GIB:.1f} GiB)")
+    header = ["explainer", *configs]
+    table = []
+    for eid in explainers:
+        cells = [eid]
+        for name in configs:
+            row = by.get((name, eid))
+            if row is None:
+                cells.append("")
+            elif row.get("projected_bytes") is None:
+                cells.append("error")
+            else:
+                fits = row["fits"]
+                mark = next((f"<={g}" for g in report["gpus_gib"] if fits.get(str(g))), ">80")
+                cells.append(f"{_gib(row['projected_bytes'])} {mark}")
+        table.append(cells)
+    lines += ["", _table(header, table)]
+    lines += ["", "fits (residual of the line through 1-2-4 blocks, GiB rms / max; vision slope per block, GiB):"]
+    for row in report["rows"]:
+        if row.get("fit"):
+            f = row["fit"]
+            lines.append(f"  {row['config']:14s} {row['explainer']:34s} slope {f['slope'] / GIB:7.3f}/block  "
+                         f"rms {f['residual_rms'] / GIB:.4f}  max {f['residual_max'] / GIB:.4f}  "
+                         f"vision {row['vision_slope_bytes'] / GIB:7.3f}  fwd-eq {row['costs']['forward_equivalents']}")
+        else:
+            lines.append(f"  {row['config']:14s} {row['explainer']:34s} {row.get('error')}")
+    notes = sorted({(r["explainer"], r["note"]) for r in report["rows"] if r["note"]})
+    if notes:
+        lines += ["", "measured with cheaper parameters where memory does not depend on them:"]
+        lines += [f"  {eid}: {note}" for eid, note in notes]
+    lines += ["", f"{len(report['rows'])} explanations x {len(report['depths']) + 1} depths in "
+                  f"{report['seconds']:.0f} s ({report['threads']} threads)"]
+    return "\n".join(lines)
+
+
+def _table(header: list[str], lines: list[list[str]]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *lines)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join(fmt.format(*row).rstrip() for row in [header, ["-" * w for w in widths], *lines])
+
+
+# --- the projection checked on a model small enough to measure at depth -------------------------------------
+
+CHECK_DEPTHS: tuple[int, ...] = (1, 2, 4)
+CHECK_TARGET = 8
+"""The narrow 576-image-token bench model (:mod:`xmllm.bench.models`) has 8 decoder blocks: the line
+through 1, 2 and 4 of them is projected to 8 and compared with the measured 8-block peak."""
+CHECK_TOLERANCE = 0.10
+
+
+def narrow_builder(folder: Any, values: str = "free", dtype: torch.dtype = DTYPE) -> Callable[[int, int], Any]:
+    """Builds the narrow bench model (its own saved config and processor) cut to a decoder depth."""
+    import copy
+
+    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+
+    from xmllm.explainers.models import LoadedModel, adapter_for
+
+    from .free_compute import materialise, parameters_on_meta
+    from .models import build_llava_576
+
+    folder = build_llava_576(folder)
+    base = AutoConfig.from_pretrained(folder)
+    processor = AutoProcessor.from_pretrained(folder)
+
+    def builder(layers: int, vision_layers: int) -> Any:
+        config = copy.deepcopy(base)
+        config.text_config.num_hidden_layers = layers
+        config.vision_config.num_hidden_layers = vision_layers
+        with parameters_on_meta():
+            model = LlavaForConditionalGeneration(config)
+        model = materialise(model, dtype, "cpu", values=values)
+        model.set_attn_implementation("eager")
+        model.generation_config.eos_token_id = None  # as scale_configs.build: generations run to their limit
+        return LoadedModel(model, processor, adapter_for(model, processor), "llava-576 (cut)", str(folder),
+                           torch.device("cpu"), dtype, eager_attention=True)
+
+    return builder
+
+
+def projection_check(folder: Any, ids: Sequence[str] | None = None,
+                     tell: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Per explainer: the 8-block peak of the narrow bench model projected from 1, 2 and 4 blocks
+    (probes and all, as ``--scale`` measures), against the 8-block peak measured at the batch the
+    defaults use (free arithmetic on the CPU, the device's default budget)."""
+    from transformers import AutoConfig
+
+    from .models import demo_sample
+
+    ids = list(ids or sample_level_ids())
+    builder = narrow_builder(folder)
+    vision = AutoConfig.from_pretrained(folder).vision_config.num_hidden_layers
+    points = [(layers, vision) for layers in CHECK_DEPTHS]
+    full = (CHECK_TARGET, vision)
+    image = demo_sample().images[0]
+    runs, plans, small, _ = measure_points(builder, image, ids, points, full, None, torch.device("cpu"), tell,
+                                           "llava-576")
+    loaded = builder(CHECK_TARGET, vision)
+    prep = forced(loaded, image)
+    out = []
+    with planning(*full, device="cuda"):
+        for eid in ids:
+            chosen = plans[eid]
+            if tell is not None:
+                tell(f"llava-576 {CHECK_TARGET}+{vision} {eid}")
+            params = chosen.at(chosen.batch) if chosen.batch else chosen.params
+            target = measure_one(eid, _prep_for(prep, chosen), params, torch.device("cpu"), chosen.batch,
+                                 chosen.stop_backwards)
+            measured = [*runs[eid].values(), *([small[eid]] if eid in small else [])]
+            failed = target.error or next((m.error for m in measured if m.error), None)
+            if failed or target.peak is None or any(m.peak is None for m in measured):
+                out.append({"explainer": eid, "error": failed or "no peak measured"})
+                continue
+            row = projection(runs[eid], points, chosen, small.get(eid), full, vision=False)
+            projected = row["projected_activation_bytes"]
+            out.append({"explainer": eid, "peaks": {f"{k[0]}": m.peak for k, m in runs[eid].items()},
+                        "measured": target.peak, "projected": projected,
+                        "error_share": (projected - target.peak) / target.peak, "fit": row["fit"],
+                        "batch": chosen.batch, "probes": list(chosen.probes), "note": chosen.note})
+    return out
