@@ -136,7 +136,18 @@ def test_markdown_page_holds_the_table_verdict_and_sanity_of_the_json(result) ->
         assert row[1:-1] == [f"{s['mean']:.2f}" for s in check["stages"]]
     for eid in saved["verdict"]["flagged"]:
         assert f"**Do not trust {eid}**" in page.replace("\\", "")
-    assert f"{saved['verdict']['best_pointing_game']:.3f}" in page
+    verdict = saved["verdict"]
+    # "best" follows the verdict's rule: a flagged explainer is never the best, and the page says so
+    assert verdict["best_pointing"] is None or verdict["best_pointing"] in verdict["trusted"]
+    if verdict["best_pointing"]:
+        assert f"{verdict['best_pointing_game']:.3f}" in page
+    else:
+        assert "No trusted explainer has a pointing game" in page
+    if verdict["best_flagged"]:
+        assert verdict["best_flagged"] in verdict["flagged"] and "is flagged above" in page
+    # six samples: every verdict is provisional, and the page says so at the top of the verdict
+    assert verdict["provisional"] and verdict["grounded_samples"] < verdict["min_samples"]
+    assert page.index("Provisional") < page.index("## Scores")
 
 
 def _markdown_tables(page: str) -> list[dict]:
@@ -231,3 +242,20 @@ def test_page_escapes_what_came_from_outside(result) -> None:
     assert rendered.count("<table>") == page.count("\n|---|")  # the pipe started no table of its own
     with pytest.raises(Exception, match="missing field"):
         trust_page_markdown({"format": 1})
+
+
+def test_explainers_with_a_target_parameter_are_scored_once_per_target(model_dir) -> None:
+    """relevancy.chefer runs with both targets (log-prob and logit), so that the evaluation measures
+    which to default to; a target the user fixes runs alone."""
+    import xmllm
+
+    both = xmllm.evaluate(str(model_dir), demo=3, explainers=["relevancy.chefer"], sanity_samples=1, device="cpu")
+    labels = ["relevancy.chefer[target=logit]", "relevancy.chefer[target=logprob]"]
+    assert both["config"]["explainers"] == labels
+    assert [both["config"]["params"][label]["target"] for label in labels] == ["logit", "logprob"]
+    assert set(both["sanity"]["explainers"]) == set(labels) and set(labels) <= set(both["table"])
+    one = xmllm.evaluate(str(model_dir), demo=3, explainers=["relevancy.chefer"], sanity_samples=0, device="cpu",
+                         params={"relevancy.chefer": {"target": "logit"}})
+    assert one["config"]["explainers"] == ["relevancy.chefer"]
+    logit_rows = [r["scores"]["relevancy.chefer[target=logit]"] for r in both["per_sample"]]
+    assert [r["scores"]["relevancy.chefer"] for r in one["per_sample"]] == logit_rows

@@ -20,7 +20,7 @@ from tiny_models import FAMILIES, TEST_IMAGE_SIZES, build_tiny, missing_dependen
 
 from xmllm.explainers.answering import Answer
 from xmllm.explainers.context import ExplainSample, prepare
-from xmllm.explainers.methods.relevancy import CheferRelevancy, ModalityRelevancy, compute_relevancy
+from xmllm.explainers.methods.relevancy import DEFAULT_TARGET, CheferRelevancy, ModalityRelevancy, compute_relevancy
 from xmllm.explainers.models import LoadedModel, adapter_for, load_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -98,7 +98,7 @@ def _attention_hooks(modules, store):
     return [m.register_forward_hook(make(i)) for i, m in enumerate(modules)]
 
 
-def slow_relevancy(prepared, which, target: str = "logprob", through: str = "decoder") -> np.ndarray:
+def slow_relevancy(prepared, which, target: str = DEFAULT_TARGET, through: str = "decoder") -> np.ndarray:
     """Relevancy over decoder positions for answer token ``which`` (an int) or the whole answer ("answer")."""
     model, adapter = prepared.model, prepared.adapter
     points = adapter.hook_points()
@@ -274,7 +274,7 @@ def test_the_model_own_answer_on_the_demo(demo):
     exp = CheferRelevancy().explain(demo, ExplainSample([sample.image()], sample.text, id=sample.id))
     assert exp.target.text and exp.maps["image"].shape[0] == len(exp.target.token_ids)
     assert np.isfinite(exp.maps["image"]).all() and exp.maps["image"].max() > 0
-    assert exp.params == {"through": "decoder", "target": "logprob", "batch": 1}
+    assert exp.params == {"through": "decoder", "target": "logit", "batch": 1}
 
 
 # --- every family ----------------------------------------------------------------------------------

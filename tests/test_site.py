@@ -109,7 +109,7 @@ def test_every_explainer_has_a_page_with_parameters_and_citations(generated) -> 
     # the relevancy.modality table holds the declared defaults, as JSON
     rel = markdown.markdown(pages[explainer_pages.explainer_page("relevancy.modality")], extensions=EXTENSIONS)
     assert re.search(r"<code>top_k</code></td>\s*<td><code>3</code>", rel)
-    assert re.search(r'<code>target</code></td>\s*<td><code>"logprob"</code>', rel)
+    assert re.search(r'<code>target</code></td>\s*<td><code>"logit"</code>', rel)
     nav_targets = [next(iter(item.values())) for item in nav[explainer_pages.EXPLAINERS_INDEX][1:]]
     assert nav_targets == [explainer_pages.explainer_page(r["id"]) for r in describe_all()]
 

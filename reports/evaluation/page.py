@@ -123,8 +123,8 @@ def _method_section(result: dict[str, Any]) -> list[str]:
         "- Random floor: a map of uniform random values per sample, scored exactly like the explainers' maps.",
         "- Intervals: 95% bootstrap percentile intervals of the mean (2000 resamples, fixed seed). An explainer is "
         "flagged *unfaithful* unless its deletion-area interval lies wholly below the random floor's.",
-        f"- Scored map per explainer: " + "; ".join(f"{md(e)}: {md(n)}" for e, n in result.get("maps", {}).items()),
-        f"- Evaluation parameters: " + "; ".join(
+        "- Scored map per explainer: " + "; ".join(f"{md(e)}: {md(n)}" for e, n in result.get("maps", {}).items()),
+        "- Evaluation parameters: " + "; ".join(
             f"{md(e)} {md(json.dumps(p, sort_keys=True))}" for e, p in config["params"].items() if p) + ".",
     ]
     timing = result["timings"]
@@ -156,6 +156,10 @@ def trust_page_markdown(result: dict[str, Any]) -> str:
         "## Verdict",
         "",
     ]
+    if verdict.get("provisional"):
+        lines += [f"!!! warning \"Provisional\"\n    Only {verdict['grounded_samples']} samples with ground truth "
+                  f"(fewer than {verdict['min_samples']}): the 95% intervals are wide, and a verdict below can change "
+                  "with more samples. Run the evaluation on more questions before relying on it.", ""]
     if verdict["trusted"]:
         lines.append("- **Trust**: " + ", ".join(md(e) for e in verdict["trusted"])
                      + " (deletion beats the random floor; maps change when the model is randomised).")
@@ -163,8 +167,13 @@ def trust_page_markdown(result: dict[str, Any]) -> str:
         lines.append(f"- **Do not trust {md(eid)}**: " + "; ".join(md(f["text"]) for f in result["flags"][eid]) + ".")
     if verdict["best_pointing"]:
         met = "meets" if verdict["meets_pointing_bar"] else "does not meet"
-        lines.append(f"- Best pointing game: {md(verdict['best_pointing'])} at {verdict['best_pointing_game']:.3f}, "
-                     f"which {met} the bar of {verdict['pointing_bar']}.")
+        lines.append(f"- Best pointing game among the trusted explainers: {md(verdict['best_pointing'])} at "
+                     f"{verdict['best_pointing_game']:.3f}, which {met} the bar of {verdict['pointing_bar']}.")
+    elif verdict["trusted"] or verdict["flagged"]:
+        lines.append("- No trusted explainer has a pointing game to report.")
+    if verdict.get("best_flagged"):
+        lines.append(f"- {md(verdict['best_flagged'])} points better ({verdict['best_flagged_pointing_game']:.3f}) but "
+                     "is flagged above, so it is not counted as the best.")
     lines += [
         "",
         "## Scores",

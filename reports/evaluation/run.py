@@ -40,6 +40,9 @@ the minimal set without regenerating answers under its masks (text the metrics n
 ``--param`` overrides them."""
 SANITY_SAMPLES = 10
 """Samples the randomisation cascade runs on (every explainer, every stage, each sample)."""
+MIN_VERDICT_SAMPLES = 100
+"""Grounded samples below which verdicts are provisional: with fewer, a 95% interval of a
+pointing game spans more than about +-0.1 and a flag can flip with a few more samples."""
 POINTING_BAR = 0.9
 """The pointing game the best image-map explainer should reach on object-grounded questions."""
 RANDOM_LABEL = "random"
@@ -63,8 +66,43 @@ class EvaluationConfig:
     sanity_samples: int = SANITY_SAMPLES
     batch_size: int | None = None
 
-    def params_for(self, explainer_id: str) -> dict[str, Any]:
-        return {**EVAL_PARAMS.get(explainer_id, {}), **self.params.get(explainer_id, {})}
+    def params_for(self, label: str) -> dict[str, Any]:
+        """The parameters a run label stands for: the evaluation's defaults, the user's, and the
+        variant's own (``relevancy.chefer[target=logit]``)."""
+        eid, variant = split_label(label)
+        return {**EVAL_PARAMS.get(eid, {}), **self.params.get(eid, {}), **variant}
+
+    def labels(self, explainer_id: str) -> list[str]:
+        """One run label per variant: explainers whose ``target`` is a parameter run once per target
+        (so that the evaluation measures which target to default to), unless the user fixed it."""
+        return [variant_label(explainer_id, v) for v in target_variants(explainer_id, self.params.get(explainer_id))]
+
+
+VARIED = "target"
+"""The parameter an evaluation varies by default: what an explainer explains (log-prob or logit)."""
+
+
+def target_variants(explainer_id: str, given: dict[str, Any] | None) -> list[dict[str, Any]]:
+    from xmllm.explainers.registry import get_explainer
+
+    spec = next((s for s in get_explainer(explainer_id).Params.specs() if s.name == VARIED), None)
+    if spec is None or spec.info.choices is None or VARIED in (given or {}):
+        return [{}]
+    return [{VARIED: choice} for choice in spec.info.choices]
+
+
+def variant_label(explainer_id: str, variant: dict[str, Any]) -> str:
+    return explainer_id + "".join(f"[{k}={v}]" for k, v in variant.items())
+
+
+def split_label(label: str) -> tuple[str, dict[str, Any]]:
+    """``relevancy.chefer[target=logit]`` -> (``relevancy.chefer``, ``{"target": "logit"}``)."""
+    eid, _, rest = label.partition("[")
+    variant = {}
+    for part in filter(None, ("[" + rest).split("[")):
+        key, _, value = part.rstrip("]").partition("=")
+        variant[key] = value
+    return eid, variant
 
 
 UNSCORABLE_NEEDS = ("pair", "checkpoints", "labelled_set")
@@ -145,9 +183,10 @@ def evaluate(loaded: "LoadedModel", samples: Sequence["ExplainSample"], config: 
     steps = config.steps or DEFAULT_STEPS
     metrics = {name: cls() for name, cls in registered_metrics().items()}
     if config.explicit:
-        active, skipped = list(config.explainers), {}
+        chosen, skipped = list(config.explainers), {}
     else:
-        active, skipped = default_explainers(config.explainers)
+        chosen, skipped = default_explainers(config.explainers)
+    active = [label for eid in chosen for label in config.labels(eid)]
     skipped_samples: list[dict[str, str]] = []
     errors: dict[str, dict[str, Any]] = {}
     map_names: dict[str, str] = {}
@@ -172,13 +211,14 @@ def evaluate(loaded: "LoadedModel", samples: Sequence["ExplainSample"], config: 
         for eid in list(active):
             torch.manual_seed(config.seed)
             try:
-                exp = clocks[eid].timed(lambda: get_explainer(eid)().explain(loaded, prepared, **config.params_for(eid)))
+                exp = clocks[eid].timed(lambda: get_explainer(split_label(eid)[0])().explain(
+                    loaded, prepared, **config.params_for(eid)))
             except TypeError as error:  # a bad --param: the same on every sample
                 raise XmllmError(f"explainer {eid}: {str(error).splitlines()[0]}") from None
             except (ValueError, RuntimeError) as error:
                 message = str(error).splitlines()[0]
                 if clocks[eid].count == 1:  # its first sample: a setting or a need, not this sample
-                    if eid in config.params:
+                    if split_label(eid)[0] in config.params:
                         raise XmllmError(f"explainer {eid}: {message}") from None
                     if not config.explicit:
                         skipped[eid] = f"fails on the first sample: {message}"
@@ -228,7 +268,7 @@ def evaluate(loaded: "LoadedModel", samples: Sequence["ExplainSample"], config: 
     sanity = None
     scored_ids = [eid for eid in active if eid in map_names]
     if kept and scored_ids and config.sanity_samples > 0:
-        from xmllm.explainers.metrics.sanity import cascade, randomisation_check
+        from xmllm.explainers.metrics.sanity import cascade, explainer_map, randomisation_check
 
         total = len(cascade(loaded)) * len(kept)
         done = [0]
@@ -239,9 +279,12 @@ def evaluate(loaded: "LoadedModel", samples: Sequence["ExplainSample"], config: 
                 progress("sanity", done[0], total)
 
         originals = {eid: [m.get(eid) for _, m in kept] for eid in scored_ids}
+        def map_of(model: Any, prep: Any, label: str, params: dict[str, Any] | None) -> Any:
+            return explainer_map(model, prep, split_label(label)[0], params)
+
         sanity = sanity_clock.timed(lambda: randomisation_check(
             loaded, [p for p, _ in kept], scored_ids, {eid: config.params_for(eid) for eid in scored_ids},
-            originals=originals, seed=config.seed, progress=step))
+            originals=originals, seed=config.seed, progress=step, map_of=map_of))
 
     timings = {
         "total_wall_seconds": round(time.perf_counter() - wall0, 3),
@@ -377,14 +420,27 @@ def _flags(eid: str, table: dict[str, dict[str, Any]], sanity: dict[str, Any] | 
 
 
 def _verdict(result: dict[str, Any], table: dict[str, dict[str, Any]], flags: dict[str, list]) -> dict[str, Any]:
+    """Trusted and flagged explainers, and the best pointing game by the same rule: "best" is
+    chosen among the trusted ones only (a flagged explainer's higher score is reported beside it,
+    never as the best), and below :data:`MIN_VERDICT_SAMPLES` grounded samples the verdicts are
+    marked provisional."""
     ids = result["config"]["explainers"]
     pointing = {eid: table[eid]["pointing_game"]["mean"] for eid in ids if table[eid].get("pointing_game", {}).get("mean") is not None}
-    best = max(pointing, key=lambda e: (pointing[e], e)) if pointing else None
+    trusted = [eid for eid in ids if not flags[eid]]
+    candidates = {eid: v for eid, v in pointing.items() if eid in trusted}
+    best = max(candidates, key=lambda e: (candidates[e], e)) if candidates else None
+    overall = max(pointing, key=lambda e: (pointing[e], e)) if pointing else None
+    grounded = int(result["samples"].get("with_truth", 0))
     return {
         "best_pointing": best,
         "best_pointing_game": pointing.get(best) if best else None,
+        "best_flagged": overall if overall is not None and overall != best and overall not in trusted else None,
+        "best_flagged_pointing_game": pointing.get(overall) if overall is not None and overall not in trusted else None,
         "pointing_bar": POINTING_BAR,
         "meets_pointing_bar": bool(best and pointing[best] >= POINTING_BAR),
-        "trusted": [eid for eid in ids if not flags[eid]],
+        "trusted": trusted,
         "flagged": [eid for eid in ids if flags[eid]],
+        "grounded_samples": grounded,
+        "min_samples": MIN_VERDICT_SAMPLES,
+        "provisional": grounded < MIN_VERDICT_SAMPLES,
     }

@@ -45,8 +45,13 @@ def text_table(result: dict[str, Any]) -> str:
                  f"baseline {result['config']['baseline']}, {result['config']['steps']} curve steps, seed {result['config']['seed']}")
     if verdict["best_pointing"]:
         met = "meets" if verdict["meets_pointing_bar"] else "misses"
-        lines.append(f"best pointing game: {verdict['best_pointing']} {verdict['best_pointing_game']:.3f} "
-                     f"({met} the {verdict['pointing_bar']} bar)")
+        lines.append(f"best pointing game among trusted explainers: {verdict['best_pointing']} "
+                     f"{verdict['best_pointing_game']:.3f} ({met} the {verdict['pointing_bar']} bar)")
+    if verdict.get("best_flagged"):
+        lines.append(f"{verdict['best_flagged']} points better ({verdict['best_flagged_pointing_game']:.3f}) but is flagged")
+    if verdict.get("provisional"):
+        lines.append(f"provisional: {verdict['grounded_samples']} grounded samples, fewer than {verdict['min_samples']}; "
+                     "verdicts may change with more samples")
     for eid, flags in result["flags"].items():
         for flag in flags:
             lines.append(f"flag {eid}: {flag['kind']}: {flag['text']}")
