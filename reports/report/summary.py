@@ -1,0 +1,182 @@
+"""The "why" panel at the top of every report: what a reader wants before the details.
+
+- the answer, whether it was cut, warnings and skipped explainers;
+- one small map per image explainer, side by side over the image, each on its own colour scale
+  with a colour bar (maps of different explainers are in different units);
+- how much the explainers agree: the Spearman rank correlation of every pair of maps;
+- the causal result in words ("masking these 3 cells turns *purple* into *blue*");
+- maps whose largest value is near numerical noise, with the parameter to change.
+
+Everything here is computed from the run alone (no model), so cached runs re-render.
+"""
+from __future__ import annotations
+
+import base64
+import io
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image
+
+    from .run import Run
+
+NOISE_FLOOR = 1e-3
+"""Largest |value| under which an image map is called near numerical noise: for log-probability
+changes and their gradients this is a thousandth of a nat, far below any answer-level effect."""
+NOISE_HINTS: dict[str, str] = {
+    "perturbation.occlusion": "occlude larger windows (--param perturbation.occlusion.window=2) or explain a "
+                              "contrast (--contrast OTHER): a confident answer hardly moves when one cell is hidden",
+    "gradient.saliency": "explain a contrast (--contrast OTHER): the gradient of a saturated probability is near zero",
+    "gradient.input_x_gradient": "explain a contrast (--contrast OTHER): the gradient of a saturated probability "
+                                 "is near zero",
+    "relevancy.chefer": "use the logit target (--param relevancy.chefer.target=logit) or a contrast (--contrast OTHER)",
+    "relevancy.modality": "use the logit target (--param relevancy.modality.target=logit) or a contrast",
+    "gradient.gradcam": "explain a contrast (--contrast OTHER) or pick another layer (--param gradient.gradcam.layer=N)",
+}
+"""What to change when an explainer's map is near noise (by explainer id; a generic hint otherwise)."""
+GENERIC_HINT = "explain a contrast (--contrast OTHER) or change this explainer's parameters (xmllm explainers ID)"
+THUMB = 150
+"""Pixels of each small map's side."""
+
+
+@dataclass
+class MapThumb:
+    explainer: str
+    map_name: str
+    png: str
+    """A data: URI of the map over the image, with its colour bar."""
+    low: float
+    high: float
+    noise: str | None = None
+    """When the map is near numerical noise: what to change."""
+
+
+@dataclass
+class WhyPanel:
+    answer: str
+    cut: bool
+    limit: int | None
+    given: bool
+    contrast: str | None
+    warnings: list[str]
+    skipped: dict[str, str]
+    thumbs: list[MapThumb] = field(default_factory=list)
+    agreement: dict[str, Any] | None = None
+    """``labels`` and the ``matrix`` of Spearman correlations (None with fewer than two maps)."""
+    causal: str | None = None
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Rank correlation of two maps (average ranks for ties); 0 when either is constant."""
+    def ranks(x: np.ndarray) -> np.ndarray:
+        flat = x.ravel().astype(np.float64)
+        order = flat.argsort(kind="mergesort")
+        r = np.empty_like(flat)
+        r[order] = np.arange(flat.size, dtype=np.float64)
+        for value in np.unique(flat):  # ties share their mean rank
+            tied = flat == value
+            if tied.sum() > 1:
+                r[tied] = r[tied].mean()
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return 0.0
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _thumb(values: np.ndarray, image: "Image.Image | None", region: Any) -> tuple[str, float, float]:
+    """The map over (the mapped region of) the image, with a colour bar, as a PNG data URI."""
+    from .static import _pyplot
+
+    plt = _pyplot()
+    low, high = float(np.nanmin(values)), float(np.nanmax(values))
+    signed = low < 0 < high
+    bound = max(abs(low), abs(high)) or 1.0
+    fig, ax = plt.subplots(figsize=(2.0, 1.7), dpi=THUMB / 2.0)
+    if image is not None:
+        shown = image
+        if region is not None:
+            x0, y0, x1, y1 = (float(v) for v in region)
+            shown = image.crop((round(x0), round(y0), round(x1), round(y1)))
+        ax.imshow(np.asarray(shown.convert("RGB")), extent=(0, 1, 1, 0))
+    mapped = ax.imshow(values, cmap="RdBu_r" if signed else "viridis", alpha=0.6 if image is not None else 1.0,
+                       vmin=-bound if signed else low, vmax=bound if signed else (high if high > low else low + 1e-12),
+                       extent=(0, 1, 1, 0), interpolation="nearest")
+    ax.set_axis_off()
+    bar = fig.colorbar(mapped, ax=ax, fraction=0.08, pad=0.03)
+    bar.ax.tick_params(labelsize=5)
+    bar.formatter.set_powerlimits((-2, 3))
+    bar.update_ticks()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight", pad_inches=0.02, metadata={"Software": None})
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"), low, high
+
+
+def _region(run: "Run") -> Any:
+    for layout in run.manifest.get("layouts") or []:
+        for grid in layout.get("grids") or []:
+            if grid.get("main") and layout.get("image") == 0:
+                return grid.get("region")
+    return None
+
+
+def _causal_words(run: "Run") -> str | None:
+    from xmllm.report.slabs import show_token
+
+    if "causal.minimal_set" not in run:
+        return None
+    exp = run["causal.minimal_set"]
+    meta, cells = exp.meta, (exp.meta.get("set") or {}).get("cells") or []
+    words = (meta.get("set") or {}).get("words") or []
+    original, new = show_token(str(meta.get("original_token", "?"))), show_token(str(meta.get("new_top_token", "?")))
+    if meta.get("status") == "flipped":
+        parts = []
+        if cells:
+            parts.append(f"{len(cells)} image cell{'s' if len(cells) != 1 else ''}")
+        if words:
+            parts.append(f"{len(words)} question word{'s' if len(words) != 1 else ''}")
+        what = " and ".join(parts) or "the set"
+        these = "this" if len(cells) + len(words) == 1 else "these"
+        return f"masking {these} {what.removeprefix('1 ')} turns “{original}” into “{new}”"
+    return f"no small set of cells changes the answer “{original}” ({meta.get('status', 'not found')})"
+
+
+def why_panel(run: "Run") -> WhyPanel:
+    """The panel's content for ``run`` (see the module docstring)."""
+    from xmllm.explainers.metrics import primary_image_map
+
+    answer = run.manifest.get("answer") or {}
+    contrast = (run.manifest.get("contrast") or {}).get("text")
+    panel = WhyPanel(
+        answer=str(answer.get("text", "")), cut=answer.get("stopped") == "length", limit=answer.get("max_new_tokens"),
+        given=answer.get("stopped") == "given", contrast=contrast,
+        warnings=[str(w) for w in run.manifest.get("warnings") or []],
+        skipped={str(k): str(v) for k, v in (run.manifest.get("skipped") or {}).items()},
+    )
+    image = run.images[0] if run.images else None
+    region = _region(run)
+    maps: dict[str, np.ndarray] = {}
+    for exp in run.explanations:
+        scored = primary_image_map(exp)
+        if scored is None or not np.isfinite(scored.values).all():
+            continue
+        values = np.asarray(scored.values, dtype=np.float64)
+        maps[exp.explainer] = values
+        uri, low, high = _thumb(values, image, region)
+        noise = None
+        if exp.explainer != "causal.minimal_set" and max(abs(low), abs(high)) < NOISE_FLOOR:
+            noise = (f"largest value {max(abs(low), abs(high)):.1e}, near numerical noise: "
+                     + NOISE_HINTS.get(exp.explainer, GENERIC_HINT))
+        panel.thumbs.append(MapThumb(exp.explainer, scored.describe(), uri, low, high, noise))
+    labels = [k for k in maps if k != "causal.minimal_set"]
+    if len(labels) >= 2 and len({maps[k].shape for k in labels}) == 1:
+        matrix = [[round(spearman(maps[a], maps[b]), 2) for b in labels] for a in labels]
+        pairs = [(matrix[i][j], labels[i], labels[j]) for i in range(len(labels)) for j in range(i + 1, len(labels))]
+        panel.agreement = {"labels": labels, "matrix": matrix, "lowest": min(pairs), "highest": max(pairs)}
+    panel.causal = _causal_words(run)
+    return panel
