@@ -8,3 +8,8 @@ from __future__ import annotations
 
 class XmllmError(Exception):
     """A user-facing failure: its message is one line naming the file, field or value at fault."""
+
+
+class MissingInput(XmllmError, ValueError):
+    """An explainer's inputs are not all there (no ground truth, no second checkpoint): raised
+    before any model work; a run of several explainers skips it with this message instead."""

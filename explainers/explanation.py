@@ -33,6 +33,9 @@ class Target:
     prompt_positions: list[int] = field(default_factory=list)
     """Positions of the prompt's text tokens (not image tokens), the axis of prompt maps."""
     prompt_tokens: list[str] = field(default_factory=list)
+    contrast: str | None = None
+    """With a contrast: the foil answer; each answer token's value is log p(answer) - log p(foil)."""
+    contrast_tokens: list[str] = field(default_factory=list)
 
 
 @dataclass

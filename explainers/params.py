@@ -271,7 +271,9 @@ def _specs(cls: type) -> tuple[Spec, ...]:
         raise TypeError(f"{cls!r} must be a dataclass subclassing ExplainerParams")
     hints = typing.get_type_hints(cls)
     out = []
-    for f in dataclasses.fields(cls):
+    own = set(cls.__dict__.get("__annotations__", {}))
+    # the class's own parameters first, then those it inherits (a shared group such as MaskingParams)
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):
         info = f.metadata.get(PARAM_KEY)
         where = f"{cls.__qualname__}.{f.name}"
         if info is None:

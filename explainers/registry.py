@@ -59,6 +59,8 @@ class Explainer:
     summary: ClassVar[str] = ""
     Params: ClassVar[type[ExplainerParams]] = ExplainerParams
     """The declared parameters (a frozen dataclass of :func:`~xmllm.explainers.params.param` fields)."""
+    supports_contrast: ClassVar[bool] = False
+    """Whether it explains a contrast (``answer rather than foil``) through ``Prepared.target_ids``."""
 
     @classmethod
     def check_params(cls, params: Mapping[str, Any] | None) -> ExplainerParams:
@@ -68,8 +70,21 @@ class Explainer:
     def explain(self, model: "LoadedModel", sample: "ExplainSample | Prepared | Sequence[ExplainSample]",
                 **params: Any) -> "Explanation":
         """Explain ``sample`` (one sample, or a sample set for ``scope == "dataset"``) on ``model``."""
+        from .errors import MissingInput, XmllmError
+
         checked = self.check_params(params)
+        why = self.unmet(model, getattr(sample, "sample", sample), checked)
+        if why is not None:
+            raise MissingInput(f"{self.id}: {why}")
+        if getattr(sample, "contrast", None) is not None and not self.supports_contrast:
+            raise XmllmError(f"{self.id}: explains one answer, not a contrast between two")
         return self.compute(model, self.ready(model, sample), checked)
+
+    def unmet(self, model: "LoadedModel", sample: Any, params: Any) -> str | None:
+        """Why this explainer cannot run on ``sample`` (no ground truth, no second checkpoint, ...),
+        or None. Checked before any model work: a run of several explainers lists it as skipped
+        with this reason and runs the others; asked for alone, it is a one-line error."""
+        return None
 
     def ready(self, model: "LoadedModel", sample: Any) -> Any:
         """The sample as :meth:`compute` takes it: for one sample, prepared on ``model`` (answer,

@@ -31,13 +31,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from .explainers.models import LoadedModel
     from .report.run import Run
 
-def load_model(spec: str | os.PathLike[str] = "demo", device: str = "auto", dtype: str = "auto") -> "LoadedModel":
+def load_model(spec: str | os.PathLike[str] = "demo", device: str = "auto", dtype: str = "auto",
+               revision: str | None = None) -> "LoadedModel":
     """Load a model with its processor and family adapter: ``"demo"`` (the embedded demo model),
     a local Hugging Face folder, or a hub id already in the local cache.
 
     ``device`` is ``auto`` (CUDA when present, else the CPU), ``cpu`` or ``cuda[:N]``; ``dtype`` is
-    ``auto`` (bfloat16 on CUDA, float32 on the CPU), ``float32``, ``bfloat16`` or ``float16``.
-    Weights are read from safetensors only and remote code is never run. Explainers that need
+    ``auto`` (bfloat16 on CUDA, float32 on the CPU), ``float32``, ``bfloat16`` or ``float16``;
+    ``revision`` pins a hub id's branch, tag or commit (recorded in the provenance). Weights are read from safetensors only and remote code is never run. Explainers that need
     attention weights switch the model to eager attention themselves while they run.
 
     Example:
@@ -47,7 +48,7 @@ def load_model(spec: str | os.PathLike[str] = "demo", device: str = "auto", dtyp
     """
     from .explainers.models import load_model as _load
 
-    return _load(spec, device=device, dtype=dtype)
+    return _load(spec, device=device, dtype=dtype, revision=revision)
 
 
 def _model(model: "LoadedModel | str | os.PathLike[str]", device: str, dtype: str) -> "LoadedModel":
@@ -95,6 +96,10 @@ def explain(
     seed: int = 0,
     expected: str | None = None,
     sample_id: str | None = None,
+    answer: str | None = None,
+    contrast: str | None = None,
+    max_new_tokens: int | None = None,
+    max_memory: int | str | None = None,
     faithfulness: bool = True,
     device: str = "auto",
     dtype: str = "auto",
@@ -108,20 +113,37 @@ def explain(
     explainer id to its parameters, checked against the explainer's declaration before any model
     work (``xmllm explainers ID`` lists them). The same inputs and seed give the same numbers.
 
+    By default the model's own greedy answer is explained, generated up to ``max_new_tokens``
+    (default: the model's generation config; the run records whether the answer ended or was cut).
+    ``answer`` explains a given answer instead (scored by the model, its token probabilities
+    shown). ``contrast`` explains "this answer rather than that one": each answer position's
+    log-probability minus the contrast's, for every gradient, relevancy and perturbation
+    explainer (the others are skipped, with the reason, as is any explainer whose inputs this
+    sample lacks; one asked for alone is an error instead).
+
+    ``max_memory`` (bytes, or a size such as ``"20GB"``) bounds the tensor memory each explainer
+    adds; they chunk their batches to fit it (default: the GPU's free memory, 1 GiB on a CPU).
+
     Returns a :class:`~xmllm.report.run.Run`: the answer with per-token probabilities
     (``run.answer``), each :class:`~xmllm.explainers.explanation.Explanation` by id (``run[id]``),
     provenance (``run.manifest``); ``run.show()`` or the notebook shows its report.
 
     Example:
 
-        run = xmllm.explain(model, "shapes.png", "What colour is the circle?", ["gradient.integrated"],
-                            params={"gradient.integrated": {"steps": 16}})
+        run = xmllm.explain(model, "shapes.png", "What colour is the diamond?", ["gradient.integrated"],
+                            params={"gradient.integrated": {"n_steps": 16}}, contrast="blue")
     """
+    from .explainers.answering import check_max_new_tokens
     from .explainers.context import ExplainSample
     from .runner import resolve_explainers, run_explainers
 
     if not isinstance(question, str) or not question.strip():
         raise XmllmError("question: must be a non-empty string")
+    check_max_new_tokens(max_new_tokens)
+    budget = _budget(max_memory)
+    for what, text in (("answer", answer), ("contrast", contrast)):
+        if text is not None and (not isinstance(text, str) or not text.strip()):
+            raise XmllmError(f"{what}: must be a non-empty text")
     if isinstance(explainers, str):
         explainers = [e.strip() for e in explainers.split(",") if e.strip()]
     ids = resolve_explainers(list(explainers) if explainers else None, leaf)
@@ -131,7 +153,17 @@ def explain(
     name = sample_id or (Path(image).stem if isinstance(image, (str, os.PathLike)) else "sample")
     loaded = _model(model, device, dtype)
     sample = ExplainSample(images, question, id=name, expected=expected)
-    return run_explainers(loaded, sample, ids, checked, seed=seed, progress=progress, faithfulness=faithfulness)
+    from .explainers.memory import memory_budget
+
+    with memory_budget(budget):
+        return run_explainers(loaded, sample, ids, checked, seed=seed, progress=progress, faithfulness=faithfulness,
+                              answer=answer, contrast=contrast, max_new_tokens=max_new_tokens)
+
+
+def _budget(max_memory: int | str | None, what: str = "max_memory") -> int | None:
+    from .explainers.memory import parse_memory
+
+    return None if max_memory is None else parse_memory(max_memory, what)
 
 
 def check_params(ids: Sequence[str], params: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict[str, Any]]:
@@ -170,6 +202,7 @@ def evaluate(
     out: str | os.PathLike[str] | None = None,
     device: str = "auto",
     dtype: str = "auto",
+    max_memory: int | str | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Which explainer to trust: score every image-map explainer against ground-truth masks
@@ -200,6 +233,7 @@ def evaluate(
         raise XmllmError(f"demo must be a positive number of samples, got {demo}")
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise XmllmError(f"out {out}: exists and is not a folder")
+    budget = _budget(max_memory)
     named = list(explainers or [])
     ids = resolve_explainers(named or None)
     checked = check_params(ids, params)
@@ -212,7 +246,10 @@ def evaluate(
     loaded = _model(model, device, dtype)
     config = EvaluationConfig(ids, checked, explicit=bool(named), seed=seed, baseline=baseline, steps=steps,
                               sanity_samples=SANITY_SAMPLES if sanity_samples is None else sanity_samples)
-    result = _evaluate(loaded, sample_set, config, source, progress)
+    from .explainers.memory import memory_budget
+
+    with memory_budget(budget):
+        result = _evaluate(loaded, sample_set, config, source, progress)
     if out is not None:
         save_evaluation(result, Path(out))
     return result

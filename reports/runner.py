@@ -52,6 +52,34 @@ def needs_attention(ids: list[str]) -> bool:
     return any(Need.ATTENTION in get_explainer(eid).needs for eid in ids)
 
 
+def plan_explainers(loaded: "LoadedModel", sample: "ExplainSample", ids: list[str],
+                    params: dict[str, dict[str, Any]] | None = None,
+                    contrast: str | None = None) -> tuple[list[str], dict[str, str]]:
+    """Which explainers can run on ``sample``, and why the others cannot (no ground truth, no
+    second checkpoint, no contrast support), decided before any model work. Asked for alone, an
+    explainer that cannot run is a one-line error; in a run of several it is listed as skipped."""
+    from xmllm.explainers.registry import get_explainer
+
+    params = params or {}
+    runnable, skipped = [], {}
+    for eid in ids:
+        cls = get_explainer(eid)
+        why = cls().unmet(loaded, sample, cls.check_params(params.get(eid)))
+        if why is None and contrast is not None and not cls.supports_contrast:
+            why = "explains one answer, not a contrast between two (gradient, relevancy and perturbation ones do)"
+        if why is None:
+            runnable.append(eid)
+        else:
+            skipped[eid] = why
+    if skipped and len(ids) == 1:
+        eid, why = next(iter(skipped.items()))
+        raise XmllmError(f"{eid}: {why}")
+    if ids and not runnable:
+        raise XmllmError("no explainer can run on this sample: " +
+                         "; ".join(f"{eid}: {why}" for eid, why in skipped.items()))
+    return runnable, skipped
+
+
 def run_explainers(
     loaded: "LoadedModel",
     sample: "ExplainSample",
@@ -60,9 +88,18 @@ def run_explainers(
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
     faithfulness: bool = True,
+    answer: str | None = None,
+    contrast: str | None = None,
+    max_new_tokens: int | None = None,
 ) -> "Run":
-    """Explain the model's greedy answer on ``sample`` with each explainer in turn;
-    ``progress`` is called with each explainer's id when it is done.
+    """Explain the model's answer on ``sample`` with each explainer in turn; ``progress`` is
+    called with each explainer's id when it is done (or skipped).
+
+    The answer is generated greedily (up to ``max_new_tokens``, default the model's), or given
+    (``answer``, scored by the model); with ``contrast`` the explainers that support it explain
+    ``answer rather than contrast`` (see :mod:`xmllm.explainers.context`). Explainers that cannot
+    run on this sample are skipped with their reason (:func:`plan_explainers`). Words of the
+    question the tokenizer does not know are warned about.
 
     With ``faithfulness`` (the default) every explainer that gives an image map also gets the
     deletion and insertion areas of that map on this sample (:func:`faithfulness_entry`), in one
@@ -70,21 +107,39 @@ def run_explainers(
     and every report shows them. ``faithfulness=False`` skips those forwards."""
     import torch
 
+    from xmllm.explainers.answering import check_max_new_tokens, unknown_words
     from xmllm.explainers.context import prepare
     from xmllm.explainers.registry import get_explainer
 
     params = params or {}
+    check_max_new_tokens(max_new_tokens)
+    runnable, skipped = plan_explainers(loaded, sample, ids, params, contrast)
+    warnings = []
+    unknown = unknown_words(loaded, sample.question)
+    if unknown:
+        warnings.append(f"the tokenizer does not know {', '.join(map(repr, unknown))} in the question: the model "
+                        "reads an unknown-word token there, so the answer cannot be about "
+                        f"{'it' if len(unknown) == 1 else 'them'}")
     torch.manual_seed(seed)
     started = utc_now()
     t0 = time.perf_counter()
-    prepared = prepare(loaded, sample)
+    plain = prepare(loaded, sample, answer=answer, max_new_tokens=max_new_tokens)
+    contrasted = plain.with_contrast(contrast) if contrast is not None else plain
+    if plain.answer.cut:
+        warnings.append(f"the answer was cut at max_new_tokens={plain.answer.max_new_tokens}: it may go on; "
+                        "raise max_new_tokens to explain the whole answer")
     timings = {"prepare": time.perf_counter() - t0}
     explanations = []
     for eid in ids:
+        if eid in skipped:
+            if progress:
+                progress(eid)
+            continue
+        cls = get_explainer(eid)
         torch.manual_seed(seed)
         t = time.perf_counter()
         try:
-            exp = get_explainer(eid)().explain(loaded, prepared, **params.get(eid, {}))
+            exp = cls().explain(loaded, contrasted if cls.supports_contrast else plain, **params.get(eid, {}))
         except (TypeError, ValueError) as exc:
             raise XmllmError(f"explainer {eid}: {str(exc).splitlines()[0]}") from None
         timings[eid] = time.perf_counter() - t
@@ -92,6 +147,7 @@ def run_explainers(
         explanations.append(exp)
         if progress:
             progress(eid)
+    prepared = contrasted
     faithful = None
     if faithfulness:
         t = time.perf_counter()
@@ -108,15 +164,23 @@ def run_explainers(
             "sha256": sample_sha256(sample.images, sample.question),
             "image_sizes": [list(img.size) for img in sample.images],
         },
-        "answer": prepared.answer.to_json(),
-        "explainers": ids,
-        "params": {eid: params.get(eid, {}) for eid in ids},
+        "answer": plain.answer.to_json(),
+        "explainers": runnable,
+        "params": {eid: cls_params(eid, params) for eid in runnable},
         "timings_seconds": {k: round(v, 4) for k, v in timings.items()},
         "versions": package_versions(),
         # float sums split across threads add up in another order: the last bits of every number
         # depend on this count, so it is part of what makes a run reproducible
         "torch_threads": _torch_threads(),
     }
+    if contrasted.contrast is not None:
+        manifest["contrast"] = contrasted.contrast.to_json()
+    if skipped:
+        manifest["skipped"] = skipped
+    if unknown:
+        manifest["unknown_words"] = unknown
+    if warnings:
+        manifest["warnings"] = warnings
     if faithful is not None:
         manifest["faithfulness"] = faithful
     from .report.run import IMAGE_NAME, Run
@@ -125,6 +189,13 @@ def run_explainers(
     manifest["sample"]["images"] = names
     manifest["layouts"] = layouts_json(prepared.layouts)
     return Run(manifest, explanations, list(sample.images), names, prepared=prepared)
+
+
+def cls_params(eid: str, params: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Every declared parameter of ``eid`` with the value used (given or default), as JSON."""
+    from xmllm.explainers.registry import get_explainer
+
+    return get_explainer(eid).check_params(params.get(eid)).as_dict(cli_only=True)
 
 
 def _torch_threads() -> int:

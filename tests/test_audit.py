@@ -172,6 +172,9 @@ def bad_images_run(tmp_path_factory, model):
     ("- just\n- a list\n", "must be a mapping"),
     ("name: [unclosed\n", "YAML syntax error"),
     ("name: a\noutput: x\noutput: y\n", "duplicate key 'output'"),
+    ("samples: {type: jsonl, path: a.jsonl}\nexplainers: {perturbation.occlusion: {window: 2, window: 3}}\n",
+     "c.yaml:2: explainers.perturbation.occlusion.window: duplicate key 'window'"),
+    ("samples: {type: jsonl, path: a.jsonl}\ndevice: quantum\n", "field device: unknown device 'quantum'"),
     ("samples: {type: jsonl, path: a.jsonl}\nexplainers: {perturbation.occlusion: {windw: 2}}\n",
      "perturbation.occlusion: unknown parameter 'windw'"),
     ("samples: {type: jsonl, path: a.jsonl}\nexplainers: {perturbation.occlusion: {window: 0}}\n",
@@ -414,3 +417,27 @@ def test_output_folder_of_something_else_is_refused(tmp_path, model):
         run_audit(load_config(write_config(tmp_path / "c.yaml", model)), progress=False)
     assert (tmp_path / "out" / "precious.txt").read_text() == "keep"
     shutil.rmtree(tmp_path / "out")
+
+
+def test_explainers_that_cannot_run_are_skipped_and_listed_in_the_summary(tmp_path, model):
+    """An explainer whose inputs a sample lacks (here training.compare: a model folder has no
+    known earlier checkpoint) is skipped with its reason on every sample; the others run, and the
+    summary lists it. The token limit reaches the answers."""
+    write_set(tmp_path / "set", 2)
+    cfg = write_config(tmp_path / "audit.yaml", model, probes=[], max_new_tokens=3,
+                       explainers={"perturbation.occlusion": {"window": 2}, "training.compare": {}})
+    outcome = run_audit(load_config(cfg), progress=False)
+    assert outcome.failed == 0 and outcome.computed == 2
+    data = json.loads((outcome.out / "audit.json").read_text(encoding="utf-8"))
+    skipped = data["skipped_explainers"]["training.compare"]
+    assert skipped["samples"] == 2 and "needs a second checkpoint" in skipped["reason"]
+    summary = parse((outcome.out / "summary.html").read_text(encoding="utf-8"))
+    assert "training.compare" in "".join(summary.text) and "needs a second checkpoint" in "".join(summary.text)
+    for run_dir in (outcome.out / "samples").glob("*/run"):
+        manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
+        assert manifest["explainers"] == ["perturbation.occlusion", "inference.visual_reliance"]
+        assert "needs a second checkpoint" in manifest["skipped"]["training.compare"]
+        assert manifest["answer"]["max_new_tokens"] == 3
+    assert load_config(cfg).config.max_new_tokens == 3
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        load_config(write_config(tmp_path / "bad.yaml", model, max_new_tokens=0))

@@ -291,7 +291,7 @@ def test_patching_bad_counterfactuals_are_one_line_errors(demo_prep, demo):
             ActivationPatching().explain(demo, demo_prep, **params)
         assert "\n" not in str(info.value)
     plain = ExplainSample(demo_prep.sample.images, demo_prep.sample.question, id="no-truth")
-    with pytest.raises(ValueError, match="no counterfactual"):
+    with pytest.raises(ValueError, match="needs a counterfactual sample"):
         ActivationPatching().explain(demo, prepare(demo, plain, answer=demo_prep.answer), corruption="pair")
 
 

@@ -125,7 +125,7 @@ def test_demo_early_is_the_default_partner_of_demo(monkeypatch, folders, prep):
 def test_bad_parameters_are_one_line_errors(first, prep, folders):
     for params, fragment in (({"explainer": "nope.nothing"}, "unknown explainer"),
                              ({"explainer": "training.compare"}, "other than"),
-                             ({"other": None}, "needs other="), ({"other": 3}, "model spec"),
+                             ({"other": None}, "needs a second checkpoint"), ({"other": 3}, "model spec"),
                              ({"other": str(folders[0]), "params": [1]}, "mapping"),
                              ({"other": str(folders[0]), "depth": 1}, "unknown parameter")):
         with pytest.raises(ValueError, match=fragment) as info:

@@ -147,6 +147,10 @@ def build_config(tokenizer, *, vision_layers: int = 3, decoder_layers: int = 4, 
     )
 
 
+DESCRIBE_LIMIT = 16
+"""The demo's generation limit, above its longest answer (four objects described: 11 tokens)."""
+
+
 def build_model(tokenizer, seed: int = 0, **sizes):
     """A freshly initialised demo model (deterministic under ``seed``)."""
     import torch
@@ -158,7 +162,8 @@ def build_model(tokenizer, seed: int = 0, **sizes):
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model.generation_config.max_new_tokens = 4
+    # the longest answer ("Describe the image." of four objects) is 11 tokens; an end token stops earlier
+    model.generation_config.max_new_tokens = DESCRIBE_LIMIT
     model.generation_config.do_sample = False
     return model
 

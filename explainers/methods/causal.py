@@ -18,16 +18,16 @@ from ..context import Prepared
 from ..explanation import Explanation
 from ..hooks import Hooks
 from ..models import LoadedModel
-from ..params import ExplainerParams, param
+from ..params import param
 from ..registry import Citation, Explainer, register
 from .perturbation import (
-    BASELINES,
-    VIEWS,
+    MaskingParams,
     PixelCells,
     ZEILER_FERGUS,
     answer_ids,
     baseline_pixels,
     batch_size_for,
+    eager_unless_fused,
     batched_logprobs,
     cell_map,
     blur_radius_for,
@@ -273,28 +273,20 @@ class MinimalSet(Explainer):
     )
 
     @dataclass(frozen=True)
-    class Params(ExplainerParams):
+    class Params(MaskingParams):
         max_cells: int | None = param(None, "largest set the greedy search tries (null: every unit)", low=1)
         rank_by: str = param("occlusion", "how units are ordered before the search: drop when masked alone, "
                                           "or gradient x (input - baseline)", choices=RANKINGS)
         include_text: bool = param(False, "also mask question words, not only image cells")
-        baseline: str = param("black", "what masked cells show", choices=BASELINES)
-        batch_size: int | None = param(None, "masked copies per forward (null: as many as the device's budget fits)",
-                                       low=1)
-        seed: int = param(0, "seed of the noise baseline")
-        blur_radius: float | None = param(None, "blur baseline's radius in pixels (null: half a grid cell)",
-                                          low=0.0, low_open=True)
-        views: str = param("all", "mask a cell in every grid of the image, or only in the main grid", choices=VIEWS)
         replacement: int | str | None = param(None, "the token masked words become, as an id or a token "
                                                     "(null: unk, else pad)")
         regenerate: bool = param(True, "regenerate the answer under the mask and under its complement")
-        fast_attention: bool = param(True, "run the masked forwards with the fused attention kernel")
 
     def compute(self, model: LoadedModel, sample: Prepared, params: Params) -> Explanation:
         rank_by, include_text, baseline, views = params.rank_by, params.include_text, params.baseline, params.views
         regenerate = params.regenerate
         prep = sample
-        batch_size = batch_size_for(prep, params.batch_size)
+        batch_size = batch_size_for(prep, params.batch_size, eager=eager_unless_fused(prep, params.fast_attention))
         grid = first_layout(prep).main_grid
         radius = blur_radius_for(prep, params.blur_radius)
         repl = replacement_id(prep, params.replacement)

@@ -199,6 +199,12 @@ class Counterfactual(Explainer):
             None, "other wordings of the question to ask (the only edit of a sample without demo ground truth)")
         seed: int = param(0, "seed of the demo world's edits (which colour, where to)")
 
+    def unmet(self, model: LoadedModel, sample: ExplainSample, params: Params) -> str | None:
+        if demo_sample_from(sample) is None and not params.rephrasings:
+            return ("needs demo-world ground truth (the scene's objects and the question family) to edit the "
+                    "image; pass rephrasings=[...] to reword the question instead")
+        return None
+
     def compute(self, model: LoadedModel, sample: Prepared, params: Params) -> Explanation:
         rephrasings, seed = params.rephrasings, params.seed
         prep = sample

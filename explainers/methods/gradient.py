@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -30,7 +30,9 @@ from ..models import LoadedModel
 from ..models.layout import ImageLayout, PatchGrid
 from ..params import ExplainerParams, param
 from ..registry import Citation, Explainer, Need, register
-from .perturbation import baseline_pixels, default_blur_radius, logprobs_at, repeat_inputs
+from ..memory import backward_copy_bytes, copies_within, device_type, most_copies
+from .perturbation import (baseline_pixels, default_blur_radius, eager_unless_fused, fused_attention, logprobs_at,
+                           repeat_inputs)
 
 FAMILY = "gradient"
 POOLS: tuple[str, ...] = ("abs_sum", "sum", "l2")
@@ -41,10 +43,13 @@ IG_METHOD = "gausslegendre"
 """Captum's quadrature for the path integral: exact for polynomials of degree < 2 n_steps."""
 DEFAULT_STEPS = 64
 """Path points: on the demo model a black baseline still leaves gaps of a few percent below this."""
+GAP_FLOOR = 1e-3
+"""Log-probability change (nats) below which a token's completeness gap is not judged: its map is noise-sized."""
 GAP_WARNING = 0.05
 """Relative completeness gap above which the explanation's meta advises more path points."""
 DEFAULT_INTERNAL_BATCH = 8
-"""Interpolated inputs per forward in integrated gradients."""
+"""Most interpolated inputs per forward in integrated gradients on a CPU (fewer where the memory
+budget says so; on a GPU up to the device's cap)."""
 DEFAULT_TOKEN_BATCH = 1
 """Answer tokens per backward pass over the one retained forward graph. Above 1, the tokens of a
 chunk share one vectorised backward (``is_grads_batched``): on a CPU that measured slower than
@@ -101,12 +106,12 @@ class PixelObjective:
         self.prep = prep
         self.pixels = prep.inputs["pixel_values"]
         self.fixed = {k: v for k, v in prep.inputs.items() if k != "pixel_values"}
-        self.token_ids = torch.as_tensor(prep.answer.token_ids, dtype=torch.long)
+        self.token_ids = prep.target_ids()  # (T,), or (2, T) with a contrast
         self.forwards = 0
 
     @property
     def num_tokens(self) -> int:
-        return int(self.token_ids.numel())
+        return int(self.token_ids.shape[-1])
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         copies = batch.shape[0]
@@ -226,6 +231,7 @@ class _PixelAttribution(Explainer):
     a method with options of its own extends them (integrated gradients: the path)."""
 
     family = FAMILY
+    supports_contrast = True
     needs = frozenset({Need.GRADIENTS})
     default_pool: str = "sum"
 
@@ -237,6 +243,8 @@ class _PixelAttribution(Explainer):
         engine: str = param("batched", "all tokens' gradients from one retained graph, or Captum once per token",
                             choices=ENGINES)
         token_batch: int = param(DEFAULT_TOKEN_BATCH, "answer tokens per vectorised backward pass", low=1)
+        fast_attention: bool = param(True, "run the forward with the fused attention kernel (nothing quadratic in "
+                                           "the sequence kept for the backward)")
 
     def attribute(self, objective: PixelObjective, x: torch.Tensor,
                   params: Params) -> tuple[torch.Tensor, dict[str, float], dict[str, Any]]:
@@ -255,7 +263,7 @@ class _PixelAttribution(Explainer):
         cell_map = prep.adapter.pixel_cell_map(prep.inputs)
         objective = PixelObjective(prep)
         x = pixels.detach().unsqueeze(0)
-        with inputs_only_gradients(prep.model):
+        with inputs_only_gradients(prep.model), fused_attention(prep.model, params.fast_attention):
             attr, scores, meta = self.attribute(objective, x, params)
         answer = attr.sum(0)
         pooled = pool_positions(with_answer(attr, per_token), cell_map, prep.seq_len, pool)
@@ -357,11 +365,17 @@ class IntegratedGradients(_PixelAttribution):
     @dataclass(frozen=True)
     class Params(_PixelAttribution.Params):
         n_steps: int = param(DEFAULT_STEPS, "points on the path (Gauss-Legendre quadrature)", low=1)
-        internal_batch_size: int = param(DEFAULT_INTERNAL_BATCH, "path points per forward", low=1)
+        internal_batch_size: int | None = param(None, "path points per forward (null: as many as the memory budget "
+                                                      "fits, at most 8 on a CPU)", low=1)
         baseline: str = param("black", "the image the path starts from, through the model's processor",
                               choices=IG_BASELINES)
         blur_radius: float | None = param(None, "blur baseline's radius in pixels (null: half a grid cell)",
                                           low=0.0, low_open=True)
+
+    def compute(self, model: LoadedModel, sample: Prepared, params: Params) -> Explanation:
+        if params.internal_batch_size is None:  # resolved once, recorded as used
+            params = replace(params, internal_batch_size=path_batch(sample, params))
+        return super().compute(model, sample, params)
 
     def recorded(self, prep: Prepared, params: Params) -> dict[str, Any]:
         used = super().recorded(prep, params)
@@ -400,10 +414,31 @@ class IntegratedGradients(_PixelAttribution):
         }
         meta = {"completeness": "|sum of attributions - (f(input) - f(baseline))|, f the log-probability",
                 "token_logprob_change": change.tolist()}
-        if scores["completeness_gap_relative"] > GAP_WARNING:
-            meta["warning"] = (f"attributions miss {scores['completeness_gap_relative']:.0%} of the log-probability "
-                               f"change: increase n_steps (now {steps})")
+        # every token's gap against its own change, not only the whole answer's (one token can miss
+        # most of its change while the sum looks fine); changes under GAP_FLOOR are noise-sized
+        relative = gaps / expected.abs().clamp_min(GAP_FLOOR)
+        scores["completeness_gap_relative_max_token"] = float(relative.max())
+        labels = list(objective.prep.answer.tokens) if per_token else ["the whole answer"]
+        missed = [(labels[k], float(r)) for k, r in enumerate(relative) if r > GAP_WARNING]
+        if per_token and scores["completeness_gap_relative"] > GAP_WARNING:
+            missed.append(("the whole answer", scores["completeness_gap_relative"]))
+        if missed:
+            worst = ", ".join(f"{name!r} {share:.0%}" for name, share in missed[:4])
+            meta["warning"] = (f"attributions miss part of the log-probability change ({worst}"
+                               f"{', ...' if len(missed) > 4 else ''}): increase n_steps (now {steps})")
         return attr, scores, meta
+
+
+def path_batch(prep: Prepared, params: Any) -> int:
+    """Path points per forward that fit the memory budget: each keeps one backward's activations and
+    its gradients for every answer token (float32); the accumulated attributions are fixed. At most
+    ``n_steps``, and :data:`DEFAULT_INTERNAL_BATCH` on a CPU."""
+    pixels = int(prep.inputs["pixel_values"].numel())
+    targets = int(prep.target_ids().shape[-1]) if params.per_token else 1
+    per_point = backward_copy_bytes(prep, eager=eager_unless_fused(prep, params.fast_attention)) + 2 * targets * pixels * 4
+    device = prep.loaded.device
+    cap = DEFAULT_INTERNAL_BATCH if device_type(device) == "cpu" else most_copies(device)
+    return copies_within(per_point, device, fixed=targets * pixels * 4, most=min(cap, params.n_steps))
 
 
 def _path_integral(objective: PixelObjective, x: torch.Tensor, base: torch.Tensor, n_steps: int, batch: int,
@@ -479,6 +514,7 @@ class GradCAM(Explainer):
     id = "gradient.gradcam"
     title = "Grad-CAM on a vision-tower block"
     family = FAMILY
+    supports_contrast = True
     needs = frozenset({Need.GRADIENTS})
     citations = (SELVARAJU,)
     summary = (
@@ -494,6 +530,8 @@ class GradCAM(Explainer):
         pool: str = param("sum", "how vision-token scores combine within a grid cell", choices=POOLS)
         per_token: bool = param(True, "a map per answer token besides the whole answer's")
         token_batch: int = param(DEFAULT_TOKEN_BATCH, "answer tokens per vectorised backward pass", low=1)
+        fast_attention: bool = param(True, "run the forward with the fused attention kernel (nothing quadratic in "
+                                           "the sequence kept for the backward)")
 
     def compute(self, model: LoadedModel, sample: Prepared, params: Params) -> Explanation:
         prep = sample
@@ -504,7 +542,8 @@ class GradCAM(Explainer):
         token_map = prep.adapter.vision_token_map(prep.inputs).to(pixels.device)
         objective = PixelObjective(prep)
         store: list[torch.Tensor] = []
-        with inputs_only_gradients(prep.model), keep_output(blocks[index], store):
+        with inputs_only_gradients(prep.model), fused_attention(prep.model, params.fast_attention), \
+                keep_output(blocks[index], store):
             leaf = pixels.detach().unsqueeze(0).requires_grad_(True)  # keeps the blocks in the graph
             out = objective(leaf)
             if len(store) != 1:
@@ -525,7 +564,8 @@ class GradCAM(Explainer):
                               _image_of(prep, flat_map))
         pooled = pool_positions(cams, flat_map, prep.seq_len, pool)
         exp = Explanation(
-            self.id, {"layer": index, "pool": pool, "per_token": per_token, "token_batch": token_batch},
+            self.id, {"layer": index, "pool": pool, "per_token": per_token, "token_batch": token_batch,
+                      "fast_attention": params.fast_attention},
             prep.target(),
             scores={"answer_logprob": float(out.detach().sum())},
             meta={"target": TARGET_NOTE, "model_type": prep.adapter.model_type, "layer_name": f"vision.blocks.{index}",

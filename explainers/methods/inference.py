@@ -35,6 +35,8 @@ from .lens import (
 from .perturbation import (
     answer_ids,
     baseline_pixels,
+    batch_size_for,
+    eager_unless_fused,
     fused_attention,
     logprobs_at,
     repeat_inputs,
@@ -206,11 +208,18 @@ class VisualReliance(Explainer):
             raise ValueError(f"sample {prep.sample.id!r} has no image: visual reliance needs one")
         pixels = prep.inputs["pixel_values"]
         variants = torch.cat([pixels, baseline_pixels(prep, blank, seed), noised_pixels(prep, step, seed)], dim=0)
-        batch = repeat_inputs(dict(prep.inputs), len(CONDITIONS))
-        batch["pixel_values"] = variants
         ids = answer_ids(prep)
+        # the three conditions share one forward where the memory budget allows, else go in chunks
+        chunk = batch_size_for(prep, None, eager=eager_unless_fused(prep, fast_attention), most=len(CONDITIONS))
+        rows = pixels.shape[0]
+        parts = []
         with fused_attention(prep.model, fast_attention), torch.inference_mode():
-            logp = logprobs_at(prep.model, batch, prep.logit_positions, None).cpu()  # (3, T, vocab)
+            for start in range(0, len(CONDITIONS), chunk):
+                count = min(chunk, len(CONDITIONS) - start)
+                batch = repeat_inputs(dict(prep.inputs), count)
+                batch["pixel_values"] = variants[start * rows : (start + count) * rows]
+                parts.append(logprobs_at(prep.model, batch, prep.logit_positions, None).cpu())
+        logp = torch.cat(parts)  # (3, T, vocab)
         T = ids.numel()
         chosen = logp[:, torch.arange(T), ids]  # (3, T)
         real, blank_lp, noised = chosen

@@ -36,6 +36,7 @@ from ..registry import Citation, Explainer, Need, register
 from .perturbation import (
     answer_ids,
     batch_size_for,
+    eager_unless_fused,
     fused_attention,
     logprobs_at,
     question_positions,
@@ -347,7 +348,7 @@ class AttentionKnockout(Explainer):
             if size > layers:
                 raise ValueError(f"{self.id}: parameter window={size}: the decoder has only {layers} blocks")
             spans = sliding_windows(layers, size, params.stride)
-        batch_size = batch_size_for(prep, params.batch_size)
+        batch_size = batch_size_for(prep, params.batch_size, eager=eager_unless_fused(prep, fast_attention))
         cuts = [e.block(prep) for e in parsed]
         plan = [(cuts[e], frozenset(w)) for e in range(len(parsed)) for w in spans]
         with fused_attention(prep.model, fast_attention):
@@ -633,6 +634,14 @@ class ActivationPatching(Explainer):
                                        low=1)
         fast_attention: bool = param(True, "run the forwards with the fused attention kernel")
 
+    def unmet(self, model: LoadedModel, sample: ExplainSample, params: Params) -> str | None:
+        from .data import demo_sample_from
+
+        if params.corruption == "pair" and params.counterfactual is None and demo_sample_from(sample) is None:
+            return ("corruption='pair' needs a counterfactual sample (counterfactual=...) or demo-world ground "
+                    "truth; use corruption='auto' or 'noise'")
+        return None
+
     def compute(self, model: LoadedModel, sample: Prepared, params: Params) -> Explanation:
         counterfactual, seed, pair_seed = params.counterfactual, params.seed, params.pair_seed
         noise_scale, fast_attention = params.noise_scale, params.fast_attention
@@ -640,7 +649,7 @@ class ActivationPatching(Explainer):
         names = _names("groups", params.groups, DEFAULT_GROUPS)
         prep = sample
         picked = _layers(params.layers, len(prep.adapter.decoder_layers()))
-        batch_size = batch_size_for(prep, params.batch_size)
+        batch_size = batch_size_for(prep, params.batch_size, eager=eager_unless_fused(prep, fast_attention))
         sets = {g: positions_of(prep, g) for g in names}
         with fused_attention(prep.model, fast_attention):
             corrupted = corruption_for(prep, params.corruption, counterfactual, noise_scale, seed, pair_seed)

@@ -36,7 +36,7 @@ from ..models import LoadedModel
 from ..params import ExplainerParams, param
 from ..registry import Citation, Explainer, Need, register
 from .gradient import grid_names, inputs_only_gradients
-from .perturbation import answer_ids, batch_size_for, fused_attention, logprobs_at, repeat_inputs
+from .perturbation import answer_ids, batch_size_for, eager_unless_fused, fused_attention, logprobs_at, repeat_inputs
 
 FAMILY = "neurons"
 VALUE_POINT = "decoder.blocks.{}.mlp.down"
@@ -317,7 +317,7 @@ class TopActivations(Explainer):
         top_k, rank_by, random_draws, seed = params.top_k, params.rank_by, params.random_draws, params.seed
         fast_attention = params.fast_attention
         prep = sample
-        batch_size = batch_size_for(prep, params.batch_size)
+        batch_size = batch_size_for(prep, params.batch_size, eager=eager_unless_fused(prep, fast_attention))
         space = neuron_space(prep.adapter, self.id)
         if top_k >= space.total:
             raise ValueError(f"{self.id}: parameter top_k={top_k} must be below the model's {space.total} MLP neurons")

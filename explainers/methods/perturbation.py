@@ -24,9 +24,10 @@ import torch
 from PIL import Image, ImageFilter
 
 from ..capture import attn_implementations
-from ..context import Prepared
+from ..context import Prepared, score_tokens
 from ..explanation import Explanation
 from ..hooks import Hooks
+from ..memory import MAX_COPIES_ACCELERATOR, MAX_COPIES_CPU, copies_within, forward_copy_bytes, uses_eager
 from ..models import LoadedModel
 from ..models.layout import ImageLayout, PatchGrid
 from ..params import ExplainerParams, param
@@ -38,13 +39,10 @@ BASELINES: tuple[str, ...] = ("black", "mean", "blur", "noise")
 VIEWS: tuple[str, ...] = ("all", "main")
 """Which grids an occlusion reaches: every grid covering the region (all views of the image:
 tiles, global view, base view) or only the main grid."""
-BATCH_SIZE_CPU = 32
+BATCH_SIZE_CPU = MAX_COPIES_CPU
 """Most perturbed copies per forward on a CPU: on the demo model 32 beats 8 by a fifth (fewer
 forwards, each with its fixed Python cost); on the 576-token bench model anything from 4 up costs
-the same. Large models get fewer (:data:`ACTIVATION_BUDGET_CPU`)."""
-ACTIVATION_BUDGET_CPU = 1 << 26
-"""Values in the largest activation of one CPU forward (copies x tokens x MLP width; 256 MiB in
-float32): it caps the copies per forward where a model is large, 8 for LLaVA-1.5-7B."""
+the same. Large models get as many as the run's memory budget fits (:mod:`xmllm.explainers.memory`)."""
 SHORTCUT_TOLERANCE = 1e-4
 """Largest |difference| allowed between the unperturbed answer log-probabilities of a plain forward
 and of one through the shortcuts (shared prefix cache, logit rows only) before these are trusted
@@ -54,8 +52,9 @@ SHORTCUT_FAILURES = (TypeError, ValueError, RuntimeError, IndexError, KeyError, 
 """What a family whose forward cannot take a shortcut raises: that family scores plainly."""
 CACHE_KEYWORDS: tuple[str, ...] = ("cache", "past_key_values")
 """What a model's ``forward`` calls its key/value cache argument (transformers 5, then 4)."""
-BATCH_SIZE_ACCELERATOR = 32
-"""Perturbed copies per forward on a GPU, which needs large batches to fill."""
+BATCH_SIZE_ACCELERATOR = MAX_COPIES_ACCELERATOR
+"""Most perturbed copies per forward on a GPU, which needs large batches to fill; fewer where the
+memory budget says so."""
 BLUR_RADIUS_IN_CELLS = 0.5
 """Default Gaussian blur radius, in cells of the main grid: enough to erase detail within a cell."""
 NOISE_LEVELS = 256
@@ -167,9 +166,31 @@ class SharedPrefix:
         cache = copy.deepcopy(self.cache)
         if rows > 1:
             cache.batch_repeat_interleave(rows)
-        out[self.keyword] = cache
+        out[self.keyword] = _prefix_only(cache)
         out["use_cache"] = True
         return out, logit_positions - self.length
+
+
+def _prefix_only(cache: Any) -> Any:
+    """``cache`` made to hand each block the prefix's keys and values followed by the new tokens'
+    without keeping the new ones: a resumed forward is never resumed again, and a cache that
+    grew would hold every block's keys and values of every copy until the forward ends (on
+    LLaVA-1.5-7B, 32 copies of 640 tokens: 10 GiB at full depth). The same tensors reach the
+    attention either way; only plain growing layers are changed (others keep their own update)."""
+    from transformers.cache_utils import DynamicLayer
+
+    for layer in getattr(cache, "layers", ()):
+        if type(layer) is not DynamicLayer:
+            continue
+
+        def update(key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, layer: Any = layer,
+                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            if not layer.is_initialized:  # a block with nothing cached: its keys are the new ones
+                return key_states, value_states
+            return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
+
+        layer.update = update
+    return cache
 
 
 def _per_token(key: str, value: Any, rows: int, seq_len: int) -> bool:
@@ -246,8 +267,7 @@ def logprobs_at(model: torch.nn.Module, inputs: Mapping[str, Any], logit_positio
     logp = torch.log_softmax(logits.float(), dim=-1)
     if token_ids is None:
         return logp
-    ids = token_ids.to(logp.device)
-    return logp[:, torch.arange(ids.numel(), device=logp.device), ids]
+    return score_tokens(logp, token_ids)
 
 
 def _cache_keyword(model: torch.nn.Module) -> str | None:
@@ -305,30 +325,28 @@ def batched_logprobs(model: torch.nn.Module, count: int, make_batch: Callable[[i
     return torch.cat(chunks) if chunks else torch.empty(0)
 
 
-def batch_size_for(prep: Prepared, batch_size: int | None) -> int:
-    """``batch_size`` checked, or the device's default when None: on a CPU, at most
-    :data:`BATCH_SIZE_CPU` and as many copies as fit :data:`ACTIVATION_BUDGET_CPU`."""
+def batch_size_for(prep: Prepared, batch_size: int | None, *, eager: bool = False,
+                   logit_rows: int | None = None, most: int | None = None) -> int:
+    """``batch_size`` checked, or when None as many copies of a forward without a graph as the run's
+    memory budget fits (:func:`~xmllm.explainers.memory.copies_within`; at most the device's cap or
+    ``most``): ``eager`` when the forwards materialise attention weights, ``logit_rows`` when they
+    read more rows over the whole vocabulary than the answer's."""
     if batch_size is not None:
         return positive_int("batch_size", batch_size)
-    if torch.device(prep.loaded.device).type != "cpu":
-        return BATCH_SIZE_ACCELERATOR
-    return max(1, min(BATCH_SIZE_CPU, ACTIVATION_BUDGET_CPU // (prep.seq_len * _widest_activation(prep))))
+    per_copy = forward_copy_bytes(prep, eager=eager, logit_rows=logit_rows)
+    return copies_within(per_copy, prep.loaded.device, most=most)
 
 
-def _widest_activation(prep: Prepared) -> int:
-    """The decoder's widest per-token activation: its MLP width (per-layer lists: their largest)."""
-    text = prep.model.config.get_text_config()
-    widths = [1]
-    for key in ("intermediate_size", "hidden_size"):
-        value = getattr(text, key, None)
-        for item in value if isinstance(value, (list, tuple)) else [value]:
-            if isinstance(item, int) and not isinstance(item, bool):
-                widths.append(item)
-    return max(widths)
+def eager_unless_fused(prep: Prepared, fast_attention: bool) -> bool:
+    """Whether forwards run ``with fused_attention(model, fast_attention)`` materialise attention
+    weights: the model's own kernel is eager and the fused one was not asked for."""
+    return not fast_attention and uses_eager(prep.model)
 
 
 def answer_ids(prep: Prepared) -> torch.Tensor:
-    return torch.as_tensor(prep.answer.token_ids, dtype=torch.long)
+    """What the scored forwards read at each answer position: the answer's token ids, or with a
+    contrast the (answer, foil) pair (:meth:`Prepared.target_ids`)."""
+    return prep.target_ids()
 
 
 def base_logprobs(prep: Prepared) -> torch.Tensor:
@@ -543,7 +561,7 @@ def occluded_logprobs(prep: Prepared, baseline: torch.Tensor, cells: PixelCells,
     ran = 0 if prefix is None else 1
     rows = LogitRows.of(prep) if logit_rows else None
     if prefix is not None or rows is not None:
-        first = min(len(position_sets), batch_size) + 1
+        first = min(len(position_sets), batch_size - 1) + 1  # the check copy counts against the batch
         ran += 1
         try:
             head = batched_logprobs(prep.model, first, make, first, prep.logit_positions, ids, prefix, rows)
@@ -666,11 +684,28 @@ def text_batches(prep: Prepared, positions: Sequence[int], mode: str,
 # --- explainers ------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class MaskingParams(ExplainerParams):
+    """What masked copies of the image show and how many share a forward: the parameters of every
+    explainer that masks image cells (occlusion, the minimal causal set), declared once."""
+
+    baseline: str = param("black", "what masked cells show", choices=BASELINES)
+    batch_size: int | None = param(None, "masked copies per forward (null: as many as the memory budget fits)",
+                                   low=1)
+    seed: int = param(0, "seed of the noise baseline")
+    blur_radius: float | None = param(None, "blur baseline's radius in pixels (null: half a grid cell)",
+                                      low=0.0, low_open=True)
+    views: str = param("all", "mask a cell in every grid of every image, or only in each image's main grid",
+                       choices=VIEWS)
+    fast_attention: bool = param(True, "run the masked forwards with the fused attention kernel")
+
+
 @register
 class Occlusion(Explainer):
     id = "perturbation.occlusion"
     title = "Occlusion (batched)"
     family = FAMILY
+    supports_contrast = True
     citations = (ZEILER_FERGUS,)
     summary = (
         "Occlude each window of image cells with a baseline and measure the drop in every answer "
@@ -678,17 +713,9 @@ class Occlusion(Explainer):
     )
 
     @dataclass(frozen=True)
-    class Params(ExplainerParams):
+    class Params(MaskingParams):
         window: int = param(1, "side of the occluded square, in grid cells", low=1)
         stride: int | None = param(None, "step between windows, in cells (null: the window's side)", low=1)
-        baseline: str = param("black", "what occluded cells show", choices=BASELINES)
-        batch_size: int | None = param(None, "occluded copies per forward (null: as many as the device's budget fits)",
-                                       low=1)
-        seed: int = param(0, "seed of the noise baseline")
-        blur_radius: float | None = param(None, "blur baseline's radius in pixels (null: half a grid cell)",
-                                          low=0.0, low_open=True)
-        views: str = param("all", "occlude every grid of every image, or only each image's main grid", choices=VIEWS)
-        fast_attention: bool = param(True, "run the occluded forwards with the fused attention kernel")
         prefix_cache: bool = param(True, "share the unoccluded prefix's key/value cache between copies (checked)")
         logit_rows: bool = param(True, "run the last block's post-attention work on the logit rows only (checked)")
 
@@ -697,7 +724,7 @@ class Occlusion(Explainer):
         stride = window if params.stride is None else params.stride
         prefix_cache, logit_rows, fast_attention = params.prefix_cache, params.logit_rows, params.fast_attention
         prep = sample
-        batch_size = batch_size_for(prep, params.batch_size)
+        batch_size = batch_size_for(prep, params.batch_size, eager=eager_unless_fused(prep, fast_attention))
         layout = first_layout(prep)
         grid = layout.main_grid
         radius = blur_radius_for(prep, params.blur_radius)
@@ -751,6 +778,7 @@ class TextAblation(Explainer):
     id = "perturbation.text_ablation"
     title = "Question-word ablation"
     family = FAMILY
+    supports_contrast = True
     summary = (
         "Drop or replace each word of the question and measure the drop in every answer token's "
         "log-probability; all ablations batched, positions recomputed."
@@ -768,7 +796,7 @@ class TextAblation(Explainer):
     def compute(self, model: LoadedModel, sample: Prepared, params: Params) -> Explanation:
         mode, fast_attention = params.mode, params.fast_attention
         prep = sample
-        batch_size = batch_size_for(prep, params.batch_size)
+        batch_size = batch_size_for(prep, params.batch_size, eager=eager_unless_fused(prep, fast_attention))
         repl = replacement_id(prep, params.replacement)
         words = question_positions(prep)
         if not words:

@@ -169,7 +169,7 @@ class VisualTokenImportance(Explainer):
         rank_layer = _layer_index("rank_layer", min(FASTV_RANK_LAYER, count - 1) if params.rank_layer is None
                                   else params.rank_layer, count)
         from_layer = _layer_index("from_layer", params.from_layer, count)
-        batch_size = batch_size_for(prep, params.batch_size)
+        batch_size = batch_size_for(prep, params.batch_size, eager=True)  # dropped tokens need the eager kernel
         image = prep.image_positions
         if image.numel() == 0:
             raise ValueError(f"sample {prep.sample.id!r} has no image tokens to drop")

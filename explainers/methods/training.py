@@ -145,6 +145,11 @@ class CompareCheckpoints(Explainer):
                              "'demo-early') or a LoadedModel")
         return checked
 
+    def unmet(self, model: LoadedModel, sample: Any, params: Params) -> str | None:
+        if params.other is None and DEMO_PAIRS.get(getattr(model, "spec", None)) is None:
+            return "needs a second checkpoint to compare with: pass other=MODEL (a folder or hub id)"
+        return None
+
     def compute(self, model: LoadedModel, sample: Prepared, params: Params) -> Explanation:
         inner_cls = get_explainer(params.explainer)
         inner_params = dict(params.params or {})

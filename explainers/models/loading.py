@@ -85,9 +85,26 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if isinstance(device, str) and device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        found = torch.device(device)
     except (RuntimeError, TypeError):
         raise ModelLoadError(f"unknown device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    check_device(found)
+    return found
+
+
+def check_device(device: torch.device) -> None:
+    """A one-line error for a device this machine does not have (before any model work)."""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU build" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ModelLoadError(f"device {str(device)!r} is not available: {why}; use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"device {str(device)!r} is not available: this machine has "
+                                 f"{torch.cuda.device_count()} CUDA GPU(s)")
+    elif device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ModelLoadError(f"device {str(device)!r} is not available on this machine; use --device cpu or auto")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ModelLoadError(f"device {str(device)!r} is not supported: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:

@@ -116,6 +116,11 @@ class AuditConfig(_Strict):
     samples: SampleSource
     allow_absolute_paths: bool = False
     limit: int | None = Field(default=None, ge=1)
+    max_new_tokens: int | None = Field(default=None, ge=1)
+    """The generated answers' token limit (default: the model's generation config)."""
+    max_memory: int | str | None = None
+    """Tensor memory each explainer may add, e.g. ``20GB`` (default: the device's; see
+    :mod:`xmllm.explainers.memory`)."""
     explainers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     probes: list[str] = Field(default_factory=lambda: ["blank_image", "pope"])
     faithfulness: FaithfulnessConfig = FaithfulnessConfig()
@@ -132,6 +137,13 @@ class AuditConfig(_Strict):
         if value not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?|mps", value):
             raise ValueError(f"unknown device {value!r}; use auto, cpu, cuda, cuda:N or mps")
         return value
+
+    @field_validator("max_memory")
+    @classmethod
+    def _memory(cls, value: int | str | None) -> int | None:
+        from xmllm.explainers.memory import parse_memory
+
+        return None if value is None else parse_memory(value, "size")
 
     @field_validator("explainers", mode="before")
     @classmethod
@@ -179,6 +191,7 @@ class AuditConfig(_Strict):
 
         keys = {"model": self.model, "device": self.device, "seed": self.seed, "explainers": self.explainers,
                 "probes": self.probes, "faithfulness": self.faithfulness.model_dump(), "reports": self.reports,
+                "max_new_tokens": self.max_new_tokens,
                 "xmllm": xmllm_version()}
         return hashlib.sha256(canonical_json(keys).encode("utf-8")).hexdigest()
 
@@ -233,11 +246,33 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Lo
         config = AuditConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{path}: {_first_error(exc)}") from None
+    _check_device(config, path)
     loaded = LoadedConfig(config, path, config.model)
     local = loaded.resolve(config.model)
     if config.model != "demo" and local.is_dir():
         loaded.model_spec = str(local)
     return loaded
+
+
+def _check_device(config: AuditConfig, path: Path) -> None:
+    """``device: cuda`` (or ``cuda:N``, ``mps``) on a machine without it: a one-line error naming
+    the field, before any model work. Only where the models run on this machine: the local
+    executor, or Ray without an address (a local instance); a cluster's nodes are not this one."""
+    if config.device in ("auto", "cpu") or (config.executor.kind == "ray" and config.executor.address):
+        return
+    from xmllm.explainers.models.errors import ModelLoadError
+    from xmllm.explainers.models.loading import resolve_device
+
+    try:
+        device = resolve_device(config.device)
+        import torch
+
+        if device.type == "cuda" and (not torch.cuda.is_available()
+                                      or (device.index or 0) >= torch.cuda.device_count()):
+            raise ModelLoadError(f"{str(device)!r} is not available on this machine; use device: cpu or auto")
+    except ModelLoadError as exc:
+        message = _one_line(exc).replace("--device ", "device: ")
+        raise ConfigError(f"{path}: field device: {message}") from None
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

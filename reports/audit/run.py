@@ -3,7 +3,9 @@
 A stored sample is reused when its record carries this config's results fingerprint and the
 same input hash (image bytes, question, expected answer, mask, extra ground truth); a failed one
 is reused too unless ``retry_failed``. Each finished sample is written at once (see
-:mod:`.store`), so an interrupted run loses at most the samples in flight.
+:mod:`.store`), so an interrupted run loses at most the samples in flight. The output folder is
+checked first but made only when the first result is ready: a model that cannot load leaves
+nothing behind.
 """
 from __future__ import annotations
 
@@ -75,7 +77,7 @@ def run_audit(loaded: LoadedConfig, out: Path | None = None, *, fail_fast: bool 
     out = Path(out) if out is not None else loaded.output
     items = read_items(loaded)  # structural errors stop here, before any model work
     store = AuditStore(out)
-    store.open()
+    store.check()  # an output that cannot be written stops here too; nothing is written until a result is ready
     fingerprint = config.results_fingerprint()
     todo: list[AuditItem] = []
     reused = 0
@@ -114,6 +116,7 @@ def run_audit(loaded: LoadedConfig, out: Path | None = None, *, fail_fast: bool 
     if missing:
         raise XmllmError(f"output {out}: no result for sample {missing[0]!r} after the run (was a file removed?)")
     seconds = time.perf_counter() - t0
+    store.open()  # sweeps what a killed run left (a half-written site) when every sample was reused
     summary = write_summary(loaded, out, records, run_info={**executor, "computed": counts["computed"],
                                                              "reused": reused, "seconds": round(seconds, 3)})
     return AuditOutcome(out, len(items), counts["computed"], reused,

@@ -17,7 +17,7 @@ from ..provenance import utc_now
 from .config import LoadedConfig
 from xmllm.explainers.files import write_atomic
 
-from .store import SAMPLES
+from .store import SAMPLES, OutputError
 from .worker import RANDOM, RECORD, RUN
 
 AUDIT_JSON = "audit.json"
@@ -71,6 +71,8 @@ def build_summary(loaded: LoadedConfig, out: Path, records: list[dict[str, Any]]
         },
         "probes": _probes(ok, config.probes),
         "faithfulness": _faithfulness(ok),
+        "skipped_explainers": _skipped(ok),
+        "cut_answers": sum(bool(r.get("answer_cut")) for r in ok),
         "flag_counts": {kind: sum(any(f["kind"] == kind for f in r["flags"]) for r in records) for kind in config.flags},
         "samples": [_row(out, r) for r in records],
     }
@@ -90,10 +92,13 @@ def write_summary(loaded: LoadedConfig, out: Path, records: list[dict[str, Any]]
     from .site import write_site
 
     data = build_summary(loaded, out, records)
-    write_atomic(out / AUDIT_JSON, json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
     html = render_summary(data)
-    write_atomic(out / SUMMARY_HTML, html)
-    write_atomic(out / RUN_JSON, json.dumps(run_info, indent=1, sort_keys=True) + "\n")
+    for name, text in ((AUDIT_JSON, json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n"),
+                       (SUMMARY_HTML, html), (RUN_JSON, json.dumps(run_info, indent=1, sort_keys=True) + "\n")):
+        try:
+            write_atomic(out / name, text)
+        except OSError as exc:  # read-only folder, full disk: the file keeps its previous content
+            raise OutputError(out / name, exc) from None
     write_site(out, data, html)
     return out / SUMMARY_HTML
 
@@ -111,6 +116,16 @@ def render_summary(data: dict[str, Any], report_prefix: str = "") -> str:
 
 
 # --- pieces ------------------------------------------------------------------------------------------
+
+
+def _skipped(ok: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per explainer that could not run on some samples: on how many, and the first reason."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in ok:
+        for eid, why in (r.get("skipped") or {}).items():
+            entry = out.setdefault(eid, {"samples": 0, "reason": why})
+            entry["samples"] += 1
+    return dict(sorted(out.items()))
 
 
 def _row(out: Path, r: dict[str, Any]) -> dict[str, Any]:

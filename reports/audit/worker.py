@@ -8,9 +8,10 @@ explainer's error) becomes a record with ``status: failed`` and a one-line error
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
-import tempfile
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,19 @@ RECORD = "record.json"
 TIMINGS = "timings.json"
 RELIANCE = "inference.visual_reliance"
 RANDOM = "random"
+SCRATCH = "scratch"
+"""Folder of the cache (``$XMLLM_CACHE_DIR``, else ``~/.cache/xmllm``) holding each sample's work in
+progress, not TMPDIR: ``audit-<pid>-...``, removed when the sample is done, and by the next run's
+workers when a killed process (``kill -9``) could not."""
+SCRATCH_PREFIX = "audit-"
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def scratch_root() -> Path:
+    """Where workers on this machine keep their scratch folders (a Ray node's own cache)."""
+    from ..cache import default_cache_dir
+
+    return default_cache_dir() / SCRATCH
 
 
 @dataclass(frozen=True)
@@ -71,6 +85,10 @@ class AuditWorker:
                                      eager_attention=needs_attention(self.ids))
         except ModelLoadError as exc:
             raise XmllmError(f"model {spec.model_spec}: {exc}") from None
+        from xmllm.explainers.files import remove_stale
+
+        self.scratch = scratch_root()
+        remove_stale(self.scratch, SCRATCH_PREFIX)
 
     def ready(self) -> bool:
         return True
@@ -83,13 +101,15 @@ class AuditWorker:
             "fingerprint": self.spec.fingerprint, "status": "ok", "error": None,
         }
         timings: dict[str, float] = {}
-        with tempfile.TemporaryDirectory(prefix="xmllm-audit-") as tmp:
-            folder = Path(tmp)
+        folder = self._scratch()
+        try:
             try:
                 if task.read_error:
                     raise _SampleFailure(task.read_error)
                 self._audit(task, folder, record, timings)
             except Exception as exc:  # noqa: BLE001 - a sample's failure is recorded, the run goes on
+                if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+                    raise  # the machine's fault, not the sample's: every sample would fail the same way
                 record.update(status="failed", error=_one_line(exc, folder, item))
                 for name in ("answer", "correct", "reliance", "probes", "faithfulness"):
                     record.pop(name, None)
@@ -100,7 +120,25 @@ class AuditWorker:
             _write_json(folder / TIMINGS, {k: round(v, 4) for k, v in timings.items()})
             files = {p.relative_to(folder).as_posix(): p.read_bytes()
                      for p in sorted(folder.rglob("*")) if p.is_file()}
+        except OSError as exc:  # the scratch folder's disk is full or read-only
+            raise self._scratch_error(exc) from None
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
         return SampleOutput(item.key, files, record)
+
+    def _scratch(self) -> Path:
+        from xmllm.explainers.files import scratch_dir
+
+        try:
+            return scratch_dir(self.scratch, SCRATCH_PREFIX)
+        except OSError as exc:
+            raise self._scratch_error(exc) from None
+
+    def _scratch_error(self, exc: OSError) -> Exception:
+        from ..explainers.errors import XmllmError
+
+        return XmllmError(f"scratch folder {self.scratch}: cannot write: {exc.strerror or exc} "
+                          "(set XMLLM_CACHE_DIR to a writable folder with free space)")
 
     # --- the steps ---------------------------------------------------------------------------------
 
@@ -135,12 +173,18 @@ class AuditWorker:
         for spilled in (_input_path(folder, task.item), folder / "mask.png"):
             spilled.unlink(missing_ok=True)  # inputs are not outputs
         # the audit scores faithfulness itself (config steps and baseline, with a random floor)
-        result = run_explainers(self.loaded, sample, self.ids, config.explainers, seed=seed, faithfulness=False)
+        from xmllm.explainers.memory import memory_budget
+
+        with memory_budget(config.max_memory):
+            result = run_explainers(self.loaded, sample, self.ids, config.explainers, seed=seed, faithfulness=False,
+                                    max_new_tokens=config.max_new_tokens)
+        record["skipped"] = dict(result.manifest.get("skipped") or {})
         timings.update(result.manifest.pop("timings_seconds", {}))
         for exp in result.explanations:  # seconds vary run to run; they live in timings.json
             exp.meta.pop("seconds", None)
         prepared = result.prepared
         record["answer"] = prepared.answer.text
+        record["answer_cut"] = prepared.answer.cut
         record["correct"] = None if not item_expected(record) else is_correct(prepared.answer.text, record["expected"])
 
         t = time.perf_counter()

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from ..explainers.errors import XmllmError
+from .explain import add_model_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -14,8 +16,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", type=Path, help="image file")
     p.add_argument("--question", help="the question")
     p.add_argument("--samples", type=Path, help="a samples.jsonl sample set instead of --image/--question")
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                   help="the answer's token limit (default: the model's; answers cut there are marked)")
+    add_model_options(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
 
@@ -27,22 +30,27 @@ def run(args: argparse.Namespace) -> int:
     if single and (args.image is None or not (args.question or "").strip()):
         raise XmllmError("--image and a non-empty --question are both required")
 
-    from xmllm.explainers.answering import generate_answer, is_correct
+    from xmllm.explainers.answering import check_max_new_tokens, generate_answer, is_correct, unknown_words
     from xmllm.explainers.images import load_image
     from xmllm.explainers.models import load_model
     from xmllm.explainers.samples import read_sample_set
+
+    check_max_new_tokens(args.max_new_tokens, "--max-new-tokens")
 
     if single:
         items = [(None, load_image(args.image), args.question, None)]
     else:
         items = [(r.id, r, r.question, r.answer) for r in read_sample_set(args.samples)]
-    loaded = load_model(args.model, device=args.device)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     rows = []
     for sid, image, question, expected in items:
         img = image.load_image() if hasattr(image, "load_image") else image
         ans = generate_answer(loaded, [img], question, args.max_new_tokens)
         row = {"id": sid, "question": question, "answer": ans.text, "tokens": list(ans.tokens),
-               "probs": [round(p, 4) for p in ans.probs]}
+               "probs": [round(p, 4) for p in ans.probs], "stopped": ans.stopped}
+        unknown = unknown_words(loaded, question)
+        if unknown:
+            row["unknown_words"] = unknown
         if expected is not None:
             row["expected"] = expected
             row["correct"] = is_correct(ans.text, expected)
@@ -54,7 +62,11 @@ def run(args: argparse.Namespace) -> int:
         prob = " ".join(f"{t}:{p:.2f}" for t, p in zip(row["tokens"], row["probs"]))
         mark = "" if "correct" not in row else ("  [correct]" if row["correct"] else f"  [wrong: expected {row['expected']}]")
         prefix = f"{row['id']}: " if row["id"] else ""
-        print(f"{prefix}{row['answer']}{mark}    ({prob})")
+        cut = "  [cut at --max-new-tokens; may go on]" if row["stopped"] == "length" else ""
+        print(f"{prefix}{row['answer']}{mark}{cut}    ({prob})")
+        if row.get("unknown_words"):
+            print(f"xmllm: warning: {prefix}the tokenizer does not know "
+                  f"{', '.join(map(repr, row['unknown_words']))} in the question", file=sys.stderr)
     scored = [r for r in rows if "correct" in r]
     if len(scored) > 1:
         print(f"accuracy: {sum(r['correct'] for r in scored)}/{len(scored)} = {sum(r['correct'] for r in scored) / len(scored):.1%}")

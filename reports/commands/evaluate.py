@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ..explainers.errors import XmllmError
+from .explain import add_memory_option, add_model_options
 
 DEFAULT_OUT = Path("runs/evaluation")
 
@@ -27,7 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None, help="points of the deletion and insertion curves (default 8)")
     p.add_argument("--sanity-samples", type=int, default=None,
                    help="samples for the model-randomisation check (default 10; 0 skips it)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    add_model_options(p)
+    add_memory_option(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of the table")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT,
                    help=f"output folder: evaluation.json, table.txt, trust.md and its plots (default {DEFAULT_OUT})")
@@ -45,6 +47,10 @@ def _check(args: argparse.Namespace) -> None:
                              ("--demo", args.demo, 1)):
         if value is not None and value < low:
             raise XmllmError(f"{flag} must be {'a positive number' if low else '0 or more'}, got {value}")
+    if args.max_memory is not None:
+        from xmllm.explainers.memory import parse_memory
+
+        parse_memory(args.max_memory)
     if args.out.exists() and not args.out.is_dir():
         raise XmllmError(f"--out {args.out}: exists and is not a folder")
 
@@ -74,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         result = evaluate(args.model, samples=args.samples, demo=args.demo, explainers=named or None,
                           params=parse_params(args.param), seed=args.seed, baseline=args.baseline,
                           steps=args.steps, sanity_samples=args.sanity_samples, device=args.device,
+                          dtype=args.dtype, max_memory=args.max_memory,
                           progress=progress, out=args.out)
     finally:
         for bar in bars.values():

@@ -20,21 +20,66 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--param", action="append", default=[], metavar="ID.NAME=VALUE",
                    help="an explainer parameter, e.g. perturbation.occlusion.window=2 (repeatable; VALUE as JSON; 'xmllm explainers ID' lists an explainer's parameters)")
     p.add_argument("--expected", help="the expected answer, if known (recorded in the manifest)")
+    p.add_argument("--answer", metavar="TEXT", help="explain this answer instead of the model's own (scored by the model)")
+    p.add_argument("--contrast", metavar="TEXT", help="explain the answer rather than TEXT: log p(answer) - log p(TEXT) "
+                                                      "per answer position (gradient, relevancy, perturbation)")
+    p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                   help="the generated answer's token limit (default: the model's; the run says if it was hit)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    add_model_options(p)
+    add_memory_option(p)
     p.add_argument("--out", type=Path, required=True,
                    help="output folder: explanations.npz, manifest.json, the image and report.html")
     p.set_defaults(func=run)
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--dtype``, as every command that loads a model takes them."""
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="weights and activations (default auto: bfloat16 on CUDA, float32 on the CPU)")
+
+
+def add_memory_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-memory", metavar="SIZE", default=None,
+                   help="tensor memory each explainer may add, e.g. 20GB or 512MiB; batches are chunked to fit "
+                        "(default: the GPU's free memory, 1 GiB on a CPU)")
+
+
+def check_out(out: Path) -> None:
+    """``--out`` before any model work: a new folder, an empty one, or an earlier run's (replaced)."""
+    from ..report.run import ARRAYS, MANIFEST, REPORT
+
+    if out.exists() and not out.is_dir():
+        raise XmllmError(f"--out {out}: exists and is not a folder")
+    if out.is_dir():
+        ours = {MANIFEST, ARRAYS, REPORT}
+        others = sorted(p.name for p in out.iterdir()
+                        if p.name not in ours and not (p.name.startswith("image_") and p.suffix == ".png")
+                        and not p.name.startswith("."))
+        if others and not (out / MANIFEST).is_file():
+            raise XmllmError(f"--out {out}: a folder with other files ({others[0]}, ...); choose a new or empty folder")
 
 
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..api import check_params, explain
+    from ..explainers.answering import check_max_new_tokens
+    from ..explainers.models import resolve_device
     from ..runner import parse_params, resolve_explainers
 
     if not args.question.strip():
         raise XmllmError("--question must not be empty")
+    check_max_new_tokens(args.max_new_tokens, "--max-new-tokens")
+    from ..explainers.memory import parse_memory
+
+    budget = parse_memory(args.max_memory) if args.max_memory is not None else None
+    check_out(args.out)
+    try:
+        resolve_device(args.device)
+    except XmllmError as exc:
+        raise XmllmError(f"--device: {exc}") from None
     ids = resolve_explainers([e.strip() for e in args.explainers.split(",") if e.strip()] or None, args.leaf)
     try:
         params = check_params(ids, parse_params(args.param))
@@ -42,10 +87,15 @@ def run(args: argparse.Namespace) -> int:
         raise XmllmError(f"--param: {exc}") from None
     with tqdm(total=len(ids), desc="explaining", unit="explainer", file=sys.stderr) as bar:
         run = explain(args.model, args.image, args.question, ids, params=params, seed=args.seed,
-                      expected=args.expected, device=args.device,
+                      expected=args.expected, device=args.device, dtype=args.dtype, answer=args.answer,
+                      contrast=args.contrast, max_new_tokens=args.max_new_tokens, max_memory=budget,
                       progress=lambda eid: (bar.set_postfix_str(eid), bar.update(1)))
     folder = run.save(args.out)
+    for eid, why in (run.manifest.get("skipped") or {}).items():
+        print(f"skipped {eid}: {why}", file=sys.stderr)
+    for warning in run.manifest.get("warnings") or []:
+        print(f"xmllm: warning: {warning}", file=sys.stderr)
     print(f"answer: {run.answer.get('text', '')!r}")
-    print(f"wrote {folder / 'explanations.npz'} and {folder / 'manifest.json'} ({len(ids)} explainers)")
+    print(f"wrote {folder / 'explanations.npz'} and {folder / 'manifest.json'} ({len(run.ids)} of {len(ids)} explainers)")
     print(f"report: {folder / 'report.html'}")
     return 0

@@ -14,6 +14,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ray-address", default=None, help="a Ray cluster's address (default: start a local instance)")
     p.add_argument("--workers", type=int, default=None, help="Ray actors, one model each (default: as resources allow)")
     p.add_argument("--limit", type=int, default=None, help="audit only the first N samples")
+    p.add_argument("--max-memory", metavar="SIZE", default=None,
+                   help="tensor memory each explainer may add, e.g. 20GB (default: the config's, else the device's)")
+    p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                   help="the generated answers' token limit (default: the config's, else the model's)")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failing sample")
     p.add_argument("--retry-failed", action="store_true", help="recompute samples that failed in an earlier run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -33,6 +37,10 @@ def run(args: argparse.Namespace) -> int:
         overrides["executor.workers"] = args.workers
     if args.limit is not None:
         overrides["limit"] = args.limit
+    if args.max_new_tokens is not None:
+        overrides["max_new_tokens"] = args.max_new_tokens
+    if args.max_memory is not None:
+        overrides["max_memory"] = args.max_memory
     outcome = audit(args.config, args.out, overrides=overrides, fail_fast=args.fail_fast,
                     retry_failed=args.retry_failed, progress=not args.no_progress)
     rate = outcome.computed / outcome.seconds if outcome.seconds > 0 else 0.0
