@@ -108,16 +108,7 @@ def test_free_arithmetic_equals_real_arithmetic_for_every_explainer(family):
     pixel shuffle, the largest vision tower); LLaVA-NeXT and Qwen2-VL were checked the same way
     when the bench was written (exact for every explainer) and cost 50 s more per suite run."""
     for eid, (real, free) in _peaks(family, sample_level_ids()).items():
-        if (family, eid) in NEAR:
-            assert real > 0 and abs(free - real) <= NEAR[family, eid] * real, (family, eid, free, real)
-            continue
         assert free == real > 0, (family, eid)
-
-
-NEAR = {("idefics3", "training.compare"): 0.005}
-"""The one measured inexactness: on tiny Idefics3, the comparison's second inner occlusion leaves
-22 KB more alive under free arithmetic than under real arithmetic (0.27% of its peak; each inner
-run alone counts exactly the same bytes). Not traced further; the bound says how far it may go."""
 
 
 # --- the published configurations ------------------------------------------------------------------------

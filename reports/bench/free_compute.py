@@ -26,6 +26,7 @@ this measurement equals the real-arithmetic one exactly on a small model, for ev
 from __future__ import annotations
 
 import contextlib
+import gc
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -211,12 +212,29 @@ def measure(fn: Callable[[], Any], free: bool = True, free_backward: bool = True
     """Run ``fn`` under :class:`FreeCompute`; its result and peak live tensor bytes. An exception
     ``fn`` raises comes back as the result, with the peak reached before it."""
     mode = FreeCompute(free, free_backward)
-    try:
-        with mode:
-            result = fn()
-    except Exception as error:  # noqa: BLE001 - the caller decides whether the peak still holds
-        result = error
+    with collector_paused():
+        try:
+            with mode:
+                result = fn()
+        except Exception as error:  # noqa: BLE001 - the caller decides whether the peak still holds
+            result = error
     return result, mode.peak
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cycle collector off for the block, after one collection: tensors held only by
+    reference cycles (generation leaves some) are then freed at the same point in every run,
+    instead of whenever the collector happens to run, which made peaks differ by a few KB with
+    the order of earlier work. The peak counts them as alive: an upper bound, the same each time."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 # --- models whose matrices hold no values -----------------------------------------------------------

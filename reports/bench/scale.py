@@ -305,7 +305,7 @@ def measure_one(eid: str, prep: Prepared, params: dict[str, Any], device: torch.
     """One explanation's peak tensor bytes (free arithmetic on a CPU, the allocator on CUDA); with
     ``stop_batch``, stopped after its first forward of that many copies; with ``stop_backwards``,
     once that many backward passes have run."""
-    from .free_compute import measure
+    from .free_compute import collector_paused, measure
 
     cls = registered()[eid]
     costs = Costs(prep, stop_batch, stop_backwards)
@@ -320,10 +320,11 @@ def measure_one(eid: str, prep: Prepared, params: dict[str, Any], device: torch.
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-        try:
-            result = run()
-        except Exception as error:  # noqa: BLE001 - a stop, or an error reported in the table
-            result = error
+        with collector_paused():
+            try:
+                result = run()
+            except Exception as error:  # noqa: BLE001 - a stop, or an error reported in the table
+                result = error
         torch.cuda.synchronize(device)
         value = torch.cuda.max_memory_allocated(device) - before
     else:
