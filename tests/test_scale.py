@@ -146,6 +146,17 @@ def test_least_squares_line_and_residual():
     assert bent["residual_max"] > 0 and scale.project(bent, 8) > 16.0
 
 
+def test_the_projection_follows_the_two_deepest_points():
+    """A peak that moves from the attention to the MLP between one and two blocks, then settles:
+    the projection follows the 2-4 line (5 bytes a block), not the tilted 1-2-4 one; the vision
+    step adds its slope per extra vision block."""
+    peaks = {(1, 2): 100.0, (2, 2): 150.0, (4, 2): 160.0, (1, 3): 110.0}
+    runs = {k: scale.Measured(v, 0.0, {}) for k, v in peaks.items()}
+    row = scale.projection(runs, list(peaks), scale.Plan(), None, (8, 4))
+    assert row["settled"]["slope"] == pytest.approx(5.0) and row["fit"]["slope"] > 15
+    assert row["projected_activation_bytes"] == pytest.approx(140 + 5 * 8 + 10 * (4 - 2))
+
+
 def test_budgets_follow_the_gpu_rule():
     weights = 14 * 10**9
     assert scale.target_gpu(weights) == 24 and scale.target_gpu(27 * 10**9) == 48
