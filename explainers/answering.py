@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
@@ -94,12 +94,17 @@ def check_fits(loaded: "LoadedModel", prompt_tokens: int, answer_tokens: int) ->
                          "shorten the question")
 
 
-def _inputs(loaded: "LoadedModel", images: "Sequence[Image.Image]", question: str):
-    inputs, _ = loaded.adapter.build_inputs(list(images), question)
+def on_model(loaded: "LoadedModel", inputs: Any) -> Any:
+    """Processor outputs on the model's device, floating-point pixels in its dtype."""
     inputs = inputs.to(loaded.device)
     if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
         inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
     return inputs
+
+
+def _inputs(loaded: "LoadedModel", images: "Sequence[Image.Image]", question: str):
+    inputs, _ = loaded.adapter.build_inputs(list(images), question)
+    return on_model(loaded, inputs)
 
 
 @torch.no_grad()
@@ -133,15 +138,27 @@ def generate_answer(loaded: "LoadedModel", images: "Sequence[Image.Image]", ques
     return Answer(text, tuple(ids), tokens, tuple(probs), stopped, limit)
 
 
-def answer_token_ids(loaded: "LoadedModel", text: str, what: str = "answer") -> list[int]:
-    """The tokens of a given answer text as the model would write them after its prompt."""
+def check_answer_text(text: object, what: str = "answer") -> str:
+    """A given answer or contrast as a non-empty text; a one-line error naming ``what`` otherwise."""
     from .errors import XmllmError
 
     if not isinstance(text, str) or not text.strip():
         raise XmllmError(f"{what}: must be a non-empty text")
+    return text
+
+
+def answer_token_ids(loaded: "LoadedModel", text: str, what: str = "answer") -> list[int]:
+    """The tokens of a given answer text as the model would write them after its prompt; a
+    one-line error naming ``what`` for an empty text, or words the tokenizer does not know."""
+    from .errors import XmllmError
+
+    check_answer_text(text, what)
     ids = loaded.processor.tokenizer(text.strip(), add_special_tokens=False)["input_ids"]
     if not ids:
         raise XmllmError(f"{what} {text!r}: the tokenizer makes no tokens of it")
+    unknown = unknown_words(loaded, text)
+    if unknown:
+        raise XmllmError(f"{what} {text!r}: the tokenizer does not know {', '.join(map(repr, unknown))}")
     return [int(i) for i in ids]
 
 
@@ -149,12 +166,7 @@ def answer_token_ids(loaded: "LoadedModel", text: str, what: str = "answer") -> 
 def given_answer(loaded: "LoadedModel", images: "Sequence[Image.Image]", question: str, text: str) -> Answer:
     """A given answer (``--answer``), teacher-forced after the prompt in one forward: each token
     with the probability the model gives it there (what explaining it means)."""
-    from .errors import XmllmError
-
     ids = answer_token_ids(loaded, text)
-    unknown = unknown_words(loaded, text)
-    if unknown:
-        raise XmllmError(f"answer {text!r}: the tokenizer does not know {', '.join(map(repr, unknown))}")
     inputs = _inputs(loaded, images, question)
     prompt_len = int(inputs["input_ids"].shape[1])
     check_fits(loaded, prompt_len, len(ids))

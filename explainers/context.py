@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import torch
 
-from .answering import Answer, answer_token_ids, generate_answer, given_answer
+from .answering import Answer, answer_token_ids, generate_answer, given_answer, on_model
 from .explanation import Target
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -170,9 +170,7 @@ def prepare(loaded: "LoadedModel", sample: ExplainSample, answer: Answer | str |
     adapter = loaded.adapter
     inputs, _ = adapter.build_inputs(sample.images, sample.question)
     inputs, positions = adapter.append_tokens(inputs, list(answer.token_ids))
-    inputs = inputs.to(loaded.device)
-    if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
-        inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
+    inputs = on_model(loaded, inputs)
     layouts = adapter.image_layouts(inputs)
     text = adapter.text_positions(inputs, exclude=positions)
     prepared = Prepared(loaded, sample, answer, inputs, positions, layouts, text.cpu())
@@ -181,13 +179,9 @@ def prepare(loaded: "LoadedModel", sample: ExplainSample, answer: Answer | str |
 
 def align_contrast(loaded: "LoadedModel", answer: Answer, text: str) -> Contrast:
     """The foil's tokens aligned to the answer's positions; a one-line error when it equals the answer."""
-    from .answering import unknown_words
     from .errors import XmllmError
 
     foil = answer_token_ids(loaded, text, "contrast")
-    unknown = unknown_words(loaded, text)
-    if unknown:
-        raise XmllmError(f"contrast {text!r}: the tokenizer does not know {', '.join(map(repr, unknown))}")
     n = len(answer.token_ids)
     aligned = tuple(foil[:n]) + tuple(answer.token_ids[len(foil):])
     differing = tuple(i for i in range(n) if aligned[i] != answer.token_ids[i])

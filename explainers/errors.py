@@ -11,5 +11,6 @@ class XmllmError(Exception):
 
 
 class MissingInput(XmllmError, ValueError):
-    """An explainer's inputs are not all there (no ground truth, no second checkpoint): raised
-    before any model work; a run of several explainers skips it with this message instead."""
+    """An explainer cannot run on this sample (no ground truth, no second checkpoint, a contrast
+    it does not explain): raised before any model work; a run of several explainers skips it
+    with this message instead."""

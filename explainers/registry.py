@@ -70,15 +70,22 @@ class Explainer:
     def explain(self, model: "LoadedModel", sample: "ExplainSample | Prepared | Sequence[ExplainSample]",
                 **params: Any) -> "Explanation":
         """Explain ``sample`` (one sample, or a sample set for ``scope == "dataset"``) on ``model``."""
-        from .errors import MissingInput, XmllmError
+        from .errors import MissingInput
 
         checked = self.check_params(params)
-        why = self.unmet(model, getattr(sample, "sample", sample), checked)
+        why = self.refusal(model, getattr(sample, "sample", sample), checked,
+                           getattr(sample, "contrast", None) is not None)
         if why is not None:
             raise MissingInput(f"{self.id}: {why}")
-        if getattr(sample, "contrast", None) is not None and not self.supports_contrast:
-            raise XmllmError(f"{self.id}: explains one answer, not a contrast between two")
         return self.compute(model, self.ready(model, sample), checked)
+
+    def refusal(self, model: "LoadedModel", sample: Any, params: Any, contrast: bool = False) -> str | None:
+        """Why this explainer will not run on ``sample`` (its :meth:`unmet` inputs, or a contrast it
+        cannot explain), or None: the one rule :meth:`explain` and a run's planning both apply."""
+        why = self.unmet(model, sample, params)
+        if why is None and contrast and not self.supports_contrast:
+            why = "explains one answer, not a contrast between two (gradient, relevancy and perturbation ones do)"
+        return why
 
     def unmet(self, model: "LoadedModel", sample: Any, params: Any) -> str | None:
         """Why this explainer cannot run on ``sample`` (no ground truth, no second checkpoint, ...),

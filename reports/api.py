@@ -133,7 +133,7 @@ def explain(
         run = xmllm.explain(model, "shapes.png", "What colour is the diamond?", ["gradient.integrated"],
                             params={"gradient.integrated": {"n_steps": 16}}, contrast="blue")
     """
-    from .explainers.answering import check_max_new_tokens
+    from .explainers.answering import check_answer_text, check_max_new_tokens
     from .explainers.context import ExplainSample
     from .runner import resolve_explainers, run_explainers
 
@@ -142,8 +142,8 @@ def explain(
     check_max_new_tokens(max_new_tokens)
     budget = _budget(max_memory)
     for what, text in (("answer", answer), ("contrast", contrast)):
-        if text is not None and (not isinstance(text, str) or not text.strip()):
-            raise XmllmError(f"{what}: must be a non-empty text")
+        if text is not None:
+            check_answer_text(text, what)
     if isinstance(explainers, str):
         explainers = [e.strip() for e in explainers.split(",") if e.strip()]
     ids = resolve_explainers(list(explainers) if explainers else None, leaf)

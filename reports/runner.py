@@ -64,9 +64,7 @@ def plan_explainers(loaded: "LoadedModel", sample: "ExplainSample", ids: list[st
     runnable, skipped = [], {}
     for eid in ids:
         cls = get_explainer(eid)
-        why = cls().unmet(loaded, sample, cls.check_params(params.get(eid)))
-        if why is None and contrast is not None and not cls.supports_contrast:
-            why = "explains one answer, not a contrast between two (gradient, relevancy and perturbation ones do)"
+        why = cls().refusal(loaded, sample, cls.check_params(params.get(eid)), contrast is not None)
         if why is None:
             runnable.append(eid)
         else:

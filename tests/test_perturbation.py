@@ -27,9 +27,8 @@ from loaded_models import tiny_loaded  # noqa: F401  (other test modules import 
 from xmllm.explainers.answering import generate_answer
 from xmllm.explainers.context import ExplainSample, Prepared, prepare
 from xmllm.explainers.demo.samples import generate_samples
-from xmllm.explainers.memory import SAFETY, forward_copy_bytes, memory_budget
+from xmllm.explainers.memory import MAX_COPIES_CPU, SAFETY, forward_copy_bytes, memory_budget
 from xmllm.explainers.methods.perturbation import (
-    BATCH_SIZE_CPU,
     LogitRows,
     Occlusion,
     PixelCells,
@@ -370,7 +369,7 @@ def test_cpu_batch_size_fits_the_memory_budget():
     copies as fit the run's memory budget (a wider MLP: fewer), never fewer than one; an explicit
     batch_size wins."""
     prep = tiny_prepared("llava")
-    assert batch_size_for(prep, None) == BATCH_SIZE_CPU
+    assert batch_size_for(prep, None) == MAX_COPIES_CPU
     assert batch_size_for(prep, 5) == 5
     one = int(forward_copy_bytes(prep) * SAFETY) + 1
     with memory_budget(8 * one):

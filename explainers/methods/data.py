@@ -209,12 +209,7 @@ class Counterfactual(Explainer):
         rephrasings, seed = params.rephrasings, params.seed
         prep = sample
         source = prep.sample
-        demo = demo_sample_from(source)
-        if demo is None and not rephrasings:
-            raise ValueError(
-                f"{self.id}: sample {source.id!r} has no demo-world ground truth (extra['objects'], "
-                "extra['family']); only rewording is possible: pass rephrasings=[...]"
-            )
+        demo = demo_sample_from(source)  # None only with rephrasings (unmet refuses the rest)
         edits = (demo_edits(demo, seed) if demo is not None else []) + rephrase_edits(source, rephrasings or [])
         expected0 = demo.answer if demo is not None else source.expected
         rows = [_row(ORIGINAL, "no edit", source.question, expected0, prep.answer, joint_prob(prep.answer),

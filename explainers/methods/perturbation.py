@@ -27,7 +27,7 @@ from ..capture import attn_implementations
 from ..context import Prepared, score_tokens
 from ..explanation import Explanation
 from ..hooks import Hooks
-from ..memory import MAX_COPIES_ACCELERATOR, MAX_COPIES_CPU, copies_within, forward_copy_bytes, uses_eager
+from ..memory import copies_within, forward_copy_bytes, uses_eager
 from ..models import LoadedModel
 from ..models.layout import ImageLayout, PatchGrid
 from ..params import ExplainerParams, param
@@ -39,10 +39,6 @@ BASELINES: tuple[str, ...] = ("black", "mean", "blur", "noise")
 VIEWS: tuple[str, ...] = ("all", "main")
 """Which grids an occlusion reaches: every grid covering the region (all views of the image:
 tiles, global view, base view) or only the main grid."""
-BATCH_SIZE_CPU = MAX_COPIES_CPU
-"""Most perturbed copies per forward on a CPU: on the demo model 32 beats 8 by a fifth (fewer
-forwards, each with its fixed Python cost); on the 576-token bench model anything from 4 up costs
-the same. Large models get as many as the run's memory budget fits (:mod:`xmllm.explainers.memory`)."""
 SHORTCUT_TOLERANCE = 1e-4
 """Largest |difference| allowed between the unperturbed answer log-probabilities of a plain forward
 and of one through the shortcuts (shared prefix cache, logit rows only) before these are trusted
@@ -52,9 +48,6 @@ SHORTCUT_FAILURES = (TypeError, ValueError, RuntimeError, IndexError, KeyError, 
 """What a family whose forward cannot take a shortcut raises: that family scores plainly."""
 CACHE_KEYWORDS: tuple[str, ...] = ("cache", "past_key_values")
 """What a model's ``forward`` calls its key/value cache argument (transformers 5, then 4)."""
-BATCH_SIZE_ACCELERATOR = MAX_COPIES_ACCELERATOR
-"""Most perturbed copies per forward on a GPU, which needs large batches to fill; fewer where the
-memory budget says so."""
 BLUR_RADIUS_IN_CELLS = 0.5
 """Default Gaussian blur radius, in cells of the main grid: enough to erase detail within a cell."""
 NOISE_LEVELS = 256

@@ -74,10 +74,8 @@ def load_other(model: Any, other: Any) -> Any:
 
     if isinstance(other, LoadedModel):
         return other
-    if other is None:
+    if other is None:  # the known partner (unmet refuses a model without one)
         other = DEMO_PAIRS.get(getattr(model, "spec", None))
-        if other is None:
-            raise ValueError("training.compare needs other=MODEL (a folder, a hub id or 'demo-early') to compare with")
     if not isinstance(other, str) or not other.strip():
         raise ValueError(f"parameter other={other!r} must be a model spec (a folder, a hub id or 'demo-early')")
     return load_model(other, device=model.device, dtype=model.dtype, eager_attention=model.eager_attention)

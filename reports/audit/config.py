@@ -264,12 +264,7 @@ def _check_device(config: AuditConfig, path: Path) -> None:
     from xmllm.explainers.models.loading import resolve_device
 
     try:
-        device = resolve_device(config.device)
-        import torch
-
-        if device.type == "cuda" and (not torch.cuda.is_available()
-                                      or (device.index or 0) >= torch.cuda.device_count()):
-            raise ModelLoadError(f"{str(device)!r} is not available on this machine; use device: cpu or auto")
+        resolve_device(config.device)  # checks the device is there (models.loading.check_device)
     except ModelLoadError as exc:
         message = _one_line(exc).replace("--device ", "device: ")
         raise ConfigError(f"{path}: field device: {message}") from None
