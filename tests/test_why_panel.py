@@ -14,7 +14,8 @@ from scipy.stats import spearmanr
 
 import xmllm
 from xmllm.explainers.demo.samples import generate_samples
-from xmllm.report.summary import spearman, why_panel
+from xmllm.explainers.metrics.stats import spearman
+from xmllm.report.summary import why_panel
 
 IDS = ["relevancy.chefer", "attention.rollout", "perturbation.occlusion", "causal.minimal_set", "gradient.integrated"]
 

@@ -69,33 +69,13 @@ class WhyPanel:
     causal: str | None = None
 
 
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Rank correlation of two maps (average ranks for ties); 0 when either is constant."""
-    def ranks(x: np.ndarray) -> np.ndarray:
-        flat = x.ravel().astype(np.float64)
-        order = flat.argsort(kind="mergesort")
-        r = np.empty_like(flat)
-        r[order] = np.arange(flat.size, dtype=np.float64)
-        for value in np.unique(flat):  # ties share their mean rank
-            tied = flat == value
-            if tied.sum() > 1:
-                r[tied] = r[tied].mean()
-        return r
-
-    ra, rb = ranks(a), ranks(b)
-    if ra.std() == 0 or rb.std() == 0:
-        return 0.0
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
 def _thumb(values: np.ndarray, image: "Image.Image | None", region: Any) -> tuple[str, float, float]:
     """The map over (the mapped region of) the image, with a colour bar, as a PNG data URI."""
-    from .static import _pyplot
+    from .static import _cmap, _pyplot, _scale
 
     plt = _pyplot()
     low, high = float(np.nanmin(values)), float(np.nanmax(values))
-    signed = low < 0 < high
-    bound = max(abs(low), abs(high)) or 1.0
+    signed, vmin, vmax = _scale(values)  # the page's own colour rule and maps, as its overlays use
     fig, ax = plt.subplots(figsize=(2.0, 1.7), dpi=THUMB / 2.0)
     if image is not None:
         shown = image
@@ -103,8 +83,7 @@ def _thumb(values: np.ndarray, image: "Image.Image | None", region: Any) -> tupl
             x0, y0, x1, y1 = (float(v) for v in region)
             shown = image.crop((round(x0), round(y0), round(x1), round(y1)))
         ax.imshow(np.asarray(shown.convert("RGB")), extent=(0, 1, 1, 0))
-    mapped = ax.imshow(values, cmap="RdBu_r" if signed else "viridis", alpha=0.6 if image is not None else 1.0,
-                       vmin=-bound if signed else low, vmax=bound if signed else (high if high > low else low + 1e-12),
+    mapped = ax.imshow(np.ma.masked_invalid(values), cmap=_cmap(signed, image is not None), vmin=vmin, vmax=vmax,
                        extent=(0, 1, 1, 0), interpolation="nearest")
     ax.set_axis_off()
     bar = fig.colorbar(mapped, ax=ax, fraction=0.08, pad=0.03)
@@ -149,6 +128,7 @@ def _causal_words(run: "Run") -> str | None:
 def why_panel(run: "Run") -> WhyPanel:
     """The panel's content for ``run`` (see the module docstring)."""
     from xmllm.explainers.metrics import primary_image_map
+    from xmllm.explainers.metrics.stats import spearman
 
     answer = run.manifest.get("answer") or {}
     contrast = (run.manifest.get("contrast") or {}).get("text")
