@@ -12,8 +12,8 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from xmllm.explainers.errors import XmllmError
-from xmllm.explainers.safe_yaml import YamlError, compose, construct, format_loc, read_text
+from xmllm.errors import XmllmError
+from xmllm.safe_yaml import YamlError, compose, construct, format_loc, read_text
 
 from .schema import Catalog
 

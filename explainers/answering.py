@@ -60,7 +60,7 @@ def is_correct(answer: str, expected: str) -> bool:
 
 def check_max_new_tokens(value: object, what: str = "max_new_tokens") -> int | None:
     """``value`` as a positive token count (None: the model's default); a one-line error otherwise."""
-    from .errors import XmllmError
+    from xmllm import XmllmError
 
     if value is None:
         return None
@@ -85,7 +85,7 @@ def check_fits(loaded: "LoadedModel", prompt_tokens: int, answer_tokens: int) ->
     """Refuse a prompt (question and image tokens) that, with the answer, exceeds the model's
     context: positions past it are outside anything the model was trained on, and the answers it
     gives there mean nothing."""
-    from .errors import XmllmError
+    from xmllm import XmllmError
 
     limit = context_length(loaded)
     if limit is not None and prompt_tokens + answer_tokens > limit:
@@ -140,7 +140,7 @@ def generate_answer(loaded: "LoadedModel", images: "Sequence[Image.Image]", ques
 
 def check_answer_text(text: object, what: str = "answer") -> str:
     """A given answer or contrast as a non-empty text; a one-line error naming ``what`` otherwise."""
-    from .errors import XmllmError
+    from xmllm import XmllmError
 
     if not isinstance(text, str) or not text.strip():
         raise XmllmError(f"{what}: must be a non-empty text")
@@ -150,7 +150,7 @@ def check_answer_text(text: object, what: str = "answer") -> str:
 def answer_token_ids(loaded: "LoadedModel", text: str, what: str = "answer") -> list[int]:
     """The tokens of a given answer text as the model would write them after its prompt; a
     one-line error naming ``what`` for an empty text, or words the tokenizer does not know."""
-    from .errors import XmllmError
+    from xmllm import XmllmError
 
     check_answer_text(text, what)
     ids = loaded.processor.tokenizer(text.strip(), add_special_tokens=False)["input_ids"]

@@ -179,7 +179,7 @@ def prepare(loaded: "LoadedModel", sample: ExplainSample, answer: Answer | str |
 
 def align_contrast(loaded: "LoadedModel", answer: Answer, text: str) -> Contrast:
     """The foil's tokens aligned to the answer's positions; a one-line error when it equals the answer."""
-    from .errors import XmllmError
+    from xmllm import XmllmError
 
     foil = answer_token_ids(loaded, text, "contrast")
     n = len(answer.token_ids)

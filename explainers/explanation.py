@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .files import atomic
+from xmllm import atomic
 
 FORMAT_VERSION = 1
 
@@ -55,7 +55,7 @@ class Explanation:
 
     def _repr_html_(self) -> str:
         """This explanation's interactive report, inline in a notebook (in its own frame)."""
-        from xmllm.report.run import Run  # the renderer lives with the reports, above the core
+        from xmllm.report.explained import Run  # the renderer lives with the reports, above the core
 
         run = self.context if isinstance(self.context, Run) else None
         if run is None or not any(e is self for e in run.explanations):

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import XmllmError
+from xmllm import XmllmError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .context import Prepared

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import types
 import typing
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from .errors import XmllmError
+from xmllm import XmllmError
 
 PARAM_KEY = "xmllm.param"
 
@@ -296,3 +297,27 @@ def check_declaration(cls: type) -> None:
     specs = _specs(params)
     for spec in specs:  # the defaults themselves must pass the declaration
         spec.validate(spec.default, cls.__name__)
+
+
+# --- value checks for arguments that are not declared parameters (metrics, toolkit calls) ----------
+
+
+def positive_int(name: str, value: Any) -> int:
+    """``value`` as an int >= 1, or a one-line :class:`ParamError` naming the parameter."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ParamError(f"parameter {name}={value!r} must be an integer >= 1")
+    return int(value)
+
+
+def an_int(name: str, value: Any) -> int:
+    """``value`` as an int, or a one-line :class:`ParamError` naming the parameter."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ParamError(f"parameter {name}={value!r} must be an integer")
+    return int(value)
+
+
+def choice(name: str, value: Any, options: Sequence[str]) -> str:
+    """``value`` if it is one of ``options``, or a one-line :class:`ParamError`."""
+    if value not in options:
+        raise ParamError(f"parameter {name}={value!r} must be one of {', '.join(options)}")
+    return str(value)

@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .context import ExplainSample, Prepared
     from .explanation import Explanation
     from .models import LoadedModel
+    from .scaleplan import ScalePlan
 
 Scope = Literal["sample", "dataset"]
 
@@ -62,6 +63,35 @@ class Explainer:
     supports_contrast: ClassVar[bool] = False
     """Whether it explains a contrast (``answer rather than foil``) through ``Prepared.target_ids``."""
 
+    # What the application layer reads about an explainer, declared here so that the report, the
+    # evaluation and the bench keep no table of explainers (see docs: adding an explainer).
+    noise_hint: ClassVar[str] = ""
+    """What to change when its image map's largest value is near numerical noise (the report's why
+    panel names it); empty: the generic hint."""
+    ranks_cells: ClassVar[bool] = True
+    """Whether its image map ranks cells. False for a 0/1 set: it is left out of the why panel's
+    agreement matrix and noise hints, and of the default evaluation (no ranking for the curves)."""
+    evaluation_params: ClassVar[Mapping[str, Any]] = {}
+    """Parameters ``xmllm evaluate`` uses instead of the defaults (cheaper where the scored map does
+    not change); the user's ``--param`` overrides them."""
+    evaluated_by_default: ClassVar[str] = ""
+    """Empty: ``xmllm evaluate`` scores it when no explainers are named. Otherwise why it is left out."""
+
+    @classmethod
+    def why(cls, explanation: "Explanation") -> str | None:
+        """A sentence for the report's why panel that says what this explanation found (the minimal
+        causal set: "masking these 3 cells turns ..."), or None. Computed from the explanation alone."""
+        return None
+
+    @classmethod
+    def scale_plan(cls, prep: "Prepared", full_layers: int) -> "ScalePlan":
+        """How ``xmllm bench --scale`` measures it on ``prep`` (the bench's planning budget is active):
+        by default as it is, with no parameter changed. Override where a cheaper value of a parameter
+        leaves the peak memory as it is (fewer windows, steps, backward passes)."""
+        from .scaleplan import ScalePlan
+
+        return ScalePlan()
+
     @classmethod
     def check_params(cls, params: Mapping[str, Any] | None) -> ExplainerParams:
         """The validated parameters, or a one-line :class:`ParamError`; needs no model."""
@@ -70,7 +100,7 @@ class Explainer:
     def explain(self, model: "LoadedModel", sample: "ExplainSample | Prepared | Sequence[ExplainSample]",
                 **params: Any) -> "Explanation":
         """Explain ``sample`` (one sample, or a sample set for ``scope == "dataset"``) on ``model``."""
-        from .errors import MissingInput
+        from xmllm import MissingInput
 
         checked = self.check_params(params)
         why = self.refusal(model, getattr(sample, "sample", sample), checked,

@@ -7,12 +7,19 @@ command line, running explainers, reports, the site, audits and the bench) from 
 :mod:`xmllm.templates` from ``templates/``.
 
 Importing ``xmllm`` is cheap: torch and transformers load only when a model is used.
+
+The root package is also the foundation every layer stands on: the error type and its kinds
+(:mod:`xmllm.errors`) and whole-or-nothing writes (:mod:`xmllm.files`) are importable from here,
+so the core (:mod:`xmllm.explainers`) imports ``xmllm`` itself and nothing of the application
+layer. The other utilities every layer uses (``safe_yaml``, ``images``, ``samples``,
+``allocator``) are modules of this package.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from .explainers.errors import XmllmError
+from .errors import MissingInput, XmllmError
+from .files import atomic, write_atomic
 
 _API = {
     "load_model": "xmllm.api",
@@ -21,7 +28,7 @@ _API = {
     "evaluate": "xmllm.api",
     "audit": "xmllm.api",
     "catalog": "xmllm.catalog",  # the package itself, callable: xmllm.catalog() loads the taxonomy
-    "Run": "xmllm.report.run",
+    "Run": "xmllm.report.explained",
     "Explanation": "xmllm.explainers.explanation",
 }
 
@@ -41,4 +48,4 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_API])
 
 
-__all__ = ["XmllmError", *_API]
+__all__ = ["XmllmError", "MissingInput", *_API]

@@ -21,15 +21,15 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .explainers.errors import XmllmError
+from xmllm.errors import XmllmError
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
-    from .audit.run import AuditOutcome
+    from xmllm.audit.driver import AuditOutcome
     from .catalog import Catalog
     from .explainers.models import LoadedModel
-    from .report.run import Run
+    from xmllm.report.explained import Run
 
 def load_model(spec: str | os.PathLike[str] = "demo", device: str = "auto", dtype: str = "auto",
                revision: str | None = None) -> "LoadedModel":
@@ -61,7 +61,7 @@ def as_image(image: Any, what: str = "image") -> "Image.Image":
     import numpy as np
     from PIL import Image
 
-    from .explainers.images import load_image
+    from xmllm.images import load_image
 
     if isinstance(image, (str, os.PathLike)):
         return load_image(Path(image))
@@ -124,7 +124,7 @@ def explain(
     ``max_memory`` (bytes, or a size such as ``"20GB"``) bounds the tensor memory each explainer
     adds; they chunk their batches to fit it (default: the GPU's free memory, 1 GiB on a CPU).
 
-    Returns a :class:`~xmllm.report.run.Run`: the answer with per-token probabilities
+    Returns a :class:`~xmllm.report.explained.Run`: the answer with per-token probabilities
     (``run.answer``), each :class:`~xmllm.explainers.explanation.Explanation` by id (``run[id]``),
     provenance (``run.manifest``); ``run.show()`` or the notebook shows its report.
 
@@ -183,7 +183,7 @@ def check_params(ids: Sequence[str], params: Mapping[str, Mapping[str, Any]] | N
 def load_run(folder: str | os.PathLike[str]) -> "Run":
     """Read a run folder (written by :meth:`Run.save` or ``xmllm explain --out``) back, without
     the model: the same explanations, arrays equal to the saved ones, and the provenance."""
-    from .report.run import load_run as _load
+    from xmllm.report.explained import load_run as _load
 
     return _load(Path(folder))
 
@@ -218,7 +218,7 @@ def evaluate(
     """
     from .evaluation import SANITY_SAMPLES, EvaluationConfig, demo_samples, jsonl_samples
     from .evaluation import evaluate as _evaluate
-    from .explainers.methods.perturbation import BASELINES
+    from .explainers.masking import BASELINES
     from .runner import resolve_explainers
 
     if (samples is None) == (demo is None):
@@ -258,7 +258,7 @@ def evaluate(
 def save_evaluation(result: dict[str, Any], out: Path) -> None:
     """Write ``evaluation.json``, ``table.txt`` and the trust page with its plots into ``out``."""
     from .evaluation import TABLE_NAME, save_result, text_table, write_page
-    from .explainers.files import write_atomic
+    from xmllm.files import write_atomic
 
     save_result(result, out)
     write_atomic(out / TABLE_NAME, text_table(result))

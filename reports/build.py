@@ -41,10 +41,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .explainers.files import remove_stale, replace_dir, scratch_dir, write_atomic
+from xmllm.files import remove_stale, replace_dir, scratch_dir, write_atomic
 
 from .cache import RunCache, cache_key, default_cache_dir
-from .explainers.errors import XmllmError
+from xmllm.errors import XmllmError
 from .site.pages import GENERATED, REPORTS, SiteOutput
 
 DEFAULT_OUT = Path("public")
@@ -234,7 +234,7 @@ class StagedProject:
 
 def read_site_config(path: Path) -> dict[str, Any]:
     """An MkDocs config as plain data, read safely (no Python tags)."""
-    from xmllm.explainers.safe_yaml import load_yaml
+    from xmllm.safe_yaml import load_yaml
 
     data = load_yaml(path, what="--config")
     if not isinstance(data, dict):

@@ -11,7 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Sequence
 
 from . import commands
-from .explainers.errors import XmllmError
+from xmllm.errors import XmllmError
 
 USER_ERROR = 2
 """Exit status of every user error (a bad file, field or value): the CLI's one mapping of :class:`XmllmError`."""
@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    from xmllm.explainers.allocator import keep_freed_memory
+    from xmllm.allocator import keep_freed_memory
 
     keep_freed_memory()  # batched CPU forwards reuse freed blocks instead of page-faulting fresh ones
     previous = None

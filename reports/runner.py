@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from .explainers.errors import XmllmError
+from xmllm.errors import XmllmError
 from .provenance import package_versions, sample_sha256, utc_now
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -12,7 +12,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from xmllm.explainers.explanation import Explanation
     from xmllm.explainers.models import LoadedModel
 
-    from .report.run import Run
+    from xmllm.report.explained import Run
 
 
 def resolve_explainers(ids: list[str] | None = None, leaf: str | None = None) -> list[str]:
@@ -181,7 +181,7 @@ def run_explainers(
         manifest["warnings"] = warnings
     if faithful is not None:
         manifest["faithfulness"] = faithful
-    from .report.run import IMAGE_NAME, Run
+    from xmllm.report.explained import IMAGE_NAME, Run
 
     names = [IMAGE_NAME.format(k) for k in range(len(sample.images))]
     manifest["sample"]["images"] = names
@@ -211,7 +211,7 @@ def faithfulness_entry(loaded: "LoadedModel", prepared: "Prepared", explanations
     values, another grid) is listed under ``skipped`` with why. None when no explainer has a map."""
     import numpy as np
 
-    from xmllm.explainers.methods.perturbation import first_layout
+    from xmllm.explainers.masking import first_layout
     from xmllm.explainers.metrics import DEFAULT_BASELINE, DEFAULT_STEPS, faithfulness_many, primary_image_map
     from xmllm.explainers.metrics.curves import SCORE_NOTE
 
@@ -276,7 +276,7 @@ def layouts_json(layouts: list) -> list[dict[str, Any]]:
     """Where each image grid lies on its image, keyed by the map name explainers give it
     (:func:`xmllm.explainers.methods.attention.grid_names`), so a report can overlay a map on the
     right part of the right image."""
-    from xmllm.explainers.methods.attention import grid_names
+    from xmllm.explainers.models.layout import grid_names
 
     names = {id(grid): name for name, grid in grid_names(layouts)}
     return [

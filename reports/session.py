@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from .cache import RunCache, cache_key, weights_fingerprint
-from .explainers.errors import XmllmError
+from xmllm.errors import XmllmError
 
 if TYPE_CHECKING:  # pragma: no cover
     from xmllm.explainers.context import ExplainSample

@@ -14,7 +14,7 @@ from tiny_models import build_tiny, tiny_image
 
 from xmllm.explainers.context import ExplainSample
 from xmllm.explainers.models import LoadedModel, adapter_for
-from xmllm.report.run import Run
+from xmllm.report.explained import Run
 from xmllm.runner import run_explainers
 
 HOSTILE = """what colour is <script>alert(1)</script>"'& the square"""

@@ -6,13 +6,10 @@ layouts are checked against what the model itself consumes, not against our own 
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny_models import (
     FAMILIES,

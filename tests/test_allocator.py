@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from xmllm.explainers.allocator import OPT_OUT, _glibc
+from xmllm.allocator import OPT_OUT, _glibc
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = """

@@ -363,7 +363,7 @@ def test_two_runs_are_identical_but_for_the_timestamp(hostile_run, tmp_path):
 def compare_outputs(a: Path, b: Path) -> None:
     """Every file of two audit folders equal (arrays exactly), timestamps aside; run.json and
     timings.json hold seconds and are left out."""
-    from xmllm.report.run import load_run
+    from xmllm.report.explained import load_run
 
     skip = {"run.json", "timings.json", ".xmllm-audit"}
     files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file() and p.name not in skip)

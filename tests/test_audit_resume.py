@@ -32,7 +32,7 @@ def complete_folders(out: Path) -> list[Path]:
 
 def check_folder(folder: Path) -> dict:
     """Every file of a sample's folder parses: the record, the arrays, the manifest, the images."""
-    from xmllm.report.run import load_run
+    from xmllm.report.explained import load_run
 
     record = json.loads((folder / "record.json").read_text(encoding="utf-8"))
     json.loads((folder / "timings.json").read_text(encoding="utf-8"))

@@ -10,13 +10,11 @@ import contextlib
 import io
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from random_demo import save_random_demo
 

@@ -168,7 +168,7 @@ def test_the_site_has_the_python_api_page_and_the_notebook(small_site) -> None:
         assert anchor in api, name
         section = api.split(anchor, 1)[1].split('id="xmllm.', 1)[0]
         assert "<p>" in section, f"{name}: its docstring is not on the page"
-    for obj in ("xmllm.report.run.Run", "xmllm.explainers.explanation.Explanation",
+    for obj in ("xmllm.report.explained.Run", "xmllm.explainers.explanation.Explanation",
                 "xmllm.explainers.registry.Explainer", "xmllm.explainers.params.param"):
         assert f'id="{obj}"' in api, obj
     notebook = (small_site.out / "generated" / "notebook.html").read_text(encoding="utf-8")

@@ -7,14 +7,11 @@ member must bring the answer back. The keep-only probability must be a real forw
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_perturbation import demo, demo_prepared, occlude_by_hand, tiny_prepared  # noqa: F401 (fixture)
 from tiny_models import FAMILIES

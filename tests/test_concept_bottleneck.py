@@ -7,14 +7,11 @@ every answer as the plain model gives it.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_perturbation import tiny_loaded  # noqa: E402
 

@@ -8,14 +8,11 @@ not from the explainer's helpers.
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from loaded_models import tiny_loaded  # noqa: E402
 from test_intervention import random_demo_folder, tiny_prepared  # noqa: E402

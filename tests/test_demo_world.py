@@ -10,7 +10,7 @@ from PIL import Image
 from xmllm.explainers.demo.questions import FAMILIES, NUMBER_WORDS
 from xmllm.explainers.demo.samples import counterfactuals, generate_sample, generate_samples, make_pair
 from xmllm.explainers.demo.world import COLOURS, Obj, Scene, relation
-from xmllm.explainers.samples import SampleSetError, read_sample_set
+from xmllm.samples import SampleSetError, read_sample_set
 from xmllm.cli import main
 
 

@@ -5,14 +5,11 @@ from the geometry of the object's box.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny_models import build_tiny, missing_dependency
 
@@ -34,7 +31,7 @@ from xmllm.explainers.methods.embedding import (
     split_groups,
     unit_rows,
 )
-from xmllm.explainers.methods.gradient import default_cam_layer
+from xmllm.explainers.backward import default_cam_layer
 from xmllm.explainers.models import LoadedModel, adapter_for
 from xmllm.explainers.registry import Need, get_explainer, registered
 

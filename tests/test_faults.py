@@ -150,7 +150,7 @@ def test_billion_laughs_catalog_is_refused_at_once(tmp_path, capsys):
 
 
 def test_oversize_catalog_is_refused_unread(tmp_path, capsys):
-    from xmllm.explainers.safe_yaml import MAX_BYTES
+    from xmllm.safe_yaml import MAX_BYTES
 
     big = tmp_path / "big.yaml"
     with big.open("w", encoding="utf-8") as handle:

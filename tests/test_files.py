@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from xmllm.explainers.files import atomic, replace_dir, write_atomic
+from xmllm.files import atomic, replace_dir, write_atomic
 
 
 def _plain_mode(tmp_path) -> int:

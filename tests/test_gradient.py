@@ -7,21 +7,20 @@ against Captum's own attribution classes.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny_models import FAMILIES, TEST_IMAGE_SIZES, build_tiny, missing_dependency, tiny_image
 
 from xmllm.explainers.answering import Answer
 from xmllm.explainers.context import ExplainSample, Prepared, prepare
-from xmllm.explainers.methods.gradient import GAP_WARNING, grid_names
-from xmllm.explainers.methods.perturbation import baseline_pixels
+from xmllm.explainers.methods.gradient import GAP_WARNING
+from xmllm.explainers.models.layout import grid_names
+from xmllm.explainers.masking import baseline_pixels
 from xmllm.explainers.models import adapter_for
 from xmllm.explainers.models.loading import LoadedModel
 from xmllm.explainers.registry import get_explainer

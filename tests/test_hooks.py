@@ -5,14 +5,11 @@ registration fails); the tiny LLaVA checks explainer sites leave no hook on the 
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from loaded_models import tiny_prepared
 

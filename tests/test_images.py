@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xmllm.explainers import images
-from xmllm.explainers.images import ImageError, load_image
+from xmllm import images
+from xmllm.images import ImageError, load_image
 
 
 def test_modes_are_converted_to_rgb(tmp_path):

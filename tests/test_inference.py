@@ -7,15 +7,12 @@ writes VCD's formula out from the paper's schedule.
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny_models import FAMILIES
 from loaded_models import random_demo_loaded

@@ -8,14 +8,12 @@ demo architecture with random weights saved in a temporary folder (real forwards
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny_models import FAMILIES, TEST_IMAGE_SIZES, tiny_image
 from loaded_models import tiny_prepared as shared_tiny_prepared
@@ -31,7 +29,7 @@ from xmllm.explainers.methods.intervention import (
     restored_share,
     sliding_windows,
 )
-from xmllm.explainers.methods.perturbation import question_positions
+from xmllm.explainers.masking import question_positions
 from xmllm.explainers.models import LoadedModel, load_model
 from xmllm.explainers.registry import get_explainer
 

@@ -6,14 +6,11 @@ LM head by hand, never through the explainer's hooks or ``adapter.unembed``.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny_models import FAMILIES
 from loaded_models import random_demo_loaded

@@ -8,21 +8,18 @@ log-probability, :data:`ROUNDING`) says so at each comparison.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from loaded_models import tiny_loaded
 from tiny_models import TEST_IMAGE_SIZES, tiny_image
 
 from xmllm.explainers.answering import generate_answer
 from xmllm.explainers.context import ExplainSample, prepare
-from xmllm.explainers.errors import XmllmError
+from xmllm.errors import XmllmError
 from xmllm.explainers.memory import (
     CPU_BUDGET,
     SAFETY,

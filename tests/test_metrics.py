@@ -4,15 +4,12 @@ against forwards masked by hand (no helper of the metrics code is used for the r
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from loaded_models import answer_probability
 from random_demo import save_random_demo

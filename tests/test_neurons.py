@@ -11,14 +11,11 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_perturbation import tiny_loaded, tiny_prepared  # noqa: E402
 from tiny_models import FAMILIES  # noqa: E402
@@ -37,7 +34,7 @@ from xmllm.explainers.methods.neurons import (
     select_specific,
     specificity_entropy,
 )
-from xmllm.explainers.methods.perturbation import answer_ids, logprobs_at
+from xmllm.explainers.forward import answer_ids, logprobs_at
 from xmllm.explainers.models import LoadedModel, adapter_for, load_model
 from xmllm.explainers.registry import get_explainer
 

@@ -8,14 +8,12 @@ explainer must agree with plain model forwards, batched or not.
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny_models import (
     FAMILIES,
@@ -28,21 +26,9 @@ from xmllm.explainers.answering import generate_answer
 from xmllm.explainers.context import ExplainSample, Prepared, prepare
 from xmllm.explainers.demo.samples import generate_samples
 from xmllm.explainers.memory import MAX_COPIES_CPU, SAFETY, forward_copy_bytes, memory_budget
-from xmllm.explainers.methods.perturbation import (
-    LogitRows,
-    Occlusion,
-    PixelCells,
-    TextAblation,
-    base_logprobs,
-    baseline_pixels,
-    batch_size_for,
-    cell_map,
-    first_image_position,
-    logprobs_at,
-    occluded_logprobs,
-    shared_prefix,
-    windows,
-)
+from xmllm.explainers.forward import LogitRows, base_logprobs, batch_size_for, first_image_position, logprobs_at, shared_prefix
+from xmllm.explainers.methods.perturbation import Occlusion, TextAblation
+from xmllm.explainers.masking import PixelCells, baseline_pixels, cell_map, occluded_logprobs, windows
 from xmllm.explainers.models import LoadedModel, load_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

@@ -8,14 +8,12 @@ must change that cell's image feature and no other.
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny_models import FAMILIES, TEST_IMAGE_SIZES, build_tiny, missing_dependency, tiny_image
 

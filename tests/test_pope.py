@@ -2,15 +2,12 @@
 by hand from the recorded answers, on the demo architecture and tiny models of three families."""
 from __future__ import annotations
 
-import sys
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny_models import build_tiny, missing_dependency
 

@@ -7,13 +7,10 @@ family, and the model must come back with its own attention kernel.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_relevancy import FAMILIES, assert_close, slow_relevancy, tiny_prepared
 

@@ -10,14 +10,12 @@ import io
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from html_tree import bokeh_models, parse
 from loaded_models import answer_probability

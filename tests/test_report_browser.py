@@ -6,14 +6,12 @@ as a test artifact in test-artifacts/ (git-ignored).
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from report_runs import ANSWER_TOKENS, make_run
 

@@ -2,14 +2,11 @@
 the restore, rank correlation by hand, and the flag on a map that ignores the model."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from random_demo import save_random_demo
 

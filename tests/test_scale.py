@@ -12,14 +12,11 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny_models import TEST_IMAGE_SIZES, build_tiny, tiny_image
 

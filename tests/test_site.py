@@ -3,7 +3,6 @@ and the cache keeps only complete entries. Pages are rendered with Python-Markdo
 does) and parsed back; the escaping test runs a real MkDocs build of a hostile catalog."""
 from __future__ import annotations
 
-import inspect
 import re
 from html.parser import HTMLParser
 from pathlib import Path

@@ -7,14 +7,11 @@ reference is the ``output_attentions`` of a plain eager forward.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny_models import FAMILIES
 from loaded_models import random_demo_loaded

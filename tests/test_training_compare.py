@@ -7,14 +7,12 @@ explainer on each model directly.
 from __future__ import annotations
 
 import copy
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from loaded_models import tiny_loaded  # noqa: E402
 from test_intervention import random_demo_folder, tiny_prepared  # noqa: E402

@@ -13,7 +13,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from ..files import atomic, write_atomic
+from xmllm import atomic, write_atomic
 from .questions import ALL_FAMILIES, FAMILIES, Question
 from .world import Scene
 

@@ -22,7 +22,7 @@ from ..capture import (
 from ..context import ExplainSample, Prepared
 from ..explanation import Explanation
 from ..models import LoadedModel
-from ..models.layout import ImageLayout, PatchGrid
+from ..models.layout import grid_names
 from ..params import ExplainerParams, param
 from ..registry import Citation, Explainer, Need, register
 
@@ -43,16 +43,6 @@ RAW_PROMPT_AXES = ("answer_token", "layer", "head", "prompt_token")
 HEAD_AXES = ("layer", "head")
 TEXT_MEANING = "the prompt's text tokens (question and template; target.prompt_positions), not image tokens"
 
-
-def grid_names(layouts: list[ImageLayout]) -> list[tuple[str, PatchGrid]]:
-    """``image`` for the first image's main grid, ``image{k}.{grid}`` for every other grid."""
-    named = []
-    for layout in layouts:
-        main = layout.main_grid
-        for grid in layout.grids:
-            first = layout.image_index == 0 and grid is main
-            named.append(("image" if first else f"image{layout.image_index}.{grid.name}", grid))
-    return named
 
 
 def zscore(values: torch.Tensor) -> torch.Tensor:

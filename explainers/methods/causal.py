@@ -20,26 +20,9 @@ from ..hooks import Hooks
 from ..models import LoadedModel
 from ..params import param
 from ..registry import Citation, Explainer, register
-from .perturbation import (
-    MaskingParams,
-    PixelCells,
-    ZEILER_FERGUS,
-    answer_ids,
-    baseline_pixels,
-    batch_size_for,
-    eager_unless_fused,
-    batched_logprobs,
-    cell_map,
-    blur_radius_for,
-    fused_attention,
-    first_layout,
-    logprobs_at,
-    per_token_keys,
-    question_positions,
-    repeat_inputs,
-    replacement_id,
-    window_positions,
-)
+from xmllm.explainers.masking import MaskingParams, PixelCells, baseline_pixels, cell_map, blur_radius_for, first_layout, per_token_keys, question_positions, replacement_id, window_positions
+from xmllm.explainers.methods.perturbation import ZEILER_FERGUS
+from xmllm.explainers.forward import answer_ids, batch_size_for, eager_unless_fused, batched_logprobs, fused_attention, logprobs_at, repeat_inputs
 
 FAMILY = "causal"
 RANKINGS: tuple[str, ...] = ("occlusion", "gradient")

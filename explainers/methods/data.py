@@ -26,7 +26,7 @@ from ..models import LoadedModel
 from ..params import ExplainerParams, param
 from ..registry import Citation, Explainer, register
 from .intervention import axis_labels
-from .perturbation import logprobs_at
+from xmllm.explainers.forward import logprobs_at
 
 FAMILY = "data"
 

@@ -33,8 +33,8 @@ from ..models import LoadedModel
 from ..models.layout import ImageLayout, PatchGrid
 from ..params import ExplainerParams, param
 from ..registry import Citation, Explainer, Need, register
-from .gradient import default_cam_layer
-from .perturbation import fused_attention
+from ..backward import default_cam_layer
+from xmllm.explainers.forward import fused_attention
 
 FAMILY = "design"
 SITES: tuple[str, ...] = ("projector", "vision")

@@ -29,7 +29,7 @@ from ..hooks import Hooks
 from ..models import LoadedModel
 from ..params import ExplainerParams, param
 from ..registry import Citation, Explainer, Need, register
-from .gradient import default_cam_layer
+from ..backward import default_cam_layer
 
 FAMILY = "embedding"
 

@@ -27,12 +27,13 @@ from ..context import Prepared
 from ..explanation import Explanation
 from ..hooks import Hooks
 from ..models import LoadedModel
-from ..models.layout import ImageLayout, PatchGrid
+from ..backward import default_cam_layer, inputs_only_gradients
+from ..models.layout import ImageLayout, grid_names
 from ..params import ExplainerParams, param
 from ..registry import Citation, Explainer, Need, register
 from ..memory import backward_copy_bytes, copies_within, device_type, most_copies
-from .perturbation import (baseline_pixels, default_blur_radius, eager_unless_fused, fused_attention, logprobs_at,
-                           repeat_inputs)
+from xmllm.explainers.masking import baseline_pixels, default_blur_radius
+from xmllm.explainers.forward import eager_unless_fused, fused_attention, logprobs_at, repeat_inputs
 
 FAMILY = "gradient"
 POOLS: tuple[str, ...] = ("abs_sum", "sum", "l2")
@@ -157,19 +158,6 @@ def vjp(outputs: torch.Tensor, wrt: torch.Tensor, weights: torch.Tensor, token_b
     return torch.cat(parts)
 
 
-@contextlib.contextmanager
-def inputs_only_gradients(model: torch.nn.Module) -> Iterator[None]:
-    """Stop parameters requiring gradients for the duration: no weight gradients are wanted, and
-    autograd then keeps far fewer activations. Restored on exit."""
-    changed = [p for p in model.parameters() if p.requires_grad]
-    for weight in changed:
-        weight.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for weight in changed:
-            weight.requires_grad_(True)
-
 
 # --- pooling onto grids ----------------------------------------------------------------------------
 
@@ -186,16 +174,6 @@ def pool_positions(values: torch.Tensor, cell_map: torch.Tensor, seq_len: int, p
     out = torch.zeros(values.shape[0], seq_len, device=values.device).index_add_(1, index[keep], flat)
     return out.sqrt() if pool == "l2" else out
 
-
-def grid_names(layouts: list[ImageLayout]) -> list[tuple[str, PatchGrid]]:
-    """``image`` for the first image's main grid, ``image{k}.{grid}`` for every other grid."""
-    named = []
-    for layout in layouts:
-        main = layout.main_grid
-        for grid in layout.grids:
-            first = layout.image_index == 0 and grid is main
-            named.append(("image" if first else f"image{layout.image_index}.{grid.name}", grid))
-    return named
 
 
 def add_grid_maps(exp: Explanation, layouts: list[ImageLayout], per_position: torch.Tensor, per_token: bool) -> None:
@@ -468,20 +446,6 @@ def _path_integral(objective: PixelObjective, x: torch.Tensor, base: torch.Tenso
 
 # --- Grad-CAM on a vision block --------------------------------------------------------------------
 
-
-def default_cam_layer(adapter: Any) -> int:
-    """The last vision block whose output reaches the decoder: LLaVA-style configs read
-    ``vision_feature_layer`` of the tower's hidden states (index 0: the embeddings)."""
-    count = len(adapter.vision_layers())
-    feature_layer = getattr(adapter.config, "vision_feature_layer", None)
-    if isinstance(feature_layer, (list, tuple)) and feature_layer:
-        indices = [count + 1 + i if i < 0 else i for i in feature_layer]
-        feature_layer = max(indices)
-    if isinstance(feature_layer, int):
-        state = count + 1 + feature_layer if feature_layer < 0 else feature_layer
-        if 1 <= state <= count:
-            return state - 1
-    return count - 1
 
 
 def gradcam_scores(acts: torch.Tensor, grads: torch.Tensor, token_map: torch.Tensor,

@@ -32,15 +32,8 @@ from .lens import (
     pick_layers,
     residual_states,
 )
-from .perturbation import (
-    answer_ids,
-    baseline_pixels,
-    batch_size_for,
-    eager_unless_fused,
-    fused_attention,
-    logprobs_at,
-    repeat_inputs,
-)
+from xmllm.explainers.forward import answer_ids, batch_size_for, eager_unless_fused, fused_attention, logprobs_at, repeat_inputs
+from xmllm.explainers.masking import baseline_pixels
 
 FAMILY = "inference"
 

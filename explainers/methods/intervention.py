@@ -33,15 +33,8 @@ from ..hooks import Hooks
 from ..models import LoadedModel
 from ..params import ExplainerParams, param
 from ..registry import Citation, Explainer, Need, register
-from .perturbation import (
-    answer_ids,
-    batch_size_for,
-    eager_unless_fused,
-    fused_attention,
-    logprobs_at,
-    question_positions,
-    repeat_inputs,
-)
+from xmllm.explainers.forward import answer_ids, batch_size_for, eager_unless_fused, fused_attention, logprobs_at, repeat_inputs
+from xmllm.explainers.masking import question_positions
 
 FAMILY = "intervention"
 

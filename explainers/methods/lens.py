@@ -26,7 +26,7 @@ from ..memory import accepts_logits_to_keep
 from ..models import LoadedModel
 from ..params import ExplainerParams, param
 from ..registry import Citation, Explainer, register
-from .attention import grid_names
+from ..models.layout import grid_names
 
 FAMILY = "lens"
 DEFAULT_TOP_K = 5

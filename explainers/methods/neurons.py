@@ -35,8 +35,9 @@ from ..hooks import Hooks
 from ..models import LoadedModel
 from ..params import ExplainerParams, param
 from ..registry import Citation, Explainer, Need, register
-from .gradient import grid_names, inputs_only_gradients
-from .perturbation import answer_ids, batch_size_for, eager_unless_fused, fused_attention, logprobs_at, repeat_inputs
+from ..backward import inputs_only_gradients
+from ..models.layout import grid_names
+from xmllm.explainers.forward import answer_ids, batch_size_for, eager_unless_fused, fused_attention, logprobs_at, repeat_inputs
 
 FAMILY = "neurons"
 VALUE_POINT = "decoder.blocks.{}.mlp.down"

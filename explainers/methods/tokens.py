@@ -31,8 +31,8 @@ from ..hooks import Hooks
 from ..models import LoadedModel
 from ..params import ExplainerParams, param
 from ..registry import Citation, Explainer, Need, register
-from .attention import grid_names
-from .perturbation import answer_ids, batch_size_for, logprobs_at, repeat_inputs
+from ..models.layout import grid_names
+from xmllm.explainers.forward import answer_ids, batch_size_for, logprobs_at, repeat_inputs
 
 FAMILY = "tokens"
 ORDERS: tuple[str, ...] = ("least_attended_first", "most_attended_first", "random")

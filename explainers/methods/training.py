@@ -20,7 +20,7 @@ from ..explanation import Explanation
 from ..models import LoadedModel
 from ..params import ExplainerParams, ParamError, param
 from ..registry import Citation, Explainer, Need, RegistryError, get_explainer, register
-from .perturbation import logprobs_at
+from xmllm.explainers.forward import logprobs_at
 
 FAMILY = "training"
 

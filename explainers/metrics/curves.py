@@ -23,21 +23,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..methods.perturbation import (
-    BASELINES,
-    PixelCells,
-    answer_ids,
-    baseline_pixels,
-    batch_size_for,
-    batched_logprobs,
-    cell_map,
-    choice,
-    first_layout,
-    fused_attention,
-    positive_int,
-    repeat_inputs,
-    window_positions,
-)
+from xmllm.explainers.masking import BASELINES, PixelCells, baseline_pixels, cell_map, first_layout, window_positions
+from xmllm.explainers.forward import answer_ids, batch_size_for, batched_logprobs, fused_attention, repeat_inputs
+from ..params import choice, positive_int
 from .base import Metric, check_map, register_metric
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..methods.perturbation import cell_map, first_layout
+from xmllm.explainers.masking import cell_map, first_layout
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..context import Prepared

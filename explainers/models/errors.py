@@ -1,7 +1,7 @@
 """One-line, user-facing errors of model loading and model adapters."""
 from __future__ import annotations
 
-from ..errors import XmllmError
+from xmllm import XmllmError
 
 
 class ModelLoadError(XmllmError):

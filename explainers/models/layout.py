@@ -95,3 +95,14 @@ class ImageLayout:
         """The finest grid that covers the whole image: the one to draw a single heatmap from."""
         whole = [g for g in self.grids if g.region == FULL_IMAGE] or list(self.grids)
         return max(whole, key=lambda g: g.size)
+
+
+def grid_names(layouts: list[ImageLayout]) -> list[tuple[str, PatchGrid]]:
+    """``image`` for the first image's main grid, ``image{k}.{grid}`` for every other grid."""
+    named = []
+    for layout in layouts:
+        main = layout.main_grid
+        for grid in layout.grids:
+            first = layout.image_index == 0 and grid is main
+            named.append(("image" if first else f"image{layout.image_index}.{grid.name}", grid))
+    return named

@@ -9,6 +9,6 @@ Modules: :mod:`.config` (the YAML, validated), :mod:`.sources` (sample sets), :m
 from __future__ import annotations
 
 from .config import AuditConfig, ConfigError, load_config
-from .run import AuditOutcome, run_audit
+from xmllm.audit.driver import AuditOutcome, run_audit
 
 __all__ = ["AuditConfig", "AuditOutcome", "ConfigError", "load_config", "run_audit"]

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..explainers.errors import XmllmError
+from xmllm.errors import XmllmError
 
 
 class ConfigError(XmllmError):
@@ -70,7 +70,7 @@ class FaithfulnessConfig(_Strict):
     @field_validator("baseline")
     @classmethod
     def _known_baseline(cls, value: str) -> str:
-        from xmllm.explainers.methods.perturbation import BASELINES
+        from xmllm.explainers.masking import BASELINES
 
         if value not in BASELINES:
             raise ValueError(f"unknown baseline {value!r}; choose from {', '.join(BASELINES)}")
@@ -229,7 +229,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Lo
     size, no duplicate keys) and validate it whole, explainer parameters included, before any
     model work; ``overrides`` are dotted keys (``executor.kind``) set on top, as the command line
     gives them."""
-    from xmllm.explainers.safe_yaml import YamlError, load_yaml
+    from xmllm.safe_yaml import YamlError, load_yaml
 
     path = Path(path)
     if not path.is_file():

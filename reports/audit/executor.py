@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from ..explainers.errors import XmllmError
+from xmllm.errors import XmllmError
 from .config import ExecutorConfig
 from .worker import AuditWorker, SampleOutput, SampleTask, WorkerSpec
 

@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def blank_image(prepared: Prepared, seed: int) -> dict[str, Any]:
     from xmllm.explainers.answering import generate_answer, normalise
-    from xmllm.explainers.methods.perturbation import baseline_images
+    from xmllm.explainers.masking import baseline_images
 
     blanks = baseline_images(prepared.sample.images, "mean", seed, 0.0)
     got = generate_answer(prepared.loaded, blanks, prepared.sample.question)

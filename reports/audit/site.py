@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..explainers.errors import XmllmError
+from xmllm.errors import XmllmError
 from ..site import markdown as mdx
 from ..site.pages import GENERATED, SiteOutput, nav_title
 
@@ -34,7 +34,7 @@ def slug(name: str) -> str:
 def write_site(out: Path, data: dict[str, Any], html: str) -> Path:
     """Write ``out/site/`` whole: into a scratch folder named with this process's id (one left
     by a killed run is removed here), then renamed into place; modes follow the umask."""
-    from xmllm.explainers.files import make_dir, remove_stale, replace_dir, scratch_dir
+    from xmllm.files import make_dir, remove_stale, replace_dir, scratch_dir
 
     from .store import SITE_SCRATCH, OutputError
     from .summary import SUMMARY_HTML, render_summary

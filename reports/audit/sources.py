@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xmllm.explainers.samples import (  # the set's path rule: inside its folder unless allowed
+from xmllm.samples import (  # the set's path rule: inside its folder unless allowed
     SampleSetError,
     _resolve,
     read_utf8,
@@ -59,7 +59,7 @@ def read_items(loaded: LoadedConfig) -> list[AuditItem]:
 
 
 def _jsonl(loaded: LoadedConfig, source: JsonlSource) -> list[AuditItem]:
-    from xmllm.explainers.samples import read_sample_set
+    from xmllm.samples import read_sample_set
 
     records = read_sample_set(loaded.resolve(source.path), allow_absolute=loaded.config.allow_absolute_paths)
     out = []
@@ -173,7 +173,7 @@ READERS: dict[str, Callable[[LoadedConfig, Any], list[AuditItem]]] = {
 
 def read_bytes(path: Path | None) -> bytes | None:
     """A file's bytes for shipping to a worker; a one-line error for a missing or oversized one."""
-    from xmllm.explainers.images import ImageError
+    from xmllm.images import ImageError
 
     if path is None:
         return None

@@ -20,9 +20,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from xmllm.explainers.files import make_dir, remove_stale, replace_dir, scratch_dir, write_atomic
+from xmllm.files import make_dir, remove_stale, replace_dir, scratch_dir, write_atomic
 
-from ..explainers.errors import XmllmError
+from xmllm.errors import XmllmError
 from .worker import RECORD, SampleOutput
 
 SAMPLES = "samples"

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..provenance import utc_now
 from .config import LoadedConfig
-from xmllm.explainers.files import write_atomic
+from xmllm.files import write_atomic
 
 from .store import SAMPLES, OutputError
 from .worker import RANDOM, RECORD, RUN

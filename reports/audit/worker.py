@@ -74,7 +74,7 @@ class AuditWorker:
         from xmllm.explainers.models import load_model
         from xmllm.explainers.models.errors import ModelLoadError
 
-        from ..explainers.errors import XmllmError
+        from xmllm.errors import XmllmError
         from ..runner import needs_attention
 
         self.spec = spec
@@ -85,7 +85,7 @@ class AuditWorker:
                                      eager_attention=needs_attention(self.ids))
         except ModelLoadError as exc:
             raise XmllmError(f"model {spec.model_spec}: {exc}") from None
-        from xmllm.explainers.files import remove_stale
+        from xmllm.files import remove_stale
 
         self.scratch = scratch_root()
         remove_stale(self.scratch, SCRATCH_PREFIX)
@@ -127,7 +127,7 @@ class AuditWorker:
         return SampleOutput(item.key, files, record)
 
     def _scratch(self) -> Path:
-        from xmllm.explainers.files import scratch_dir
+        from xmllm.files import scratch_dir
 
         try:
             return scratch_dir(self.scratch, SCRATCH_PREFIX)
@@ -135,7 +135,7 @@ class AuditWorker:
             raise self._scratch_error(exc) from None
 
     def _scratch_error(self, exc: OSError) -> Exception:
-        from ..explainers.errors import XmllmError
+        from xmllm.errors import XmllmError
 
         return XmllmError(f"scratch folder {self.scratch}: cannot write: {exc.strerror or exc} "
                           "(set XMLLM_CACHE_DIR to a writable folder with free space)")
@@ -146,7 +146,7 @@ class AuditWorker:
         import numpy as np
 
         from xmllm.explainers.context import ExplainSample
-        from xmllm.explainers.images import load_image
+        from xmllm.images import load_image
 
         item = task.item
         image = load_image(_spill(task.image_bytes, _input_path(folder, item)))
@@ -287,7 +287,7 @@ def _suffix(name: str) -> str:
 
 def _one_line(exc: BaseException, folder: Path, item: AuditItem) -> str:
     """The error in one line; the worker's scratch paths replaced by the sample's own file name."""
-    from ..explainers.errors import XmllmError
+    from xmllm.errors import XmllmError
 
     text = str(exc) if isinstance(exc, (XmllmError, _SampleFailure)) else f"{type(exc).__name__}: {exc}"
     shown = str(item.image) if item.image is not None else item.image_name

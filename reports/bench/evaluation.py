@@ -1,7 +1,7 @@
 """What ``xmllm evaluate`` costs per sample on the demo model, and what ``--demo 500`` would take.
 
 One evaluation of a few object-grounded demo questions with the evaluation's default explainers
-(every sample-level one that gives an image map, less ``NOT_BY_DEFAULT`` of xmllm.evaluation.run)
+(every sample-level one that gives an image map, less ``NOT_BY_DEFAULT`` of xmllm.evaluation.scoring)
 and metrics, and the randomisation cascade on one or two of them. Reported: wall and CPU seconds
 per sample (explain, score, both; per explainer in the details), the metrics' share, the
 cascade's seconds per (sample, stage), and the projected minutes of ``xmllm evaluate --demo 500``

@@ -20,7 +20,7 @@ import torch
 
 from xmllm.explainers.registry import Need, registered, sample_level_ids
 
-from ..explainers.errors import XmllmError
+from xmllm.errors import XmllmError
 from . import BenchContext, BenchRow, interleaved
 from .memory import peak_memory
 from .models import MAIN, demo_sample, own_prepared, prompt_inputs

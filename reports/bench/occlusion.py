@@ -28,17 +28,9 @@ from typing import Any
 import torch
 
 from xmllm.explainers.context import Prepared
-from xmllm.explainers.methods.perturbation import (
-    Occlusion,
-    answer_ids,
-    baseline_pixels,
-    batch_size_for,
-    cell_map,
-    first_layout,
-    fused_attention,
-    logprobs_at,
-    windows,
-)
+from xmllm.explainers.methods.perturbation import Occlusion
+from xmllm.explainers.forward import answer_ids, batch_size_for, fused_attention, logprobs_at
+from xmllm.explainers.masking import baseline_pixels, cell_map, first_layout, windows
 
 from . import BenchContext, BenchRow, interleaved
 from .models import LARGE, LONG_QUESTION, MAIN, answer_tokens, forced_prepared, own_prepared

@@ -135,7 +135,8 @@ def plan(eid: str, prep: Prepared, full_layers: int) -> Plan:
     """How ``eid`` is measured on ``prep`` (call under the budget and :func:`planning`)."""
     from xmllm.explainers.methods import causal, intervention, neurons, tokens
     from xmllm.explainers.methods.gradient import DEFAULT_STEPS, IntegratedGradients, path_batch
-    from xmllm.explainers.methods.perturbation import batch_size_for, first_layout, windows
+    from xmllm.explainers.forward import batch_size_for
+    from xmllm.explainers.masking import first_layout, windows
 
     loaded = prep.loaded
     answer = len(prep.answer.token_ids)

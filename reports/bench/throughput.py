@@ -34,7 +34,7 @@ def _config(spec: str, samples: Path, device: str) -> dict[str, Any]:
 def _tasks(folder: Path, n: int) -> list[Any]:
     from xmllm.explainers.demo.samples import generate_samples, write_sample_set
 
-    from ..audit.run import make_task
+    from xmllm.audit.driver import make_task
     from ..audit.sources import AuditItem
 
     path = write_sample_set(generate_samples(n, 11), folder, progress=False)

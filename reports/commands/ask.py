@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..explainers.errors import XmllmError
+from xmllm.errors import XmllmError
 from .explain import add_model_options
 
 
@@ -31,9 +31,9 @@ def run(args: argparse.Namespace) -> int:
         raise XmllmError("--image and a non-empty --question are both required")
 
     from xmllm.explainers.answering import check_max_new_tokens, generate_answer, is_correct, unknown_words
-    from xmllm.explainers.images import load_image
+    from xmllm.images import load_image
     from xmllm.explainers.models import load_model
-    from xmllm.explainers.samples import read_sample_set
+    from xmllm.samples import read_sample_set
 
     check_max_new_tokens(args.max_new_tokens, "--max-new-tokens")
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ..explainers.errors import XmllmError
+from xmllm.errors import XmllmError
 
 PROGRESS_WIDTH = 100
 
@@ -275,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from xmllm.explainers.allocator import allocator_state
+    from xmllm.allocator import allocator_state
 
     from ..bench import BenchContext
 

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..explainers.errors import XmllmError
+from xmllm.errors import XmllmError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..explainers.errors import XmllmError
+from xmllm.errors import XmllmError
 from .explain import add_memory_option, add_model_options
 
 DEFAULT_OUT = Path("runs/evaluation")
@@ -39,7 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _check(args: argparse.Namespace) -> None:
     """The options in the words the user typed, before anything is loaded (the API checks the
     same values again, naming its own arguments)."""
-    from xmllm.explainers.methods.perturbation import BASELINES
+    from xmllm.explainers.masking import BASELINES
 
     if args.baseline is not None and args.baseline not in BASELINES:
         raise XmllmError(f"--baseline {args.baseline!r}: choose from {', '.join(BASELINES)}")

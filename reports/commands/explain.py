@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..explainers.errors import XmllmError
+from xmllm.errors import XmllmError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -48,7 +48,7 @@ def add_memory_option(p: argparse.ArgumentParser) -> None:
 
 def check_out(out: Path) -> None:
     """``--out`` before any model work: a new folder, an empty one, or an earlier run's (replaced)."""
-    from ..report.run import ARRAYS, MANIFEST, REPORT
+    from xmllm.report.explained import ARRAYS, MANIFEST, REPORT
 
     if out.exists() and not out.is_dir():
         raise XmllmError(f"--out {out}: exists and is not a folder")

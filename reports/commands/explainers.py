@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..explainers.errors import XmllmError
+from xmllm.errors import XmllmError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

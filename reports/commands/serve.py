@@ -8,7 +8,7 @@ import stat
 from http import HTTPStatus
 from pathlib import Path
 
-from ..explainers.errors import XmllmError
+from xmllm.errors import XmllmError
 
 HOST = "127.0.0.1"
 

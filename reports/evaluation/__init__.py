@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .page import read_result, trust_page_markdown, write_page, write_plots, write_trust_page
-from .run import EVAL_PARAMS, POINTING_BAR, SANITY_SAMPLES, EvaluationConfig, evaluate, summarise
+from xmllm.evaluation.scoring import EVAL_PARAMS, POINTING_BAR, SANITY_SAMPLES, EvaluationConfig, evaluate, summarise
 from .samples import demo_samples, jsonl_samples
 from .table import text_table
 

@@ -15,8 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..explainers.errors import XmllmError
-from .run import FORMAT_VERSION, RANDOM_LABEL
+from xmllm.errors import XmllmError
+from xmllm.evaluation.scoring import FORMAT_VERSION, RANDOM_LABEL
 from .table import arrow, cell, row_label
 
 PAGE_NAME = "trust.md"

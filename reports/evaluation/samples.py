@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..explainers.errors import XmllmError
+from xmllm.errors import XmllmError
 
 if TYPE_CHECKING:  # pragma: no cover
     from xmllm.explainers.context import ExplainSample
@@ -36,7 +36,7 @@ def demo_samples(n: int, seed: int) -> "list[ExplainSample]":
 def jsonl_samples(path: Path) -> "list[ExplainSample]":
     """Every sample of a JSONL sample set, its mask (if any) checked against its image."""
     from xmllm.explainers.context import ExplainSample
-    from xmllm.explainers.samples import read_sample_set
+    from xmllm.samples import read_sample_set
 
     out = []
     for record in read_sample_set(path):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .run import RANDOM_LABEL
+from xmllm.evaluation.scoring import RANDOM_LABEL
 
 
 def cell(entry: dict[str, Any] | None, digits: int = 3) -> str:

@@ -13,7 +13,7 @@ REPORT_NAME = "report.html"
 
 def render_report(run_dir: Path) -> str:
     """The HTML page of the run saved in ``run_dir``: the same bytes on every render of it."""
-    from .run import load_run
+    from xmllm.report.explained import load_run
 
     return load_run(Path(run_dir)).report_html()
 
@@ -31,7 +31,7 @@ def id_seed(manifest: dict) -> str:
 def write_report(run_dir: Path, out: Path | None = None) -> Path:
     """Render ``run_dir``'s report and write it atomically to ``out`` (default
     ``run_dir/report.html``); returns the path written."""
-    from xmllm.explainers.files import write_atomic
+    from xmllm.files import write_atomic
 
     out = Path(out) if out is not None else Path(run_dir) / REPORT_NAME
     write_atomic(out, render_report(run_dir))

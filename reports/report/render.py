@@ -27,7 +27,7 @@ from .about import About, about, survey
 from .faithfulness import FaithfulnessBlock, FaithfulnessSkip, block_for
 from .figures import SectionControls
 from .palettes import palettes
-from .run import Run
+from xmllm.report.explained import Run
 from .slabs import show_token
 from .views import PageImages, ViewOut, plan
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ..cli import USER_ERROR
-from ..explainers.errors import XmllmError
+from xmllm.errors import XmllmError
 
 CHROMIUM = Path("/usr/bin/chromium")
 WIDTH = 1280

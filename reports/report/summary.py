@@ -21,7 +21,7 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
-    from .run import Run
+    from xmllm.report.explained import Run
 
 NOISE_FLOOR = 1e-3
 """Largest |value| under which an image map is called near numerical noise: for log-probability

@@ -70,7 +70,7 @@ def generate(docs: Path) -> SiteOutput:
         try:
             notebook = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            from xmllm.explainers.errors import XmllmError
+            from xmllm.errors import XmllmError
 
             raise XmllmError(f"{path}: not a readable notebook ({exc})") from None
         out.add(NOTEBOOK_PAGE, render(notebook))

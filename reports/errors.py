@@ -1,7 +1,8 @@
 """The one error type for user-facing failures, shared by every layer.
 
-It lives in the core so that explainers, models and the catalog raise it without depending on
-the command line; only the CLI decides what a failure means for the process (exit status 2).
+It lives in the root package, below every layer, so that explainers, models, the catalog and the
+application raise it alike; only the CLI decides what a failure means for the process: an
+``XmllmError`` is exit status 2 with its one line, anything else a bug with its traceback.
 """
 from __future__ import annotations
 

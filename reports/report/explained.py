@@ -18,7 +18,7 @@ from PIL import Image
 
 from xmllm.explainers.explanation import Explanation, Target
 
-from ..explainers.errors import XmllmError
+from xmllm.errors import XmllmError
 
 MANIFEST = "manifest.json"
 ARRAYS = "explanations.npz"
@@ -92,7 +92,7 @@ class Run:
         with ``report``, ``report.html`` into ``folder``, each file whole or not at all; returns the
         folder. :func:`load_run` reads it back."""
         from xmllm.explainers.explanation import save_explanations
-        from xmllm.explainers.files import atomic, make_dir, write_atomic
+        from xmllm.files import atomic, make_dir, write_atomic
 
         folder = make_dir(Path(folder))
         names = self.image_names or [IMAGE_NAME.format(k) for k in range(len(self.images))]
@@ -153,7 +153,7 @@ class Run:
         import webbrowser
 
         from xmllm.cache import default_cache_dir
-        from xmllm.explainers.files import write_atomic
+        from xmllm.files import write_atomic
 
         page = self.report_html()
         path = default_cache_dir() / "shown" / f"{hashlib.sha256(page.encode()).hexdigest()[:16]}.html"

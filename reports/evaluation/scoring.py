@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..explainers.errors import XmllmError
+from xmllm.errors import XmllmError
 
 if TYPE_CHECKING:  # pragma: no cover
     from xmllm.explainers.context import ExplainSample, Prepared

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..explainers.errors import XmllmError
+from xmllm.errors import XmllmError
 from .config import LoadedConfig
 from .sources import AuditItem, read_bytes, read_items
 from .store import AuditStore
