@@ -70,8 +70,9 @@ def check_max_new_tokens(value: object, what: str = "max_new_tokens") -> int | N
 
 
 def token_limit(loaded: "LoadedModel", max_new_tokens: int | None) -> int:
-    """The generation limit: the caller's, else the model's generation config's, else 32."""
-    return check_max_new_tokens(max_new_tokens) or loaded.model.generation_config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+    """The generation limit: the caller's (checked where it is given: a run's plan, an explainer's
+    declared parameter), else the model's generation config's, else 32."""
+    return max_new_tokens or loaded.model.generation_config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
 
 
 def context_length(loaded: "LoadedModel") -> int | None:

@@ -28,6 +28,7 @@ import torch
 from .answering import generate_answer
 from .context import ExplainSample, Prepared, prepare
 from .hooks import Hooks
+from .memory import accepts_logits_to_keep
 
 if TYPE_CHECKING:  # pragma: no cover
     from .models import LoadedModel
@@ -59,6 +60,17 @@ def attn_implementations(config: Any) -> dict[str, Any]:
         if sub is not None and hasattr(sub, "_attn_implementation"):
             found[key] = attn_implementations(sub)
     return found
+
+
+def uses_eager(model: torch.nn.Module) -> bool:
+    """Whether ``model`` (or any of its sub-configs) runs the eager attention kernel now."""
+
+    def eager(found: Any) -> bool:
+        if isinstance(found, dict):
+            return any(eager(v) for v in found.values())
+        return found == "eager"
+
+    return eager(attn_implementations(model.config))
 
 
 def _all_eager(found: Mapping[str, Any]) -> bool:
@@ -455,8 +467,6 @@ def capture_forward(
         vision=vision,
         vision_depth=vision_depth,
     )
-    from .memory import accepts_logits_to_keep
-
     # the capture reads attention, not logits: one row of them instead of (seq x vocabulary)
     keep = {"logits_to_keep": 1} if accepts_logits_to_keep(prepared.model) else {}
     if rollout is not None:

@@ -14,10 +14,12 @@ answer's own tokens, a longer one is cut to the answer's length. Explainers that
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from xmllm import MissingInput, XmllmError
 
 from .answering import Answer, answer_token_ids, generate_answer, given_answer, on_model
 from .explanation import Target
@@ -42,8 +44,8 @@ class ExplainSample:
     def __post_init__(self) -> None:
         if not isinstance(self.images, (list, tuple)):
             self.images = [self.images]
-        if not self.question or not self.question.strip():
-            raise ValueError(f"sample {self.id!r}: the question is empty")
+        if not isinstance(self.question, str) or not self.question.strip():
+            raise XmllmError("question: must be a non-empty string")
 
 
 @dataclass(frozen=True)
@@ -166,7 +168,7 @@ def prepare(loaded: "LoadedModel", sample: ExplainSample, answer: Answer | str |
     elif isinstance(answer, str):
         answer = given_answer(loaded, sample.images, sample.question, answer)
     if not answer.token_ids:
-        raise ValueError(f"sample {sample.id!r}: the model gave an empty answer; nothing to explain")
+        raise MissingInput(f"sample {sample.id!r}: the model gave an empty answer; nothing to explain")
     adapter = loaded.adapter
     inputs, _ = adapter.build_inputs(sample.images, sample.question)
     inputs, positions = adapter.append_tokens(inputs, list(answer.token_ids))
@@ -179,8 +181,6 @@ def prepare(loaded: "LoadedModel", sample: ExplainSample, answer: Answer | str |
 
 def align_contrast(loaded: "LoadedModel", answer: Answer, text: str) -> Contrast:
     """The foil's tokens aligned to the answer's positions; a one-line error when it equals the answer."""
-    from xmllm import XmllmError
-
     foil = answer_token_ids(loaded, text, "contrast")
     n = len(answer.token_ids)
     aligned = tuple(foil[:n]) + tuple(answer.token_ids[len(foil):])
@@ -196,5 +196,3 @@ def as_prepared(loaded: "LoadedModel", sample: "ExplainSample | Prepared") -> Pr
     return sample if isinstance(sample, Prepared) else prepare(loaded, sample)
 
 
-def sample_from_images(images: "Sequence[Image.Image]", question: str, **kw: Any) -> ExplainSample:
-    return ExplainSample(list(images), question, **kw)

@@ -11,13 +11,19 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
 from xmllm import atomic
 
 FORMAT_VERSION = 1
+RENDERERS = "xmllm.renderers"
+"""Entry-point group of HTML renderers (pyproject.toml): the report layer sits above the core, so
+the core finds it by name, and a notebook that imported only :mod:`xmllm.explainers` still shows
+an explanation as its report."""
+EXPLANATION_RENDERER = "explanation"
+"""The renderer of one :class:`Explanation` (a callable from it to HTML) in :data:`RENDERERS`."""
 
 
 @dataclass
@@ -54,13 +60,9 @@ class Explanation:
     for display; never saved."""
 
     def _repr_html_(self) -> str:
-        """This explanation's interactive report, inline in a notebook (in its own frame)."""
-        from xmllm.report.explained import Run  # the renderer lives with the reports, above the core
-
-        run = self.context if isinstance(self.context, Run) else None
-        if run is None or not any(e is self for e in run.explanations):
-            run = Run({"explainers": [self.explainer]}, [self])
-        return run.only(self.explainer)._repr_html_()
+        """This explanation's interactive report, inline in a notebook (in its own frame), by the
+        renderer the application layer names in :data:`RENDERERS` (the core does not import it)."""
+        return html_renderer()(self)
 
     def add(self, name: str, array: Any, axes: Iterable[str]) -> None:
         """Store an array under ``name`` with one axis name per dimension."""
@@ -97,6 +99,16 @@ class Explanation:
     def load(cls, path: str | Path) -> "Explanation":
         (only,) = load_explanations(*_pair_paths(path))
         return only
+
+
+def html_renderer(name: str = EXPLANATION_RENDERER) -> Callable[[Any], str]:
+    """The HTML renderer registered as ``name`` in the :data:`RENDERERS` entry-point group."""
+    from importlib.metadata import entry_points
+
+    found = entry_points(group=RENDERERS, name=name)
+    if not found:
+        raise LookupError(f"no {RENDERERS!r} entry point named {name!r}: install xmllm (pip install -e .) to render")
+    return next(iter(found)).load()
 
 
 def _pair_paths(path: str | Path) -> tuple[Path, Path]:

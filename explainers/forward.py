@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from .capture import attn_implementations
+from .capture import attn_implementations, uses_eager
 from .context import Prepared, score_tokens
 from .hooks import Hooks
-from .memory import copies_within, forward_copy_bytes, uses_eager
+from .memory import accepts_logits_to_keep, copies_within, forward_copy_bytes
 from .params import positive_int
 
 SHORTCUT_TOLERANCE = 1e-4
@@ -71,12 +71,6 @@ def fused_attention(model: torch.nn.Module, enabled: bool = True) -> Iterator[No
         if switched:
             model.set_attn_implementation(before)
 
-
-def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def repeat_inputs(inputs: Mapping[str, Any], copies: int) -> dict[str, Any]:
@@ -207,7 +201,7 @@ def logprobs_at(model: torch.nn.Module, inputs: Mapping[str, Any], logit_positio
         call, logit_positions = prefix.resume(inputs, logit_positions)
     ids = call["input_ids"]
     pos = logit_positions.to(ids.device)
-    keep = _accepts_logits_to_keep(model)
+    keep = accepts_logits_to_keep(model)
     if keep:
         call["logits_to_keep"] = pos
     with rows.only(pos, int(ids.shape[1])) if rows is not None else contextlib.nullcontext():

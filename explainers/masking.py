@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+from xmllm import MissingInput
+
 from .context import Prepared
 from .forward import (
     SHORTCUT_FAILURES,
@@ -27,7 +29,7 @@ from .forward import (
     shared_prefix,
 )
 from .models.layout import ImageLayout, PatchGrid
-from .params import ExplainerParams, an_int, choice, param
+from .params import ExplainerParams, ParamError, an_int, choice, param
 
 BASELINES: tuple[str, ...] = ("black", "mean", "blur", "noise")
 """What an occluded cell shows: a black image, the image's mean colour, a blurred copy, noise."""
@@ -52,7 +54,7 @@ TEXT_MODES: tuple[str, ...] = ("drop", "replace")
 def cell_map(prep: Prepared) -> torch.Tensor:
     """The adapter's pixel -> image-token position map, on the pixels' device."""
     if "pixel_values" not in prep.inputs:
-        raise ValueError(f"sample {prep.sample.id!r} has no image: nothing to occlude")
+        raise MissingInput(f"sample {prep.sample.id!r} has no image: nothing to occlude")
     mapping = prep.adapter.pixel_cell_map(prep.inputs)
     pixels = prep.inputs["pixel_values"]
     if tuple(mapping.shape) != tuple(pixels.shape):
@@ -62,7 +64,7 @@ def cell_map(prep: Prepared) -> torch.Tensor:
 
 def first_layout(prep: Prepared) -> ImageLayout:
     if not prep.layouts or not prep.layouts[0].grids:
-        raise ValueError(f"sample {prep.sample.id!r} has no image grid to occlude")
+        raise MissingInput(f"sample {prep.sample.id!r} has no image grid to occlude")
     return prep.layouts[0]
 
 
@@ -157,7 +159,7 @@ def blur_radius_for(prep: Prepared, blur_radius: float | None) -> float:
     """``blur_radius`` checked, or by default half a main-grid cell in pixels of the original image."""
     if blur_radius is not None:
         if isinstance(blur_radius, bool) or not isinstance(blur_radius, (int, float)) or not blur_radius > 0:
-            raise ValueError(f"parameter blur_radius={blur_radius!r} must be a number of pixels > 0")
+            raise ParamError(f"parameter blur_radius={blur_radius!r} must be a number of pixels > 0")
         return float(blur_radius)
     grid = first_layout(prep).main_grid
     image = prep.sample.images[0]
@@ -315,16 +317,16 @@ def replacement_id(prep: Prepared, replacement: int | str | None) -> int:
         for candidate in (tok.unk_token_id, tok.pad_token_id):
             if candidate is not None:
                 return int(candidate)
-        raise ValueError("parameter replacement=None: the tokenizer has neither an unk nor a pad token; pass one")
+        raise ParamError("parameter replacement=None: the tokenizer has neither an unk nor a pad token; pass one")
     if isinstance(replacement, str):
         ids = tok.convert_tokens_to_ids([replacement])
         if not ids or ids[0] is None or (ids[0] == tok.unk_token_id and replacement != tok.unk_token):
-            raise ValueError(f"parameter replacement={replacement!r} is not a single token of the tokenizer")
+            raise ParamError(f"parameter replacement={replacement!r} is not a single token of the tokenizer")
         return int(ids[0])
     if isinstance(replacement, bool) or not isinstance(replacement, (int, np.integer)) or not (
         0 <= int(replacement) < len(tok)
     ):
-        raise ValueError(f"parameter replacement={replacement!r} must be a token string or an id below {len(tok)}")
+        raise ParamError(f"parameter replacement={replacement!r} must be a token string or an id below {len(tok)}")
     return int(replacement)
 
 

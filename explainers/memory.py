@@ -79,7 +79,7 @@ def parse_memory(text: str | int | float, what: str = "--max-memory") -> int:
     """Bytes in a size such as ``20GB``, ``24GiB``, ``512MiB``, ``1.5e9`` or ``2000000000``.
 
     Decimal units (kB, MB, GB, TB; K, M, G, T) are powers of 1000, binary ones (KiB, MiB, GiB,
-    TiB) powers of 1024; case does not matter. A one-line :class:`~xmllm.explainers.errors.XmllmError`
+    TiB) powers of 1024; case does not matter. A one-line :class:`~xmllm.errors.XmllmError`
     (also a ValueError) names ``what`` otherwise.
     """
     if isinstance(text, bool):
@@ -303,18 +303,6 @@ def backward_copy_bytes(prep: Prepared, *, eager: bool = False, through_vision: 
             _attention_bytes(shape.vision_heads, tokens, window, eager, saved=True)
         total += shape.vision_layers * per_vision
     return total + forward_copy_bytes(prep, eager=eager)
-
-
-def uses_eager(model: torch.nn.Module) -> bool:
-    """Whether ``model`` (or any of its sub-configs) runs the eager attention kernel now."""
-    from .capture import attn_implementations
-
-    def eager(found: Any) -> bool:
-        if isinstance(found, dict):
-            return any(eager(v) for v in found.values())
-        return found == "eager"
-
-    return eager(attn_implementations(model.config))
 
 
 def accepts_logits_to_keep(model: torch.nn.Module) -> bool:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import MissingInput, XmllmError
-from .files import atomic, write_atomic
+from .files import atomic, write_atomic  # noqa: F401  (the foundation the core imports from here)
 
 _API = {
     "load_model": "xmllm.api",

@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from xmllm.audit.driver import AuditOutcome
     from .catalog import Catalog
     from .explainers.models import LoadedModel
+    from .pipeline import Plan
     from xmllm.report.explained import Run
 
 def load_model(spec: str | os.PathLike[str] = "demo", device: str = "auto", dtype: str = "auto",
@@ -89,7 +90,7 @@ def explain(
     model: "LoadedModel | str | os.PathLike[str]",
     image: Any,
     question: str,
-    explainers: Sequence[str] | None = None,
+    explainers: "Sequence[str] | Plan | None" = None,
     *,
     leaf: str | None = None,
     params: Mapping[str, Mapping[str, Any]] | None = None,
@@ -121,6 +122,10 @@ def explain(
     explainer (the others are skipped, with the reason, as is any explainer whose inputs this
     sample lacks; one asked for alone is an error instead).
 
+    ``explainers`` may instead be a :class:`~xmllm.pipeline.Plan` (:func:`xmllm.pipeline.make_plan`,
+    as ``xmllm explain`` makes one to name its flags in errors): it then holds the parameters,
+    seed, answer, contrast and token limit, and those arguments are left out.
+
     ``max_memory`` (bytes, or a size such as ``"20GB"``) bounds the tensor memory each explainer
     adds; they chunk their batches to fit it (default: the GPU's free memory, 1 GiB on a CPU).
 
@@ -133,51 +138,37 @@ def explain(
         run = xmllm.explain(model, "shapes.png", "What colour is the diamond?", ["gradient.integrated"],
                             params={"gradient.integrated": {"n_steps": 16}}, contrast="blue")
     """
-    from .explainers.answering import check_answer_text, check_max_new_tokens
     from .explainers.context import ExplainSample
+    from .pipeline import Plan, make_plan
     from .runner import resolve_explainers, run_explainers
 
-    if not isinstance(question, str) or not question.strip():
-        raise XmllmError("question: must be a non-empty string")
-    check_max_new_tokens(max_new_tokens)
+    if isinstance(explainers, Plan):
+        if leaf is not None or params or seed or answer is not None or contrast is not None \
+                or max_new_tokens is not None:
+            raise XmllmError("explain: give a plan's settings (params, seed, answer, contrast, max_new_tokens) "
+                             "to make_plan, not beside the plan")
+        plan = explainers
+    else:
+        if isinstance(explainers, str):
+            explainers = [e.strip() for e in explainers.split(",") if e.strip()]
+        ids = resolve_explainers(list(explainers) if explainers else None, leaf)
+        plan = make_plan(ids, params, answer=answer, contrast=contrast, max_new_tokens=max_new_tokens, seed=seed)
     budget = _budget(max_memory)
-    for what, text in (("answer", answer), ("contrast", contrast)):
-        if text is not None:
-            check_answer_text(text, what)
-    if isinstance(explainers, str):
-        explainers = [e.strip() for e in explainers.split(",") if e.strip()]
-    ids = resolve_explainers(list(explainers) if explainers else None, leaf)
-    checked = check_params(ids, params)
     images = [as_image(img, f"image {k}") for k, img in enumerate(image)] if isinstance(image, (list, tuple)) \
         else [as_image(image)]
     name = sample_id or (Path(image).stem if isinstance(image, (str, os.PathLike)) else "sample")
-    loaded = _model(model, device, dtype)
     sample = ExplainSample(images, question, id=name, expected=expected)
+    loaded = _model(model, device, dtype)
     from .explainers.memory import memory_budget
 
     with memory_budget(budget):
-        return run_explainers(loaded, sample, ids, checked, seed=seed, progress=progress, faithfulness=faithfulness,
-                              answer=answer, contrast=contrast, max_new_tokens=max_new_tokens)
+        return run_explainers(loaded, sample, plan, progress=progress, faithfulness=faithfulness)
 
 
 def _budget(max_memory: int | str | None, what: str = "max_memory") -> int | None:
     from .explainers.memory import parse_memory
 
     return None if max_memory is None else parse_memory(max_memory, what)
-
-
-def check_params(ids: Sequence[str], params: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict[str, Any]]:
-    """``params`` checked against each explainer's declaration before any model work: one-line
-    errors for an explainer that is not being run, an unknown parameter or a bad value."""
-    from .explainers.registry import get_explainer
-
-    params = {str(k): dict(v or {}) for k, v in (params or {}).items()}
-    unknown = sorted(set(params) - set(ids))
-    if unknown:
-        raise XmllmError(f"params name explainer {unknown[0]!r}, which is not being run")
-    for eid, values in params.items():
-        get_explainer(eid).check_params(values)
-    return params
 
 
 def load_run(folder: str | os.PathLike[str]) -> "Run":
@@ -236,7 +227,10 @@ def evaluate(
     budget = _budget(max_memory)
     named = list(explainers or [])
     ids = resolve_explainers(named or None)
-    checked = check_params(ids, params)
+    config = EvaluationConfig(ids, {str(k): dict(v or {}) for k, v in (params or {}).items()}, explicit=bool(named),
+                              seed=seed, baseline=baseline, steps=steps,
+                              sanity_samples=SANITY_SAMPLES if sanity_samples is None else sanity_samples)
+    planned = config.plan()  # every parameter checked here, before the samples and the model
     if samples is not None:
         sample_set = jsonl_samples(Path(samples))
         source = {"source": "jsonl", "path": str(samples)}
@@ -244,12 +238,10 @@ def evaluate(
         sample_set = demo_samples(demo, seed)
         source = {"source": "demo", "seed": seed, "grounded_only": True}
     loaded = _model(model, device, dtype)
-    config = EvaluationConfig(ids, checked, explicit=bool(named), seed=seed, baseline=baseline, steps=steps,
-                              sanity_samples=SANITY_SAMPLES if sanity_samples is None else sanity_samples)
     from .explainers.memory import memory_budget
 
     with memory_budget(budget):
-        result = _evaluate(loaded, sample_set, config, source, progress)
+        result = _evaluate(loaded, sample_set, config, source, progress, planned)
     if out is not None:
         save_evaluation(result, Path(out))
     return result
@@ -306,5 +298,5 @@ def explainers() -> list[dict[str, Any]]:
     return describe_all()
 
 
-__all__ = ["as_image", "audit", "catalog", "check_params", "evaluate", "explain", "explainers", "load_model",
+__all__ = ["as_image", "audit", "catalog", "evaluate", "explain", "explainers", "load_model",
            "load_run", "save_evaluation"]

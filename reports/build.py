@@ -3,10 +3,10 @@
 Steps, each with a progress bar:
 
 1. one example run per implemented explainer (a builder from :mod:`xmllm.examples` picked by
-   id or scope) and its self-contained HTML report (:func:`xmllm.report.write_report`);
+   id or scope) and its self-contained HTML report (:func:`xmllm.report.explained.write_report`);
 2. the MMVP-style case study (:mod:`xmllm.casestudy`);
 3. the generated pages (:mod:`xmllm.site`): taxonomy, explainers, gallery, case study, and the
-   pages of :data:`TRUST_MODULE` when that module exists;
+   "Which explainer to trust" page of ``--evaluation`` (:func:`trust_page`);
 4. ``mkdocs build`` through MkDocs' Python API into the output folder.
 
 Model results are cached (:mod:`xmllm.cache`) by weights hash, sample hash, explainer and
@@ -20,18 +20,13 @@ that points there. Nothing is written into the checkout or the installed package
 ``--out`` and the cache folder. The site goes to a temporary folder beside ``--out`` and replaces
 it only when MkDocs succeeds.
 
-Trust page hook: if a module ``xmllm.evaluation`` exists (:data:`TRUST_MODULE`, found with
-``importlib.util.find_spec``), its page joins the site, by the first of: ``site_pages(session,
-*, progress) -> SiteOutput | Mapping[str, str | bytes]`` (pages under ``generated/``, computed in
-the build), or ``write_trust_page(evaluation_json, docs_dir)`` applied to the file given as
-``--evaluation`` (written by ``xmllm evaluate``). The nav slot ``generated/trust.md`` of
-mkdocs.yml shows once that page exists, and is dropped otherwise.
+Trust page: the ``evaluation.json`` given as ``--evaluation`` (written by ``xmllm evaluate``) is
+rendered by :func:`xmllm.evaluation.page.write_trust_page` into ``generated/``. The nav slot
+``generated/trust.md`` of mkdocs.yml shows once that page exists, and is dropped otherwise.
 """
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.util
 import json
 import logging
 import shutil
@@ -45,14 +40,13 @@ from xmllm.files import remove_stale, replace_dir, scratch_dir, write_atomic
 
 from .cache import RunCache, cache_key, default_cache_dir
 from xmllm.errors import XmllmError
-from .site.pages import GENERATED, REPORTS, SiteOutput
+from .site.pages import GENERATED, REPORTS, ExampleResult, SiteOutput
 
 DEFAULT_OUT = Path("public")
 SITE_SOURCE = "site_source"
 """Folder of the package holding ``mkdocs.yml`` and ``site/`` (links to the checkout's in a source tree)."""
 THEME_OVERRIDES = "mkdocs"
 """Folder of :mod:`xmllm.templates` with the theme's template overrides (``custom_dir``)."""
-TRUST_MODULE = "xmllm.evaluation"
 TRUST_PAGE = f"{GENERATED}/trust.md"
 AUDITS_NAV = f"{GENERATED}/audits/index.md"
 """Nav key of the audits' section (``xmllm build --audit DIR``); see :func:`xmllm.audit.site.site_pages`."""
@@ -103,46 +97,6 @@ class BuildOptions:
 
 
 @dataclass
-class ExampleResult:
-    """One explainer's example as the pages need it."""
-
-    explainer: str
-    run_dir: Path
-    report: str | None
-    """Path of the HTML report relative to the docs folder (None if not rendered)."""
-    manifest: dict[str, Any]
-    cached: bool
-
-    @property
-    def seconds(self) -> float | None:
-        return self.manifest.get("timings_seconds", {}).get(self.explainer)
-
-    @property
-    def prepare_seconds(self) -> float | None:
-        return self.manifest.get("timings_seconds", {}).get("prepare")
-
-    @property
-    def sample_id(self) -> str:
-        if "sample" in self.manifest:
-            return str(self.manifest["sample"].get("id", "sample"))
-        return f"{len(self.manifest.get('samples', []))} samples"
-
-    @property
-    def question(self) -> str:
-        if "sample" in self.manifest:
-            return str(self.manifest["sample"].get("question", ""))
-        return f"a set of {len(self.manifest.get('samples', []))} demo samples"
-
-    @property
-    def expected(self) -> str | None:
-        return self.manifest.get("sample", {}).get("expected")
-
-    @property
-    def answer(self) -> str:
-        return str(self.manifest.get("answer", {}).get("text", ""))
-
-
-@dataclass
 class BuildSummary:
     out: Path
     seconds: float
@@ -180,14 +134,6 @@ def renderer_fingerprint() -> str:
         for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
             digest.update(f"{package}/{path.relative_to(root).as_posix()}".encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
-
-
-def _report_writer() -> Callable[[Path, Path], Any] | None:
-    try:
-        from .report import write_report
-    except ImportError:
-        return None
-    return write_report
 
 
 def _out_prefix(out: Path) -> str:
@@ -454,9 +400,9 @@ def build_examples(session: Any, ids: list[str], reports_root: Path, progress: b
     from xmllm.explainers.registry import get_explainer
 
     from .examples import ExampleSkipped, builder_for
+    from .report.explained import write_report
     from .session import ModelUnavailable
 
-    writer = _report_writer()
     renderer = renderer_fingerprint()
     out: dict[str, ExampleResult] = {}
     with _bar(len(ids), "examples", progress, "explainer") as bar:
@@ -482,55 +428,34 @@ def build_examples(session: Any, ids: list[str], reports_root: Path, progress: b
                 continue
             manifest = json.loads((run.run_dir / "manifest.json").read_text(encoding="utf-8"))
             report = None
-            if writer is not None:
-                key = cache_key(session.weights, run.run_dir.name, "report", {"renderer": renderer})
+            key = cache_key(session.weights, run.run_dir.name, "report", {"renderer": renderer})
 
-                def render(folder: Path, run_dir: Path = run.run_dir) -> None:
-                    writer(run_dir, folder / "report.html")
+            def render(folder: Path, run_dir: Path = run.run_dir) -> None:
+                write_report(run_dir, folder / "report.html")
 
-                try:
-                    folder = session.cache.get_or_build(key, render)
-                except Exception as exc:  # a renderer bug: reported, and the other examples go on
-                    if failures is None:
-                        raise
-                    failures[eid] = f"report: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                else:
-                    reports_root.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(folder / "report.html", reports_root / f"{eid}.html")
-                    report = f"{REPORTS}/{eid}.html"
+            try:
+                folder = session.cache.get_or_build(key, render)
+            except Exception as exc:  # a renderer bug: reported, and the other examples go on
+                if failures is None:
+                    raise
+                failures[eid] = f"report: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            else:
+                reports_root.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(folder / "report.html", reports_root / f"{eid}.html")
+                report = f"{REPORTS}/{eid}.html"
             out[eid] = ExampleResult(eid, run.run_dir, report, manifest, run.cached)
             bar.update(1)
     return out
 
 
-def trust_pages(session: Any, progress: bool, staged: Path, evaluation: Path | None) -> SiteOutput:
-    """Pages of :data:`TRUST_MODULE` (the faithfulness evaluation) when that module exists.
+def trust_page(staged: Path, evaluation: Path) -> None:
+    """Render ``evaluation`` (an ``evaluation.json`` of ``xmllm evaluate``) as the "Which explainer
+    to trust" page into ``staged/generated/``."""
+    from .evaluation.page import write_trust_page
 
-    Two ways in, the first the module offers: ``site_pages(session, progress=...)`` returning
-    pages (the evaluation runs inside the build, through the session's model and cache), or
-    ``write_trust_page(result_json, site_dir)`` rendering an ``evaluation.json`` written by
-    ``xmllm evaluate`` (given to the build as ``evaluation``) into ``staged/generated/``.
-    """
-    out = SiteOutput()
-    if importlib.util.find_spec(TRUST_MODULE) is None:
-        if evaluation is not None:
-            raise XmllmError(f"--evaluation {evaluation}: this install has no {TRUST_MODULE} to render it")
-        return out
-    module = importlib.import_module(TRUST_MODULE)
-    make = getattr(module, "site_pages", None)
-    if make is not None:
-        got = make(session, progress=progress)
-        if isinstance(got, SiteOutput):
-            return got
-        for path, content in dict(got).items():
-            out.add(path, content)
-        return out
-    write = getattr(module, "write_trust_page", None)
-    if evaluation is not None and write is not None:
-        if not Path(evaluation).is_file():
-            raise XmllmError(f"--evaluation {evaluation}: no such file (write one with 'xmllm evaluate --out DIR')")
-        write(Path(evaluation), staged)
-    return out
+    if not Path(evaluation).is_file():
+        raise XmllmError(f"--evaluation {evaluation}: no such file (write one with 'xmllm evaluate --out DIR')")
+    write_trust_page(Path(evaluation), staged)
 
 
 def plot_svg(cache: RunCache, study: dict[str, Any]) -> bytes:
@@ -626,8 +551,8 @@ def build_site(opts: BuildOptions) -> BuildSummary:
             else:
                 site.add(casestudy_page.CASESTUDY_PAGE, "# Case study\n\nNot computed in a quick build "
                          "(`xmllm build --quick` runs no model). Run `xmllm build` for the numbers.\n")
-            if not opts.quick or opts.evaluation is not None:
-                site.extend(trust_pages(session, opts.progress, staged.docs, opts.evaluation))
+            if opts.evaluation is not None:
+                trust_page(staged.docs, opts.evaluation)
             if opts.audits:
                 from .audit.site import site_pages as audit_pages
 

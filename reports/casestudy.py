@@ -8,7 +8,8 @@ than on the question's wording. Here the same question is asked of many pairs of
 answer), and measured:
 
 - for every sample, the model's greedy answer, whether it is right, and the image-vs-text share
-  of its relevancy (explainer ``relevancy.modality``, Chefer et al.'s rules on the final sequence);
+  of its relevancy (:class:`~xmllm.explainers.methods.relevancy.ModalityRelevancy`, Chefer et al.'s
+  rules on the final sequence);
 - the mean image share of right and of wrong answers, with 95% bootstrap intervals, their
   difference with a permutation-test p-value, and accuracy by image-share quartile;
 - pair accuracy (both members right), MMVP's own score;
@@ -28,12 +29,15 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from xmllm.explainers.methods.relevancy import ModalityRelevancy
+
 if TYPE_CHECKING:  # pragma: no cover
     from xmllm.explainers.demo.samples import DemoSample
 
     from .session import ModelSession
 
-EXPLAINER = "relevancy.modality"
+EXPLAINER = ModalityRelevancy.id
+"""The study is about this method: the seed paper's image-vs-text relevancy share, which it reports."""
 DEFAULT_PAIRS = 100
 DEFAULT_SEED = 2024
 BOOTSTRAP = 2000

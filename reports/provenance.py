@@ -5,7 +5,7 @@ import hashlib
 import platform
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Iterable
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -45,8 +45,3 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def params_key(params: dict[str, Any]) -> str:
-    """A stable digest of parameters (sorted keys), for cache keys."""
-    import json
-
-    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -14,6 +14,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from xmllm.report.explained import Run
 
+    from .pipeline import Plan
+
 
 def resolve_explainers(ids: list[str] | None = None, leaf: str | None = None) -> list[str]:
     """Explainer ids from an explicit list or a catalog leaf; one-line errors otherwise."""
@@ -52,51 +54,16 @@ def needs_attention(ids: list[str]) -> bool:
     return any(Need.ATTENTION in get_explainer(eid).needs for eid in ids)
 
 
-def plan_explainers(loaded: "LoadedModel", sample: "ExplainSample", ids: list[str],
-                    params: dict[str, dict[str, Any]] | None = None,
-                    contrast: str | None = None) -> tuple[list[str], dict[str, str]]:
-    """Which explainers can run on ``sample``, and why the others cannot (no ground truth, no
-    second checkpoint, no contrast support), decided before any model work. Asked for alone, an
-    explainer that cannot run is a one-line error; in a run of several it is listed as skipped."""
-    from xmllm.explainers.registry import get_explainer
+def run_explainers(loaded: "LoadedModel", sample: "ExplainSample", plan: "Plan",
+                   progress: Callable[[str], None] | None = None, faithfulness: bool = True) -> "Run":
+    """Explain the model's answer on ``sample`` with each explainer of ``plan`` in turn
+    (:func:`xmllm.pipeline.run_plan`); ``progress`` is called with each explainer's id when it is
+    done (or skipped).
 
-    params = params or {}
-    runnable, skipped = [], {}
-    for eid in ids:
-        cls = get_explainer(eid)
-        why = cls().refusal(loaded, sample, cls.check_params(params.get(eid)), contrast is not None)
-        if why is None:
-            runnable.append(eid)
-        else:
-            skipped[eid] = why
-    if skipped and len(ids) == 1:
-        eid, why = next(iter(skipped.items()))
-        raise XmllmError(f"{eid}: {why}")
-    if ids and not runnable:
-        raise XmllmError("no explainer can run on this sample: " +
-                         "; ".join(f"{eid}: {why}" for eid, why in skipped.items()))
-    return runnable, skipped
-
-
-def run_explainers(
-    loaded: "LoadedModel",
-    sample: "ExplainSample",
-    ids: list[str],
-    params: dict[str, dict[str, Any]] | None = None,
-    seed: int = 0,
-    progress: Callable[[str], None] | None = None,
-    faithfulness: bool = True,
-    answer: str | None = None,
-    contrast: str | None = None,
-    max_new_tokens: int | None = None,
-) -> "Run":
-    """Explain the model's answer on ``sample`` with each explainer in turn; ``progress`` is
-    called with each explainer's id when it is done (or skipped).
-
-    The answer is generated greedily (up to ``max_new_tokens``, default the model's), or given
-    (``answer``, scored by the model); with ``contrast`` the explainers that support it explain
-    ``answer rather than contrast`` (see :mod:`xmllm.explainers.context`). Explainers that cannot
-    run on this sample are skipped with their reason (:func:`plan_explainers`). Words of the
+    The answer is generated greedily (up to the plan's ``max_new_tokens``, default the model's), or
+    given (scored by the model); with a contrast the explainers that support it explain ``answer
+    rather than contrast`` (see :mod:`xmllm.explainers.context`). Explainers that cannot run on
+    this sample are skipped with their reason (:meth:`~xmllm.pipeline.Plan.skipped`). Words of the
     question the tokenizer does not know are warned about.
 
     With ``faithfulness`` (the default) every explainer that gives an image map also gets the
@@ -105,13 +72,14 @@ def run_explainers(
     and every report shows them. ``faithfulness=False`` skips those forwards."""
     import torch
 
-    from xmllm.explainers.answering import check_max_new_tokens, unknown_words
+    from xmllm.explainers.answering import unknown_words
     from xmllm.explainers.context import prepare
-    from xmllm.explainers.registry import get_explainer
 
-    params = params or {}
-    check_max_new_tokens(max_new_tokens)
-    runnable, skipped = plan_explainers(loaded, sample, ids, params, contrast)
+    from .pipeline import run_plan
+
+    seed = plan.seed or 0
+    skipped = plan.skipped(loaded, sample)
+    runnable = [step for step in plan.steps if step.label not in skipped]
     warnings = []
     unknown = unknown_words(loaded, sample.question)
     if unknown:
@@ -121,30 +89,21 @@ def run_explainers(
     torch.manual_seed(seed)
     started = utc_now()
     t0 = time.perf_counter()
-    plain = prepare(loaded, sample, answer=answer, max_new_tokens=max_new_tokens)
-    contrasted = plain.with_contrast(contrast) if contrast is not None else plain
+    plain = prepare(loaded, sample, answer=plan.answer, max_new_tokens=plan.max_new_tokens)
+    contrasted = plain.with_contrast(plan.contrast) if plan.contrast is not None else plain
     if plain.answer.cut:
         warnings.append(f"the answer was cut at max_new_tokens={plain.answer.max_new_tokens}: it may go on; "
                         "raise max_new_tokens to explain the whole answer")
     timings = {"prepare": time.perf_counter() - t0}
     explanations = []
-    for eid in ids:
-        if eid in skipped:
-            if progress:
-                progress(eid)
-            continue
-        cls = get_explainer(eid)
-        torch.manual_seed(seed)
-        t = time.perf_counter()
-        try:
-            exp = cls().explain(loaded, contrasted if cls.supports_contrast else plain, **params.get(eid, {}))
-        except (TypeError, ValueError) as exc:
-            raise XmllmError(f"explainer {eid}: {str(exc).splitlines()[0]}") from None
-        timings[eid] = time.perf_counter() - t
-        exp.meta.setdefault("seconds", timings[eid])
-        explanations.append(exp)
+    for outcome in run_plan(loaded, contrasted, plan, skipped):
+        exp = outcome.explanation
+        if exp is not None:
+            timings[outcome.label] = outcome.wall
+            exp.meta.setdefault("seconds", outcome.wall)
+            explanations.append(exp)
         if progress:
-            progress(eid)
+            progress(outcome.label)
     prepared = contrasted
     faithful = None
     if faithfulness:
@@ -163,8 +122,8 @@ def run_explainers(
             "image_sizes": [list(img.size) for img in sample.images],
         },
         "answer": plain.answer.to_json(),
-        "explainers": runnable,
-        "params": {eid: cls_params(eid, params) for eid in runnable},
+        "explainers": [step.label for step in runnable],
+        "params": {step.label: step.params.as_dict(cli_only=True) for step in runnable},
         "timings_seconds": {k: round(v, 4) for k, v in timings.items()},
         "versions": package_versions(),
         # float sums split across threads add up in another order: the last bits of every number
@@ -187,13 +146,6 @@ def run_explainers(
     manifest["sample"]["images"] = names
     manifest["layouts"] = layouts_json(prepared.layouts)
     return Run(manifest, explanations, list(sample.images), names, prepared=prepared)
-
-
-def cls_params(eid: str, params: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Every declared parameter of ``eid`` with the value used (given or default), as JSON."""
-    from xmllm.explainers.registry import get_explainer
-
-    return get_explainer(eid).check_params(params.get(eid)).as_dict(cli_only=True)
 
 
 def _torch_threads() -> int:

@@ -92,11 +92,13 @@ class ModelSession:
 
         ``key_extra`` adds what else the result depends on to the cache key (say, the hash of a
         second checkpoint's weights)."""
+        from .pipeline import make_plan
         from .runner import run_explainers
 
+        plan = make_plan([explainer], {explainer: dict(params or {})}, seed=self.seed)
+
         def build(folder: Path) -> None:
-            result = run_explainers(self.loaded(), sample, [explainer], {explainer: dict(params or {})},
-                                    seed=self.seed)
+            result = run_explainers(self.loaded(), sample, plan)
             result.save(folder, report=False)  # reports are rendered and cached apart
 
         key_params = {**(params or {}), **({"key_extra": key_extra} if key_extra else {})}

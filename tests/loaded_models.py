@@ -11,7 +11,11 @@ from tiny_models import TEST_IMAGE_SIZES, build_tiny, missing_dependency, tiny_i
 
 from xmllm.explainers.answering import generate_answer
 from xmllm.explainers.context import ExplainSample, Prepared, prepare
+from xmllm.explainers.demo.samples import generate_samples
 from xmllm.explainers.models import LoadedModel, adapter_for, load_model
+
+TINY_QUESTION = "what colour is the square"
+"""What the tests ask the tiny models."""
 
 _TINY: dict[str, LoadedModel] = {}
 
@@ -44,6 +48,41 @@ def random_demo_loaded(folder: Path, **load_options) -> LoadedModel:
     from random_demo import save_random_demo
 
     return load_model(save_random_demo(folder), device="cpu", dtype="float32", **load_options)
+
+
+def random_demo_folder(root: Path, seed: int) -> Path:
+    """The demo architecture with random weights (``seed``), saved as a user's folder would be."""
+    from xmllm.explainers.demo.model import build_model, build_processor
+
+    folder = root / f"demo-random-{seed}"
+    if not (folder / "config.json").is_file():
+        processor = build_processor()
+        build_model(processor.tokenizer, seed=seed).save_pretrained(folder)
+        processor.save_pretrained(folder)
+    return folder
+
+
+def demo_prepared(loaded: LoadedModel, index: int = 0, family: str | None = None) -> Prepared:
+    """Demo sample ``index`` (seed 0, of ``family`` when given), with the model's own answer."""
+    sample = generate_samples(index + 1, 0, families=[family] if family else None)[index]
+    return prepare(loaded, ExplainSample([sample.image()], sample.text, id=sample.id))
+
+
+def black_pixel(loaded: LoadedModel) -> torch.Tensor:
+    """A black pixel after the processor's rescale and normalisation, per channel."""
+    proc = loaded.processor.image_processor
+    mean, std = torch.tensor(proc.image_mean), torch.tensor(proc.image_std)
+    return (0.0 - mean) / std
+
+
+def occlude_by_hand(prep: Prepared, cells: list[tuple[int, int]]) -> torch.Tensor:
+    """pixel_values with each cell's patch-size square set to black, from the config's patch size."""
+    patch = int(prep.model.config.vision_config.patch_size)
+    pixels = prep.inputs["pixel_values"].clone()
+    black = black_pixel(prep.loaded).to(pixels)
+    for r, c in cells:
+        pixels[:, :, r * patch : (r + 1) * patch, c * patch : (c + 1) * patch] = black[:, None, None]
+    return pixels
 
 
 def answer_probability(loaded: LoadedModel, prepared: Prepared, pixels: torch.Tensor) -> float:

@@ -15,6 +15,7 @@ from tiny_models import build_tiny, tiny_image
 from xmllm.explainers.context import ExplainSample
 from xmllm.explainers.models import LoadedModel, adapter_for
 from xmllm.report.explained import Run
+from xmllm.pipeline import make_plan
 from xmllm.runner import run_explainers
 
 HOSTILE = """what colour is <script>alert(1)</script>"'& the square"""
@@ -43,6 +44,6 @@ def make_run(out: Path, question: str = HOSTILE, ids: tuple[str, ...] = EXPLAINE
              expected: str | None = "red") -> Run:
     """Explain the tiny model's answer to ``question`` and save the run folder in ``out``."""
     sample = ExplainSample([tiny_image(*IMAGE_SIZE)], question, id="tiny-sample", expected=expected)
-    result = run_explainers(tiny_llava(), sample, list(ids), seed=0)
+    result = run_explainers(tiny_llava(), sample, make_plan(list(ids), seed=0))
     result.save(out, report=False)
     return result

@@ -19,7 +19,7 @@ from xmllm.allocator import OPT_OUT, _glibc
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = """
 import json, resource
-from xmllm.explainers.allocator import allocator_state, keep_freed_memory
+from xmllm.allocator import allocator_state, keep_freed_memory
 state = keep_freed_memory()
 from xmllm.explainers.methods.perturbation import Occlusion
 from xmllm.explainers.models import load_model

@@ -3,77 +3,18 @@ per sample, reproducible results, and the site section; real forwards of the ran
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from html.parser import HTMLParser
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from random_demo import save_random_demo
+from audit_sets import HOSTILE, compare_outputs, write_config, write_set
 
-from xmllm.explainers.demo.samples import generate_samples, sample_record
+from xmllm.explainers.demo.samples import generate_samples
 from xmllm.audit import ConfigError, load_config, run_audit
 from xmllm import XmllmError
 
-HOSTILE = "<script>alert(1)</script></script><img src=x onerror=alert(2)> \"dq\" 'sq' & \x1b[31m\x07 end"
-TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
-
-
-# --- building sample sets ---------------------------------------------------------------------------
-
-
-def write_set(folder: Path, n: int, seed: int = 0, hostile: bool = False, bad_images: bool = False) -> Path:
-    """A JSONL set of ``n`` demo samples; with ``hostile`` the first one's id, question, answer and
-    file name carry markup, quotes and control characters; with ``bad_images`` five more samples
-    hold a truncated PNG, a decompression bomb, a CMYK JPEG, a 16-bit PNG and a palette PNG."""
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    lines = []
-    for k, s in enumerate(generate_samples(n, seed)):
-        name = f"images/{s.id}.png"
-        rec = sample_record(s, name, "")
-        rec.pop("mask")
-        if hostile and k == 0:
-            name = "images/<u>x&amp;\"q'\x1b.png"
-            rec.update(id=HOSTILE + " id", question=HOSTILE + " " + s.text, answer=HOSTILE, image=name)
-        s.image().save(folder / name)
-        lines.append(rec)
-    if bad_images:
-        first = generate_samples(1, seed)[0]
-        good = first.image()
-        buf = folder / "images/full.png"
-        good.save(buf)
-        data = buf.read_bytes()
-        (folder / "images/truncated.png").write_bytes(data[: len(data) // 2])
-        Image.new("1", (7000, 6000)).save(folder / "images/bomb.png")  # 42 M pixels in a few kB
-        good.convert("CMYK").save(folder / "images/cmyk.jpg")
-        grey16 = (np.asarray(good.convert("L"), dtype=np.uint16) * 257)
-        Image.fromarray(grey16).save(folder / "images/grey16.png")
-        good.convert("P").save(folder / "images/palette.png")
-        for stem, file in (("truncated", "truncated.png"), ("bomb", "bomb.png"), ("cmyk", "cmyk.jpg"),
-                           ("grey16", "grey16.png"), ("palette", "palette.png")):
-            lines.append({"id": f"bad-{stem}", "image": f"images/{file}", "question": first.text,
-                          "answer": first.answer})
-    (folder / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines), encoding="utf-8")
-    return folder / "samples.jsonl"
-
-
-def write_config(path: Path, model: Path, samples: str | dict = "set/samples.jsonl", **extra: object) -> Path:
-    data = {
-        "name": "test audit",
-        "model": str(model),
-        "device": "cpu",
-        "seed": 3,
-        "samples": samples if isinstance(samples, dict) else {"type": "jsonl", "path": samples},
-        "explainers": {"perturbation.occlusion": {"window": 2}},
-        "faithfulness": {"steps": 2},
-        "reports": False,
-        "output": "out",
-        **extra,
-    }
-    path.write_text(json.dumps(data), encoding="utf-8")  # JSON is YAML
-    return path
 
 
 # --- parsing HTML back ----------------------------------------------------------------------------
@@ -120,16 +61,7 @@ def assert_inert(tree: Tree) -> None:
         assert tag != "u", "hostile <u> became an element"
 
 
-def strip_time(text: str) -> str:
-    return TIMESTAMP.sub("T", text)
-
-
 # --- fixtures ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return save_random_demo(tmp_path_factory.mktemp("audit-model") / "m")
 
 
 @pytest.fixture(scope="module")
@@ -358,30 +290,6 @@ def test_two_runs_are_identical_but_for_the_timestamp(hostile_run, tmp_path):
     second = run_audit(loaded, tmp_path / "second", progress=False)
     assert second.computed == first.total
     compare_outputs(first.out, second.out)
-
-
-def compare_outputs(a: Path, b: Path) -> None:
-    """Every file of two audit folders equal (arrays exactly), timestamps aside; run.json and
-    timings.json hold seconds and are left out."""
-    from xmllm.report.explained import load_run
-
-    skip = {"run.json", "timings.json", ".xmllm-audit"}
-    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file() and p.name not in skip)
-    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file() and p.name not in skip)
-    assert files_a == files_b
-    for rel in files_a:
-        if rel.suffix == ".npz":
-            with np.load(a / rel) as x, np.load(b / rel) as y:
-                assert x.files == y.files
-                for key in x.files:
-                    np.testing.assert_array_equal(x[key], y[key], err_msg=f"{rel}: {key}")
-        elif rel.suffix in (".json", ".html", ".md"):
-            ta, tb = (a / rel).read_text(encoding="utf-8"), (b / rel).read_text(encoding="utf-8")
-            assert strip_time(ta) == strip_time(tb), rel
-        else:
-            assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
-    runs = sorted({p.parent for p in a.rglob("manifest.json")})
-    assert runs and all(load_run(r).explanations for r in runs)
 
 
 def test_site_build_includes_the_audit(hostile_run, tmp_path):

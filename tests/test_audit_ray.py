@@ -8,7 +8,7 @@ import os
 import pytest
 import ray
 import torch  # a test dependency (users get it with the "distributed" extra): absent, this fails, not skips
-from test_audit import compare_outputs, model, write_config, write_set  # noqa: F401  (model is a fixture)
+from audit_sets import compare_outputs, write_config, write_set
 
 from xmllm.audit import load_config, run_audit
 
@@ -29,7 +29,7 @@ def local_ray():
 
 
 @pytest.mark.slow
-def test_ray_with_two_workers_matches_local(tmp_path, model, local_ray):  # noqa: F811
+def test_ray_with_two_workers_matches_local(tmp_path, model, local_ray):
     write_set(tmp_path / "set", 4, seed=7)
     cfg = write_config(tmp_path / "audit.yaml", model, probes=["blank_image", "pope"])
     # each actor gets one CPU, so one torch thread: the local run must sum floats in the same

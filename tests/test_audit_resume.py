@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_audit import model, write_config, write_set  # noqa: F401  (model is a fixture)
+from audit_sets import write_config, write_set
 
 from xmllm.audit import load_config, run_audit
 
@@ -49,7 +49,7 @@ def check_folder(folder: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_kill_9_mid_run_then_resume(tmp_path, model):  # noqa: F811
+def test_kill_9_mid_run_then_resume(tmp_path, model):
     write_set(tmp_path / "set", SAMPLES, seed=5)
     cfg = write_config(tmp_path / "audit.yaml", model, probes=["blank_image"], faithfulness={"enabled": False})
     out = tmp_path / "out"

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 
-from test_perturbation import demo, demo_prepared, occlude_by_hand, tiny_prepared  # noqa: F401 (fixture)
+from loaded_models import TINY_QUESTION, demo_prepared, occlude_by_hand, tiny_prepared
 from tiny_models import FAMILIES
 
 from xmllm.explainers.context import Prepared
@@ -121,7 +121,7 @@ def test_bad_parameters(demo):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_minimal_set_runs_on_every_family(family):
-    prep = tiny_prepared(family)
+    prep = tiny_prepared(family, TINY_QUESTION)
     grid = prep.layouts[0].main_grid
     for params in ({"max_cells": 4}, {"max_cells": 4, "rank_by": "gradient", "include_text": True,
                                       "regenerate": False}):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 
-from test_perturbation import tiny_loaded  # noqa: E402
+from loaded_models import tiny_loaded
 
 from xmllm.explainers.answering import generate_answer
 from xmllm.explainers.context import ExplainSample

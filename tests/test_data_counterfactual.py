@@ -14,15 +14,15 @@ import pytest
 import torch
 
 
-from loaded_models import tiny_loaded  # noqa: E402
-from test_intervention import random_demo_folder, tiny_prepared  # noqa: E402
+from loaded_models import TINY_QUESTION, random_demo_folder, tiny_loaded, tiny_prepared
 from tiny_models import FAMILIES
 
 from xmllm.explainers.answering import normalise
 from xmllm.explainers.context import ExplainSample, prepare
 from xmllm.explainers.demo.samples import FAMILY_NAMES, generate_samples, to_explain_sample
 from xmllm.explainers.demo.world import Scene
-from xmllm.explainers.methods.data import Counterfactual, demo_sample_from, parse_question
+from xmllm.explainers.demo.groundtruth import demo_sample_from, parse_question
+from xmllm.explainers.methods.data import Counterfactual
 from xmllm.explainers.models import load_model
 from xmllm.explainers.registry import get_explainer
 
@@ -147,7 +147,7 @@ def test_samples_without_ground_truth_need_rephrasings(demo):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_rephrasings_run_on_every_family(family):
-    prep = tiny_prepared(family)
+    prep = tiny_prepared(family, TINY_QUESTION, tokens=2, seed=0)
     loaded = tiny_loaded(family)
     exp = get_explainer("data.counterfactual")().explain(loaded, prep, rephrasings=["what colour is the circle"])
     assert exp.maps["prob"].shape == (2,) and np.isnan(exp.maps["correct"]).all()  # no expected answer

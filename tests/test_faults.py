@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from test_audit import model, write_config, write_set  # noqa: F401  (model is a fixture)
+from audit_sets import write_config, write_set
 
 from xmllm.audit import load_config, run_audit
 from xmllm.cli import main
@@ -55,7 +55,7 @@ def cli(args: list[str], capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def small_audit(root: Path, model: Path, n: int = 2, **extra) -> Path:  # noqa: F811
+def small_audit(root: Path, model: Path, n: int = 2, **extra) -> Path:
     """A config over ``n`` demo samples (the cheapest explainer set), output ``root/out``."""
     write_set(root / "set", n)
     options = {"explainers": {"perturbation.occlusion": {"window": 4}}, "probes": [], "faithfulness": {"enabled": False},
@@ -175,7 +175,7 @@ def test_bomb_in_an_audit_configs_explainer_parameters(tmp_path, capsys):
 # --- 2. sample sets that are not UTF-8 ----------------------------------------------------------------
 
 
-def test_latin1_sample_set_is_one_line_naming_file_and_line(tmp_path, capsys, model):  # noqa: F811
+def test_latin1_sample_set_is_one_line_naming_file_and_line(tmp_path, capsys, model):
     cfg = small_audit(tmp_path, model)
     samples = tmp_path / "set" / "samples.jsonl"
     lines = samples.read_text(encoding="utf-8").splitlines()
@@ -190,7 +190,7 @@ def test_latin1_sample_set_is_one_line_naming_file_and_line(tmp_path, capsys, mo
     assert code == 2 and f"{samples}:2: not UTF-8" in the_error(err)
 
 
-def test_latin1_image_folder_csv_is_one_line_naming_its_line(tmp_path, capsys, model):  # noqa: F811
+def test_latin1_image_folder_csv_is_one_line_naming_its_line(tmp_path, capsys, model):
     (tmp_path / "imgs").mkdir()
     (tmp_path / "q.csv").write_bytes("image,question\na.png,what colour\nb.png,où est le carré\n".encode("latin-1"))
     cfg = small_audit(tmp_path, model, samples={"type": "image_folder", "folder": "imgs", "csv": "q.csv"})
@@ -202,7 +202,7 @@ def test_latin1_image_folder_csv_is_one_line_naming_its_line(tmp_path, capsys, m
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA: device: cuda is valid")
-def test_cuda_device_without_cuda_names_the_field(tmp_path, capsys, model):  # noqa: F811
+def test_cuda_device_without_cuda_names_the_field(tmp_path, capsys, model):
     cfg = small_audit(tmp_path, model, device="cuda")
     code, err = cli(["run", str(cfg), "--no-progress"], capsys)
     line = the_error(err)
@@ -232,7 +232,7 @@ def test_a_model_that_cannot_load_leaves_no_output(tmp_path, capsys):
 # --- 6. read-only output, a path under a file, a full disk ---------------------------------------------
 
 
-def test_output_under_a_file_is_one_line(tmp_path, capsys, model):  # noqa: F811
+def test_output_under_a_file_is_one_line(tmp_path, capsys, model):
     cfg = small_audit(tmp_path, model)
     (tmp_path / "afile").write_text("x")
     code, err = cli(["run", str(cfg), "--no-progress", "--out", str(tmp_path / "afile" / "out")], capsys)
@@ -240,7 +240,7 @@ def test_output_under_a_file_is_one_line(tmp_path, capsys, model):  # noqa: F811
     assert code == 2 and str(tmp_path / "afile") in line and "not a folder" in line
 
 
-def test_read_only_output_new_run_and_rerun(tmp_path, model):  # noqa: F811
+def test_read_only_output_new_run_and_rerun(tmp_path, model):
     cfg = small_audit(tmp_path, model)
     env = subprocess_env(tmp_path)
     locked = tmp_path / "locked"
@@ -262,7 +262,7 @@ def test_read_only_output_new_run_and_rerun(tmp_path, model):  # noqa: F811
     assert not xmllm_scratch(tmp_path / "tmpdir", tmp_path / "cache")
 
 
-def test_full_disk_simulated(tmp_path, capsys, monkeypatch, model):  # noqa: F811
+def test_full_disk_simulated(tmp_path, capsys, monkeypatch, model):
     """``os.replace`` into the output fails with ENOSPC: the rerun of a finished audit keeps every
     file as it was, a new run leaves no folder, and no temporary file stays behind."""
     cfg = small_audit(tmp_path, model)
@@ -326,7 +326,7 @@ print(json.dumps({"first": first, "rerun": rerun, "fresh": fresh, "scratch": scr
 
 @pytest.mark.skipif(not can_unshare(), reason="needs unshare with a private mount namespace to mount a tiny tmpfs "
                                               "(the simulated full disk above runs everywhere)")
-def test_full_disk_on_a_real_tiny_tmpfs(tmp_path, model):  # noqa: F811
+def test_full_disk_on_a_real_tiny_tmpfs(tmp_path, model):
     cfg = small_audit(tmp_path, model)
     disk = tmp_path / "disk"
     disk.mkdir()
@@ -391,7 +391,7 @@ def stop(proc: subprocess.Popen, sig: int) -> str:
 
 
 @pytest.mark.slow
-def test_kill_9_mid_run_and_mid_summary_leaves_nothing_a_rerun_keeps(tmp_path, monkeypatch, model):  # noqa: F811
+def test_kill_9_mid_run_and_mid_summary_leaves_nothing_a_rerun_keeps(tmp_path, monkeypatch, model):
     """Killed while computing samples, then while writing the summary and the site: TMPDIR never
     holds an xmllm folder, and the rerun removes the scratch folders the killed processes left."""
     cfg = small_audit(tmp_path, model, n=8, reports=True)
@@ -426,7 +426,7 @@ def test_kill_9_mid_run_and_mid_summary_leaves_nothing_a_rerun_keeps(tmp_path, m
 
 
 @pytest.mark.slow
-def test_sigterm_is_a_clean_interruption_that_resumes(tmp_path, monkeypatch, model):  # noqa: F811
+def test_sigterm_is_a_clean_interruption_that_resumes(tmp_path, monkeypatch, model):
     cfg = small_audit(tmp_path, model, n=8)
     env = subprocess_env(tmp_path)
     out = tmp_path / "out"
@@ -486,7 +486,7 @@ def saved_run(tmp_path_factory):
 def _render_with_question(saved_run: Path, folder: Path, question: str):
     from html_tree import parse
 
-    from xmllm.report import render_report
+    from xmllm.report.explained import render_report
 
     shutil.copytree(saved_run, folder)
     manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
@@ -499,7 +499,7 @@ def _render_with_question(saved_run: Path, folder: Path, question: str):
 def test_report_isolates_bidi_and_shows_control_characters(saved_run):
     from html_tree import parse
 
-    from xmllm.report import render_report
+    from xmllm.report.explained import render_report
 
     page = render_report(saved_run)
     question = json.loads((saved_run / "manifest.json").read_text(encoding="utf-8"))["sample"]["question"]
@@ -526,7 +526,7 @@ def test_report_collapses_a_very_long_question(saved_run, tmp_path):
     assert len(doc.find("title").text) < 500
 
 
-def test_audit_summary_isolates_and_collapses_user_text(tmp_path, model):  # noqa: F811
+def test_audit_summary_isolates_and_collapses_user_text(tmp_path, model):
     from html_tree import parse
 
     from xmllm.audit.summary import render_summary
@@ -593,7 +593,7 @@ def test_serve_refuses_listings_links_out_and_special_files(tmp_path):
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
-def test_written_folders_and_files_follow_the_umask(tmp_path, model, umask):  # noqa: F811
+def test_written_folders_and_files_follow_the_umask(tmp_path, model, umask):
     cfg = small_audit(tmp_path, model, n=1, reports=True)
     previous = os.umask(umask)
     try:

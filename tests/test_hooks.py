@@ -14,7 +14,7 @@ from torch import nn
 from loaded_models import tiny_prepared
 
 from xmllm.explainers.hooks import Hooks
-from xmllm.explainers.methods.lens import residual_states
+from xmllm.explainers.readout import residual_states
 from xmllm.explainers.methods.tokens import dropped_tokens
 from xmllm.explainers.registry import get_explainer
 

@@ -8,15 +8,13 @@ demo architecture with random weights saved in a temporary folder (real forwards
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 
 from tiny_models import FAMILIES, TEST_IMAGE_SIZES, tiny_image
-from loaded_models import tiny_prepared as shared_tiny_prepared
+from loaded_models import random_demo_folder, tiny_prepared as shared_tiny_prepared
 
 from xmllm.explainers.context import ExplainSample, Prepared, prepare
 from xmllm.explainers.demo.samples import generate_samples, make_pair, to_explain_sample
@@ -41,18 +39,6 @@ TINY_QUESTION = "what colour is the square"
 
 
 # --- models ---------------------------------------------------------------------------------------
-
-
-def random_demo_folder(root: Path, seed: int) -> Path:
-    """The demo architecture with random weights (``seed``), saved as a user's folder would be."""
-    from xmllm.explainers.demo.model import build_model, build_processor
-
-    folder = root / f"demo-random-{seed}"
-    if not (folder / "config.json").is_file():
-        processor = build_processor()
-        build_model(processor.tokenizer, seed=seed).save_pretrained(folder)
-        processor.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

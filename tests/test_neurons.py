@@ -17,7 +17,7 @@ import pytest
 import torch
 
 
-from test_perturbation import tiny_loaded, tiny_prepared  # noqa: E402
+from loaded_models import TINY_QUESTION, tiny_loaded, tiny_prepared
 from tiny_models import FAMILIES  # noqa: E402
 
 from xmllm.explainers.context import ExplainSample, Prepared, prepare
@@ -197,7 +197,7 @@ def test_patch_maps_are_each_top_neurons_values_at_the_grid_cells(demo_random):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_top_activations_on_every_family(family):
-    prep = tiny_prepared(family)
+    prep = tiny_prepared(family, TINY_QUESTION)
     exp = TopActivations().explain(tiny_loaded(family), prep, top_k=3, random_draws=2)
     layers = len(prep.adapter.decoder_layers())
     assert exp.maps["attribution"].shape == (layers, down(prep, 0).in_features)

@@ -8,8 +8,6 @@ explainer must agree with plain model forwards, batched or not.
 from __future__ import annotations
 
 import math
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -20,20 +18,17 @@ from tiny_models import (
     TEST_IMAGE_SIZES,
     tiny_image,
 )
-from loaded_models import tiny_loaded  # noqa: F401  (other test modules import it from here)
+from loaded_models import black_pixel, demo_prepared, occlude_by_hand, tiny_loaded
 
 from xmllm.explainers.answering import generate_answer
 from xmllm.explainers.context import ExplainSample, Prepared, prepare
-from xmllm.explainers.demo.samples import generate_samples
 from xmllm.explainers.memory import MAX_COPIES_CPU, SAFETY, forward_copy_bytes, memory_budget
 from xmllm.explainers.forward import LogitRows, base_logprobs, batch_size_for, first_image_position, logprobs_at, shared_prefix
 from xmllm.explainers.methods.perturbation import Occlusion, TextAblation
 from xmllm.explainers.masking import PixelCells, baseline_pixels, cell_map, occluded_logprobs, windows
-from xmllm.explainers.models import LoadedModel, load_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
-DEMO_FOLDERS = (Path(__file__).resolve().parents[1] / "explainers/demo/weights/final", Path("/tmp/demo-early-run1"))
 TINY_QUESTION = "what colour is the square"
 TINY_ANSWER_TOKENS = 3
 ATOL = 2e-5
@@ -41,21 +36,6 @@ ATOL = 2e-5
 
 
 # --- models ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def demo() -> LoadedModel:
-    for folder in DEMO_FOLDERS:
-        if (folder / "config.json").is_file():
-            return load_model(folder, device="cpu", dtype="float32", eager_attention=True)
-    pytest.skip("no demo-model checkpoint available")
-
-
-def demo_prepared(loaded: LoadedModel, index: int = 0, family: str | None = None) -> Prepared:
-    sample = generate_samples(index + 1, 0, families=[family] if family else None)[index]
-    return prepare(loaded, ExplainSample([sample.image()], sample.text, id=sample.id))
-
-
 
 
 def tiny_prepared(family: str) -> Prepared:
@@ -67,23 +47,6 @@ def tiny_prepared(family: str) -> Prepared:
 
 
 # --- hand-made references --------------------------------------------------------------------------
-
-
-def black_pixel(loaded: LoadedModel) -> torch.Tensor:
-    """A black pixel after the processor's rescale and normalisation, per channel."""
-    proc = loaded.processor.image_processor
-    mean, std = torch.tensor(proc.image_mean), torch.tensor(proc.image_std)
-    return (0.0 - mean) / std
-
-
-def occlude_by_hand(prep: Prepared, cells: list[tuple[int, int]]) -> torch.Tensor:
-    """pixel_values with each cell's patch-size square set to black, from the config's patch size."""
-    patch = int(prep.model.config.vision_config.patch_size)
-    pixels = prep.inputs["pixel_values"].clone()
-    black = black_pixel(prep.loaded).to(pixels)
-    for r, c in cells:
-        pixels[:, :, r * patch : (r + 1) * patch, c * patch : (c + 1) * patch] = black[:, None, None]
-    return pixels
 
 
 @torch.no_grad()

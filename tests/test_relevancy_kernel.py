@@ -7,15 +7,13 @@ family, and the model must come back with its own attention kernel.
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
-
-
-from test_relevancy import FAMILIES, assert_close, slow_relevancy, tiny_prepared
+from relevancy_reference import assert_close, slow_relevancy, tiny_prepared
+from tiny_models import FAMILIES
 
 from xmllm.explainers.capture import attn_implementations
-from xmllm.explainers.methods.relevancy import ROW_ATTENTION, compute_relevancy
+from xmllm.explainers.relevancy_propagation import ROW_ATTENTION, compute_relevancy
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 

@@ -27,9 +27,10 @@ from xmllm.explainers.explanation import Explanation, Target, load_explanations,
 from xmllm.explainers.registry import get_explainer
 from xmllm.cli import main
 from xmllm import XmllmError
-from xmllm.report import render_report, write_report
+from xmllm.report.explained import render_report, write_report
 from xmllm.report.about import leaves_by_explainer
 from xmllm.report.slabs import HEAD_MEAN, MANTISSA_BITS, Slab, build_slab, compact, fit_budget
+from xmllm.pipeline import make_plan
 from xmllm.runner import run_explainers
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -200,7 +201,7 @@ def test_each_image_map_shows_its_deletion_and_insertion_areas(run_dir, tree) ->
 
 def test_a_run_without_faithfulness_shows_none(tmp_path) -> None:
     sample = ExplainSample([tiny_image(*IMAGE_SIZE)], "what colour is it", id="tiny-sample")
-    result = run_explainers(tiny_llava(), sample, ["perturbation.occlusion"], seed=0, faithfulness=False)
+    result = run_explainers(tiny_llava(), sample, make_plan(["perturbation.occlusion"], seed=0), faithfulness=False)
     assert "faithfulness" not in result.manifest and "faithfulness" not in result.manifest["timings_seconds"]
     result.save(tmp_path / "run", report=False)
     tree = parse(render_report(tmp_path / "run"))

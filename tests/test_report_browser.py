@@ -16,7 +16,7 @@ import pytest
 from report_runs import ANSWER_TOKENS, make_run
 
 from xmllm.explainers.explanation import load_explanations
-from xmllm.report import write_report
+from xmllm.report.explained import write_report
 from xmllm.report.slabs import MANTISSA_BITS
 
 CHROMIUM = Path("/usr/bin/chromium")

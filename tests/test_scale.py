@@ -21,6 +21,7 @@ import torch
 from tiny_models import TEST_IMAGE_SIZES, build_tiny, tiny_image
 
 from xmllm.bench import scale
+from xmllm.explainers.scaleplan import ScalePlan
 from xmllm.bench.free_compute import FREE_OPS, FreeCompute, materialise, measure, parameters_on_meta
 from xmllm.bench.scale_configs import CONFIGS, bench_image, build, build_processor, parameter_count
 from xmllm.cli import main
@@ -149,7 +150,7 @@ def test_the_projection_follows_the_two_deepest_points():
     step adds its slope per extra vision block."""
     peaks = {(1, 2): 100.0, (2, 2): 150.0, (4, 2): 160.0, (1, 3): 110.0}
     runs = {k: scale.Measured(v, 0.0, {}) for k, v in peaks.items()}
-    row = scale.projection(runs, list(peaks), scale.Plan(), None, (8, 4))
+    row = scale.projection(runs, list(peaks), ScalePlan(), None, (8, 4))
     assert row["settled"]["slope"] == pytest.approx(5.0) and row["fit"]["slope"] > 15
     assert row["projected_activation_bytes"] == pytest.approx(140 + 5 * 8 + 10 * (4 - 2))
 

@@ -14,8 +14,7 @@ import pytest
 import torch
 
 
-from loaded_models import tiny_loaded  # noqa: E402
-from test_intervention import random_demo_folder, tiny_prepared  # noqa: E402
+from loaded_models import TINY_QUESTION, random_demo_folder, tiny_loaded, tiny_prepared
 from tiny_models import FAMILIES
 
 import xmllm.explainers.demo
@@ -134,7 +133,7 @@ def test_bad_parameters_are_one_line_errors(first, prep, folders):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_compare_runs_on_every_family(family):
     loaded = tiny_loaded(family)
-    prep = tiny_prepared(family)
+    prep = tiny_prepared(family, TINY_QUESTION, tokens=2, seed=0)
     same = get_explainer("training.compare")().explain(loaded, prep, other=loaded, params=OCCLUSION)
     assert all(np.all(v == 0) for k, v in same.maps.items() if k.startswith("diff."))
     assert all(v == 1.0 for k, v in same.scores.items() if k.startswith("rank_correlation."))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -129,11 +128,6 @@ def counterfactuals(sample: DemoSample, seed: int = 0) -> list[DemoSample]:
                                      edit=f"rephrase: {sample.question.rephrased(t).text()}"))
     return [s for s in out if s is not None]
 
-
-def iter_training_samples(step: int, batch: int) -> Iterator[DemoSample]:
-    """The training stream: never overlaps a user seed (different key length and tag)."""
-    for i in range(batch):
-        yield generate_sample(step, i, stream=(TRAIN_STREAM,))
 
 
 def sample_record(sample: DemoSample, image_path: str, mask_path: str) -> dict:

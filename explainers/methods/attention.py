@@ -23,7 +23,7 @@ from ..context import ExplainSample, Prepared
 from ..explanation import Explanation
 from ..models import LoadedModel
 from ..models.layout import grid_names
-from ..params import ExplainerParams, param
+from ..params import ExplainerParams, ParamError, param
 from ..registry import Citation, Explainer, Need, register
 
 FAMILY = "attention"
@@ -62,7 +62,7 @@ def _layers_param(layers: tuple[int, ...] | None, count: int) -> list[int]:
         return list(range(count))
     picked = [i + count if i < 0 else i for i in layers]
     if not picked or any(not 0 <= i < count for i in picked):
-        raise ValueError(f"layers={list(layers)!r}: the decoder has blocks 0..{count - 1}")
+        raise ParamError(f"layers={list(layers)!r}: the decoder has blocks 0..{count - 1}")
     return picked
 
 
@@ -77,6 +77,13 @@ def _meta(prepared: Prepared, source: str, extra: dict[str, Any] | None = None) 
 
 @register
 class RawAttention(Explainer):
+    """Per layer and head, the attention row that generated each answer token, over every image grid
+    and the prompt's words (LVLM-Interpret's answer->image view, one row per answer position).
+
+    Cost: none beyond the answer's own generation (captured during generate), or one teacher-forced
+    forward for a prepared sample; no backward. LVLM-Interpret, 2024 (arXiv 2404.03118).
+    """
+
     id = "attention.raw"
     title = "Raw attention from each answer token to image patches and prompt words"
     family = FAMILY
@@ -110,6 +117,13 @@ class RawAttention(Explainer):
 
 @register
 class AttentionSummary(Explainer):
+    """Mean attention per layer and head between answer, prompt text and image (answer->image,
+    answer->text, text->image, image->image, text->text, image->text), each also as z-scores.
+
+    Cost: as attention.raw, one forward at most, no backward. LVLM-Interpret, 2024 (arXiv 2404.03118);
+    VL-InterpreT, 2022 (arXiv 2203.17247).
+    """
+
     id = "attention.summary"
     title = "Head x layer attention summary between answer, prompt text and image"
     family = FAMILY
@@ -152,6 +166,13 @@ class AttentionSummary(Explainer):
 
 @register
 class AttentionRollout(Explainer):
+    """Attention rollout: per layer 0.5 I + 0.5 A (heads fused), multiplied through the decoder and read
+    at each answer token's generating row; optionally carried on through the vision tower.
+
+    Cost: one teacher-forced forward keeping every layer's full attention, no backward. Abnar and
+    Zuidema, 2020 (arXiv 2005.00928); LVLM-Interpret, 2024 (arXiv 2404.03118).
+    """
+
     id = "attention.rollout"
     title = "Attention rollout through the decoder (and optionally the vision tower)"
     family = FAMILY
@@ -181,7 +202,7 @@ class AttentionRollout(Explainer):
             )
         except ValueError as error:
             if through_vision:
-                raise ValueError(f"through_vision=True is not supported for {prepared.adapter.model_type}: {error}") from None
+                raise ParamError(f"through_vision=True is not supported for {prepared.adapter.model_type}: {error}") from None
             raise
         rollout = record.decoder_rollout
         assert rollout is not None
@@ -234,7 +255,7 @@ def project_through_vision(prepared: Prepared, rollout: torch.Tensor, vision: to
     model_type = prepared.adapter.model_type
     layouts = prepared.layouts
     if len(layouts) != 1 or len(layouts[0].grids) != 1 or vision.shape[0] != 1:
-        raise ValueError(
+        raise ParamError(
             f"through_vision=True needs one image with one grid and one vision sequence; {model_type} gives "
             f"{len(layouts)} image(s), {sum(len(l.grids) for l in layouts)} grid(s), {vision.shape[0]} sequence(s)"
         )
@@ -242,7 +263,7 @@ def project_through_vision(prepared: Prepared, rollout: torch.Tensor, vision: to
     lead = _class_tokens(prepared.loaded)
     patches = vision.shape[-1] - lead
     if patches != grid.size:
-        raise ValueError(
+        raise ParamError(
             f"through_vision=True: {model_type}'s vision tower has {patches} patch tokens but the grid has "
             f"{grid.rows}x{grid.cols} cells; only one-to-one towers are supported"
         )

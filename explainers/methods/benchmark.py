@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from xmllm import MissingInput
 
 from ..answering import generate_answer, normalise
 from ..context import ExplainSample
 from ..demo.questions import Presence
 from ..explanation import Explanation, Target
 from ..models import LoadedModel
-from ..params import ExplainerParams, param
+from ..params import ExplainerParams, ParamError, param
 from ..registry import Citation, Explainer, Need, register
 
 FAMILY = "benchmark"
@@ -69,12 +70,12 @@ def object_keys(sample: ExplainSample, explainer: str) -> list[tuple[str, str]]:
     """The (colour, shape) of every ground-truth object of a sample, in order, duplicates kept."""
     objects = sample.extra.get("objects") if isinstance(sample.extra, Mapping) else None
     if not isinstance(objects, list):
-        raise ValueError(f"{explainer}: sample {sample.id!r} has no extra['objects'] list "
-                         "(ground-truth objects needed)")
+        raise MissingInput(f"{explainer}: sample {sample.id!r} has no extra['objects'] list "
+                           "(ground-truth objects needed)")
     keys = []
     for k, obj in enumerate(objects):
         if not isinstance(obj, Mapping) or not all(isinstance(obj.get(k), str) for k in ("colour", "shape")):
-            raise ValueError(f"{explainer}: sample {sample.id!r}: objects[{k}] needs string 'colour' and 'shape'")
+            raise MissingInput(f"{explainer}: sample {sample.id!r}: objects[{k}] needs string 'colour' and 'shape'")
         keys.append((obj["colour"], obj["shape"]))
     return keys
 
@@ -146,6 +147,14 @@ def pope_metrics(truths: Sequence[str], predictions: Sequence[str]) -> dict[str,
 
 @register
 class PopeBenchmark(Explainer):
+    """POPE over a labelled sample set: yes/no questions about objects in each image and as many absent
+    ones (drawn at random, from the most frequent, or sharing a colour or shape), scored from the
+    model's own greedy answers: accuracy, precision, recall, F1 and yes-ratio per setting.
+
+    Cost: one greedy generation per distinct question (up to 2 x per_image x settings per image,
+    present objects shared by the settings), no backward. POPE, 2023 (arXiv 2305.10355).
+    """
+
     id = "benchmark.pope"
     title = "POPE: yes/no object probing with random, popular and adversarial negatives"
     family = FAMILY
@@ -170,13 +179,13 @@ class PopeBenchmark(Explainer):
 
     def compute(self, model: LoadedModel, samples: Sequence[ExplainSample], params: Params) -> Explanation:
         if not params.settings:
-            raise ValueError(f"{self.id}: parameter settings=[] must name at least one of {', '.join(SETTINGS)}")
+            raise ParamError(f"{self.id}: parameter settings=[] must name at least one of {', '.join(SETTINGS)}")
         settings = list(dict.fromkeys(params.settings))
         per_image, seed, max_new_tokens = params.per_image, params.seed, params.max_new_tokens
         template = self._template(params.template)
         samples = list(samples) if isinstance(samples, Sequence) and not isinstance(samples, str) else None
         if not samples or not all(isinstance(s, ExplainSample) for s in samples):
-            raise ValueError(f"{self.id} is dataset-scope: pass a non-empty list of samples")
+            raise MissingInput(f"{self.id} is dataset-scope: pass a non-empty list of samples")
         keys = [object_keys(s, self.id) for s in samples]
         probes = build_probes(keys, settings, per_image, seed)
 
@@ -244,8 +253,8 @@ class PopeBenchmark(Explainer):
         try:
             probe = template.format(colour="red", shape="circle")
         except (KeyError, IndexError, ValueError):
-            raise ValueError(f"parameter template={template!r} may only use the fields {{colour}} and "
+            raise ParamError(f"parameter template={template!r} may only use the fields {{colour}} and "
                              "{shape}") from None
         if "red" not in probe or "circle" not in probe:
-            raise ValueError(f"parameter template={template!r} must use both {{colour}} and {{shape}}")
+            raise ParamError(f"parameter template={template!r} must use both {{colour}} and {{shape}}")
         return template

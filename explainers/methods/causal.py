@@ -8,21 +8,42 @@ answer (sufficiency). Every claim in the output is a forward pass that was actua
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
+from ..citations import ZEILER_FERGUS
 from ..context import Prepared
 from ..explanation import Explanation
+from ..forward import (
+    answer_ids,
+    batch_size_for,
+    batched_logprobs,
+    eager_unless_fused,
+    fused_attention,
+    logprobs_at,
+    repeat_inputs,
+)
 from ..hooks import Hooks
+from ..masking import (
+    MaskingParams,
+    PixelCells,
+    baseline_pixels,
+    blur_radius_for,
+    cell_map,
+    first_layout,
+    per_token_keys,
+    question_positions,
+    replacement_id,
+    window_positions,
+)
 from ..models import LoadedModel
 from ..params import param
 from ..registry import Citation, Explainer, register
-from xmllm.explainers.masking import MaskingParams, PixelCells, baseline_pixels, cell_map, blur_radius_for, first_layout, per_token_keys, question_positions, replacement_id, window_positions
-from xmllm.explainers.methods.perturbation import ZEILER_FERGUS
-from xmllm.explainers.forward import answer_ids, batch_size_for, eager_unless_fused, batched_logprobs, fused_attention, logprobs_at, repeat_inputs
+from ..scaleplan import ScalePlan, costs, decode_step, trials_for, with_batch_size
+from ..text import show_token
 
 FAMILY = "causal"
 RANKINGS: tuple[str, ...] = ("occlusion", "gradient")
@@ -245,6 +266,15 @@ def search(prep: Prepared, masker: Masker, scorer: FirstToken, units: Sequence[U
 
 @register
 class MinimalSet(Explainer):
+    """The smallest set of image cells (and optionally question words) whose masking flips the greedy
+    answer's first token, found greedily, pruned to minimality and verified by real forwards, with a
+    sufficiency check (everything but the set masked): a 0/1 map of the set.
+
+    Cost: one forward per unit to rank (or one backward with rank_by=gradient), then batched forwards
+    for the search and pruning, two verifying forwards and two regenerations. CLEANN (2023, arXiv
+    2310.20307), LVLM-Interpret (2024, arXiv 2404.03118), Zeiler and Fergus (2013, arXiv 1311.2901).
+    """
+
     id = "causal.minimal_set"
     title = "Minimal flipping set (verified)"
     family = FAMILY
@@ -254,6 +284,36 @@ class MinimalSet(Explainer):
         "answer, found greedily, pruned to minimality and verified by real forwards, with a "
         "sufficiency check (everything but the set masked)."
     )
+    ranks_cells = False
+    evaluation_params: ClassVar[Mapping[str, Any]] = {"regenerate": False}
+    evaluated_by_default = ("left out of the default set: its map is a 0/1 set with no ranking inside it for the "
+                            "curves to follow, and its search costs about as much as scoring every other map (0.8 s "
+                            "of CPU per demo sample); name it with --explainers to score it")
+
+    @classmethod
+    def why(cls, explanation: Explanation) -> str | None:
+        """What the set does to the answer: "masking these 3 image cells turns “a” into “b”"."""
+        meta, cells = explanation.meta, (explanation.meta.get("set") or {}).get("cells") or []
+        words = (meta.get("set") or {}).get("words") or []
+        original, new = show_token(str(meta.get("original_token", "?"))), show_token(str(meta.get("new_top_token", "?")))
+        if meta.get("status") == "flipped":
+            parts = []
+            if cells:
+                parts.append(f"{len(cells)} image cell{'s' if len(cells) != 1 else ''}")
+            if words:
+                parts.append(f"{len(words)} question word{'s' if len(words) != 1 else ''}")
+            what = " and ".join(parts) or "the set"
+            these = "this" if len(cells) + len(words) == 1 else "these"
+            return f"masking {these} {what.removeprefix('1 ')} turns “{original}” into “{new}”"
+        return f"no small set of cells changes the answer “{original}” ({meta.get('status', 'not found')})"
+
+    @classmethod
+    def scale_plan(cls, prep: Prepared, full_layers: int) -> ScalePlan:
+        """As it is: the peak is one forward's; the cost is a lower bound (the search's length varies)."""
+        copies = batch_size_for(prep, None)
+        units = len(image_units(prep, "all"))
+        return ScalePlan({}, f"the peak is one forward's: {copies} copies", copies, trials_for(copies),
+                         with_batch_size, cost=costs(1 + units + 2 * (1 + decode_step(prep)), lower_bound=True))
 
     @dataclass(frozen=True)
     class Params(MaskingParams):

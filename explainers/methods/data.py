@@ -2,16 +2,15 @@
 recoloured, moved or removed, or when the question is worded differently.
 
 On a demo-world sample the ground truth rides in ``sample.extra`` (``family``, ``objects``): the
-scene and the question's structure are rebuilt from it, the question family's own edits
-(:func:`xmllm.explainers.demo.samples.counterfactuals` and the family's answer-flipping edit, as in
-:func:`xmllm.explainers.demo.samples.make_pair`) produce each edited image with its new right
-answer, and the model answers every edit by its own greedy decoding. Any other sample can
-only be reworded: pass ``rephrasings``.
+scene and the question's structure are rebuilt from it (:mod:`xmllm.explainers.demo.groundtruth`),
+the question family's own edits (:func:`xmllm.explainers.demo.samples.counterfactuals` and the
+family's answer-flipping edit, as in :func:`xmllm.explainers.demo.samples.make_pair`) produce each
+edited image with its new right answer, and the model answers every edit by its own greedy decoding.
+Any other sample can only be reworded: pass ``rephrasings``.
 """
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,23 +19,22 @@ import numpy as np
 import torch
 
 from ..answering import Answer, generate_answer, is_correct, normalise
+from ..axes import axis_labels
+from ..citations import MMVP
 from ..context import ExplainSample, Prepared, prepare
+from ..demo.groundtruth import demo_sample_from
 from ..explanation import Explanation
+from ..forward import logprobs_at
 from ..models import LoadedModel
-from ..params import ExplainerParams, param
+from ..params import ExplainerParams, ParamError, param
 from ..registry import Citation, Explainer, register
-from .intervention import axis_labels
-from xmllm.explainers.forward import logprobs_at
+from ..scaleplan import ScalePlan, costs, decode_step
 
 FAMILY = "data"
 
 WACHTER = Citation(
     "Counterfactual Explanations without Opening the Black Box: Automated Decisions and the GDPR", 2017,
     "1711.00399", "Wachter, Mittelstadt, Russell",
-)
-MMVP = Citation(
-    "Eyes Wide Shut? Exploring the Visual Shortcomings of Multimodal LLMs", 2024, "2401.06209",
-    "Tong, Liu, Zhai, Ma, LeCun, Xie",
 )
 LVLM_INTERPRET = Citation(
     "LVLM-Interpret: An Interpretability Tool for Large Vision-Language Models", 2024, "2404.03118",
@@ -45,80 +43,6 @@ LVLM_INTERPRET = Citation(
 
 ORIGINAL = "original"
 """The ``kind`` of the table's first row: the unedited sample, the reference of every flip."""
-
-
-# --- demo samples back from their ground truth -----------------------------------------------------
-
-
-def _slot_values() -> dict[str, list[str]]:
-    from ..demo.world import COLOURS, SHAPES
-
-    names = [f"{c} {s}" for c in COLOURS for s in SHAPES]
-    return {"shape": list(SHAPES), "colour": list(COLOURS), "a": names, "b": names}
-
-
-def _template_pattern(template: str) -> re.Pattern[str]:
-    """A template's wording as a regular expression with one named group per slot."""
-    values = _slot_values()
-    parts = re.split(r"{(\w+)}", template)
-    out = []
-    for k, part in enumerate(parts):
-        if k % 2:
-            options = sorted(values[part], key=len, reverse=True)
-            out.append(f"(?P<{part}>{'|'.join(map(re.escape, options))})")
-        else:
-            out.append(re.escape(part))
-    return re.compile("".join(out))
-
-
-def parse_question(family: str, text: str) -> Any:
-    """The demo :class:`~xmllm.explainers.demo.questions.Question` whose wording is ``text``."""
-    from ..demo.questions import ALL_FAMILIES, Question
-
-    kind = ALL_FAMILIES.get(family)
-    if kind is None:
-        raise ValueError(f"extra['family']={family!r} is not a demo question family ({', '.join(ALL_FAMILIES)})")
-    variants = getattr(kind, "by_kind", {"": kind.templates})
-    for templates in variants.values():
-        for index, template in enumerate(templates):
-            found = _template_pattern(template).fullmatch(text.strip())
-            if found is None:
-                continue
-            question = Question(family, index, tuple(sorted(found.groupdict().items())))
-            if question.text() == text.strip():
-                return question
-    raise ValueError(f"question {text!r} is not one of the demo {family!r} family's wordings")
-
-
-def demo_sample_from(sample: ExplainSample) -> Any | None:
-    """The demo-world sample behind ``sample`` (scene and question rebuilt from ``extra``), or
-    None when ``extra`` carries no demo ground truth."""
-    from ..demo.samples import DemoSample
-    from ..demo.world import IMAGE_SIZE, Scene
-
-    extra = sample.extra or {}
-    if "objects" not in extra or "family" not in extra:
-        return None
-    try:
-        scene = Scene.from_json(list(extra["objects"]), IMAGE_SIZE)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"sample {sample.id!r}: extra['objects'] is not a list of demo objects ({error})") from None
-    question = parse_question(str(extra["family"]), sample.question)
-    answer = sample.expected if sample.expected is not None else question.answer(scene)
-    if answer is None:
-        raise ValueError(f"sample {sample.id!r}: the question has no single answer on the scene in extra['objects']")
-    return DemoSample(sample.id, scene, question, answer)
-
-
-def demo_pair(sample: ExplainSample, seed: int = 0) -> ExplainSample | None:
-    """The sample's MMVP-style partner (one detail changed, and with it the answer), or None."""
-    from ..demo.samples import make_pair, to_explain_sample
-
-    demo = demo_sample_from(sample)
-    if demo is None:
-        return None
-    partner = make_pair(demo, seed)
-    return to_explain_sample(partner) if partner is not None else None
 
 
 # --- the edits ---------------------------------------------------------------------------------------
@@ -160,7 +84,7 @@ def rephrase_edits(sample: ExplainSample, rephrasings: Sequence[str]) -> list[Ed
     out = []
     for k, text in enumerate(rephrasings):
         if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"parameter rephrasings[{k}]={text!r} must be a non-empty question")
+            raise ParamError(f"parameter rephrasings[{k}]={text!r} must be a non-empty question")
         out.append(Edit("rephrasing", f"rephrase: {text}", ExplainSample(list(sample.images), text,
                                                                          id=f"{sample.id}-rephrasing{k}"),
                         sample.expected))
@@ -183,6 +107,15 @@ def forced_prob(loaded: Any, sample: ExplainSample, answer: Answer) -> float:
 
 @register
 class Counterfactual(Explainer):
+    """The model's own answer to each counterfactual edit of the input (the asked-about object
+    recoloured, moved or removed, the question reworded, the answer-flipping edit): whether it
+    flipped, and whether it flipped exactly when the right answer did.
+
+    Cost: one greedy generation and one teacher-forced forward per edit (three to five on a demo
+    sample), no backward. Wachter et al., 2017 (arXiv 1711.00399); MMVP, 2024 (arXiv 2401.06209);
+    LVLM-Interpret, 2024 (arXiv 2404.03118).
+    """
+
     id = "data.counterfactual"
     title = "Counterfactual edits: answer flips"
     family = FAMILY
@@ -198,6 +131,17 @@ class Counterfactual(Explainer):
         rephrasings: tuple[str, ...] | None = param(
             None, "other wordings of the question to ask (the only edit of a sample without demo ground truth)")
         seed: int = param(0, "seed of the demo world's edits (which colour, where to)")
+
+    @classmethod
+    def scale_plan(cls, prep: Prepared, full_layers: int) -> ScalePlan:
+        """One rephrasing instead of the demo's edits: each edit is one generation and one forward of
+        the same size, so the peak is one edit's; the cost counts every edit of the demo sample."""
+        demo = demo_sample_from(prep.sample)
+        edits = len(demo_edits(demo, 0)) if demo is not None else 1
+        return ScalePlan({"rephrasings": [prep.sample.question + " ?"]},
+                         f"one rephrasing instead of the demo's {edits} edits (each one generation and one forward "
+                         "of the same size)", no_truth=True,
+                         cost=costs(edits * (2 + decode_step(prep))))
 
     def unmet(self, model: LoadedModel, sample: ExplainSample, params: Params) -> str | None:
         if demo_sample_from(sample) is None and not params.rephrasings:
@@ -286,10 +230,7 @@ __all__ = [
     "Counterfactual",
     "Edit",
     "demo_edits",
-    "demo_pair",
-    "demo_sample_from",
     "forced_prob",
     "joint_prob",
-    "parse_question",
     "rephrase_edits",
 ]

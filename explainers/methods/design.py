@@ -16,7 +16,6 @@ picture by each grid's region, so tiles, crops and dynamic resolutions are handl
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,17 +23,20 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from xmllm import MissingInput
 
 from ..answering import generate_answer, is_correct, normalise
+from ..backward import default_cam_layer
+from ..citations import ALAIN_BENGIO
 from ..context import ExplainSample, Prepared
 from ..explanation import Explanation, Target
+from ..forward import fused_attention
 from ..hooks import Hooks
+from ..linear_probe import LogisticProbe, train_logistic
 from ..models import LoadedModel
 from ..models.layout import ImageLayout, PatchGrid
-from ..params import ExplainerParams, param
+from ..params import ExplainerParams, ParamError, param
 from ..registry import Citation, Explainer, Need, register
-from ..backward import default_cam_layer
-from xmllm.explainers.forward import fused_attention
 
 FAMILY = "design"
 SITES: tuple[str, ...] = ("projector", "vision")
@@ -68,8 +70,6 @@ EDITABLE: dict[str, str] = {"colour": "colour", "shape": "shape"}
 KOH = Citation("Concept Bottleneck Models", 2020, "2007.04612", "Koh, Nguyen, Tang, Mussmann, Pierson, Kim, Liang")
 LABO = Citation("Language in a Bottle: Language Model Guided Concept Bottlenecks for Interpretable Image "
                 "Classification (LaBo)", 2022, "2211.11158", "Yang, Panagopoulou, Zhou, Jin, Callison-Burch, Yatskar")
-ALAIN_BENGIO = Citation("Understanding intermediate layers using linear classifier probes", 2016, "1610.01644",
-                        "Alain, Bengio")
 TCAV = Citation("Interpretability Beyond Feature Attribution: Quantitative Testing with Concept Activation Vectors "
                 "(TCAV)", 2017, "1711.11279", "Kim, Wattenberg, Gilmer, Cai, Wexler, Viegas, Sayres")
 
@@ -110,12 +110,12 @@ def sample_objects(sample: ExplainSample, explainer: str) -> list[dict[str, Any]
     """The ground-truth objects of a sample, checked; a one-line error when absent or malformed."""
     objects = sample.extra.get("objects") if isinstance(sample.extra, dict) else None
     if not isinstance(objects, list):
-        raise ValueError(f"{explainer}: sample {sample.id!r} has no extra['objects'] (ground-truth objects); "
+        raise MissingInput(f"{explainer}: sample {sample.id!r} has no extra['objects'] (ground-truth objects); "
                          "concept probes need a labelled sample set such as the demo world's")
     for k, obj in enumerate(objects):
         missing = [key for key in OBJECT_KEYS if not isinstance(obj, dict) or key not in obj]
         if missing:
-            raise ValueError(f"{explainer}: sample {sample.id!r}: extra['objects'][{k}] lacks {missing[0]!r}")
+            raise MissingInput(f"{explainer}: sample {sample.id!r}: extra['objects'][{k}] lacks {missing[0]!r}")
     return objects
 
 
@@ -300,17 +300,14 @@ class Probe:
                 "test_cells": self.test_cells, "converged": self.converged, "per_class_accuracy": self.per_class}
 
 
-def _logistic(x: np.ndarray, y: np.ndarray) -> tuple[Any, Any, bool]:
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
+def _logistic(x: np.ndarray, y: np.ndarray) -> tuple[Any, LogisticProbe, bool]:
+    """The scaler, the probe fitted on the standardised features, and whether it stopped below the
+    iteration limit (how this explainer counts convergence; embedding.probe counts solver warnings)."""
     from sklearn.preprocessing import StandardScaler
 
     scaler = StandardScaler().fit(x)
-    model = LogisticRegression(C=PROBE_C, max_iter=PROBE_MAX_ITER)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        model.fit(scaler.transform(x), y)
-    return scaler, model, bool(np.all(np.asarray(model.n_iter_) < PROBE_MAX_ITER))
+    probe = train_logistic(scaler.transform(x), y, PROBE_C, PROBE_MAX_ITER)
+    return scaler, probe, probe.iterations < PROBE_MAX_ITER
 
 
 def fit_probe(site: str, concept: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
@@ -318,11 +315,12 @@ def fit_probe(site: str, concept: str, x_train: np.ndarray, y_train: np.ndarray,
     """Fit on standardised features; held-out accuracy, the same fit on shuffled labels (chance),
     and the majority class's accuracy."""
     scaler, model, converged = _logistic(x_train, y_train)
-    classes = [str(c) for c in model.classes_]
-    coef, intercept = model.coef_, model.intercept_
-    if len(classes) == 2:  # scikit-learn keeps one row, the second class's logit over the first's
-        coef = np.vstack([np.zeros_like(coef), coef])
-        intercept = np.concatenate([[0.0], intercept])
+    classes = list(model.classes)
+    # (classes, features), laid out as scikit-learn's coef_ (three or more classes) or as a zero row stacked
+    # over its one row (two): the layout decides how ``weight @ scaler.mean_`` below rounds.
+    coef, intercept = model.weight.T, model.bias
+    if len(classes) == 2:
+        coef = np.ascontiguousarray(coef)
     scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
     weight = coef / scale
     bias = intercept - weight @ scaler.mean_
@@ -382,7 +380,7 @@ def collect_cells(loaded: Any, samples: Sequence[ExplainSample], objects: Sequen
         inputs, features, counts = site_features(loaded, sample, vision_layer if "vision" in sites else None)
         layouts = loaded.adapter.image_layouts(inputs)
         if not layouts:
-            raise ValueError(f"{explainer}: sample {sample.id!r} has no image tokens")
+            raise MissingInput(f"{explainer}: sample {sample.id!r} has no image tokens")
         image = sample.images[0]
         found, covered = labelled_cells(layouts[0], object_masks(objects[index], int(image.height),
                                                                  int(image.width)), index, min_coverage)
@@ -395,7 +393,7 @@ def collect_cells(loaded: Any, samples: Sequence[ExplainSample], objects: Sequen
             for site in sites:
                 rows[site].append(features[site][cell.position].numpy())
     if not cells:
-        raise ValueError(f"{explainer}: no image cell could be labelled (are the grids placed on the images?)")
+        raise MissingInput(f"{explainer}: no image cell could be labelled (are the grids placed on the images?)")
     return CellTable(cells, {site: np.stack(rows[site]).astype(np.float64) for site in sites}, touched, per_sample)
 
 
@@ -517,6 +515,13 @@ def answer_with(loaded: Any, sample: ExplainSample, positions: torch.Tensor, del
 
 @register
 class ConceptBottleneck(Explainer):
+    """Per-patch linear probes for named concepts (object, colour, shape, position) on the projector's
+    features and the vision tower's output; then interventions that move an object's features to
+    another colour (shape) and regenerate. Cost: one prompt forward per sample, two logistic fits per
+    site and concept, 1 + 2 x len(alphas) generations (7 by default) per edited sample, no backward.
+    Koh et al., 2020 (arXiv 2007.04612); Yang et al., 2022 (2211.11158); Alain, Bengio, 2016
+    (1610.01644); Kim et al., 2017 (1711.11279)."""
+
     id = "design.concept_bottleneck"
     title = "Concept bottleneck: concept probes on image features and concept interventions"
     family = FAMILY
@@ -555,16 +560,16 @@ class ConceptBottleneck(Explainer):
         ``alphas`` (0 edits nothing); ``test_fraction`` of the samples are held out of the fit."""
         for name in ("concepts", "sites", "alphas"):
             if not getattr(params, name):
-                raise ValueError(f"{self.id}: parameter {name}=[] must not be empty")
+                raise ParamError(f"{self.id}: parameter {name}=[] must not be empty")
         concepts, sites = list(dict.fromkeys(params.concepts)), list(dict.fromkeys(params.sites))
         min_coverage, edit_coverage, test_fraction = params.min_coverage, params.edit_coverage, params.test_fraction
         alphas = list(params.alphas)
         intervene, seed, max_new_tokens = params.intervene, params.seed, params.max_new_tokens
         fast_attention = params.fast_attention
         if intervene and PROJECTOR_SITE not in sites:
-            raise ValueError(f"{self.id}: intervene=True edits the projector features: add 'projector' to sites")
+            raise ParamError(f"{self.id}: intervene=True edits the projector features: add 'projector' to sites")
         if isinstance(samples, (ExplainSample, Prepared)) or not isinstance(samples, Sequence) or len(samples) < 2:
-            raise ValueError(f"{self.id}: give a list of at least 2 labelled samples (a dataset-scope explainer)")
+            raise MissingInput(f"{self.id}: give a list of at least 2 labelled samples (a dataset-scope explainer)")
         samples = [s.sample if isinstance(s, Prepared) else s for s in samples]
         objects = [sample_objects(s, self.id) for s in samples]
         adapter = model.adapter
@@ -573,7 +578,7 @@ class ConceptBottleneck(Explainer):
         if vision_layer is None:
             vision_layer = default_cam_layer(adapter)
         elif not -blocks <= vision_layer < blocks:
-            raise ValueError(f"{self.id}: parameter vision_layer={vision_layer!r} must be a vision block index in "
+            raise ParamError(f"{self.id}: parameter vision_layer={vision_layer!r} must be a vision block index in "
                              f"{-blocks}..{blocks - 1}")
         vision_layer %= blocks
 

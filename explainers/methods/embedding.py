@@ -14,7 +14,6 @@ merged and pooled grids are all handled by the same code.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,14 +21,18 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from xmllm import MissingInput
 
+from ..backward import default_cam_layer
+from ..citations import ALAIN_BENGIO, MMVP
 from ..context import ExplainSample
 from ..explanation import Explanation, Target
 from ..hooks import Hooks
+from ..linear_probe import train_logistic
 from ..models import LoadedModel
-from ..params import ExplainerParams, param
+from ..models.errors import AdapterError
+from ..params import ExplainerParams, ParamError, param
 from ..registry import Citation, Explainer, Need, register
-from ..backward import default_cam_layer
 
 FAMILY = "embedding"
 
@@ -61,12 +64,8 @@ SPAN_EPSILON = 1e-6
 """Processed values whose black and white versions differ by less than this carry no pixel (padding)."""
 ENCODING_BLACK, ENCODING_WHITE = (0, 0, 0), (255, 255, 255)
 
-ALAIN_BENGIO = Citation("Understanding intermediate layers using linear classifier probes", 2016, "1610.01644",
-                        "Alain, Bengio")
 HEWITT_LIANG = Citation("Designing and Interpreting Probes with Control Tasks", 2019, "1909.03368",
                         "Hewitt, Liang")
-MMVP = Citation("Eyes Wide Shut? Exploring the Visual Shortcomings of Multimodal LLMs", 2024, "2401.06209",
-                "Tong, Liu, Zhai, Ma, LeCun, Xie")
 MIND_THE_GAP = Citation(
     "Mind the Gap: Understanding the Modality Gap in Multi-modal Contrastive Representation Learning",
     2022, "2203.02053", "Liang, Zhang, Kwon, Yeung, Zou",
@@ -89,9 +88,9 @@ def sample_list(explainer: str, samples: Any, minimum: int = 1) -> list[ExplainS
         samples = [samples]
     items = list(samples) if isinstance(samples, Sequence) else None
     if items is None or not all(isinstance(s, ExplainSample) for s in items):
-        raise ValueError(f"{explainer} is dataset-scope: pass a list of samples, not {type(samples).__name__}")
+        raise MissingInput(f"{explainer} is dataset-scope: pass a list of samples, not {type(samples).__name__}")
     if len(items) < minimum:
-        raise ValueError(f"{explainer} needs at least {minimum} samples, got {len(items)}")
+        raise MissingInput(f"{explainer} needs at least {minimum} samples, got {len(items)}")
     return items
 
 
@@ -99,26 +98,26 @@ def objects_of(sample: ExplainSample, explainer: str) -> list[dict[str, Any]]:
     """The ground-truth objects of a sample (``extra["objects"]``), each checked."""
     objects = sample.extra.get("objects") if isinstance(sample.extra, Mapping) else None
     if objects is None:
-        raise ValueError(f"{explainer}: sample {sample.id!r} has no extra['objects'] (ground-truth objects needed)")
+        raise MissingInput(f"{explainer}: sample {sample.id!r} has no extra['objects'] (ground-truth objects needed)")
     if not isinstance(objects, list):
-        raise ValueError(f"{explainer}: sample {sample.id!r}: extra['objects'] must be a list, not "
+        raise MissingInput(f"{explainer}: sample {sample.id!r}: extra['objects'] must be a list, not "
                          f"{type(objects).__name__}")
     for k, obj in enumerate(objects):
         if not isinstance(obj, Mapping):
-            raise ValueError(f"{explainer}: sample {sample.id!r}: objects[{k}] is not an object")
+            raise MissingInput(f"{explainer}: sample {sample.id!r}: objects[{k}] is not an object")
         for key in ("shape", "colour"):
             if not isinstance(obj.get(key), str):
-                raise ValueError(f"{explainer}: sample {sample.id!r}: objects[{k}].{key} must be a string")
+                raise MissingInput(f"{explainer}: sample {sample.id!r}: objects[{k}].{key} must be a string")
         for key in ("cx", "cy", "size"):
             value = obj.get(key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-                raise ValueError(f"{explainer}: sample {sample.id!r}: objects[{k}].{key} must be a number")
+                raise MissingInput(f"{explainer}: sample {sample.id!r}: objects[{k}].{key} must be a number")
     return list(objects)
 
 
 def one_image(sample: ExplainSample, explainer: str) -> Image.Image:
     if len(sample.images) != 1:
-        raise ValueError(f"{explainer}: sample {sample.id!r} has {len(sample.images)} images; objects refer to one")
+        raise MissingInput(f"{explainer}: sample {sample.id!r} has {len(sample.images)} images; objects refer to one")
     return sample.images[0]
 
 
@@ -341,48 +340,12 @@ def sample_groups(samples: Sequence[ExplainSample]) -> np.ndarray:
 def split_groups(n_groups: int, test_fraction: float, seed: int) -> np.ndarray:
     """A boolean test mask over ``n_groups`` samples, fixed by ``seed`` (at least one of each)."""
     if n_groups < 2:
-        raise ValueError(f"a held-out split needs at least 2 independent samples (pairs count once), got {n_groups}")
+        raise MissingInput(f"a held-out split needs at least 2 independent samples (pairs count once), got {n_groups}")
     n_test = min(n_groups - 1, max(1, int(round(test_fraction * n_groups))))
     order = np.random.default_rng([seed, 0x5B17]).permutation(n_groups)
     test = np.zeros(n_groups, dtype=bool)
     test[order[:n_test]] = True
     return test
-
-
-@dataclass(frozen=True)
-class LogisticProbe:
-    """A fitted multinomial logistic regression: ``argmax(x @ weight + bias)`` over ``classes``."""
-
-    classes: tuple[str, ...]
-    weight: np.ndarray
-    bias: np.ndarray
-    converged: bool
-
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        scores = np.asarray(x, dtype=np.float64) @ self.weight + self.bias
-        return np.asarray(self.classes, dtype=object)[np.argmax(scores, axis=1)]
-
-
-def train_logistic(x: np.ndarray, labels: Sequence[str], c: float = DEFAULT_C,
-                   max_iter: int = DEFAULT_MAX_ITER) -> LogisticProbe:
-    """Multinomial logistic regression with an L2 penalty (scikit-learn, lbfgs: deterministic for
-    the same data). One class in ``labels``: a constant predictor."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-
-    y = np.asarray([str(v) for v in labels], dtype=object)
-    x = np.asarray(x, dtype=np.float64)
-    classes = np.unique(y)
-    if classes.size == 1:
-        return LogisticProbe(tuple(classes), np.zeros((x.shape[1], 1)), np.zeros(1), True)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        fitted = LogisticRegression(C=c, max_iter=max_iter).fit(x, y)
-    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-    weight, bias = fitted.coef_.T, fitted.intercept_
-    if classes.size == 2:  # scikit-learn keeps one logit for two classes: score 0 for the first
-        weight, bias = np.concatenate([np.zeros_like(weight), weight], axis=1), np.concatenate([[0.0], bias])
-    return LogisticProbe(tuple(str(v) for v in fitted.classes_), weight, bias, converged)
 
 
 def control_labels(labels: Sequence[str], seed: int) -> np.ndarray:
@@ -470,7 +433,7 @@ def collect_probe_data(loaded: Any, samples: Sequence[ExplainSample], attributes
         if not image_attrs or not objs:
             continue
         if not states.image_positions.numel() or states.vision is None:
-            raise ValueError(f"{explainer}: sample {s.id!r}: the model saw no image tokens")
+            raise AdapterError(f"{explainer}: sample {s.id!r}: the model saw no image tokens")
         image = s.images[0]
         cover = position_coverage(loaded.adapter, states.inputs, image, s.question, objs, extremes)
         for obj, weights in zip(objs, cover):
@@ -493,6 +456,12 @@ def decoder_sites(count: int) -> list[str]:
 
 @register
 class LinearProbe(Explainer):
+    """Held-out accuracy of logistic-regression probes for objects' colour, shape and position (vision
+    block, projector, every decoder block) and for the object count and question family (last prompt
+    token), each against a shuffled-label control. Cost: one prompt forward per sample, no generation,
+    no backward; the processor once per object; two logistic fits per attribute and site.
+    Alain, Bengio, 2016 (arXiv 1610.01644); Hewitt, Liang, 2019 (1909.03368); Tong et al., 2024 (2401.06209)."""
+
     id = "embedding.probe"
     title = "Linear probes for ground-truth attributes across the vision tower, projector and decoder"
     family = FAMILY
@@ -605,9 +574,9 @@ class LinearProbe(Explainer):
         if attributes is None:
             return [a for a in ATTRIBUTES if a != "family" or has_family]
         if not attributes:
-            raise ValueError(f"{self.id}: parameter attributes=[] must name at least one of {', '.join(ATTRIBUTES)}")
+            raise ParamError(f"{self.id}: parameter attributes=[] must name at least one of {', '.join(ATTRIBUTES)}")
         if "family" in attributes and not has_family:
-            raise ValueError(f"{self.id}: attribute 'family' needs extra['family'] on every sample")
+            raise MissingInput(f"{self.id}: attribute 'family' needs extra['family'] on every sample")
         return list(dict.fromkeys(attributes))
 
     @staticmethod
@@ -666,6 +635,12 @@ def modality_gap(image_sum: np.ndarray, image_count: int, text_sum: np.ndarray, 
 
 @register
 class HiddenStateProjection(Explainer):
+    """Image-token and text-token hidden states at the decoder's input and after every decoder block,
+    projected on each layer's first two principal components, and the modality gap per layer (distance
+    between the centroids of unit-length image and text states). Cost: one prompt forward per sample,
+    no generation, no backward; one SVD per layer over the drawn points.
+    Liang et al., 2022 (arXiv 2203.02053); Aflalo et al., 2022 (2203.17247)."""
+
     id = "embedding.projection"
     title = "2-D projections of hidden states per layer, and the modality gap"
     family = FAMILY
@@ -720,7 +695,7 @@ class HiddenStateProjection(Explainer):
                     point_label.append(str(label))
                     point_position.append(int(p))
         if len(point_sample) < 2:
-            raise ValueError(f"{self.id}: {len(point_sample)} point(s) in all; a projection needs at least 2")
+            raise MissingInput(f"{self.id}: {len(point_sample)} point(s) in all; a projection needs at least 2")
         coords = np.zeros((len(layers), len(point_sample), 2))
         ratios = np.zeros((len(layers), 2))
         gaps = np.zeros(len(layers))

@@ -17,23 +17,25 @@ answer's map is the sum of the per-token ones, at no extra cost.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from xmllm import MissingInput
 
+from ..backward import default_cam_layer, inputs_only_gradients
 from ..context import Prepared
 from ..explanation import Explanation
+from ..forward import eager_unless_fused, fused_attention, logprobs_at, repeat_inputs
 from ..hooks import Hooks
-from ..models import LoadedModel
-from ..backward import default_cam_layer, inputs_only_gradients
-from ..models.layout import ImageLayout, grid_names
-from ..params import ExplainerParams, param
-from ..registry import Citation, Explainer, Need, register
+from ..masking import baseline_pixels, default_blur_radius
 from ..memory import backward_copy_bytes, copies_within, device_type, most_copies
-from xmllm.explainers.masking import baseline_pixels, default_blur_radius
-from xmllm.explainers.forward import eager_unless_fused, fused_attention, logprobs_at, repeat_inputs
+from ..models import LoadedModel
+from ..models.layout import ImageLayout, grid_names
+from ..params import ExplainerParams, ParamError, param
+from ..registry import Citation, Explainer, Need, register
+from ..scaleplan import ScalePlan, costs
 
 FAMILY = "gradient"
 POOLS: tuple[str, ...] = ("abs_sum", "sum", "l2")
@@ -87,9 +89,9 @@ CAPTUM = Citation("Captum: A unified and generic model interpretability library 
 def _pixels(prep: Prepared, explainer: str) -> torch.Tensor:
     pixels = prep.inputs.get("pixel_values")
     if pixels is None or not prep.layouts:
-        raise ValueError(f"{explainer}: sample {prep.sample.id!r} has no image to attribute to")
+        raise MissingInput(f"{explainer}: sample {prep.sample.id!r} has no image to attribute to")
     if not pixels.is_floating_point():
-        raise ValueError(f"{explainer}: pixel_values of dtype {pixels.dtype} cannot be differentiated")
+        raise MissingInput(f"{explainer}: pixel_values of dtype {pixels.dtype} cannot be differentiated")
     return pixels
 
 
@@ -287,6 +289,13 @@ def _logprobs(objective: PixelObjective, x: torch.Tensor) -> torch.Tensor:
 
 @register
 class Saliency(_PixelAttribution):
+    """The gradient of each answer token's log-probability (and the whole answer's) with respect to the
+    pixel values, pooled per grid cell (sum of absolute values by default).
+
+    Cost: one forward and one backward per answer token (the batched engine: one forward for all).
+    Simonyan, Vedaldi and Zisserman, 2013 (arXiv 1312.6034); Captum, 2020 (arXiv 2009.07896).
+    """
+
     id = "gradient.saliency"
     title = "Pixel saliency: gradient of each answer token's log-probability"
     citations = (SIMONYAN, CAPTUM)
@@ -295,6 +304,8 @@ class Saliency(_PixelAttribution):
         "to the pixel values, pooled per grid cell as the sum of absolute values by default."
     )
     default_pool = "abs_sum"
+    noise_hint = "explain a contrast (--contrast OTHER): the gradient of a saturated probability is near zero"
+    evaluation_params: ClassVar[Mapping[str, Any]] = {"per_token": False}
 
     def attribute(self, objective, x, params):
         if params.engine == "captum":
@@ -309,6 +320,13 @@ class Saliency(_PixelAttribution):
 
 @register
 class InputXGradient(_PixelAttribution):
+    """Pixel values times the gradient of each answer token's log-probability (a first-order Taylor
+    contribution against an all-zero input), summed per grid cell by default.
+
+    Cost: one forward and one backward per answer token (the batched engine: one forward for all).
+    Shrikumar et al., 2016 (arXiv 1605.01713); Captum, 2020 (arXiv 2009.07896).
+    """
+
     id = "gradient.input_x_gradient"
     title = "Input x gradient over pixels"
     citations = (SHRIKUMAR, CAPTUM)
@@ -316,6 +334,9 @@ class InputXGradient(_PixelAttribution):
         "Pixel values times the gradient of each answer token's log-probability (first-order "
         "Taylor contribution against an all-zero input), summed per grid cell by default."
     )
+    noise_hint = ("explain a contrast (--contrast OTHER): the gradient of a saturated probability "
+                  "is near zero")
+    evaluation_params: ClassVar[Mapping[str, Any]] = {"per_token": False}
 
     def attribute(self, objective, x, params):
         if params.engine == "captum":
@@ -331,6 +352,13 @@ class InputXGradient(_PixelAttribution):
 
 @register
 class IntegratedGradients(_PixelAttribution):
+    """Gradients averaged along the straight path from a baseline image to the input, times the
+    difference: attributions that sum to the change in log-probability, the gap reported.
+
+    Cost: one backward per answer token and path point (n_steps, 64 by default), the points batched
+    into forwards. Sundararajan, Taly and Yan, 2017 (arXiv 1703.01365); Captum, 2020 (arXiv 2009.07896).
+    """
+
     id = "gradient.integrated"
     title = "Integrated gradients over pixels"
     citations = (SUNDARARAJAN, CAPTUM)
@@ -339,6 +367,15 @@ class IntegratedGradients(_PixelAttribution):
         "blurred, through the model's processor) to the input, times the difference; attributions "
         "sum to the change in log-probability (completeness), and the gap is reported."
     )
+    evaluation_params: ClassVar[Mapping[str, Any]] = {"n_steps": 8, "per_token": False}
+
+    @classmethod
+    def scale_plan(cls, prep: Prepared, full_layers: int) -> ScalePlan:
+        """One chunk of path points: the peak is one chunk's, whatever n_steps."""
+        points = path_batch(prep, cls.Params())
+        answer = len(prep.answer.token_ids)
+        return ScalePlan({"n_steps": points}, f"n_steps {points} (one chunk of {points} path points; {DEFAULT_STEPS} "
+                         "by default, chunked the same way)", cost=costs(DEFAULT_STEPS + 2, DEFAULT_STEPS * answer))
 
     @dataclass(frozen=True)
     class Params(_PixelAttribution.Params):
@@ -475,6 +512,13 @@ def keep_output(module: torch.nn.Module, store: list[torch.Tensor]) -> Iterator[
 
 @register
 class GradCAM(Explainer):
+    """Grad-CAM on the patch tokens of a vision block's output: channel weights are the mean gradient
+    over the image's patch tokens, the map relu(sum_c w_c a_c) per token, pooled onto each grid cell.
+
+    Cost: one forward and one backward per answer token (all from one retained graph).
+    Selvaraju et al., 2016 (arXiv 1610.02391).
+    """
+
     id = "gradient.gradcam"
     title = "Grad-CAM on a vision-tower block"
     family = FAMILY
@@ -486,6 +530,8 @@ class GradCAM(Explainer):
         "gradient of the answer token's log-probability over the image's patch tokens, the map "
         "relu(sum_c w_c a_c) per token (class token excluded), pooled onto each grid cell."
     )
+    noise_hint = "explain a contrast (--contrast OTHER) or pick another layer (--param gradient.gradcam.layer=N)"
+    evaluation_params: ClassVar[Mapping[str, Any]] = {"per_token": False}
 
     @dataclass(frozen=True)
     class Params(ExplainerParams):
@@ -516,7 +562,7 @@ class GradCAM(Explainer):
             weights = cotangents(objective.num_tokens, 1, per_token, out.device)
             grads = vjp(out, act, weights, token_batch)
         if grads is None:
-            raise ValueError(f"{self.id}: layer={index}: this vision block's output does not reach the answer "
+            raise ParamError(f"{self.id}: layer={index}: this vision block's output does not reach the answer "
                              f"(the model reads vision block {default_cam_layer(prep.adapter)})")
         if tuple(token_map.shape) != tuple(act.shape[:-1]):
             raise ValueError(f"{self.id}: vision block output {tuple(act.shape)} does not match the vision-token map "
@@ -544,7 +590,7 @@ class GradCAM(Explainer):
         if layer is None:
             return default_cam_layer(adapter)
         if not -count <= layer < count:
-            raise ValueError(f"{self.id}: parameter layer={layer!r} must be a vision block index in "
+            raise ParamError(f"{self.id}: parameter layer={layer!r} must be a vision block index in "
                              f"{-count}..{count - 1}")
         return layer % count
 

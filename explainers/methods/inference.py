@@ -1,8 +1,8 @@
 """Decoding-time views: how sure the model is of its answer, and how much the answer rests on the image.
 
 ``inference.uncertainty`` measures the entropy of each answer token's next-token distribution,
-from the model's own logits and, through the logit lens (shared code in
-:mod:`xmllm.explainers.methods.lens`), after every decoder block: a distribution that stays flat until
+from the model's own logits and, through the logit lens (the read-out of
+:mod:`xmllm.explainers.readout`), after every decoder block: a distribution that stays flat until
 the last layers marks an answer formed late and held loosely (MemVR retraces the image when this
 layer-wise uncertainty is high).
 
@@ -17,14 +17,23 @@ import math
 from dataclasses import dataclass
 
 import torch
+from xmllm import MissingInput
+from xmllm.explainers.forward import (
+    answer_ids,
+    batch_size_for,
+    eager_unless_fused,
+    fused_attention,
+    logprobs_at,
+    repeat_inputs,
+)
+from xmllm.explainers.masking import baseline_pixels
 
 from ..context import Prepared
 from ..explanation import Explanation
 from ..models import LoadedModel
 from ..models.errors import AdapterError
 from ..params import ExplainerParams, param
-from ..registry import Citation, Explainer, register
-from .lens import (
+from ..readout import (
     LOGIT_LENS,
     READOUT,
     entropy,
@@ -32,8 +41,7 @@ from .lens import (
     pick_layers,
     residual_states,
 )
-from xmllm.explainers.forward import answer_ids, batch_size_for, eager_unless_fused, fused_attention, logprobs_at, repeat_inputs
-from xmllm.explainers.masking import baseline_pixels
+from ..registry import Citation, Explainer, register
 
 FAMILY = "inference"
 
@@ -114,6 +122,14 @@ def vcd_logits(real: torch.Tensor, distorted: torch.Tensor, alpha: float, beta: 
 
 @register
 class Uncertainty(Explainer):
+    """Entropy (nats) of each answer token's next-token distribution from the model's logits, its
+    top-1/top-2 margin, and the same entropy after every decoder block through the logit lens: how
+    sure the model is, and how deep in the network it became sure.
+
+    Cost: one teacher-forced forward and one LM-head read-out per layer of the answer rows, no
+    backward. MemVR, 2024 (arXiv 2410.03577); the logit lens (nostalgebraist, 2020).
+    """
+
     id = "inference.uncertainty"
     title = "Answer uncertainty: per-token entropy, and per layer through the logit lens"
     family = FAMILY
@@ -170,6 +186,14 @@ class Uncertainty(Explainer):
 
 @register
 class VisualReliance(Explainer):
+    """Each answer token's teacher-forced log-probability with the real image, a blank image and VCD's
+    diffusion-noised image: how much the token needs the picture, and whether it survives VCD's
+    contrastive decoding.
+
+    Cost: three forwards of the final sequence (one batched forward where the budget fits), no
+    backward. VCD, 2023 (arXiv 2311.16922).
+    """
+
     id = "inference.visual_reliance"
     title = "Visual reliance: the answer with the real, a blank and a noised image (VCD-style)"
     family = FAMILY
@@ -198,7 +222,7 @@ class VisualReliance(Explainer):
         alpha, beta, threshold, fast_attention = params.alpha, params.beta, params.threshold, params.fast_attention
         prep = sample
         if "pixel_values" not in prep.inputs or not prep.layouts:
-            raise ValueError(f"sample {prep.sample.id!r} has no image: visual reliance needs one")
+            raise MissingInput(f"sample {prep.sample.id!r} has no image: visual reliance needs one")
         pixels = prep.inputs["pixel_values"]
         variants = torch.cat([pixels, baseline_pixels(prep, blank, seed), noised_pixels(prep, step, seed)], dim=0)
         ids = answer_ids(prep)

@@ -18,23 +18,35 @@ Position sets name the parts of the sequence the interventions address:
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from xmllm import MissingInput
+from xmllm.explainers.forward import (
+    answer_ids,
+    batch_size_for,
+    eager_unless_fused,
+    fused_attention,
+    logprobs_at,
+    repeat_inputs,
+)
+from xmllm.explainers.masking import question_positions
 
 from ..answering import generate_answer
+from ..axes import axis_labels
 from ..capture import EAGER, attn_implementations
 from ..context import ExplainSample, Prepared, prepare
+from ..demo.groundtruth import demo_pair, demo_sample_from
 from ..explanation import Explanation
 from ..hooks import Hooks
 from ..models import LoadedModel
-from ..params import ExplainerParams, param
+from ..params import ExplainerParams, ParamError, param
 from ..registry import Citation, Explainer, Need, register
-from xmllm.explainers.forward import answer_ids, batch_size_for, eager_unless_fused, fused_attention, logprobs_at, repeat_inputs
-from xmllm.explainers.masking import question_positions
+from ..scaleplan import ScalePlan, costs, trials_for, with_batch_size
 
 FAMILY = "intervention"
 
@@ -101,9 +113,9 @@ def _names(name: str, value: tuple[str, ...] | None, default: Sequence[str]) -> 
     """A declared list of names (``default`` when None), checked to be non-empty and without repeats."""
     names = list(default) if value is None else list(value)
     if not names:
-        raise ValueError(f"parameter {name}=[] must name at least one entry")
+        raise ParamError(f"parameter {name}=[] must name at least one entry")
     if len(set(names)) != len(names):
-        raise ValueError(f"parameter {name}={names!r} names an entry twice")
+        raise ParamError(f"parameter {name}={names!r} names an entry twice")
     return names
 
 
@@ -113,10 +125,10 @@ def _layers(value: tuple[int, ...] | None, count: int) -> list[int]:
     if value is None:
         return list(range(count))
     if not value:
-        raise ValueError("parameter layers=[] must name at least one decoder block")
+        raise ParamError("parameter layers=[] must name at least one decoder block")
     out = [i + count if i < 0 else i for i in value]
     if any(not 0 <= i < count for i in out):
-        raise ValueError(f"parameter layers={list(value)!r}: the decoder has blocks 0..{count - 1}")
+        raise ParamError(f"parameter layers={list(value)!r}: the decoder has blocks 0..{count - 1}")
     return sorted(set(out))
 
 
@@ -125,13 +137,6 @@ def _hook_point(prep: Prepared, name: str) -> torch.nn.Module:
     if name not in points:
         raise ValueError(f"{prep.adapter.model_type}: the adapter has no hook point {name!r}")
     return points[name]
-
-
-def axis_labels(labels: dict[str, list[Any]]) -> dict[str, Any]:
-    """Meta entries naming each index of the given axes: ``axis_labels`` (all axes) and the flat
-    ``<axis>_labels`` keys reports read (``layers`` for the layer axis)."""
-    flat = {("layers" if axis == "layer" else f"{axis}_labels"): list(values) for axis, values in labels.items()}
-    return {"axis_labels": {axis: [str(v) for v in values] for axis, values in labels.items()}, **flat}
 
 
 def _joint(logp: torch.Tensor) -> torch.Tensor:
@@ -155,7 +160,7 @@ class Edge:
     def parse(cls, text: Any) -> "Edge":
         src, sep, dst = str(text).partition("->")
         if not sep or src not in POSITION_SETS or dst not in POSITION_SETS or src == dst:
-            raise ValueError(
+            raise ParamError(
                 f"edge {text!r} must read SOURCE->DESTINATION with two different sets of {', '.join(POSITION_SETS)}"
             )
         return cls(f"{src}->{dst}", src, dst)
@@ -198,7 +203,7 @@ def _explicit_windows(value: tuple[tuple[int, ...], ...], layers: int) -> list[l
     """Each window's blocks, sorted without repeats, checked against the model's depth."""
     out = [sorted(set(window)) for window in value]
     if any(not 0 <= i < layers for window in out for i in window):
-        raise ValueError(f"parameter windows={[list(w) for w in value]!r}: the decoder has blocks 0..{layers - 1}")
+        raise ParamError(f"parameter windows={[list(w) for w in value]!r}: the decoder has blocks 0..{layers - 1}")
     return out
 
 
@@ -230,7 +235,7 @@ class Knockout:
         config = getattr(module, "config", None)
         kernel = getattr(config, "_attn_implementation", None) or attn_implementations(self.prep.model.config)[""]
         if kernel not in KERNELS:
-            raise ValueError(f"attention knockout edits eager or sdpa masks; this model runs {kernel!r} attention")
+            raise MissingInput(f"attention knockout edits eager or sdpa masks; this model runs {kernel!r} attention")
         return kernel
 
     def _hook(self, layer: int):
@@ -294,6 +299,15 @@ class Knockout:
 
 @register
 class AttentionKnockout(Explainer):
+    """The change in the answer's probability when attention from one part of the sequence to another
+    (image->answer, question->answer, ...) is cut in a window of consecutive decoder blocks, the
+    window sliding over the depth: where the image's information flows in.
+
+    Cost: one forward per edge and window (four edges times about three quarters of the depth at the
+    defaults) plus the unperturbed one, batched, no backward. Geva et al., 2023 (arXiv 2304.14767);
+    Zhang et al., 2024 (arXiv 2411.18620).
+    """
+
     id = "intervention.attention_knockout"
     title = "Attention knockout between image, question and answer over windows of layers"
     family = FAMILY
@@ -317,29 +331,42 @@ class AttentionKnockout(Explainer):
                                              "fits)", low=1)
         fast_attention: bool = param(True, "run the forwards with the fused (sdpa) attention kernel")
 
+    @classmethod
+    def scale_plan(cls, prep: Prepared, full_layers: int) -> ScalePlan:
+        """One-block windows: every knocked-out copy is one forward's row whatever its window, so the
+        peak is one batched forward's; the cost counts the default windows at full depth."""
+        copies = batch_size_for(prep, None)
+        edges = len(DEFAULT_EDGES)
+        size = default_window(full_layers)
+        plans = edges * len(sliding_windows(full_layers, size, 1))
+        copies = min(copies, plans)
+        return ScalePlan({}, f"one-block windows instead of {size}-block ones (the peak is one forward's: {copies} "
+                         "copies)", copies, trials_for(copies),
+                         lambda p, b: {"windows": [[0]] * math.ceil(b / edges), "batch_size": b}, cost=costs(1 + plans))
+
     def compute(self, model: LoadedModel, sample: Prepared, params: Params) -> Explanation:
         edges, window, windows, fast_attention = params.edges, params.window, params.windows, params.fast_attention
         if edges is not None and not edges:
-            raise ValueError(f"{self.id}: parameter edges=[] must be a non-empty list like ['image->answer']")
+            raise ParamError(f"{self.id}: parameter edges=[] must be a non-empty list like ['image->answer']")
         try:
             parsed = [Edge.parse(e) for e in (DEFAULT_EDGES if edges is None else edges)]
-        except ValueError as error:
-            raise ValueError(f"{self.id}: parameter edges: {error}") from None
+        except ParamError as error:
+            raise ParamError(f"{self.id}: parameter edges: {error}") from None
         if len({e.name for e in parsed}) != len(parsed):
-            raise ValueError(f"{self.id}: parameter edges={list(edges or [])!r} names an edge twice")
+            raise ParamError(f"{self.id}: parameter edges={list(edges or [])!r} names an edge twice")
         prep = sample
         knock = Knockout(prep)
         layers = knock.layers
         if windows is not None:
             if window is not None:
-                raise ValueError(f"{self.id}: give either window (a size) or windows (explicit lists of blocks), "
+                raise ParamError(f"{self.id}: give either window (a size) or windows (explicit lists of blocks), "
                                  "not both")
             spans = _explicit_windows(windows, layers)
             size = None
         else:
             size = default_window(layers) if window is None else window
             if size > layers:
-                raise ValueError(f"{self.id}: parameter window={size}: the decoder has only {layers} blocks")
+                raise ParamError(f"{self.id}: parameter window={size}: the decoder has only {layers} blocks")
             spans = sliding_windows(layers, size, params.stride)
         batch_size = batch_size_for(prep, params.batch_size, eager=eager_unless_fused(prep, fast_attention))
         cuts = [e.block(prep) for e in parsed]
@@ -523,7 +550,8 @@ def restored_share(clean: torch.Tensor, corrupt: torch.Tensor, patched: torch.Te
     p_clean, p_corrupt = _joint(clean[None])[0], _joint(corrupt[None])[0]
     gap = p_clean - p_corrupt
     if float(gap) == 0.0:
-        raise ValueError("the corrupted run gives the answer the same probability as the clean run: nothing to restore")
+        raise MissingInput("the corrupted run gives the answer the same probability as the clean run: nothing to "
+                           "restore")
     return (_joint(patched) - p_corrupt) / gap
 
 
@@ -531,15 +559,15 @@ def pair_corruption(prep: Prepared, counterfactual: ExplainSample | Prepared) ->
     """The counterfactual's prompt with the clean answer appended: same length, same image slots."""
     other = counterfactual.sample if isinstance(counterfactual, Prepared) else counterfactual
     if not isinstance(other, ExplainSample):
-        raise ValueError(f"parameter counterfactual must be an ExplainSample, not {type(counterfactual).__name__}")
+        raise ParamError(f"parameter counterfactual must be an ExplainSample, not {type(counterfactual).__name__}")
     cf = prepare(prep.loaded, other, answer=prep.answer)
     if cf.seq_len != prep.seq_len:
-        raise ValueError(
+        raise ParamError(
             f"counterfactual {other.id!r} has {cf.seq_len} tokens with the answer, the sample {prep.seq_len}: "
             "patching needs the same token count"
         )
     if not torch.equal(cf.image_positions, prep.image_positions):
-        raise ValueError(f"counterfactual {other.id!r} puts its image tokens at other positions than the sample")
+        raise ParamError(f"counterfactual {other.id!r} puts its image tokens at other positions than the sample")
     own = generate_answer(prep.loaded, other.images, other.question)
     info = {"id": other.id, "question": other.question, "expected": other.expected,
             "edit": (other.extra or {}).get("edit"), "answer": own.text}
@@ -554,7 +582,7 @@ def noise_corruption(prep: Prepared, scale: float, seed: int) -> Corrupted:
     still near zero, early in training, is corrupted as much as any other)."""
     positions = prep.image_positions
     if positions.numel() == 0:
-        raise ValueError(f"sample {prep.sample.id!r} has no image tokens to corrupt with noise")
+        raise MissingInput(f"sample {prep.sample.id!r} has no image tokens to corrupt with noise")
     seen: dict[str, torch.Tensor] = {}
 
     def grab(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -574,10 +602,8 @@ def noise_corruption(prep: Prepared, scale: float, seed: int) -> Corrupted:
 def corruption_for(prep: Prepared, kind: str, counterfactual: Any, noise_scale: float, seed: int,
                    pair_seed: int) -> Corrupted:
     """The corrupted run the parameters ask for (see :data:`CORRUPTIONS`)."""
-    from .data import demo_pair
-
     if kind not in CORRUPTIONS:
-        raise ValueError(f"parameter corruption={kind!r} must be one of {', '.join(CORRUPTIONS)}")
+        raise ParamError(f"parameter corruption={kind!r} must be one of {', '.join(CORRUPTIONS)}")
     if kind in ("auto", "pair"):
         partner = counterfactual
         if partner is None:
@@ -585,17 +611,26 @@ def corruption_for(prep: Prepared, kind: str, counterfactual: Any, noise_scale: 
         if partner is not None:
             return pair_corruption(prep, partner)
         if kind == "pair":
-            raise ValueError(
+            raise MissingInput(
                 f"sample {prep.sample.id!r} has no counterfactual: pass counterfactual=ExplainSample(...) with the "
                 "same token count, use a demo-world sample, or corruption='noise'"
             )
     elif counterfactual is not None:
-        raise ValueError("parameter counterfactual is given but corruption='noise' ignores it")
+        raise ParamError("parameter counterfactual is given but corruption='noise' ignores it")
     return noise_corruption(prep, noise_scale, seed)
 
 
 @register
 class ActivationPatching(Explainer):
+    """Causal tracing: the share of the clean answer's probability that comes back when the clean
+    run's residual stream, attention output or MLP output is restored, one layer and token group
+    (image, question, answer) at a time, into a corrupted run (the counterfactual pair, or noise).
+
+    Cost: one clean forward, one corrupted one, and one per component, layer and group (9 per block
+    at the defaults), batched, no backward. Meng et al., 2022 (arXiv 2202.05262); Basu et al., 2024
+    (arXiv 2406.04236); Zhang and Nanda, 2023 (arXiv 2309.16042).
+    """
+
     id = "intervention.activation_patching"
     title = "Activation patching (causal tracing) per layer, component and token group"
     family = FAMILY
@@ -627,9 +662,18 @@ class ActivationPatching(Explainer):
                                        low=1)
         fast_attention: bool = param(True, "run the forwards with the fused attention kernel")
 
-    def unmet(self, model: LoadedModel, sample: ExplainSample, params: Params) -> str | None:
-        from .data import demo_sample_from
+    @classmethod
+    def scale_plan(cls, prep: Prepared, full_layers: int) -> ScalePlan:
+        """Noise corruption (the bench's sample has no counterfactual image at that size); every patched
+        copy is one forward's row, so the peak is one batched forward's."""
+        copies = batch_size_for(prep, None)
+        rows = 3 * 3 * full_layers + 1  # components x groups per block, and the plain corrupted run
+        copies = min(copies, rows)
+        return ScalePlan({"corruption": "noise"}, f"noise corruption (no counterfactual image at this size); the "
+                         f"peak is one forward's: {copies} copies", copies, trials_for(copies), with_batch_size,
+                         cost=costs(2 + rows))
 
+    def unmet(self, model: LoadedModel, sample: ExplainSample, params: Params) -> str | None:
         if params.corruption == "pair" and params.counterfactual is None and demo_sample_from(sample) is None:
             return ("corruption='pair' needs a counterfactual sample (counterfactual=...) or demo-world ground "
                     "truth; use corruption='auto' or 'noise'")
@@ -699,7 +743,6 @@ __all__ = [
     "Knockout",
     "Patch",
     "Patcher",
-    "axis_labels",
     "default_window",
     "noise_corruption",
     "pair_corruption",

@@ -7,8 +7,9 @@ tokens' logit positions it shows at which depth the answer forms (its probabilit
 layer); read at the image tokens' positions it shows which words each patch's state is closest
 to as it climbs the decoder (Neo et al.: object words surface at the object's patches).
 
-The helpers here (:func:`pick_layers`, :func:`residual_states`, :func:`lens_logprobs`,
-:func:`entropy`) are shared with :mod:`xmllm.explainers.methods.inference` (per-layer entropy).
+The read-out itself (:func:`~xmllm.explainers.readout.pick_layers`,
+:func:`~xmllm.explainers.readout.residual_states`) lives in :mod:`xmllm.explainers.readout`, which
+the per-layer entropy of ``inference.uncertainty`` reads through as well.
 """
 from __future__ import annotations
 
@@ -21,89 +22,22 @@ import torch
 
 from ..context import Prepared
 from ..explanation import Explanation
-from ..hooks import Hooks
-from ..memory import accepts_logits_to_keep
 from ..models import LoadedModel
-from ..params import ExplainerParams, param
-from ..registry import Citation, Explainer, register
 from ..models.layout import grid_names
+from ..params import ExplainerParams, param
+from ..readout import LOGIT_LENS, READOUT, pick_layers, residual_states
+from ..registry import Citation, Explainer, register
 
 FAMILY = "lens"
 DEFAULT_TOP_K = 5
 """Vocabulary tokens kept per patch and layer: enough to see a word surface, small in JSON."""
-BLOCK_POINT = "decoder.blocks.{}"
-READOUT = "final norm + LM head (+ the family's logit cap) on the residual stream after each decoder block"
-
-LOGIT_LENS = Citation("interpreting GPT: the logit lens", 2020, None, "nostalgebraist")
 NEO_ET_AL = Citation(
     "Towards Interpreting Visual Information Processing in Vision-Language Models", 2024, "2410.07149",
     "Neo, Ong, Torr, Geva, Krueger, Barez",
 )
 
 
-# --- shared with inference.uncertainty ---------------------------------------------------------------
-
-
-def pick_layers(layers: Any, count: int, owner: str | None = None) -> list[int]:
-    """Decoder block indices (negative ones count from the end), or all when None; checked against
-    the model's depth (a declared ``tuple[int, ...]`` parameter is already a list of integers; a raw
-    value from a caller that did not declare it is checked here too). ``owner`` (an explainer id)
-    prefixes the error."""
-    prefix = f"{owner}: " if owner else ""
-    if layers is None:
-        return list(range(count))
-    if isinstance(layers, (int, str, bool)) or not all(
-        isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in layers
-    ):
-        raise ValueError(f"{prefix}parameter layers={layers!r} must be a list of decoder block indices or None")
-    picked = [int(i) + count if i < 0 else int(i) for i in layers]
-    if not picked or any(not 0 <= i < count for i in picked):
-        raise ValueError(f"{prefix}parameter layers={list(layers)!r}: the decoder has blocks 0..{count - 1}")
-    return picked
-
-
-def _block_output(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
-@torch.inference_mode()
-def residual_states(prep: Prepared, positions: torch.Tensor, layers: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One teacher-forced forward of the final sequence.
-
-    Returns the residual stream after each block in ``layers`` at ``positions``,
-    ``(len(layers), P, hidden)`` in the model's dtype and device, and the model's own logits at
-    those positions ``(P, vocab)`` in float32. Only the picked rows are kept per block.
-    """
-    points = prep.adapter.hook_points()
-    pos = positions.to(prep.loaded.device)
-    kept: dict[int, torch.Tensor] = {}
-
-    def keep(index: int):
-        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
-            kept[index] = _block_output(output)[0].index_select(0, pos).detach()
-
-        return hook
-
-    rows_only = accepts_logits_to_keep(prep.model)  # logits of the kept rows only, not (seq x vocabulary)
-    with Hooks() as hooks:
-        for i in layers:
-            hooks.add(points[BLOCK_POINT.format(i)].register_forward_hook(keep(i)))
-        out = prep.forward(use_cache=False, **({"logits_to_keep": pos} if rows_only else {}))
-    missing = [i for i in layers if i not in kept]
-    if missing:
-        raise RuntimeError(f"decoder blocks {missing} did not run in the forward")
-    logits = (out.logits[0] if rows_only else out.logits[0].index_select(0, pos)).float()
-    return torch.stack([kept[i] for i in layers]), logits
-
-
-@torch.inference_mode()
-def lens_logprobs(prep: Prepared, states: torch.Tensor) -> Iterator[torch.Tensor]:
-    """Per layer of ``states`` ``(L, P, hidden)``: the lens's log-probabilities ``(P, vocab)``.
-
-    One layer at a time, so only one ``P x vocab`` block is alive whatever the depth.
-    """
-    for layer_states in states:
-        yield torch.log_softmax(prep.adapter.unembed(layer_states).float(), dim=-1)
+# --- reading out in chunks ------------------------------------------------------------------------
 
 
 def lens_rows(prep: Prepared, rows: int) -> int:
@@ -141,12 +75,6 @@ def lens_summaries(prep: Prepared, states: torch.Tensor, token_ids: torch.Tensor
         yield torch.cat(values), torch.cat(top), torch.cat(at_answer), torch.cat(ranks)
 
 
-def entropy(logprobs: torch.Tensor) -> torch.Tensor:
-    """Shannon entropy in nats over the last axis of log-probabilities (0 log 0 counts as 0)."""
-    probs = logprobs.exp()
-    return -torch.where(probs > 0, probs * logprobs, torch.zeros_like(probs)).sum(-1)
-
-
 def ranks_of(logprobs: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """How many vocabulary entries score strictly higher than ``token_ids[i]`` in row i (0 = top)."""
     chosen = logprobs.gather(-1, token_ids[:, None].to(logprobs.device))
@@ -168,6 +96,15 @@ def settle_layer(ranks: np.ndarray, layers: Sequence[int]) -> int | None:
 
 @register
 class LogitLens(Explainer):
+    """The residual stream after every decoder block read out through the model's final norm and LM
+    head: each answer token's probability and rank per layer (where the answer forms), and the top
+    vocabulary tokens at every image patch per layer (what the patches come to mean).
+
+    Cost: one teacher-forced forward, then one LM-head read-out per layer of the answer and image
+    rows (in chunks the memory budget fits), no backward. The logit lens (nostalgebraist, 2020);
+    Neo et al., 2024 (arXiv 2410.07149).
+    """
+
     id = "lens.logit"
     title = "Logit lens over layers at the answer and image-token positions"
     family = FAMILY

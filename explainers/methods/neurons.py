@@ -27,17 +27,27 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from xmllm import MissingInput
 
 from ..answering import generate_answer, is_correct
+from ..backward import inputs_only_gradients
 from ..context import ExplainSample, Prepared, as_prepared
 from ..explanation import Explanation, Target
+from ..forward import (
+    answer_ids,
+    batch_size_for,
+    eager_unless_fused,
+    fused_attention,
+    logprobs_at,
+    repeat_inputs,
+)
 from ..hooks import Hooks
 from ..models import LoadedModel
-from ..params import ExplainerParams, param
-from ..registry import Citation, Explainer, Need, register
-from ..backward import inputs_only_gradients
+from ..models.errors import AdapterError
 from ..models.layout import grid_names
-from xmllm.explainers.forward import answer_ids, batch_size_for, eager_unless_fused, fused_attention, logprobs_at, repeat_inputs
+from ..params import ExplainerParams, ParamError, param
+from ..registry import Citation, Explainer, Need, register
+from ..scaleplan import ScalePlan, costs, trials_for, with_batch_size
 
 FAMILY = "neurons"
 VALUE_POINT = "decoder.blocks.{}.mlp.down"
@@ -99,7 +109,7 @@ def _width(module: nn.Module) -> int:
     if width is None:
         weight = getattr(module, "weight", None)
         if weight is None:
-            raise ValueError(f"{type(module).__name__}: cannot tell how many neurons feed it")
+            raise AdapterError(f"{type(module).__name__}: cannot tell how many neurons feed it")
         width = weight.shape[-1]
     return int(width)
 
@@ -153,7 +163,7 @@ def neuron_space(adapter: Any, explainer: str) -> NeuronSpace:
     layers = len(adapter.decoder_layers())
     missing = [VALUE_POINT.format(i) for i in range(layers) if VALUE_POINT.format(i) not in points]
     if missing:
-        raise ValueError(f"{explainer}: the {adapter.model_type} adapter names no MLP neuron point {missing[0]!r}")
+        raise AdapterError(f"{explainer}: the {adapter.model_type} adapter names no MLP neuron point {missing[0]!r}")
     values = tuple(points[VALUE_POINT.format(i)] for i in range(layers))
     acts = [points.get(ACTIVATION_POINT.format(i)) for i in range(layers)]
     return NeuronSpace(values, tuple(acts) if all(a is not None for a in acts) else None,
@@ -181,7 +191,7 @@ def on_values(space: NeuronSpace, fn: Callable[[int, torch.Tensor], torch.Tensor
 def on_activations(space: NeuronSpace, fn: Callable[[int, torch.Tensor], None], explainer: str) -> Iterator[None]:
     """Call ``fn(layer, act(gate))`` on each layer's activation-function output (read only)."""
     if space.activations is None:
-        raise ValueError(f"{explainer}: this adapter names no MLP activation point ({ACTIVATION_POINT.format(0)!r})")
+        raise AdapterError(f"{explainer}: this adapter names no MLP activation point ({ACTIVATION_POINT.format(0)!r})")
 
     def hook_for(layer: int):
         def hook(_module: nn.Module, _args: tuple, output: torch.Tensor) -> None:
@@ -255,7 +265,7 @@ def random_groups(total: int, size: int, draws: int, seed: int, exclude: Sequenc
     pool[torch.as_tensor(list(exclude), dtype=torch.long)] = False
     candidates = torch.nonzero(pool).flatten()
     if candidates.numel() < size:
-        raise ValueError(f"cannot draw {size} random neurons from the {candidates.numel()} left")
+        raise ParamError(f"cannot draw {size} random neurons from the {candidates.numel()} left")
     generator = torch.Generator().manual_seed(seed)
     return [sorted(candidates[torch.randperm(candidates.numel(), generator=generator)[:size]].tolist())
             for _ in range(draws)]
@@ -290,6 +300,12 @@ def value_attribution(prep: Prepared, space: NeuronSpace) -> tuple[list[torch.Te
 
 @register
 class TopActivations(Explainer):
+    """Decoder MLP neurons ranked by activation x gradient of the answer's log-probability, where each
+    top neuron fires on the image and the prompt, and real ablations: the top k zeroed together and one
+    by one, against random groups of k. Cost: one forward and one backward, then 2 + top_k +
+    random_draws ablated copies of the sequence (20 by default), batched. Schwettmann et al., 2023
+    (arXiv 2308.01544); Pan et al., 2023 (2311.07470); Goh et al., 2021 (Distill, no arXiv id)."""
+
     id = "neurons.top_activations"
     title = "Top answer neurons: activation x gradient, their patches, their ablation"
     family = FAMILY
@@ -312,6 +328,15 @@ class TopActivations(Explainer):
                                        low=1)
         fast_attention: bool = param(True, "run the forwards with the fused attention kernel")
 
+    @classmethod
+    def scale_plan(cls, prep: Prepared, full_layers: int) -> ScalePlan:
+        """As it is: every ablated group (2 + top_k + random_draws) is one copy of one forward."""
+        copies = batch_size_for(prep, None)
+        groups = 2 + DEFAULT_TOP_K + DEFAULT_RANDOM_DRAWS
+        copies = min(copies, groups)
+        return ScalePlan({}, f"the peak is one forward's: {copies} copies", copies, trials_for(copies), with_batch_size,
+                         cost=costs(1 + groups, 1))
+
     def compute(self, model: LoadedModel, sample: Prepared, params: Params) -> Explanation:
         """``top_k`` neurons by ``rank_by``; ``random_draws`` random groups of ``top_k`` (seeded by
         ``seed``) as the ablation baseline; ``batch_size`` ablated copies per forward."""
@@ -321,7 +346,7 @@ class TopActivations(Explainer):
         batch_size = batch_size_for(prep, params.batch_size, eager=eager_unless_fused(prep, fast_attention))
         space = neuron_space(prep.adapter, self.id)
         if top_k >= space.total:
-            raise ValueError(f"{self.id}: parameter top_k={top_k} must be below the model's {space.total} MLP neurons")
+            raise ParamError(f"{self.id}: parameter top_k={top_k} must be below the model's {space.total} MLP neurons")
 
         with fused_attention(prep.model, fast_attention):
             values, grads, logprob = value_attribution(prep, space)
@@ -481,7 +506,7 @@ def _domain_names(kind: str, preps: Sequence[Prepared], explainer: str) -> list[
     for prep in preps:
         family = prep.sample.extra.get("family")
         if not isinstance(family, str) or not family:
-            raise ValueError(f"{explainer}: sample {prep.sample.id!r} has no extra['family']; "
+            raise MissingInput(f"{explainer}: sample {prep.sample.id!r} has no extra['family']; "
                              "domains='family' needs samples labelled with their question family")
         names.append(family)
     return sorted(set(names))
@@ -558,6 +583,12 @@ def ablation_outcomes(preps: Sequence[Prepared], space: NeuronSpace, groups: Seq
 
 @register
 class ModalitySpecific(Explainer):
+    """MMNeuron's activation-probability entropy of every decoder MLP neuron across domains (image vs text
+    tokens, or question families), and the answer's log-probability (and accuracy) with the low-entropy
+    group zeroed, against random groups. Cost: one forward per sample (two with threshold 'quantile'),
+    then per sample one ablated copy per group, batched, and with accuracy one generation per group; no
+    backward. Huo et al., 2024 (arXiv 2406.11193); Tang et al., 2024 (2402.16438); Huang et al., 2024 (2410.04819)."""
+
     id = "neurons.modality_specific"
     title = "Modality- and domain-specific neurons (activation-probability entropy) and their ablation"
     family = FAMILY
@@ -603,7 +634,7 @@ class ModalitySpecific(Explainer):
         random_draws, seed, accuracy = params.random_draws, params.seed, params.accuracy
         max_new_tokens, fast_attention = params.max_new_tokens, params.fast_attention
         if isinstance(samples, (ExplainSample, Prepared)) or not isinstance(samples, Sequence) or not samples:
-            raise ValueError(f"{self.id}: give a non-empty list of samples (a dataset-scope explainer)")
+            raise MissingInput(f"{self.id}: give a non-empty list of samples (a dataset-scope explainer)")
         preps = [as_prepared(model, s) for s in samples]
         batch_size = batch_size_for(preps[0], params.batch_size)
         space = neuron_space(preps[0].adapter, self.id)
@@ -612,7 +643,7 @@ class ModalitySpecific(Explainer):
         has_expected = all(p.sample.expected for p in preps)
         if accuracy and not has_expected:
             missing = next(p.sample.id for p in preps if not p.sample.expected)
-            raise ValueError(f"{self.id}: accuracy=True but sample {missing!r} has no expected answer")
+            raise MissingInput(f"{self.id}: accuracy=True but sample {missing!r} has no expected answer")
         accuracy = has_expected if accuracy is None else accuracy
 
         with fused_attention(preps[0].model, fast_attention):
@@ -623,7 +654,7 @@ class ModalitySpecific(Explainer):
         entropy = specificity_entropy(probs)
         specific, candidates = select_specific(probs, entropy, size, filter_rate)
         if specific.numel() == 0:
-            raise ValueError(f"{self.id}: no neuron is active above the filter in any domain; nothing to select")
+            raise ParamError(f"{self.id}: no neuron is active above the filter in any domain; nothing to select")
         specific_list = specific.tolist()
         owner = probs[:, specific].argmax(0).tolist()
         groups = ablation_groups(space, specific_list, owner, names, random_draws, seed)

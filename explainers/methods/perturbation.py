@@ -9,9 +9,12 @@ code serves every family, tiles and dynamic resolutions included.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from xmllm import MissingInput
 
+from ..citations import ZEILER_FERGUS
 from ..context import Prepared
 from ..explanation import Explanation
 from ..forward import (
@@ -37,8 +40,10 @@ from ..masking import (
     windows,
 )
 from ..models import LoadedModel
+from ..occlusion_scale import occlusion_scale
 from ..params import ExplainerParams, param
-from ..registry import Citation, Explainer, register
+from ..registry import Explainer, register
+from ..scaleplan import ScalePlan, trials_for
 
 FAMILY = "perturbation"
 
@@ -46,13 +51,15 @@ FAMILY = "perturbation"
 SIGN_NOTE = "drop = log p(original input) - log p(perturbed input); positive means the part supported the answer"
 
 
-ZEILER_FERGUS = Citation(
-    "Visualizing and Understanding Convolutional Networks", 2013, "1311.2901", "Zeiler, Fergus"
-)
-
-
 @register
 class Occlusion(Explainer):
+    """The drop in every answer token's log-probability when each window of image cells is replaced
+    by a baseline (a cell map per answer token and one for the whole answer).
+
+    Cost: one forward per window (one per cell at the defaults) plus the unoccluded one, batched many
+    copies per forward, no backward. Zeiler and Fergus, 2013 (arXiv 1311.2901).
+    """
+
     id = "perturbation.occlusion"
     title = "Occlusion (batched)"
     family = FAMILY
@@ -62,6 +69,19 @@ class Occlusion(Explainer):
         "Occlude each window of image cells with a baseline and measure the drop in every answer "
         "token's log-probability; many occluded copies per teacher-forced forward."
     )
+    noise_hint = ("occlude larger windows (--param perturbation.occlusion.window=2) or explain a "
+                  "contrast (--contrast OTHER): a confident answer hardly moves when one cell is hidden")
+
+    @classmethod
+    def scale_plan(cls, prep: Prepared, full_layers: int) -> ScalePlan:
+        """Larger windows than one cell, as many as fill the measured batch: the peak is one forward's."""
+        scale = occlusion_scale(prep)
+
+        def at(params: dict[str, Any], batch: int) -> dict[str, Any]:
+            return {"window": scale.window_for(batch), "batch_size": batch}
+
+        return ScalePlan({}, f"larger windows than 1 (the peak is one forward's: {scale.copies} copies)",
+                         scale.copies, trials_for(scale.copies), at, cost=scale.cost)
 
     @dataclass(frozen=True)
     class Params(MaskingParams):
@@ -126,6 +146,13 @@ class Occlusion(Explainer):
 
 @register
 class TextAblation(Explainer):
+    """The drop in every answer token's log-probability when each question word is dropped or
+    replaced by another token (a prompt-word map per answer token and one for the whole answer).
+
+    Cost: one forward per question word plus the unablated one, batched, no backward. Word ablation
+    as in occlusion (Zeiler and Fergus, 2013, arXiv 1311.2901), applied to the question's tokens.
+    """
+
     id = "perturbation.text_ablation"
     title = "Question-word ablation"
     family = FAMILY
@@ -151,7 +178,7 @@ class TextAblation(Explainer):
         repl = replacement_id(prep, params.replacement)
         words = question_positions(prep)
         if not words:
-            raise ValueError(f"sample {prep.sample.id!r}: the question has no ablatable tokens")
+            raise MissingInput(f"sample {prep.sample.id!r}: the question has no ablatable tokens")
         ids = answer_ids(prep)
         # a drop shifts every later position, answer included, left by one
         shift = 1 if mode == "drop" else 0

@@ -16,6 +16,7 @@ switched on for the forwards and restored after.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,16 +24,23 @@ from typing import Any
 
 import numpy as np
 import torch
+from xmllm import MissingInput
+from xmllm.explainers.forward import (
+    answer_ids,
+    batch_size_for,
+    logprobs_at,
+    repeat_inputs,
+)
 
 from ..capture import capture_forward, eager_attention
 from ..context import Prepared
 from ..explanation import Explanation
 from ..hooks import Hooks
 from ..models import LoadedModel
-from ..params import ExplainerParams, param
-from ..registry import Citation, Explainer, Need, register
 from ..models.layout import grid_names
-from xmllm.explainers.forward import answer_ids, batch_size_for, logprobs_at, repeat_inputs
+from ..params import ExplainerParams, ParamError, param
+from ..registry import Citation, Explainer, Need, register
+from ..scaleplan import ScalePlan, costs, trials_for
 
 FAMILY = "tokens"
 ORDERS: tuple[str, ...] = ("least_attended_first", "most_attended_first", "random")
@@ -132,7 +140,7 @@ def _layer_index(name: str, value: int, count: int) -> int:
     """A decoder block index (negative ones count from the end) checked against the model's depth."""
     index = value + count if value < 0 else value
     if not 0 <= index < count:
-        raise ValueError(f"parameter {name}={value!r}: the decoder has blocks 0..{count - 1}")
+        raise ParamError(f"parameter {name}={value!r}: the decoder has blocks 0..{count - 1}")
     return index
 
 
@@ -141,6 +149,15 @@ def _layer_index(name: str, value: int, count: int) -> int:
 
 @register
 class VisualTokenImportance(Explainer):
+    """The teacher-forced answer's probability as a growing fraction of image tokens is dropped from
+    attention (least attended first, most attended first, at random; FastV's attention ranking),
+    and the area under each curve.
+
+    Cost: one forward with attention weights to rank, then one forward per distinct dropped set
+    (up to 3 x steps - 1: 29 at the defaults), batched under the eager kernel, no backward. FastV, 2024
+    (arXiv 2403.06764).
+    """
+
     id = "tokens.visual_importance"
     title = "Visual-token importance: answer probability as image tokens are dropped (FastV-style)"
     family = FAMILY
@@ -162,6 +179,18 @@ class VisualTokenImportance(Explainer):
         batch_size: int | None = param(None, "dropped copies per forward (null: as many as the device's budget fits)",
                                        low=1)
 
+    @classmethod
+    def scale_plan(cls, prep: Prepared, full_layers: int) -> ScalePlan:
+        """Fewer steps than the defaults, never fewer dropped sets than a batch: every set is one row of
+        a batched eager forward, so the peak is one forward's; the cost counts the default steps."""
+        copies = batch_size_for(prep, None, eager=True)
+        sets = 3 * (DEFAULT_STEPS + 1) - 4  # three orders; none and all dropped are shared
+        copies = min(copies, sets)
+        return ScalePlan({}, f"fewer steps than {DEFAULT_STEPS} (the peak is one forward's: {copies} copies)",
+                         copies, trials_for(copies),
+                         lambda p, b: {"steps": min(DEFAULT_STEPS, max(2, math.ceil((b + 4) / 3))), "batch_size": b},
+                         cost=costs(1 + sets))
+
     def compute(self, model: LoadedModel, sample: Prepared, params: Params) -> Explanation:
         steps, seed = params.steps, params.seed
         prep = sample
@@ -172,7 +201,7 @@ class VisualTokenImportance(Explainer):
         batch_size = batch_size_for(prep, params.batch_size, eager=True)  # dropped tokens need the eager kernel
         image = prep.image_positions
         if image.numel() == 0:
-            raise ValueError(f"sample {prep.sample.id!r} has no image tokens to drop")
+            raise MissingInput(f"sample {prep.sample.id!r} has no image tokens to drop")
 
         scores = attention_received(prep, rank_layer)
         orders = drop_orders(scores, seed)

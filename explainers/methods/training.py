@@ -13,14 +13,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from xmllm.explainers.forward import logprobs_at
 
 from ..answering import Answer, generate_answer
 from ..context import Prepared, prepare
 from ..explanation import Explanation
 from ..models import LoadedModel
+from ..occlusion_scale import occlusion_scale
 from ..params import ExplainerParams, ParamError, param
 from ..registry import Citation, Explainer, Need, RegistryError, get_explainer, register
-from xmllm.explainers.forward import logprobs_at
+from ..scaleplan import ScalePlan, costs, decode_step, trials_for
 
 FAMILY = "training"
 
@@ -77,7 +79,7 @@ def load_other(model: Any, other: Any) -> Any:
     if other is None:  # the known partner (unmet refuses a model without one)
         other = DEMO_PAIRS.get(getattr(model, "spec", None))
     if not isinstance(other, str) or not other.strip():
-        raise ValueError(f"parameter other={other!r} must be a model spec (a folder, a hub id or 'demo-early')")
+        raise ParamError(f"parameter other={other!r} must be a model spec (a folder, a hub id or 'demo-early')")
     return load_model(other, device=model.device, dtype=model.dtype, eager_attention=model.eager_attention)
 
 
@@ -87,7 +89,7 @@ def forced(loaded: Any, prep: Prepared) -> Prepared:
     theirs = prep.loaded.processor.tokenizer.get_vocab()
     ours = loaded.processor.tokenizer.get_vocab()
     if theirs != ours:
-        raise ValueError("the two checkpoints have different vocabularies: compare with same_answer=False")
+        raise ParamError("the two checkpoints have different vocabularies: compare with same_answer=False")
     other = prepare(loaded, prep.sample, answer=prep.answer)
     ids = torch.as_tensor(prep.answer.token_ids, dtype=torch.long)
     logp = logprobs_at(other.model, dict(other.inputs), other.logit_positions, ids)[0].cpu()
@@ -101,6 +103,15 @@ def _spec(loaded: Any) -> dict[str, Any]:
 
 @register
 class CompareCheckpoints(Explainer):
+    """Any sample-level explainer run on this model and on another checkpoint (before and after
+    training) on the same answer: both maps, their difference entry by entry, the rank correlation
+    of each map, and each checkpoint's own greedy answer.
+
+    Cost: the inner explainer's cost twice (occlusion's at the defaults), one teacher-forced forward
+    and one generation on the other checkpoint, plus loading it. RLHF-V, 2023 (arXiv 2312.00849);
+    LRV-Instruction, 2023 (arXiv 2306.14565); Adebayo et al., 2018 (arXiv 1810.03292).
+    """
+
     id = "training.compare"
     title = "One explainer on two checkpoints, side by side"
     family = FAMILY
@@ -142,6 +153,16 @@ class CompareCheckpoints(Explainer):
             raise ParamError(f"{cls.id}: parameter other={other!r} must be a model spec (a folder, a hub id or "
                              "'demo-early') or a LoadedModel")
         return checked
+
+    @classmethod
+    def scale_plan(cls, prep: Prepared, full_layers: int) -> ScalePlan:
+        """The model against itself, its occlusion (the default inner explainer) measured as occlusion's
+        own plan measures it: larger windows than one cell, never fewer copies than a batch."""
+        occlusion = occlusion_scale(prep)
+        return ScalePlan({"other": prep.loaded, "params": {}}, "the model against itself; its occlusion as occlusion's",
+                         occlusion.copies, trials_for(occlusion.copies),
+                         lambda p, b: {**p, "params": {"window": occlusion.window_for(b), "batch_size": b}},
+                         cost=costs(2 * occlusion.cost["forwards"] + 1 + decode_step(prep)))
 
     def unmet(self, model: LoadedModel, sample: Any, params: Params) -> str | None:
         if params.other is None and DEMO_PAIRS.get(getattr(model, "spec", None)) is None:

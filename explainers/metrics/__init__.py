@@ -6,12 +6,12 @@ own sample (what every report shows); :mod:`.sanity` runs the model-randomisatio
 """
 from __future__ import annotations
 
-from .base import IMAGE_MAP, Metric, MetricError, get_metric, register_metric, registered_metrics
+from .base import IMAGE_MAP, Metric, get_metric, register_metric, registered_metrics
 from .context import SampleContext
 from .curves import DEFAULT_BASELINE, DEFAULT_STEPS, CurveRunner, area_under
 from .faithfulness import faithfulness_many, faithfulness_of
 from .localisation import pointing_game, relevance_mass, relevance_rank
-from .maps import RANDOM, ScoredMap, primary_image_map, random_map
+from .maps import RANDOM, MetricError, ScoredMap, primary_image_map, random_map
 from .truth import MIN_COVER, CellTruth, cell_truth
 
 __all__ = [

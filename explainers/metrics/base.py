@@ -15,15 +15,13 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
+from .maps import MetricError
+
 if TYPE_CHECKING:  # pragma: no cover
     from .context import SampleContext
 
 IMAGE_MAP = "image_map"
 """A ``(rows, cols)`` map over the first image's main grid (see xmllm.explainers.models.layout)."""
-
-
-class MetricError(ValueError):
-    """A registration, look-up or input that cannot be honoured; the message is one line."""
 
 
 class Metric:
@@ -76,9 +74,8 @@ def register_metric(cls: type[Metric]) -> type[Metric]:
 
 def registered_metrics() -> dict[str, type[Metric]]:
     """Every registered metric by name: those of the map alone first, then those that run the
-    model, each group in registration order (the order tables use)."""
-    from . import curves, localisation  # noqa: F401  (registration happens at import)
-
+    model, each group in registration order (the order tables use). The package imports every
+    metric module, so all are registered before anything of it runs."""
     ordered = sorted(enumerate(_METRICS.items()), key=lambda item: (item[1][1].needs_model, item[0]))
     return {name: cls for _, (name, cls) in ordered}
 
@@ -88,11 +85,3 @@ def get_metric(name: str) -> type[Metric]:
     if name not in table:
         raise MetricError(f"unknown metric {name!r}; choose from {', '.join(table)}")
     return table[name]
-
-
-def check_map(map2d: np.ndarray, shape: tuple[int, int], what: str = "map") -> np.ndarray:
-    """``map2d`` as a float64 ``(rows, cols)`` array of the grid's shape; one-line errors otherwise."""
-    arr = np.asarray(map2d, dtype=np.float64)
-    if arr.shape != tuple(shape):
-        raise MetricError(f"{what} of shape {arr.shape} does not match the {shape[0]}x{shape[1]} image grid")
-    return arr

@@ -26,11 +26,10 @@ import torch
 from xmllm.explainers.masking import BASELINES, PixelCells, baseline_pixels, cell_map, first_layout, window_positions
 from xmllm.explainers.forward import answer_ids, batch_size_for, batched_logprobs, fused_attention, repeat_inputs
 from ..params import choice, positive_int
-from .base import Metric, check_map, register_metric
+from .maps import check_map
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..context import Prepared
-    from .context import SampleContext
 
 KINDS: tuple[str, ...] = ("deletion", "insertion")
 DEFAULT_STEPS = 8
@@ -38,7 +37,6 @@ DEFAULT_STEPS = 8
 DEFAULT_BASELINE = "black"
 """The demo world's background is near-black, so a black cell reads as an empty cell."""
 SCORE_NOTE = "probability of the model's whole answer, exp(sum of the answer tokens' log-probabilities)"
-PETSIUK = "RISE: Randomized Input Sampling for Explanation of Black-box Models (Petsiuk et al., 2018, arXiv 1806.07421)"
 
 
 def step_counts(cells: int, steps: int) -> list[int]:
@@ -123,37 +121,3 @@ class CurveRunner:
         probs = self._probabilities(sources).reshape(len(maps), len(inner)) if sources else np.zeros((len(maps), 0))
         first, last = (full, empty) if kind == "deletion" else (empty, full)
         return np.concatenate([np.full((len(maps), 1), first), probs, np.full((len(maps), 1), last)], axis=1)
-
-
-class CurveMetric(Metric):
-    """The area under one kind of curve, for every map of a sample in one batched run."""
-
-    needs_model = True
-    kind: str
-
-    def compute(self, maps: Sequence[np.ndarray], context: "SampleContext") -> np.ndarray:
-        curves = context.curves(self.kind, maps)
-        fractions = context.runner().fractions
-        return np.array([area_under(c, fractions) for c in curves], dtype=np.float64)
-
-
-@register_metric
-class DeletionArea(CurveMetric):
-    name = "deletion_area"
-    title = "Deletion area"
-    higher_is_better = False
-    kind = "deletion"
-    summary = ("Area under p(answer) as the most relevant cells are replaced by the baseline first: "
-               "low when the map finds what the answer needs.")
-    reference = PETSIUK
-
-
-@register_metric
-class InsertionArea(CurveMetric):
-    name = "insertion_area"
-    title = "Insertion area"
-    higher_is_better = True
-    kind = "insertion"
-    summary = ("Area under p(answer) as the most relevant cells are put back into the baseline image first: "
-               "high when the map finds what the answer needs.")
-    reference = PETSIUK

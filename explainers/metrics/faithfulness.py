@@ -1,11 +1,13 @@
-"""Deletion and insertion of one report's maps on its own sample: what every report shows per map."""
+"""Deletion and insertion: the two area metrics (run through a sample's :class:`SampleContext`),
+and one report's maps on its own sample, what every report shows per map."""
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .base import Metric, register_metric
 from .context import SampleContext
 from .curves import DEFAULT_BASELINE, DEFAULT_STEPS, SCORE_NOTE, area_under
 
@@ -51,3 +53,40 @@ def faithfulness_of(loaded: "LoadedModel", prepared: "Prepared", map2d: np.ndarr
     ``seed``, ``score``. Real forwards: ``2 + 2 (steps - 1)`` perturbed copies, batched."""
     return faithfulness_many(loaded, prepared, {"map": map2d}, baseline=baseline, steps=steps, seed=seed,
                              batch_size=batch_size)["map"]
+
+
+PETSIUK = "RISE: Randomized Input Sampling for Explanation of Black-box Models (Petsiuk et al., 2018, arXiv 1806.07421)"
+
+
+class CurveMetric(Metric):
+    """The area under one kind of curve, for every map of a sample in one batched run."""
+
+    needs_model = True
+    kind: str
+
+    def compute(self, maps: Sequence[np.ndarray], context: "SampleContext") -> np.ndarray:
+        curves = context.curves(self.kind, maps)
+        fractions = context.runner().fractions
+        return np.array([area_under(c, fractions) for c in curves], dtype=np.float64)
+
+
+@register_metric
+class DeletionArea(CurveMetric):
+    name = "deletion_area"
+    title = "Deletion area"
+    higher_is_better = False
+    kind = "deletion"
+    summary = ("Area under p(answer) as the most relevant cells are replaced by the baseline first: "
+               "low when the map finds what the answer needs.")
+    reference = PETSIUK
+
+
+@register_metric
+class InsertionArea(CurveMetric):
+    name = "insertion_area"
+    title = "Insertion area"
+    higher_is_better = True
+    kind = "insertion"
+    summary = ("Area under p(answer) as the most relevant cells are put back into the baseline image first: "
+               "high when the map finds what the answer needs.")
+    reference = PETSIUK

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from .base import Metric, MetricError, register_metric
+from .base import Metric, register_metric
+from .maps import MetricError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .context import SampleContext

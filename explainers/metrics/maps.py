@@ -1,4 +1,5 @@
-"""Which map of an explanation the metrics score, and the random maps that give each metric a floor.
+"""Which map of an explanation the metrics score, the check every scored map passes, and the
+random maps that give each metric a floor.
 
 An explainer may return many image maps (per answer token, per layer and head, per grid). The
 one scored is the whole answer's map over the first image's main grid: ``image.answer`` when
@@ -20,6 +21,18 @@ IMAGE_MAP = "image"
 GRID_AXES = ("row", "col")
 RANDOM = "random"
 """Label of the random-map floor in tables and JSON."""
+
+
+class MetricError(ValueError):
+    """A registration, look-up or input that cannot be honoured; the message is one line."""
+
+
+def check_map(map2d: np.ndarray, shape: tuple[int, int], what: str = "map") -> np.ndarray:
+    """``map2d`` as a float64 ``(rows, cols)`` array of the grid's shape; one-line errors otherwise."""
+    arr = np.asarray(map2d, dtype=np.float64)
+    if arr.shape != tuple(shape):
+        raise MetricError(f"{what} of shape {arr.shape} does not match the {shape[0]}x{shape[1]} image grid")
+    return arr
 
 
 @dataclass(frozen=True)

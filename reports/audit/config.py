@@ -26,7 +26,7 @@ class _Strict(BaseModel):
 
 
 class JsonlSource(_Strict):
-    """The project's JSONL sample set (xmllm.explainers.samples)."""
+    """The project's JSONL sample set (xmllm.samples)."""
 
     type: Literal["jsonl"]
     path: str = Field(min_length=1)
@@ -225,7 +225,7 @@ class LoadedConfig:
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> LoadedConfig:
-    """Read ``path`` safely (:mod:`xmllm.explainers.safe_yaml`: no Python tags, bounded aliases and
+    """Read ``path`` safely (:mod:`xmllm.safe_yaml`: no Python tags, bounded aliases and
     size, no duplicate keys) and validate it whole, explainer parameters included, before any
     model work; ``overrides`` are dotted keys (``executor.kind``) set on top, as the command line
     gives them."""

@@ -70,7 +70,7 @@ def run_audit(loaded: LoadedConfig, out: Path | None = None, *, fail_fast: bool 
     from tqdm import tqdm
 
     from .executor import EXECUTORS
-    from .summary import write_summary
+    from .site import write_summary
 
     t0 = time.perf_counter()
     config = loaded.config

@@ -1,9 +1,9 @@
-"""The audit's site section.
+"""The audit's outputs: the summary files and the site section.
 
-``xmllm run`` writes ``OUT/site/``: ``index.md`` (the summary as Markdown, every value
-escaped), ``summary.html`` (the summary page with links only to the reports copied here) and
-``reports/<key>.html`` (per-sample reports, flagged samples first, at most
-``site.max_reports``). ``xmllm build --audit OUT`` (:func:`site_pages`, called from
+``xmllm run`` writes ``audit.json``, ``summary.html`` and ``run.json`` (:func:`write_summary`),
+then ``OUT/site/``: ``index.md`` (the summary as Markdown, every value escaped), ``summary.html``
+(the summary page with links only to the reports copied here) and ``reports/<key>.html``
+(per-sample reports, flagged samples first, at most ``site.max_reports``). ``xmllm build --audit OUT`` (:func:`site_pages`, called from
 :mod:`xmllm.build`) copies each such folder to ``generated/audits/<slug>/`` under the docs
 folder and adds an "Audits" section to the nav.
 """
@@ -13,11 +13,14 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from xmllm.errors import XmllmError
 from ..site import markdown as mdx
 from ..site.pages import GENERATED, SiteOutput, nav_title
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import LoadedConfig
 
 SITE = "site"
 INDEX = "index.md"
@@ -29,6 +32,27 @@ AUDITS_INDEX = f"{AUDITS}/index.md"
 
 def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:60] or "audit"
+
+
+def write_summary(loaded: LoadedConfig, out: Path, records: list[dict[str, Any]], run_info: dict[str, Any]) -> Path:
+    """``audit.json``, ``summary.html``, ``run.json`` and the site pages, each written atomically."""
+    import json
+
+    from xmllm.files import write_atomic
+
+    from .store import OutputError
+    from .summary import AUDIT_JSON, RUN_JSON, SUMMARY_HTML, build_summary, render_summary
+
+    data = build_summary(loaded, out, records)
+    html = render_summary(data)
+    for name, text in ((AUDIT_JSON, json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n"),
+                       (SUMMARY_HTML, html), (RUN_JSON, json.dumps(run_info, indent=1, sort_keys=True) + "\n")):
+        try:
+            write_atomic(out / name, text)
+        except OSError as exc:  # read-only folder, full disk: the file keeps its previous content
+            raise OutputError(out / name, exc) from None
+    write_site(out, data, html)
+    return out / SUMMARY_HTML
 
 
 def write_site(out: Path, data: dict[str, Any], html: str) -> Path:

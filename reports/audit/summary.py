@@ -1,5 +1,6 @@
-"""The audit summary: ``audit.json`` (the numbers, recountable from the per-sample records),
-``summary.html`` (self-contained, escaped, nothing loaded from anywhere) and the site pages.
+"""The audit summary: ``audit.json`` (the numbers, recountable from the per-sample records) and
+``summary.html`` (self-contained, escaped, nothing loaded from anywhere); :mod:`.site` writes
+them with the site pages.
 
 Only ``created`` changes between two runs of one config: run times, the executor and what was
 reused go to ``run.json`` beside them.
@@ -15,9 +16,8 @@ from typing import Any
 
 from ..provenance import utc_now
 from .config import LoadedConfig
-from xmllm.files import write_atomic
 
-from .store import SAMPLES, OutputError
+from .store import SAMPLES
 from .worker import RANDOM, RECORD, RUN
 
 AUDIT_JSON = "audit.json"
@@ -85,22 +85,6 @@ def histogram(values: list[float], edges: tuple[float, ...]) -> dict[str, Any]:
         counts[sum(v > e for e in edges)] += 1
     labels = [f"≤ {edges[0]:g}"] + [f"{a:g}–{b:g}" for a, b in pairwise(edges)] + [f"> {edges[-1]:g}"]
     return {"edges": list(edges), "labels": labels, "counts": counts}
-
-
-def write_summary(loaded: LoadedConfig, out: Path, records: list[dict[str, Any]], run_info: dict[str, Any]) -> Path:
-    """``audit.json``, ``summary.html``, ``run.json`` and the site pages, each written atomically."""
-    from .site import write_site
-
-    data = build_summary(loaded, out, records)
-    html = render_summary(data)
-    for name, text in ((AUDIT_JSON, json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n"),
-                       (SUMMARY_HTML, html), (RUN_JSON, json.dumps(run_info, indent=1, sort_keys=True) + "\n")):
-        try:
-            write_atomic(out / name, text)
-        except OSError as exc:  # read-only folder, full disk: the file keeps its previous content
-            raise OutputError(out / name, exc) from None
-    write_site(out, data, html)
-    return out / SUMMARY_HTML
 
 
 def render_summary(data: dict[str, Any], report_prefix: str = "") -> str:
@@ -216,5 +200,4 @@ __all__ = [
     "build_summary",
     "render_summary",
     "visible",
-    "write_summary",
 ]

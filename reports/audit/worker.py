@@ -23,7 +23,6 @@ RUN = "run"
 """Sub-folder of a sample's folder holding its saved run (explanations.npz, manifest.json, images, report.html)."""
 RECORD = "record.json"
 TIMINGS = "timings.json"
-RELIANCE = "inference.visual_reliance"
 RANDOM = "random"
 SCRATCH = "scratch"
 """Folder of the cache (``$XMLLM_CACHE_DIR``, else ``~/.cache/xmllm``) holding each sample's work in
@@ -75,11 +74,19 @@ class AuditWorker:
         from xmllm.explainers.models.errors import ModelLoadError
 
         from xmllm.errors import XmllmError
+        from xmllm.explainers.methods.inference import VisualReliance
+
+        from ..pipeline import make_plan
         from ..runner import needs_attention
 
         self.spec = spec
         self.config = AuditConfig.model_validate(spec.config)
         self.ids = list(self.config.explainers)
+        # planned once per worker: every sample runs the same explainers with the same parameters
+        self.plan = make_plan(self.ids, self.config.explainers, seed=self.config.seed,
+                              max_new_tokens=self.config.max_new_tokens)
+        self.reliance = make_plan([VisualReliance.id], seed=self.config.seed)
+        """Visual reliance, which every audited sample gets (its scores go into the record)."""
         try:
             self.loaded = load_model(spec.model_spec, device=spec.device or self.config.device,
                                      eager_attention=needs_attention(self.ids))
@@ -176,8 +183,7 @@ class AuditWorker:
         from xmllm.explainers.memory import memory_budget
 
         with memory_budget(config.max_memory):
-            result = run_explainers(self.loaded, sample, self.ids, config.explainers, seed=seed, faithfulness=False,
-                                    max_new_tokens=config.max_new_tokens)
+            result = run_explainers(self.loaded, sample, self.plan, faithfulness=False)
         record["skipped"] = dict(result.manifest.get("skipped") or {})
         timings.update(result.manifest.pop("timings_seconds", {}))
         for exp in result.explanations:  # seconds vary run to run; they live in timings.json
@@ -188,15 +194,14 @@ class AuditWorker:
         record["correct"] = None if not item_expected(record) else is_correct(prepared.answer.text, record["expected"])
 
         t = time.perf_counter()
-        reliance = next((e for e in result.explanations if e.explainer == RELIANCE), None)
+        reliance_id = self.reliance.labels[0]
+        reliance = next((e for e in result.explanations if e.explainer == reliance_id), None)
         if reliance is None:
-            from xmllm.explainers.methods.inference import VisualReliance
+            from ..pipeline import run_plan
 
-            torch.manual_seed(seed)
-            reliance = VisualReliance().explain(self.loaded, prepared)
-            reliance.meta.pop("seconds", None)
+            reliance = next(run_plan(self.loaded, prepared, self.reliance)).explanation
             result.explanations.append(reliance)
-            result.manifest["explainers"] = [*result.manifest["explainers"], RELIANCE]
+            result.manifest["explainers"] = [*result.manifest["explainers"], reliance_id]
         record["reliance"] = {k: _num(reliance.scores[k]) for k in
                               ("reliant_share", "mean_drop_blank", "mean_drop_noised", "vcd_agreement")}
         timings["reliance"] = time.perf_counter() - t

@@ -147,13 +147,4 @@ def _synchronise() -> None:
         torch.cuda.synchronize()
 
 
-def median_seconds(fn: Callable[[], Any], repeat: int = 3, warmup: int = 1) -> float:
-    """Median wall time of ``fn`` over ``repeat`` runs after ``warmup`` runs."""
-    return interleaved({"fn": fn}, repeat, warmup).seconds("fn")
-
-
-def paired_ratio(a: Callable[[], Any], b: Callable[[], Any], repeat: int = 3, warmup: int = 1) -> tuple[float, float, float]:
-    """Median of a/b over interleaved runs (A B A B ...): (ratio, median a, median b)."""
-    timings = interleaved({"a": a, "b": b}, repeat, warmup)
-    return timings.ratio("a", "b"), timings.seconds("a"), timings.seconds("b")
 

@@ -1,8 +1,8 @@
 """What ``xmllm evaluate`` costs per sample on the demo model, and what ``--demo 500`` would take.
 
 One evaluation of a few object-grounded demo questions with the evaluation's default explainers
-(every sample-level one that gives an image map, less ``NOT_BY_DEFAULT`` of xmllm.evaluation.scoring)
-and metrics, and the randomisation cascade on one or two of them. Reported: wall and CPU seconds
+(every sample-level one that gives an image map and whose class leaves ``evaluated_by_default``
+empty) and metrics, and the randomisation cascade on one or two of them. Reported: wall and CPU seconds
 per sample (explain, score, both; per explainer in the details), the metrics' share, the
 cascade's seconds per (sample, stage), and the projected minutes of ``xmllm evaluate --demo 500``
 on this machine, held to ``<= 15``: from wall seconds (what a user waits, other load included) and

@@ -289,7 +289,3 @@ def materialise(model: nn.Module, dtype: torch.dtype, device: torch.device | str
     return model.eval()
 
 
-def weight_bytes(model: nn.Module, dtype: torch.dtype) -> int:
-    """Bytes the model's parameters take in ``dtype`` as a real checkpoint holds them."""
-    size = torch.empty((), dtype=dtype).element_size()
-    return sum(p.numel() for p in model.parameters()) * size

@@ -14,7 +14,7 @@ tokens' log-probabilities, through the same scoring function), on the demo model
 
 Each row reports the largest absolute difference between the two whole-answer maps.
 
-Both sides run in one process under the allocator ``xmllm`` sets (:mod:`xmllm.explainers.allocator`).
+Both sides run in one process under the allocator ``xmllm`` sets (:mod:`xmllm.allocator`).
 Under glibc's default, Captum's eager forwards on the 576-token model page-faulted their attention
 matrices afresh each call (7.4 s against 3.2 s kept), which had made ours look 4.2x faster there;
 kept, the CPU ratio on that model is about 2x, and 1.2-1.3x of it on the same kernel: a forward of
@@ -35,7 +35,8 @@ from xmllm.explainers.masking import baseline_pixels, cell_map, first_layout, wi
 from . import BenchContext, BenchRow, interleaved
 from .models import LARGE, LONG_QUESTION, MAIN, answer_tokens, forced_prepared, own_prepared
 
-GROUP = "perturbation.occlusion"
+GROUP = Occlusion.id
+"""The explainer this case compares with Captum's FeatureAblation."""
 TARGET = ">= 3"
 BASELINE = "black"
 DEMO_WINDOW = 1

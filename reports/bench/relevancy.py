@@ -26,12 +26,14 @@ import torch
 
 from xmllm.explainers.capture import eager_attention
 from xmllm.explainers.context import Prepared
-from xmllm.explainers.methods.relevancy import compute_relevancy
+from xmllm.explainers.methods.relevancy import CheferRelevancy
+from xmllm.explainers.relevancy_propagation import compute_relevancy
 
 from . import BenchContext, BenchRow, Timings, interleaved
 from .models import LARGE, LONG_QUESTION, MAIN, answer_tokens, forced_prepared, own_prepared
 
-GROUP = "relevancy.chefer"
+GROUP = CheferRelevancy.id
+"""The explainer this case compares with its floor and with LVLM-Interpret's way."""
 FLOOR_TARGET = "<= 2"
 LVLM_TARGET = ">= 3"
 

@@ -17,32 +17,41 @@ from .models import MAIN
 GROUP_REPORT = "report.size"
 GROUP_BUILD = "build.cached"
 SIZE_TARGET_BYTES = 3 * 2**20
-COMPARE = "training.compare"
 PAIRS, QUICK_PAIRS = 100, 8
-QUICK_EXPLAINERS = ["attention.summary", "relevancy.chefer", "inference.uncertainty"]
-"""``--quick`` builds examples of these only (a smoke run, not the measurement)."""
+
+
+def quick_explainers() -> list[str]:
+    """``--quick`` builds examples of these only (a smoke run, not the measurement): one cheap
+    explainer that reads attention, one that backpropagates and one that only scores the answer."""
+    from xmllm.explainers.methods.attention import AttentionSummary
+    from xmllm.explainers.methods.inference import Uncertainty
+    from xmllm.explainers.methods.relevancy import CheferRelevancy
+
+    return [AttentionSummary.id, CheferRelevancy.id, Uncertainty.id]
 
 
 def report_size(ctx: BenchContext) -> BenchRow:
     """Bytes of the report of one demo sample explained by every sample-level explainer."""
     from xmllm.explainers.demo.samples import generate_sample, to_explain_sample
-    from xmllm.explainers.registry import sample_level_ids
-    from xmllm.report import REPORT_NAME
+    from xmllm.explainers.models.loading import DEMO_EARLY_SPEC
+    from xmllm.explainers.registry import Need, registered, sample_level_ids
+    from xmllm.report.explained import REPORT
     from xmllm.runner import run_explainers
 
     loaded = ctx.models[MAIN]
     ids = sample_level_ids()
     params: dict[str, dict] = {}
     skipped = []
-    if ctx.spec == "demo":  # training.compare needs a second checkpoint: the demo ships its early one
-        params[COMPARE] = {"other": "demo-early"}
-    elif COMPARE in ids:
-        ids.remove(COMPARE)
-        skipped.append(COMPARE)
+    for eid in [e for e in ids if Need.CHECKPOINTS in registered()[e].needs]:
+        if ctx.spec == "demo":  # a second checkpoint: the demo ships its early one
+            params[eid] = {"other": DEMO_EARLY_SPEC}
+        else:
+            ids.remove(eid)
+            skipped.append(eid)
     sample = to_explain_sample(generate_sample(0, 0))
     with tempfile.TemporaryDirectory(prefix="xmllm-bench-report-") as tmp:
         result = run_explainers(loaded, sample, ids, params)
-        path = result.save(Path(tmp)) / REPORT_NAME
+        path = result.save(Path(tmp)) / REPORT
         size = path.stat().st_size
     return BenchRow(GROUP_REPORT, "report with every sample-level explainer / 3 MB",
                     size / SIZE_TARGET_BYTES, "<= 1", MAIN, {"explainers": len(ids), "skipped": skipped, "bytes": size},
@@ -56,7 +65,7 @@ def build_times(ctx: BenchContext) -> BenchRow:
     pairs = QUICK_PAIRS if ctx.quick else PAIRS
     with tempfile.TemporaryDirectory(prefix="xmllm-bench-build-") as tmp:
         opts = BuildOptions(out=Path(tmp) / "public", cache=Path(tmp) / "cache", model=ctx.spec, pairs=pairs,
-                            explainers=QUICK_EXPLAINERS if ctx.quick else None, progress=False)
+                            explainers=quick_explainers() if ctx.quick else None, progress=False)
         t0 = time.perf_counter()
         first = build_site(opts)
         fresh = time.perf_counter() - t0

@@ -21,7 +21,8 @@ weights on the GPU and every number is ``torch.cuda.max_memory_allocated`` of re
 
 Where memory does not depend on a parameter, the measurement uses a cheaper value (fewer
 occlusion windows, IG path points or token-drop steps than the defaults, but never fewer copies
-per forward than the defaults batch); :func:`plan` says which, and the table lists it.
+per forward than the defaults batch); each explainer's
+:meth:`~xmllm.explainers.registry.Explainer.scale_plan` says which, and the table lists it.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,7 +38,8 @@ import torch
 from xmllm.explainers.answering import Answer
 from xmllm.explainers.context import ExplainSample, Prepared, prepare
 from xmllm.explainers.memory import CUDA_FREE_SHARE, CUDA_RESERVE, memory_budget, planning
-from xmllm.explainers.registry import registered, sample_level_ids
+from xmllm.explainers.registry import get_explainer, registered, sample_level_ids
+from xmllm.explainers.scaleplan import ScalePlan
 
 from .scale_configs import CONFIGS, ScaleConfig, bench_image, build, build_processor, parameter_count
 
@@ -76,142 +78,6 @@ def target_gpu(weights: int) -> int:
         if gpu_budget(size, weights) >= 2 * GIB:
             return size
     return GPUS[-1]
-
-
-# --- what each explainer is measured with ---------------------------------------------------------------
-
-
-PROBES: tuple[int, int] = (4, 8)
-"""Copies per forward a batching explainer is measured with; the peak at the batch the defaults use is
-extrapolated along the line through the two (a batched forward's tensors grow by one copy's worth
-per copy). Explainers that batch no more than the larger probe are measured at their own batch."""
-
-
-@dataclass
-class Plan:
-    """How one explainer is measured: its parameters, what they change against the defaults, and
-    (for batching explainers) the batch the defaults use at full depth and the probes measured."""
-
-    params: dict[str, Any] = field(default_factory=dict)
-    note: str = ""
-    batch: int | None = None
-    """Copies per forward the defaults batch at full depth on the budget's GPU (batching explainers)."""
-    probes: tuple[int, ...] = ()
-    """Batches measured (explicit batch sizes), stopping after the first forward of that batch."""
-    set_batch: Callable[[dict[str, Any], int], dict[str, Any]] | None = None
-    no_truth: bool = False
-    """Explain the sample without its demo ground truth (counterfactual: one rephrasing instead of
-    the demo's edits, each costing what a rephrasing does)."""
-    cost: dict[str, float] | None = None
-    """Forward-equivalents at the defaults where the measured run does not complete them."""
-    stop_backwards: int | None = None
-    """Stop once this many backward passes have run (each later one repeats the first's sizes)."""
-
-    def at(self, batch: int) -> dict[str, Any]:
-        return self.set_batch(dict(self.params), batch) if self.set_batch else dict(self.params)
-
-
-def _windows(side_rows: int, side_cols: int, window: int) -> int:
-    return math.ceil(side_rows / window) * math.ceil(side_cols / window)
-
-
-def _batch_size(params: dict[str, Any], batch: int) -> dict[str, Any]:
-    return {**params, "batch_size": batch}
-
-
-def _probes(copies: int) -> tuple[int, ...]:
-    return (copies,) if copies <= PROBES[-1] else PROBES
-
-
-def _costs(forwards: float, backwards: float = 0.0, lower_bound: bool = False) -> dict[str, float]:
-    out = {"forwards": round(forwards, 2), "backwards": round(backwards, 2),
-           "forward_equivalents": round(forwards + 2 * backwards, 2)}
-    if lower_bound:
-        out["lower_bound"] = True
-    return out
-
-
-def plan(eid: str, prep: Prepared, full_layers: int) -> Plan:
-    """How ``eid`` is measured on ``prep`` (call under the budget and :func:`planning`)."""
-    from xmllm.explainers.methods import causal, intervention, neurons, tokens
-    from xmllm.explainers.methods.gradient import DEFAULT_STEPS, IntegratedGradients, path_batch
-    from xmllm.explainers.forward import batch_size_for
-    from xmllm.explainers.masking import first_layout, windows
-
-    loaded = prep.loaded
-    answer = len(prep.answer.token_ids)
-    step = (answer - 1) / prep.seq_len  # a generation's decode steps, in copies of the sequence
-    if eid in ("perturbation.occlusion", "training.compare"):
-        copies = batch_size_for(prep, None)
-        grid = first_layout(prep).main_grid
-        cells = len(windows(first_layout(prep), 1, 1, "all"))
-
-        def window_for(batch: int) -> int:  # the largest window with enough windows to fill the batch
-            window = 1
-            while window < max(grid.rows, grid.cols) and _windows(grid.rows, grid.cols, window + 1) >= batch:
-                window += 1
-            return window
-
-        occlusion = _costs(1 + cells + 1)
-        if eid == "training.compare":
-            return Plan({"other": loaded, "params": {}}, "the model against itself; its occlusion as occlusion's",
-                        copies, _probes(copies),
-                        lambda p, b: {**p, "params": {"window": window_for(b), "batch_size": b}},
-                        cost=_costs(2 * occlusion["forwards"] + 1 + step))
-        return Plan({}, f"larger windows than 1 (the peak is one forward's: {copies} copies)", copies,
-                    _probes(copies), lambda p, b: {"window": window_for(b), "batch_size": b}, cost=occlusion)
-    if eid == "gradient.integrated":
-        points = path_batch(prep, IntegratedGradients.Params())
-        return Plan({"n_steps": points}, f"n_steps {points} (one chunk of {points} path points; {DEFAULT_STEPS} by "
-                    "default, chunked the same way)",
-                    cost=_costs(DEFAULT_STEPS + 2, DEFAULT_STEPS * answer))
-    if eid == "tokens.visual_importance":
-        copies = batch_size_for(prep, None, eager=True)
-        sets = 3 * (tokens.DEFAULT_STEPS + 1) - 4  # three orders; none and all dropped are shared
-        copies = min(copies, sets)
-        return Plan({}, f"fewer steps than {tokens.DEFAULT_STEPS} (the peak is one forward's: {copies} copies)",
-                    copies, _probes(copies),
-                    lambda p, b: {"steps": min(tokens.DEFAULT_STEPS, max(2, math.ceil((b + 4) / 3))), "batch_size": b},
-                    cost=_costs(1 + sets))
-    if eid == "intervention.attention_knockout":
-        copies = batch_size_for(prep, None)
-        edges = len(intervention.DEFAULT_EDGES)
-        size = intervention.default_window(full_layers)
-        plans = edges * len(intervention.sliding_windows(full_layers, size, 1))
-        copies = min(copies, plans)
-        return Plan({}, f"one-block windows instead of {size}-block ones (the peak is one forward's: {copies} copies)",
-                    copies, _probes(copies),
-                    lambda p, b: {"windows": [[0]] * math.ceil(b / edges), "batch_size": b}, cost=_costs(1 + plans))
-    if eid == "intervention.activation_patching":
-        copies = batch_size_for(prep, None)
-        rows = 3 * 3 * full_layers + 1
-        copies = min(copies, rows)
-        return Plan({"corruption": "noise"}, f"noise corruption (no counterfactual image at this size); the peak "
-                    f"is one forward's: {copies} copies", copies, _probes(copies), _batch_size,
-                    cost=_costs(2 + rows))
-    if eid == "neurons.top_activations":
-        copies = batch_size_for(prep, None)
-        groups = 2 + neurons.DEFAULT_TOP_K + neurons.DEFAULT_RANDOM_DRAWS
-        copies = min(copies, groups)
-        return Plan({}, f"the peak is one forward's: {copies} copies", copies, _probes(copies), _batch_size,
-                    cost=_costs(1 + groups, 1))
-    if eid == "causal.minimal_set":
-        copies = batch_size_for(prep, None)
-        units = len(causal.image_units(prep, "all"))
-        return Plan({}, f"the peak is one forward's: {copies} copies", copies, _probes(copies), _batch_size,
-                    cost=_costs(1 + units + 2 * (1 + step), lower_bound=True))
-    if eid == "data.counterfactual":
-        from xmllm.explainers.methods.data import demo_edits, demo_sample_from
-
-        demo = demo_sample_from(prep.sample)
-        edits = len(demo_edits(demo, 0)) if demo is not None else 1
-        return Plan({"rephrasings": [prep.sample.question + " ?"]}, f"one rephrasing instead of the demo's {edits} "
-                    "edits (each one generation and one forward of the same size)", no_truth=True,
-                    cost=_costs(edits * (2 + step)))
-    if eid in ("relevancy.chefer", "relevancy.modality"):
-        return Plan({}, f"stopped in its second of {answer + 1} backward passes (one per answer token and one for "
-                    "the whole answer, each of the same sizes)", stop_backwards=1, cost=_costs(1, answer + 1))
-    return Plan()
 
 
 class _Stop(Exception):
@@ -387,7 +253,7 @@ def describe(config: ScaleConfig) -> Model:
     return Model(config, processor, parameters, gpu, gpu_budget(gpu, weights))
 
 
-def _prep_for(prep: Prepared, chosen: Plan) -> Prepared:
+def _prep_for(prep: Prepared, chosen: ScalePlan) -> Prepared:
     if not chosen.no_truth:
         return prep
     from dataclasses import replace
@@ -398,14 +264,14 @@ def _prep_for(prep: Prepared, chosen: Plan) -> Prepared:
 def measure_points(builder: Callable[[int, int], Any], image: Any, ids: Sequence[str],
                    points: Sequence[tuple[int, int]], full: tuple[int, int], budget: int | None,
                    device: torch.device, tell: Callable[[str], None] | None = None, label: str = ""
-                   ) -> tuple[dict[str, dict[tuple[int, int], Measured]], dict[str, Plan], dict[str, Measured],
-                              dict[str, Any]]:
+                   ) -> tuple[dict[str, dict[tuple[int, int], Measured]], dict[str, ScalePlan],
+                              dict[str, Measured], dict[str, Any]]:
     """Every explainer at every (decoder, vision) point of the models ``builder`` makes, chunking as
     the ``full``-depth model would on a GPU under ``budget`` (None: the device's default). A batching
-    explainer runs at its larger probe at every point and at its smaller probe at the first point
-    (the per-copy bytes); returns the runs, the plans, those smaller-probe runs, and the sizes."""
+    explainer runs at its larger trial batch at every point and at its smaller one at the first point
+    (the per-copy bytes); returns the runs, the plans, those smaller-batch runs, and the sizes."""
     runs: dict[str, dict[tuple[int, int], Measured]] = {eid: {} for eid in ids}
-    plans: dict[str, Plan] = {}
+    plans: dict[str, ScalePlan] = {}
     small: dict[str, Measured] = {}
     info: dict[str, Any] = {}
     for layers, vision_layers in points:
@@ -418,15 +284,15 @@ def measure_points(builder: Callable[[int, int], Any], image: Any, ids: Sequence
                 if tell is not None:
                     tell(f"{label} {layers}+{vision_layers} {eid}")
                 if eid not in plans:
-                    plans[eid] = plan(eid, prep, full[0])
+                    plans[eid] = get_explainer(eid).scale_plan(prep, full[0])
                 chosen = plans[eid]
                 sample = _prep_for(prep, chosen)
-                probe = max(chosen.probes) if chosen.probes else None
-                params = chosen.at(probe) if probe else chosen.params
-                runs[eid][(layers, vision_layers)] = measure_one(eid, sample, params, device, probe,
+                trial = max(chosen.trials) if chosen.trials else None
+                params = chosen.at(trial) if trial else chosen.params
+                runs[eid][(layers, vision_layers)] = measure_one(eid, sample, params, device, trial,
                                                                  chosen.stop_backwards)
-                if len(chosen.probes) > 1 and (layers, vision_layers) == points[0]:
-                    low = min(chosen.probes)
+                if len(chosen.trials) > 1 and (layers, vision_layers) == points[0]:
+                    low = min(chosen.trials)
                     small[eid] = measure_one(eid, sample, chosen.at(low), device, low)
         del loaded, prep
         if device.type == "cuda":
@@ -453,12 +319,12 @@ def measure_config(model: Model, ids: Sequence[str], device: torch.device, depth
     return [_row(model, eid, plans[eid], runs[eid], small.get(eid), points, full, info) for eid in ids]
 
 
-def projection(runs: dict[tuple[int, int], Measured], points: Sequence[tuple[int, int]], chosen: Plan,
+def projection(runs: dict[tuple[int, int], Measured], points: Sequence[tuple[int, int]], chosen: ScalePlan,
                small: Measured | None, full: tuple[int, int], vision: bool = True) -> dict[str, Any]:
     """The fit through the decoder points (``points`` minus the last, the vision step, when ``vision``)
     and the projected activation bytes at ``full`` depth. For a batching explainer every point's
-    peak is first carried from the larger probe to the batch the defaults use, by the per-copy
-    bytes between the two probes at the first point.
+    peak is first carried from the larger trial batch to the batch the defaults use, by the per-copy
+    bytes between the two trial batches at the first point (listed under ``probes`` in the row).
 
     The projection follows the line through the two deepest points (``settled``), the marginal
     cost of a block once the peak has found its place: with one block a forward's peak can sit in
@@ -469,13 +335,13 @@ def projection(runs: dict[tuple[int, int], Measured], points: Sequence[tuple[int
     grows by the block (backward passes) both lines agree."""
     base_points = list(points[:-1] if vision else points)
     shift, out = 0.0, {}
-    if len(chosen.probes) > 1 and small is not None and small.peak is not None and chosen.batch:
-        low, high = min(chosen.probes), max(chosen.probes)
+    if len(chosen.trials) > 1 and small is not None and small.peak is not None and chosen.batch:
+        low, high = min(chosen.trials), max(chosen.trials)
         per_copy = (runs[points[0]].peak - small.peak) / (high - low)
         shift = max(0.0, per_copy) * (chosen.batch - high)
-        out.update(per_copy_bytes=per_copy, batch=chosen.batch, probes=list(chosen.probes))
+        out.update(per_copy_bytes=per_copy, batch=chosen.batch, probes=list(chosen.trials))
     elif chosen.batch:
-        out.update(batch=chosen.batch, probes=list(chosen.probes))
+        out.update(batch=chosen.batch, probes=list(chosen.trials))
     peaks = [(layers, runs[(layers, v)].peak + shift) for layers, v in base_points]
     line = fit(peaks)
     settled = fit(peaks[-2:])
@@ -485,7 +351,7 @@ def projection(runs: dict[tuple[int, int], Measured], points: Sequence[tuple[int
             "vision_slope_bytes": vision_slope, "projected_activation_bytes": activations}
 
 
-def _row(model: Model, eid: str, chosen: Plan, runs: dict[tuple[int, int], Measured], small: Measured | None,
+def _row(model: Model, eid: str, chosen: ScalePlan, runs: dict[tuple[int, int], Measured], small: Measured | None,
          points: list[tuple[int, int]], full: tuple[int, int], info: dict[str, Any]) -> dict[str, Any]:
     measured = [*runs.values(), *([small] if small is not None else [])]
     errors = sorted({m.error for m in measured if m.error})
@@ -636,7 +502,7 @@ def narrow_builder(folder: Any, values: str = "free", dtype: torch.dtype = DTYPE
 def projection_check(folder: Any, ids: Sequence[str] | None = None,
                      tell: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Per explainer: the 8-block peak of the narrow bench model projected from 1, 2 and 4 blocks
-    (probes and all, as ``--scale`` measures), against the 8-block peak measured at the batch the
+    (trial batches and all, as ``--scale`` measures), against the 8-block peak measured at the batch the
     defaults use (free arithmetic on the CPU, the device's default budget)."""
     from transformers import AutoConfig
 
@@ -671,5 +537,5 @@ def projection_check(folder: Any, ids: Sequence[str] | None = None,
             out.append({"explainer": eid, "peaks": {f"{k[0]}": m.peak for k, m in runs[eid].items()},
                         "measured": target.peak, "projected": projected,
                         "error_share": (projected - target.peak) / target.peak, "fit": row["fit"],
-                        "batch": chosen.batch, "probes": list(chosen.probes), "note": chosen.note})
+                        "batch": chosen.batch, "probes": list(chosen.trials), "note": chosen.note})
     return out

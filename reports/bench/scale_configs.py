@@ -139,12 +139,6 @@ CONFIGS: tuple[ScaleConfig, ...] = (
 )
 
 
-def config_named(name: str) -> ScaleConfig:
-    for config in CONFIGS:
-        if config.name == name:
-            return config
-    raise KeyError(f"no scale config {name!r}; known: {', '.join(c.name for c in CONFIGS)}")
-
 
 # --- tokenizer and processor ---------------------------------------------------------------------------
 

@@ -12,12 +12,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from xmllm.explainers.methods.perturbation import Occlusion
+
 from . import BenchContext, BenchRow, interleaved
 from .models import MAIN
 
 GROUP = "audit.throughput"
 SAMPLES, QUICK_SAMPLES = 6, 3
-EXPLAINERS = {"perturbation.occlusion": {"window": 2}}
+EXPLAINERS = {Occlusion.id: {"window": 2}}
+"""The audit's one explainer: a fixed, model-bound workload (batched forwards of 2 x 2 windows), the
+same in every run so that throughputs compare between runs."""
 RAY_NOTE = 'Ray not installed: pip install "xmllm[distributed]"'
 QUICK_NOTE = "--quick: Ray rows skipped (starting Ray takes longer than a quick bench)"
 

@@ -62,17 +62,16 @@ def check_out(out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Every check once, before the model loads: the output folder and device here, the explainers,
+    parameters, answer, contrast and token limit in the plan (naming the flags), the question and
+    image in the API."""
     from tqdm import tqdm
 
-    from ..api import check_params, explain
-    from ..explainers.answering import check_max_new_tokens
-    from ..explainers.models import resolve_device
-    from ..runner import parse_params, resolve_explainers
-
-    if not args.question.strip():
-        raise XmllmError("--question must not be empty")
-    check_max_new_tokens(args.max_new_tokens, "--max-new-tokens")
+    from ..api import explain
     from ..explainers.memory import parse_memory
+    from ..explainers.models import resolve_device
+    from ..pipeline import make_plan
+    from ..runner import parse_params, resolve_explainers
 
     budget = parse_memory(args.max_memory) if args.max_memory is not None else None
     check_out(args.out)
@@ -81,14 +80,11 @@ def run(args: argparse.Namespace) -> int:
     except XmllmError as exc:
         raise XmllmError(f"--device: {exc}") from None
     ids = resolve_explainers([e.strip() for e in args.explainers.split(",") if e.strip()] or None, args.leaf)
-    try:
-        params = check_params(ids, parse_params(args.param))
-    except XmllmError as exc:
-        raise XmllmError(f"--param: {exc}") from None
+    plan = make_plan(ids, parse_params(args.param), answer=args.answer, contrast=args.contrast,
+                     max_new_tokens=args.max_new_tokens, seed=args.seed, flags=True)
     with tqdm(total=len(ids), desc="explaining", unit="explainer", file=sys.stderr) as bar:
-        run = explain(args.model, args.image, args.question, ids, params=params, seed=args.seed,
-                      expected=args.expected, device=args.device, dtype=args.dtype, answer=args.answer,
-                      contrast=args.contrast, max_new_tokens=args.max_new_tokens, max_memory=budget,
+        run = explain(args.model, args.image, args.question, plan, expected=args.expected, device=args.device,
+                      dtype=args.dtype, max_memory=budget,
                       progress=lambda eid: (bar.set_postfix_str(eid), bar.update(1)))
     folder = run.save(args.out)
     for eid, why in (run.manifest.get("skipped") or {}).items():

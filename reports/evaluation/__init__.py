@@ -1,18 +1,18 @@
 """Which explainer to trust: run explainers over samples, score their maps, write the table and page.
 
-``evaluate`` runs and scores (see :mod:`.run`), ``text_table`` prints, ``save_result`` writes
+``evaluate`` runs and scores (see :mod:`.scoring`), ``text_table`` prints, ``save_result`` writes
 the JSON, ``trust_page_markdown`` and ``write_trust_page`` make the site page.
 """
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from xmllm.files import atomic
+
 from .page import read_result, trust_page_markdown, write_page, write_plots, write_trust_page
-from xmllm.evaluation.scoring import EVAL_PARAMS, POINTING_BAR, SANITY_SAMPLES, EvaluationConfig, evaluate, summarise
+from xmllm.evaluation.scoring import POINTING_BAR, SANITY_SAMPLES, EvaluationConfig, evaluate, summarise
 from .samples import demo_samples, jsonl_samples
 from .table import text_table
 
@@ -22,22 +22,13 @@ TABLE_NAME = "table.txt"
 
 def save_result(result: dict[str, Any], out_dir: Path) -> Path:
     """Write ``evaluation.json`` (atomically) into ``out_dir``; returns its path."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / RESULT_NAME
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{RESULT_NAME}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(result, fh, indent=1, sort_keys=True, allow_nan=False)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    target = Path(out_dir) / RESULT_NAME
+    atomic(target, lambda fh: json.dump(result, fh, indent=1, sort_keys=True, allow_nan=False))
     return target
 
 
 __all__ = [
-    "EVAL_PARAMS", "POINTING_BAR", "SANITY_SAMPLES", "EvaluationConfig", "evaluate", "summarise", "demo_samples",
+    "POINTING_BAR", "SANITY_SAMPLES", "EvaluationConfig", "evaluate", "summarise", "demo_samples",
     "jsonl_samples", "text_table", "save_result", "read_result", "trust_page_markdown", "write_page", "write_plots",
     "write_trust_page", "RESULT_NAME", "TABLE_NAME",
 ]

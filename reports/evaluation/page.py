@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import html
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from xmllm.errors import XmllmError
+from xmllm.files import atomic, write_atomic
 from xmllm.evaluation.scoring import FORMAT_VERSION, RANDOM_LABEL
 from .table import arrow, cell, row_label
 
@@ -201,14 +200,7 @@ def trust_page_markdown(result: dict[str, Any]) -> str:
 
 
 def _save(fig: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic(path, lambda fh: fig.savefig(fh, format="png", dpi=DPI, metadata={"Software": None}), binary=True)
 
 
 def write_plots(result: dict[str, Any], folder: Path) -> list[Path]:
@@ -321,14 +313,7 @@ def write_page(result: dict[str, Any], folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     write_plots(result, folder)
     target = folder / PAGE_NAME
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{PAGE_NAME}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(target, text)
     return target
 
 

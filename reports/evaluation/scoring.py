@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,19 +25,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from xmllm.explainers.context import ExplainSample, Prepared
     from xmllm.explainers.models import LoadedModel
 
+    from ..pipeline import Outcome, Plan
+
 FORMAT_VERSION = 1
-EVAL_PARAMS: dict[str, dict[str, Any]] = {
-    "gradient.saliency": {"per_token": False},
-    "gradient.input_x_gradient": {"per_token": False},
-    "gradient.integrated": {"n_steps": 8, "per_token": False},
-    "gradient.gradcam": {"per_token": False},
-    "causal.minimal_set": {"regenerate": False},
-}
-"""Evaluation defaults, cheaper than the explainers' own: only the whole answer's map is scored
-(no per-token maps), integrated gradients on 8 Gauss-Legendre points (on the demo model the map
-differs from the 32-point one by under 1e-5 of its largest value, at a quarter of the cost), and
-the minimal set without regenerating answers under its masks (text the metrics never read).
-``--param`` overrides them."""
 SANITY_SAMPLES = 10
 """Samples the randomisation cascade runs on (every explainer, every stage, each sample)."""
 MIN_VERDICT_SAMPLES = 100
@@ -57,7 +47,7 @@ class EvaluationConfig:
 
     explainers: list[str]
     params: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Per explainer, the user's parameters; they override :data:`EVAL_PARAMS`."""
+    """Per explainer, the user's parameters; they override the explainer's ``evaluation_params``."""
     explicit: bool = False
     """The explainers were named by the user: one without an image map is an error, not skipped."""
     seed: int = 0
@@ -67,10 +57,25 @@ class EvaluationConfig:
     batch_size: int | None = None
 
     def params_for(self, label: str) -> dict[str, Any]:
-        """The parameters a run label stands for: the evaluation's defaults, the user's, and the
-        variant's own (``relevancy.chefer[target=logit]``)."""
+        """The parameters a run label stands for: the explainer's evaluation defaults (its
+        ``evaluation_params``), the user's, and the variant's own (``relevancy.chefer[target=logit]``)."""
+        from xmllm.explainers.registry import get_explainer
+
         eid, variant = split_label(label)
-        return {**EVAL_PARAMS.get(eid, {}), **self.params.get(eid, {}), **variant}
+        return {**get_explainer(eid).evaluation_params, **self.params.get(eid, {}), **variant}
+
+    def plan(self) -> "tuple[Plan, dict[str, str]]":
+        """What the evaluation runs, checked before any model work: one step per run label with its
+        parameters parsed once, and the explainers the default set leaves out (with why)."""
+        from ..pipeline import Plan, check_named, plan_step
+
+        check_named(self.explainers, self.params)
+        if self.explicit:
+            chosen, skipped = list(self.explainers), {}
+        else:
+            chosen, skipped = default_explainers(self.explainers)
+        steps = [plan_step(eid, self.params_for(label), label) for eid in chosen for label in self.labels(eid)]
+        return Plan(tuple(steps), seed=self.seed), skipped
 
     def labels(self, explainer_id: str) -> list[str]:
         """One run label per variant: explainers whose ``target`` is a parameter run once per target
@@ -107,26 +112,21 @@ def split_label(label: str) -> tuple[str, dict[str, Any]]:
 
 UNSCORABLE_NEEDS = ("pair", "checkpoints", "labelled_set")
 """Needs a single sample cannot meet: explainers with them are left out of the default set."""
-NOT_BY_DEFAULT: dict[str, str] = {
-    "causal.minimal_set": "left out of the default set: its map is a 0/1 set with no ranking inside it for the curves "
-                          "to follow, and its search costs about as much as scoring every other map (0.8 s of CPU per "
-                          "demo sample); name it with --explainers to score it",
-}
-"""Explainers the default set leaves out to keep ``--demo 500`` near a quarter of an hour on two
-cores (measured per explainer on the demo model; see reports/bench/evaluation.py)."""
 
 
 def default_explainers(candidates: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     """The sample-level explainers an evaluation runs when none are named, and those left out
-    (with why). Whether an explainer gives an image map shows on the first sample."""
+    (with why: the explainer's own ``evaluated_by_default``, or a need one sample does not meet).
+    Whether an explainer gives an image map shows on the first sample."""
     from xmllm.explainers.registry import get_explainer
 
     keep, left_out = [], {}
     for eid in candidates:
-        if eid in NOT_BY_DEFAULT:
-            left_out[eid] = NOT_BY_DEFAULT[eid]
+        cls = get_explainer(eid)
+        if cls.evaluated_by_default:
+            left_out[eid] = cls.evaluated_by_default
             continue
-        needs = sorted(n.value for n in get_explainer(eid).needs if n.value in UNSCORABLE_NEEDS)
+        needs = sorted(n.value for n in cls.needs if n.value in UNSCORABLE_NEEDS)
         if needs:
             left_out[eid] = f"needs {', '.join(needs)}, which one sample does not give"
         else:
@@ -153,16 +153,30 @@ class _Clock:
             self.cpu += time.process_time() - cpu
             self.count += 1
 
+    def add(self, outcome: "Outcome") -> None:
+        """Count one step of the pipeline (a skipped step: a call of no time)."""
+        self.wall += outcome.wall
+        self.cpu += outcome.cpu
+        self.count += 1
+
     def per_call(self) -> dict[str, float]:
         n = max(self.count, 1)
         return {"wall_seconds": round(self.wall / n, 4), "cpu_seconds": round(self.cpu / n, 4), "calls": self.count}
 
 
 def evaluate(loaded: "LoadedModel", samples: Sequence["ExplainSample"], config: EvaluationConfig,
-             source: dict[str, Any] | None = None, progress: Progress | None = None) -> dict[str, Any]:
-    """Explain and score every sample, run the sanity cascade, and summarise: the result JSON."""
+             source: dict[str, Any] | None = None, progress: Progress | None = None,
+             planned: "tuple[Plan, dict[str, str]] | None" = None) -> dict[str, Any]:
+    """Explain and score every sample, run the sanity cascade, and summarise: the result JSON.
+    ``planned`` is ``config.plan()`` when the caller made it already (before loading the model).
+
+    Each explainer runs through the pipeline (:func:`xmllm.pipeline.run_plan`); one that fails or
+    refuses on its first sample is left out of a default evaluation, with why; a user's error
+    (:class:`~xmllm.XmllmError`) in an explainer given parameters stops the evaluation there; later
+    failures of a sample are counted per explainer. Any other exception is a bug and propagates."""
     import torch
 
+    from xmllm import MissingInput
     from xmllm.explainers.answering import is_correct
     from xmllm.explainers.context import prepare
     from xmllm.explainers.metrics import (
@@ -173,20 +187,17 @@ def evaluate(loaded: "LoadedModel", samples: Sequence["ExplainSample"], config: 
         random_map,
         registered_metrics,
     )
-    from xmllm.explainers.registry import get_explainer
 
+    from ..pipeline import run_plan
     from ..provenance import package_versions, utc_now
 
     if not samples:
         raise XmllmError("no samples to evaluate")
+    plan, skipped = planned or config.plan()
     baseline = config.baseline or DEFAULT_BASELINE
     steps = config.steps or DEFAULT_STEPS
     metrics = {name: cls() for name, cls in registered_metrics().items()}
-    if config.explicit:
-        chosen, skipped = list(config.explainers), {}
-    else:
-        chosen, skipped = default_explainers(config.explainers)
-    active = [label for eid in chosen for label in config.labels(eid)]
+    active = plan.labels
     skipped_samples: list[dict[str, str]] = []
     errors: dict[str, dict[str, Any]] = {}
     map_names: dict[str, str] = {}
@@ -202,23 +213,24 @@ def evaluate(loaded: "LoadedModel", samples: Sequence["ExplainSample"], config: 
         torch.manual_seed(config.seed)
         try:
             prepared = prepare_clock.timed(lambda: prepare(loaded, sample))
-        except ValueError as error:  # e.g. an empty answer: nothing to explain on this sample
+        except MissingInput as error:  # e.g. an empty answer: nothing to explain on this sample
             skipped_samples.append({"id": sample.id, "reason": str(error).splitlines()[0]})
             if progress:
                 progress("samples", index + 1, len(samples))
             continue
         maps: dict[str, np.ndarray] = {}
-        for eid in list(active):
-            torch.manual_seed(config.seed)
-            try:
-                exp = clocks[eid].timed(lambda: get_explainer(split_label(eid)[0])().explain(
-                    loaded, prepared, **config.params_for(eid)))
-            except TypeError as error:  # a bad --param: the same on every sample
-                raise XmllmError(f"explainer {eid}: {str(error).splitlines()[0]}") from None
-            except (ValueError, RuntimeError) as error:
+        current = plan.only(active)
+        refused = current.refusals(loaded, sample)
+        for outcome in run_plan(loaded, prepared, current, refused, tolerate=(XmllmError, ValueError, RuntimeError)):
+            eid = outcome.label
+            clocks[eid].add(outcome)
+            if outcome.explanation is None:
+                error = outcome.error or MissingInput(f"{plan.step(eid).id}: {outcome.skipped}")
                 message = str(error).splitlines()[0]
                 if clocks[eid].count == 1:  # its first sample: a setting or a need, not this sample
                     if split_label(eid)[0] in config.params:
+                        if not isinstance(error, XmllmError):
+                            raise error
                         raise XmllmError(f"explainer {eid}: {message}") from None
                     if not config.explicit:
                         skipped[eid] = f"fails on the first sample: {message}"
@@ -227,7 +239,7 @@ def evaluate(loaded: "LoadedModel", samples: Sequence["ExplainSample"], config: 
                 entry = errors.setdefault(eid, {"count": 0, "first": f"{sample.id}: {message}"})
                 entry["count"] += 1
                 continue
-            scored = primary_image_map(exp)
+            scored = primary_image_map(outcome.explanation)
             if scored is None:
                 if config.explicit:
                     raise XmllmError(f"explainer {eid} gives no image map; evaluate scores maps over the image grid")
@@ -247,7 +259,7 @@ def evaluate(loaded: "LoadedModel", samples: Sequence["ExplainSample"], config: 
                                 batch_size=config.batch_size)
         try:
             scores, truth_cells = metric_clock.timed(lambda: _score(metrics, maps, context))
-        except ValueError as error:
+        except XmllmError as error:
             raise XmllmError(f"sample {sample.id!r}: {str(error).splitlines()[0]}") from None
         finite = [k for k, v in maps.items() if np.isfinite(v).all()]
         if finite:
@@ -268,7 +280,7 @@ def evaluate(loaded: "LoadedModel", samples: Sequence["ExplainSample"], config: 
     sanity = None
     scored_ids = [eid for eid in active if eid in map_names]
     if kept and scored_ids and config.sanity_samples > 0:
-        from xmllm.explainers.metrics.sanity import cascade, explainer_map, randomisation_check
+        from xmllm.explainers.metrics.sanity import cascade, randomisation_check
 
         total = len(cascade(loaded)) * len(kept)
         done = [0]
@@ -279,8 +291,13 @@ def evaluate(loaded: "LoadedModel", samples: Sequence["ExplainSample"], config: 
                 progress("sanity", done[0], total)
 
         originals = {eid: [m.get(eid) for _, m in kept] for eid in scored_ids}
+        # inside the cascade explainers go on from the randomised model's random state, unseeded
+        unseeded = replace(plan, seed=None)
+
         def map_of(model: Any, prep: Any, label: str, params: dict[str, Any] | None) -> Any:
-            return explainer_map(model, prep, split_label(label)[0], params)
+            outcome = next(run_plan(model, prep, unseeded.only([label])))
+            scored = primary_image_map(outcome.explanation)
+            return None if scored is None else scored.values
 
         sanity = sanity_clock.timed(lambda: randomisation_check(
             loaded, [p for p, _ in kept], scored_ids, {eid: config.params_for(eid) for eid in scored_ids},

@@ -1,8 +1,9 @@
-"""Example runs for the site: one run folder per explainer, made by a builder chosen by id or scope.
+"""Example runs for the site: one run folder per explainer, made by a builder chosen by what it needs.
 
-A builder is registered with :func:`example_builder` under an explainer id (for one explainer
-that needs its own kind of input) or a scope (``"sample"``, ``"dataset"``: the default for every
-explainer of that scope). :func:`builder_for` picks the id's builder first, then the scope's.
+A builder is registered with :func:`example_builder` under a need (a
+:class:`~xmllm.explainers.registry.Need`, say ``Need.CHECKPOINTS``: every explainer that needs that
+kind of input) or a scope (``"sample"``, ``"dataset"``: the default for every explainer of that
+scope). :func:`builder_for` picks the builder of the first need that has one, then the scope's.
 Every module in this package is imported on first use, so a new builder is a new module here
 with a decorated function; nothing else changes.
 """
@@ -39,7 +40,7 @@ _LOADED = False
 
 
 def example_builder(key: str) -> Callable[[ExampleBuilder], ExampleBuilder]:
-    """Register the decorated function as the example builder for an explainer id or a scope."""
+    """Register the decorated function as the example builder for a need or a scope."""
 
     def register(fn: ExampleBuilder) -> ExampleBuilder:
         if key in _BUILDERS and _BUILDERS[key] is not fn:
@@ -59,11 +60,12 @@ def _load() -> None:
 
 
 def builder_for(cls: "type[Explainer]") -> ExampleBuilder | None:
-    """The builder for this explainer: its own, else its scope's; None when there is none."""
+    """The builder for this explainer: its first need's (in sorted order) that has one, else its
+    scope's; None when there is none."""
     _load()
-    return _BUILDERS.get(cls.id) or _BUILDERS.get(cls.scope)
+    for need in sorted(need.value for need in cls.needs):
+        if need in _BUILDERS:
+            return _BUILDERS[need]
+    return _BUILDERS.get(cls.scope)
 
 
-def builders() -> dict[str, ExampleBuilder]:
-    _load()
-    return dict(_BUILDERS)

@@ -6,7 +6,6 @@ whose ``samples`` list (id, question, expected answer, hash) replaces a sample r
 from __future__ import annotations
 
 import hashlib
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,18 +46,17 @@ def dataset_example(session: "ModelSession", cls: "type[Explainer]") -> ExampleR
     samples = example_set()
 
     def build(folder: Path) -> None:
-        import torch
-
         from xmllm.explainers.explanation import save_explanations
 
+        from ..pipeline import make_plan, run_plan
         from ..provenance import package_versions, utc_now
         from ..session import sample_hash
 
         loaded = session.loaded()
-        torch.manual_seed(session.seed)
-        started, t = utc_now(), time.perf_counter()
-        explanation = cls().explain(loaded, samples)
-        seconds = time.perf_counter() - t
+        plan = make_plan([cls.id], seed=session.seed)
+        started = utc_now()
+        outcome = next(run_plan(loaded, samples, plan, plan.skipped(loaded, samples)))
+        explanation, seconds = outcome.explanation, outcome.wall
         explanation.meta.setdefault("seconds", seconds)
         manifest: dict[str, Any] = {
             "created": started,

@@ -1,8 +1,11 @@
-"""The example of ``training.compare``: the example sample on the model and its earlier checkpoint."""
+"""The example of an explainer that needs two checkpoints of one model (``Need.CHECKPOINTS``): the
+example sample on the model and its earlier checkpoint, given as the explainer's ``other``."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from xmllm.explainers.registry import Need
 
 from ..cache import model_folder, weights_fingerprint
 from . import ExampleRun, ExampleSkipped, example_builder
@@ -31,7 +34,7 @@ def earlier_checkpoint(spec: str) -> tuple[str, Path] | None:
     return (str(early), early) if early != folder and (early / "config.json").is_file() else None
 
 
-@example_builder("training.compare")
+@example_builder(Need.CHECKPOINTS.value)
 def training_example(session: "ModelSession", cls: "type[Explainer]") -> ExampleRun:
     found = earlier_checkpoint(session.spec)
     if found is None:

@@ -23,6 +23,7 @@ from xmllm.errors import XmllmError
 MANIFEST = "manifest.json"
 ARRAYS = "explanations.npz"
 REPORT = "report.html"
+"""A run folder's self-contained report."""
 IMAGE_NAME = "image_{}.png"
 """File name of a run's ``k``-th input image inside its folder."""
 INLINE_HEIGHT = 760
@@ -109,7 +110,6 @@ class Run:
 
     def report_html(self) -> str:
         """The self-contained interactive report (the same bytes for the same run)."""
-        from . import id_seed
         from .ids import stable_bokeh_ids
         from .render import render_run
 
@@ -162,6 +162,24 @@ class Run:
         webbrowser.open(path.as_uri())
 
 
+def id_seed(manifest: dict) -> str:
+    """What seeds a page's element ids: the run's sample, explainers and seed (not its timings or
+    creation time, so that two audits of one sample render alike)."""
+    sample = manifest.get("sample") if isinstance(manifest.get("sample"), dict) else {}
+    return json.dumps({"sample": sample.get("sha256"), "explainers": manifest.get("explainers"),
+                       "seed": manifest.get("seed")}, sort_keys=True, default=str)
+
+
+def explanation_html(explanation: Explanation) -> str:
+    """One explanation's report inline in a notebook, within its run when it has one: the
+    ``explanation`` renderer of the ``xmllm.renderers`` entry points, which
+    :meth:`Explanation._repr_html_` loads (the core does not import this layer)."""
+    run = explanation.context if isinstance(explanation.context, Run) else None
+    if run is None or not any(e is explanation for e in run.explanations):
+        run = Run({"explainers": [explanation.explainer]}, [explanation])
+    return run.only(explanation.explainer)._repr_html_()
+
+
 def inline_frame(page: str, manifest: dict[str, Any]) -> str:
     """``page`` in a sandboxed ``<iframe srcdoc>``: scripts run in an opaque origin of their own."""
     question = (manifest.get("sample") or {}).get("question", "xmllm report")
@@ -185,6 +203,21 @@ def load_run(folder: str | Path) -> Run:
     names = _image_names(manifest, manifest_path)
     images = [_read_image(folder / name) for name in names]
     return Run(manifest, explanations, images, names, folder)
+
+
+def render_report(run_dir: Path) -> str:
+    """The HTML page of the run saved in ``run_dir``: the same bytes on every render of it."""
+    return load_run(Path(run_dir)).report_html()
+
+
+def write_report(run_dir: Path, out: Path | None = None) -> Path:
+    """Render ``run_dir``'s report and write it atomically to ``out`` (default
+    ``run_dir/report.html``); returns the path written."""
+    from xmllm.files import write_atomic
+
+    out = Path(out) if out is not None else Path(run_dir) / REPORT
+    write_atomic(out, render_report(run_dir))
+    return out
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:

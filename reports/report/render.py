@@ -27,7 +27,6 @@ from .about import About, about, survey
 from .faithfulness import FaithfulnessBlock, FaithfulnessSkip, block_for
 from .figures import SectionControls
 from .palettes import palettes
-from xmllm.report.explained import Run
 from .slabs import show_token
 from .views import PageImages, ViewOut, plan
 
@@ -179,8 +178,9 @@ def number(value: Any) -> str:
     return str(value)
 
 
-def render_run(run: Run) -> str:
-    """The page of one saved run."""
+def render_run(run: Any) -> str:
+    """The page of one :class:`xmllm.Run` (not imported here: the run renders itself through this
+    module, which reads only its manifest, explanations, images and target)."""
     from bokeh.embed import components
     from bokeh.layouts import column, row
 

@@ -47,9 +47,9 @@ def screenshot(run_dir: Path, out: Path, section: str | None = None) -> Path:
         raise XmllmError("screenshots need Playwright (pip install 'xmllm[test]')") from None
     if not CHROMIUM.exists():
         raise XmllmError(f"screenshots need Debian's Chromium at {CHROMIUM} (apt-get install chromium)")
-    from . import REPORT_NAME, write_report
+    from .explained import REPORT, write_report
 
-    page_path = Path(run_dir) / REPORT_NAME
+    page_path = Path(run_dir) / REPORT
     if not page_path.is_file():
         write_report(run_dir)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from xmllm.explainers.explanation import Explanation
+from xmllm.explainers.text import show_token
 
 MANTISSA_BITS = 12
 """Mantissa bits kept of float32's 23: relative error below 2**-13, about four significant digits."""
@@ -95,11 +96,6 @@ def compact(values: np.ndarray) -> np.ndarray:
     rounded = (bits + np.uint32(1 << (drop - 1))) & np.uint32(~((1 << drop) - 1) & 0xFFFFFFFF)
     bits[finite] = rounded[finite]
     return out
-
-
-def show_token(token: str) -> str:
-    """A tokenizer's piece as readers see it: BPE space and newline markers made visible."""
-    return token.replace("\u0120", " ").replace("\u2581", " ").replace("\u010a", "\u21b5").replace("\n", "\u21b5")
 
 
 def axis_labels(exp: Explanation, axis: str, size: int) -> list[str]:

@@ -4,10 +4,13 @@
 - one small map per image explainer, side by side over the image, each on its own colour scale
   with a colour bar (maps of different explainers are in different units);
 - how much the explainers agree: the Spearman rank correlation of every pair of maps;
-- the causal result in words ("masking these 3 cells turns *purple* into *blue*");
+- what explainers found, in words, each as its class's ``why`` says it (the causal set's:
+  "masking these 3 cells turns *purple* into *blue*");
 - maps whose largest value is near numerical noise, with the parameter to change.
 
-Everything here is computed from the run alone (no model), so cached runs re-render.
+Everything here is computed from the run alone (no model), so cached runs re-render. What differs
+by explainer (its hint, whether its map ranks cells, its sentence) is read from its class, so the
+panel keeps no table of explainers.
 """
 from __future__ import annotations
 
@@ -21,23 +24,13 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
-    from xmllm.report.explained import Run
+    from xmllm.explainers.registry import Explainer
 
 NOISE_FLOOR = 1e-3
 """Largest |value| under which an image map is called near numerical noise: for log-probability
 changes and their gradients this is a thousandth of a nat, far below any answer-level effect."""
-NOISE_HINTS: dict[str, str] = {
-    "perturbation.occlusion": "occlude larger windows (--param perturbation.occlusion.window=2) or explain a "
-                              "contrast (--contrast OTHER): a confident answer hardly moves when one cell is hidden",
-    "gradient.saliency": "explain a contrast (--contrast OTHER): the gradient of a saturated probability is near zero",
-    "gradient.input_x_gradient": "explain a contrast (--contrast OTHER): the gradient of a saturated probability "
-                                 "is near zero",
-    "relevancy.chefer": "use the logit target (--param relevancy.chefer.target=logit) or a contrast (--contrast OTHER)",
-    "relevancy.modality": "use the logit target (--param relevancy.modality.target=logit) or a contrast",
-    "gradient.gradcam": "explain a contrast (--contrast OTHER) or pick another layer (--param gradient.gradcam.layer=N)",
-}
-"""What to change when an explainer's map is near noise (by explainer id; a generic hint otherwise)."""
 GENERIC_HINT = "explain a contrast (--contrast OTHER) or change this explainer's parameters (xmllm explainers ID)"
+"""What to change when a map is near noise and its explainer declares no ``noise_hint`` of its own."""
 THUMB = 150
 """Pixels of each small map's side."""
 
@@ -55,6 +48,14 @@ class MapThumb:
 
 
 @dataclass
+class Finding:
+    """One explainer's sentence for the panel: what its explanation found, linked to its section."""
+
+    explainer: str
+    text: str
+
+
+@dataclass
 class WhyPanel:
     answer: str
     cut: bool
@@ -66,7 +67,9 @@ class WhyPanel:
     thumbs: list[MapThumb] = field(default_factory=list)
     agreement: dict[str, Any] | None = None
     """``labels`` and the ``matrix`` of Spearman correlations (None with fewer than two maps)."""
-    causal: str | None = None
+    causal: list[Finding] = field(default_factory=list)
+    """Every explainer's :meth:`~xmllm.explainers.registry.Explainer.why` sentence, in run order (of
+    the built-ins, the minimal causal set says one)."""
 
 
 def _thumb(values: np.ndarray, image: "Image.Image | None", region: Any) -> tuple[str, float, float]:
@@ -96,7 +99,7 @@ def _thumb(values: np.ndarray, image: "Image.Image | None", region: Any) -> tupl
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"), low, high
 
 
-def _region(run: "Run") -> Any:
+def _region(run: Any) -> Any:
     for layout in run.manifest.get("layouts") or []:
         for grid in layout.get("grids") or []:
             if grid.get("main") and layout.get("image") == 0:
@@ -104,28 +107,15 @@ def _region(run: "Run") -> Any:
     return None
 
 
-def _causal_words(run: "Run") -> str | None:
-    from xmllm.report.slabs import show_token
+def _declared(explainer_id: str) -> "type[Explainer]":
+    """The class that declares how ``explainer_id`` is shown; the base class's defaults for an id no
+    longer registered (a cached run of a removed or renamed explainer still renders)."""
+    from xmllm.explainers.registry import Explainer, registered
 
-    if "causal.minimal_set" not in run:
-        return None
-    exp = run["causal.minimal_set"]
-    meta, cells = exp.meta, (exp.meta.get("set") or {}).get("cells") or []
-    words = (meta.get("set") or {}).get("words") or []
-    original, new = show_token(str(meta.get("original_token", "?"))), show_token(str(meta.get("new_top_token", "?")))
-    if meta.get("status") == "flipped":
-        parts = []
-        if cells:
-            parts.append(f"{len(cells)} image cell{'s' if len(cells) != 1 else ''}")
-        if words:
-            parts.append(f"{len(words)} question word{'s' if len(words) != 1 else ''}")
-        what = " and ".join(parts) or "the set"
-        these = "this" if len(cells) + len(words) == 1 else "these"
-        return f"masking {these} {what.removeprefix('1 ')} turns “{original}” into “{new}”"
-    return f"no small set of cells changes the answer “{original}” ({meta.get('status', 'not found')})"
+    return registered().get(explainer_id, Explainer)
 
 
-def why_panel(run: "Run") -> WhyPanel:
+def why_panel(run: Any) -> WhyPanel:
     """The panel's content for ``run`` (see the module docstring)."""
     from xmllm.explainers.metrics import primary_image_map
     from xmllm.explainers.metrics.stats import spearman
@@ -149,14 +139,18 @@ def why_panel(run: "Run") -> WhyPanel:
         maps[exp.explainer] = values
         uri, low, high = _thumb(values, image, region)
         noise = None
-        if exp.explainer != "causal.minimal_set" and max(abs(low), abs(high)) < NOISE_FLOOR:
+        declared = _declared(exp.explainer)
+        if declared.ranks_cells and max(abs(low), abs(high)) < NOISE_FLOOR:
             noise = (f"largest value {max(abs(low), abs(high)):.1e}, near numerical noise: "
-                     + NOISE_HINTS.get(exp.explainer, GENERIC_HINT))
+                     + (declared.noise_hint or GENERIC_HINT))
         panel.thumbs.append(MapThumb(exp.explainer, scored.describe(), uri, low, high, noise))
-    labels = [k for k in maps if k != "causal.minimal_set"]
+    labels = [k for k in maps if _declared(k).ranks_cells]
     if len(labels) >= 2 and len({maps[k].shape for k in labels}) == 1:
         matrix = [[round(spearman(maps[a], maps[b]), 2) for b in labels] for a in labels]
         pairs = [(matrix[i][j], labels[i], labels[j]) for i in range(len(labels)) for j in range(i + 1, len(labels))]
         panel.agreement = {"labels": labels, "matrix": matrix, "lowest": min(pairs), "highest": max(pairs)}
-    panel.causal = _causal_words(run)
+    for exp in run.explanations:
+        sentence = _declared(exp.explainer).why(exp)
+        if sentence:
+            panel.causal.append(Finding(exp.explainer, sentence))
     return panel

@@ -9,15 +9,11 @@ from __future__ import annotations
 import inspect
 import json
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import markdown as md
-from .pages import GENERATED, SiteOutput, nav_title, relative
+from .pages import EXPLAINERS_DIR, ExampleResult, SiteOutput, explainer_page, leaf_page, nav_title, relative
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..build import ExampleResult
-
-EXPLAINERS_DIR = f"{GENERATED}/explainers"
 EXPLAINERS_INDEX = f"{EXPLAINERS_DIR}/index.md"
 NEED_TEXT = {
     "attention": "attention weights (the eager attention kernel)",
@@ -26,10 +22,6 @@ NEED_TEXT = {
     "labelled_set": "a sample set with ground-truth attributes",
     "checkpoints": "two checkpoints of one model",
 }
-
-
-def explainer_page(explainer_id: str) -> str:
-    return f"{EXPLAINERS_DIR}/{explainer_id}.md"
 
 
 def parameters(cls: type) -> list[dict[str, Any]]:
@@ -52,7 +44,7 @@ def _citation(c: dict[str, Any]) -> str:
     return f"- {who}({c['year']}). *{md.text(c['title'])}*.{link}"
 
 
-def _cost(example: "ExampleResult | None") -> list[str]:
+def _cost(example: ExampleResult | None) -> list[str]:
     if example is None:
         return ["Not measured in this build: the build ran no example of this explainer.", ""]
     model = example.manifest.get("model", {})
@@ -75,10 +67,8 @@ def _cost(example: "ExampleResult | None") -> list[str]:
     ]
 
 
-def render_explainer(row: dict[str, Any], cls: type, example: "ExampleResult | None",
+def render_explainer(row: dict[str, Any], cls: type, example: ExampleResult | None,
                      leaves: list[tuple[str, str]], note: str | None = None) -> str:
-    from .taxonomy import leaf_page
-
     eid = row["id"]
     page = explainer_page(eid)
     needs = [NEED_TEXT.get(n, n) for n in row["needs"]]
@@ -138,7 +128,7 @@ def render_explainer(row: dict[str, Any], cls: type, example: "ExampleResult | N
     return "\n".join(parts)
 
 
-def render_index(rows: list[dict[str, Any]], examples: dict[str, "ExampleResult"]) -> str:
+def render_index(rows: list[dict[str, Any]], examples: dict[str, ExampleResult]) -> str:
     page = EXPLAINERS_INDEX
     done = sum(r["status"] == "implemented" for r in rows)
     table_rows = []
@@ -164,7 +154,7 @@ def render_index(rows: list[dict[str, Any]], examples: dict[str, "ExampleResult"
     ])
 
 
-def generate(examples: dict[str, "ExampleResult"], catalog: Any = None,
+def generate(examples: dict[str, ExampleResult], catalog: Any = None,
              notes: dict[str, str] | None = None) -> SiteOutput:
     """The explainers index and one page per known or registered explainer, with their nav."""
     from xmllm.catalog import load_catalog

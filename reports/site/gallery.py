@@ -1,21 +1,15 @@
 """The gallery: every example report of the build, with what it explains and what it cost."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from . import markdown as md
-from .pages import GENERATED, SiteOutput, relative
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..build import ExampleResult
+from .pages import GENERATED, ExampleResult, SiteOutput, explainer_page, relative
 
 GALLERY_PAGE = f"{GENERATED}/gallery.md"
 SAMPLE_IMAGE = f"{GENERATED}/gallery/sample.png"
 
 
-def render(examples: dict[str, "ExampleResult"], titles: dict[str, str], image: bool, quick: bool) -> str:
+def render(examples: dict[str, ExampleResult], titles: dict[str, str], image: bool, quick: bool) -> str:
     from .casestudy import CASESTUDY_PAGE
-    from .explainers import explainer_page
 
     page = GALLERY_PAGE
     parts = ["# Gallery", ""]
@@ -55,7 +49,7 @@ def render(examples: dict[str, "ExampleResult"], titles: dict[str, str], image: 
     return "\n".join(parts)
 
 
-def generate(examples: dict[str, "ExampleResult"], titles: dict[str, str], sample_png: bytes | None,
+def generate(examples: dict[str, ExampleResult], titles: dict[str, str], sample_png: bytes | None,
              quick: bool = False) -> SiteOutput:
     out = SiteOutput()
     out.add(GALLERY_PAGE, render(examples, titles, sample_png is not None, quick))

@@ -1,14 +1,68 @@
-"""What a page generator hands back: files to write under the docs folder, and nav entries."""
+"""What page generators take and hand back: the build's example runs in, files to write under the
+docs folder and nav entries out."""
 from __future__ import annotations
 
 import posixpath
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 GENERATED = "generated"
 """Folder under the docs folder that holds every generated Markdown page (git-ignored)."""
 REPORTS = "reports"
 """Folder under the docs folder that holds the rendered example reports (git-ignored)."""
+EXPLAINERS_DIR = f"{GENERATED}/explainers"
+TAXONOMY_DIR = f"{GENERATED}/taxonomy"
+
+
+def explainer_page(explainer_id: str) -> str:
+    """Where an explainer's page lives (every page that links to it asks here)."""
+    return f"{EXPLAINERS_DIR}/{explainer_id}.md"
+
+
+def leaf_page(leaf_id: str) -> str:
+    """Where a taxonomy leaf's page lives."""
+    return f"{TAXONOMY_DIR}/{leaf_id}.md"
+
+
+@dataclass
+class ExampleResult:
+    """One explainer's example as the pages need it."""
+
+    explainer: str
+    run_dir: Path
+    report: str | None
+    """Path of the HTML report relative to the docs folder (None if not rendered)."""
+    manifest: dict[str, Any]
+    cached: bool
+
+    @property
+    def seconds(self) -> float | None:
+        return self.manifest.get("timings_seconds", {}).get(self.explainer)
+
+    @property
+    def prepare_seconds(self) -> float | None:
+        return self.manifest.get("timings_seconds", {}).get("prepare")
+
+    @property
+    def sample_id(self) -> str:
+        if "sample" in self.manifest:
+            return str(self.manifest["sample"].get("id", "sample"))
+        return f"{len(self.manifest.get('samples', []))} samples"
+
+    @property
+    def question(self) -> str:
+        if "sample" in self.manifest:
+            return str(self.manifest["sample"].get("question", ""))
+        return f"a set of {len(self.manifest.get('samples', []))} demo samples"
+
+    @property
+    def expected(self) -> str | None:
+        return self.manifest.get("sample", {}).get("expected")
+
+    @property
+    def answer(self) -> str:
+        return str(self.manifest.get("answer", {}).get("text", ""))
 
 
 @dataclass(frozen=True)

@@ -9,29 +9,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from . import markdown as md
-from .pages import GENERATED, SiteOutput, nav_title, relative
+from .pages import TAXONOMY_DIR, ExampleResult, SiteOutput, explainer_page, leaf_page, nav_title, relative
 
 if TYPE_CHECKING:  # pragma: no cover
     from xmllm.catalog import Catalog, Leaf, Perspective
 
-    from ..build import ExampleResult
-
-TAXONOMY_DIR = f"{GENERATED}/taxonomy"
 TAXONOMY_INDEX = f"{TAXONOMY_DIR}/index.md"
-
-
-def leaf_page(leaf_id: str) -> str:
-    return f"{TAXONOMY_DIR}/{leaf_id}.md"
 
 
 def perspective_page(perspective_id: str) -> str:
     return f"{TAXONOMY_DIR}/{perspective_id}.md"
-
-
-def explainer_page(explainer_id: str) -> str:
-    from .explainers import explainer_page as page
-
-    return page(explainer_id)
 
 
 def _status(explainer_id: str) -> str:
@@ -49,7 +36,7 @@ def _leaf_groups(p: "Perspective") -> list[tuple[str | None, str | None, list["L
     return out
 
 
-def _explainer_rows(page: str, leaf: "Leaf", examples: dict[str, "ExampleResult"],
+def _explainer_rows(page: str, leaf: "Leaf", examples: dict[str, ExampleResult],
                     titles: dict[str, str]) -> list[list[str]]:
     rows = []
     for eid in leaf.explainers:
@@ -65,7 +52,7 @@ def _explainer_rows(page: str, leaf: "Leaf", examples: dict[str, "ExampleResult"
     return rows
 
 
-def render_leaf(leaf: "Leaf", path_names: list[str], examples: dict[str, "ExampleResult"],
+def render_leaf(leaf: "Leaf", path_names: list[str], examples: dict[str, ExampleResult],
                 titles: dict[str, str], perspective_id: str) -> str:
     page = leaf_page(leaf.id)
     crumbs = [md.link(path_names[0], relative(page, perspective_page(perspective_id)))]
@@ -169,7 +156,7 @@ def render_index(cat: "Catalog", coverage: dict[str, int]) -> str:
     return "\n".join(parts)
 
 
-def generate(examples: dict[str, "ExampleResult"], titles: dict[str, str], catalog: Any = None) -> SiteOutput:
+def generate(examples: dict[str, ExampleResult], titles: dict[str, str], catalog: Any = None) -> SiteOutput:
     """Every taxonomy page, and the nav section that replaces ``generated/taxonomy/index.md``."""
     from xmllm.catalog import coverage, load_catalog
 

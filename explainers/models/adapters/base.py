@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import AdapterError, UnsupportedModelError
 from ..layout import FULL_IMAGE, ImageLayout, PatchGrid, Region
-from . import pixels as px
+from .pixels import patch_map, with_leading_tokens
 
 # --- plans: what an adapter says about one image, before positions are laid over it ------------
 
@@ -345,8 +345,8 @@ class ModelAdapter:
         cells = self.pixel_cell_map(inputs)
         if cells.dim() != 4:
             raise AdapterError(f"{self.model_type}: no vision-token map for pixel_values of {cells.dim()} dims")
-        patches = px.patch_map(cells[:, 0], self.patch_size)
-        return px.with_leading_tokens(patches, self.vision_extra_tokens())
+        patches = patch_map(cells[:, 0], self.patch_size)
+        return with_leading_tokens(patches, self.vision_extra_tokens())
 
     def vision_extra_tokens(self) -> int:
         """Tokens the vision embeddings put before the patches (CLIP's class token): 0 or more."""
