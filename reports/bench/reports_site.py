@@ -36,6 +36,7 @@ def report_size(ctx: BenchContext) -> BenchRow:
     from xmllm.explainers.models.loading import DEMO_EARLY_SPEC
     from xmllm.explainers.registry import Need, registered, sample_level_ids
     from xmllm.report.explained import REPORT
+    from xmllm.pipeline import make_plan
     from xmllm.runner import run_explainers
 
     loaded = ctx.models[MAIN]
@@ -50,7 +51,7 @@ def report_size(ctx: BenchContext) -> BenchRow:
             skipped.append(eid)
     sample = to_explain_sample(generate_sample(0, 0))
     with tempfile.TemporaryDirectory(prefix="xmllm-bench-report-") as tmp:
-        result = run_explainers(loaded, sample, ids, params)
+        result = run_explainers(loaded, sample, make_plan(ids, params))
         path = result.save(Path(tmp)) / REPORT
         size = path.stat().st_size
     return BenchRow(GROUP_REPORT, "report with every sample-level explainer / 3 MB",
