@@ -11,11 +11,13 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 ARXIV_RE = re.compile(r"^\d{4}\.\d{4,5}$")
 # Dotted, lower-case, hyphenated segments: ``model``, ``model.token``, ``model.token.visual-text``.
 NODE_ID_RE = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*(?:\.[a-z0-9]+(?:-[a-z0-9]+)*)*$")
+# A place in the survey a reader can turn to: a page, a section or a figure (or table).
+SOURCE_RE = re.compile(r"\b(?:pages?|pp?\.|sections?|sec\.|figures?|fig\.|tables?)(?=\W|$)|§", re.IGNORECASE)
 
 
 def _arxiv(value: str) -> str:
@@ -27,6 +29,13 @@ def _arxiv(value: str) -> str:
 def _node_id(value: str) -> str:
     if not NODE_ID_RE.match(value):
         raise ValueError(f"malformed id {value!r} (expected lower-case dotted segments like 'model.token.visual')")
+    return value
+
+
+def _source(value: str) -> str:
+    if not SOURCE_RE.search(value):
+        raise ValueError(f"source {value!r} must say where in the survey: a page, section or figure "
+                         "(e.g. 'Figure 2' or 'section Data > Benchmark')")
     return value
 
 
@@ -60,6 +69,7 @@ def _unique(items: list[str]) -> list[str]:
 Text = Annotated[str, Field(min_length=1)]
 ArxivId = Annotated[str, AfterValidator(_arxiv)]
 NodeId = Annotated[str, AfterValidator(_node_id)]
+Source = Annotated[str, Field(min_length=1), AfterValidator(_source)]
 ExplainerId = Annotated[str, AfterValidator(_explainer_id)]
 Year = Annotated[int, Field(ge=1950, le=2100)]
 RefNumber = Annotated[int, Field(ge=1)]
@@ -77,6 +87,9 @@ class Survey(_Strict):
     year: Year
     arxiv: ArxivId
     url: Text | None = None
+    taxonomy_figure: Text | None = None
+    """The survey's figure whose boxes are the leaves and whose reference numbers ``survey_refs``
+    copies (``Figure 2``); the taxonomy page says the catalog matches it."""
 
 
 class Terms(_Strict):
@@ -87,12 +100,35 @@ class Terms(_Strict):
 
 
 class Method(_Strict):
-    """A published method behind a leaf; ``candidate`` until checked against the survey."""
+    """A published method the survey cites for a leaf; ``candidate`` until checked against the survey.
+
+    ``confirmed`` is a claim about the survey, so it carries its ``source``: the page, section or
+    figure where the survey names the work. A confirmation without one is refused, naming the method.
+    """
 
     name: Text
     year: Year
     arxiv: ArxivId | None = None
     confidence: Literal["confirmed", "candidate"]
+    source: Source | None = None
+    note: Text | None = None
+
+    @model_validator(mode="after")
+    def _confirmed_has_a_source(self) -> "Method":
+        if self.confidence == "confirmed" and self.source is None:
+            raise ValueError(f"method {self.name!r} is marked confirmed but records no source: add "
+                             "'source:' with the page, section or figure of the survey that names it, "
+                             "or mark it 'candidate'")
+        return self
+
+
+class RunnableRef(_Strict):
+    """A published method behind a leaf's ``runnable_as`` that the survey is not known to cite:
+    kept apart from the cited ``methods`` so that the leaf never passes it off as the survey's."""
+
+    name: Text
+    year: Year
+    arxiv: ArxivId | None = None
     note: Text | None = None
 
 
@@ -106,6 +142,17 @@ class Leaf(_Strict):
     methods: list[Method]
     explainers: Annotated[list[ExplainerId], AfterValidator(_non_empty("explainer id")), AfterValidator(_unique)]
     runnable_as: Text | None = None
+    runnable_refs: list[RunnableRef] = []
+    """Papers behind ``runnable_as`` that the survey is not known to cite (e.g. POPE, CHAIR)."""
+
+    @model_validator(mode="after")
+    def _cited_and_runnable_apart(self) -> "Leaf":
+        cited = {m.arxiv for m in self.methods if m.arxiv} | {m.name for m in self.methods}
+        for ref in self.runnable_refs:
+            if ref.name in cited or (ref.arxiv and ref.arxiv in cited):
+                raise ValueError(f"{ref.name!r} is listed both as a cited method and in runnable_refs; "
+                                 "keep it in one of them")
+        return self
 
 
 class Group(_Strict):

@@ -10,7 +10,8 @@ same numbers for the same inputs and seed::
                         ["relevancy.chefer", "gradient.integrated", "perturbation.occlusion"])
     run.answer["text"], run.answer["probs"]      # the answer and each token's probability
     run["perturbation.occlusion"].maps["image"]  # (answer token, row, col) array
-    run                                          # in a notebook: the interactive report
+    run                                          # in a notebook: maps, why panel, token table
+    run.show(interactive=True)                   # the interactive report, inline
     run.save("runs/circle")                      # what `xmllm explain --out` writes
     again = xmllm.load_run("runs/circle")        # read back without the model
 """
@@ -131,7 +132,8 @@ def explain(
 
     Returns a :class:`~xmllm.report.explained.Run`: the answer with per-token probabilities
     (``run.answer``), each :class:`~xmllm.explainers.explanation.Explanation` by id (``run[id]``),
-    provenance (``run.manifest``); ``run.show()`` or the notebook shows its report.
+    provenance (``run.manifest``). In a notebook a run shows itself light (static maps, the why
+    panel, the answer's tokens); ``run.show(interactive=True)`` shows the interactive report.
 
     Example:
 

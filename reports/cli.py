@@ -27,6 +27,10 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the program is, so that it unwinds (and cleans up) as after Ctrl-C."""
 
 
+VERBOSE_HELP = ("show everything other libraries print (transformers' notices and loading bars), "
+                "which xmllm otherwise routes: known-harmless ones dropped, others shown once")
+
+
 def _on_sigterm(signum: int, frame: object) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the cleanup
     raise Terminated()
@@ -46,10 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Explain multimodal LLMs: catalog, explainers, reports, site.",
     )
     parser.add_argument("--version", action="version", version=f"xmllm {package_version()}")
+    parser.add_argument("--verbose", action="store_true", default=False, help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         module = importlib.import_module(f"{commands.__name__}.{info.name}")
         module.add_parser(sub)
+    for command in sub.choices.values():  # also after the command: 'xmllm build --verbose'
+        if not any("--verbose" in action.option_strings for action in command._actions):
+            command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     return parser
 
 
@@ -59,6 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    if args.verbose:
+        from xmllm.explainers.quiet import set_verbose
+
+        set_verbose(True, export=True)  # exported: worker processes (the build's case study, audits) follow
     from xmllm.allocator import keep_freed_memory
 
     keep_freed_memory()  # batched CPU forwards reuse freed blocks instead of page-faulting fresh ones

@@ -6,6 +6,7 @@ reader, a cache or a resumed audit would take it for a finished one.
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -56,6 +57,56 @@ def replace_dir(staged: Path, final: Path, old: Path | None = None) -> None:
         raise
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
+
+
+def probe_writable(folder: Path) -> Path:
+    """Create and remove an empty file in ``folder``, or in its nearest existing ancestor when it
+    does not exist yet (where its first new folder would be made); returns the folder probed.
+
+    Raises the system's ``OSError`` (a read-only file system, no permission, no inodes or no
+    blocks left) before any costly work: access bits alone would not do, since root passes them
+    on a read-only mount."""
+    probed = Path(folder)
+    while not probed.exists() and not probed.is_symlink() and probed != probed.parent:
+        probed = probed.parent
+    if not probed.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(probed))
+    fd, tmp = tempfile.mkstemp(dir=probed, prefix=".xmllm-probe-", suffix=".tmp")
+    os.close(fd)
+    os.unlink(tmp)
+    st = os.statvfs(probed)  # an empty file takes no blocks: a full disk shows here
+    if (st.f_bfree if os.geteuid() == 0 else st.f_bavail) == 0:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(probed))
+    return probed
+
+
+def write_dir(final: Path, fill: Callable[[Path], Any]) -> Path:
+    """Build the folder ``final`` whole or not at all: ``fill`` writes into a hidden sibling
+    (``.<name>.tmp-<pid>-...``), which is then renamed into place, replacing an earlier ``final``.
+
+    Any failure (a full disk) removes the sibling and the parent folders made for it, so that
+    nothing half-written is left where a reader would take it for a finished folder; siblings
+    left by killed processes are swept first."""
+    final = Path(final).absolute()
+    made = final.parent
+    while not made.parent.exists() and made.parent != made:
+        made = made.parent
+    made = None if made.exists() else made
+    prefix = f".{final.name}.tmp-"
+    try:
+        remove_stale(final.parent, prefix)
+        tmp = scratch_dir(final.parent, prefix)
+        try:
+            fill(tmp)
+            replace_dir(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    except BaseException:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        raise
+    return final
 
 
 def make_dir(path: Path) -> Path:

@@ -266,10 +266,14 @@ def load_model(
     """Load ``spec`` ("demo", "demo-early", a folder or a hub id) with its processor and family adapter.
 
     ``eager_attention`` selects the eager attention kernel, the only one that returns
-    attention weights. The model is put in eval mode on ``device`` in ``dtype``.
+    attention weights. The model is put in eval mode on ``device`` in ``dtype``. transformers'
+    own bars and notices are routed through xmllm's (:mod:`xmllm.explainers.quiet`).
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from ..quiet import route_library_output
+
+    route_library_output()  # no "Loading weights" bar nor known-harmless notices (all of it with XMLLM_VERBOSE=1)
     spec = os.fspath(spec)
     target_device = resolve_device(device)
     target_dtype = resolve_dtype(dtype, target_device)

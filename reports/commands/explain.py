@@ -3,6 +3,7 @@ image and a self-contained HTML report."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -47,18 +48,31 @@ def add_memory_option(p: argparse.ArgumentParser) -> None:
 
 
 def check_out(out: Path) -> None:
-    """``--out`` before any model work: a new folder, an empty one, or an earlier run's (replaced)."""
+    """``--out`` before any model work: a new folder, an empty one, or an earlier run's (replaced
+    whole), on a file system that takes writes (an empty file is made and removed where the run
+    folder will be staged: beside ``out``, or in its nearest existing ancestor)."""
+    from xmllm.audit.store import OutputError
+    from xmllm.files import probe_writable
     from xmllm.report.explained import ARRAYS, MANIFEST, REPORT
 
     if out.exists() and not out.is_dir():
         raise XmllmError(f"--out {out}: exists and is not a folder")
     if out.is_dir():
+        if os.path.ismount(out):
+            raise XmllmError(f"--out {out}: a mount point, which cannot be replaced by a renamed folder; "
+                             f"name a folder inside it")
         ours = {MANIFEST, ARRAYS, REPORT}
         others = sorted(p.name for p in out.iterdir()
                         if p.name not in ours and not (p.name.startswith("image_") and p.suffix == ".png")
-                        and not p.name.startswith("."))
-        if others and not (out / MANIFEST).is_file():
-            raise XmllmError(f"--out {out}: a folder with other files ({others[0]}, ...); choose a new or empty folder")
+                        and not (p.name.startswith(".") and p.is_file()))
+        if others:
+            what = "an earlier run's folder that also holds" if (out / MANIFEST).is_file() else "a folder with"
+            raise XmllmError(f"--out {out}: {what} other files ({others[0]}, ...), which the run folder, written "
+                             f"whole, would replace; choose a new or empty folder")
+    try:
+        probe_writable(out.parent if out.is_dir() else out)
+    except OSError as exc:
+        raise OutputError(out, exc) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     from ..explainers.models import resolve_device
     from ..pipeline import make_plan
     from ..runner import parse_params, resolve_explainers
+    from xmllm.audit.store import OutputError
 
     budget = parse_memory(args.max_memory) if args.max_memory is not None else None
     check_out(args.out)
@@ -86,7 +101,10 @@ def run(args: argparse.Namespace) -> int:
         run = explain(args.model, args.image, args.question, plan, expected=args.expected, device=args.device,
                       dtype=args.dtype, max_memory=budget,
                       progress=lambda eid: (bar.set_postfix_str(eid), bar.update(1)))
-    folder = run.save(args.out)
+    try:
+        folder = run.save(args.out)
+    except OSError as exc:  # a disk that filled up during the run: nothing of the run is left
+        raise OutputError(args.out, exc) from None
     for eid, why in (run.manifest.get("skipped") or {}).items():
         print(f"skipped {eid}: {why}", file=sys.stderr)
     for warning in run.manifest.get("warnings") or []:

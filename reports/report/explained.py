@@ -26,6 +26,8 @@ REPORT = "report.html"
 """A run folder's self-contained report."""
 IMAGE_NAME = "image_{}.png"
 """File name of a run's ``k``-th input image inside its folder."""
+INLINE_TEMPLATE = "inline.html.j2"
+"""The light view a notebook shows inline (static maps, no scripts)."""
 INLINE_HEIGHT = 760
 """Pixels of the frame a notebook shows a report in (it scrolls; drag its corner to resize)."""
 
@@ -90,21 +92,30 @@ class Run:
 
     def save(self, folder: str | Path, report: bool = True) -> Path:
         """Write ``explanations.npz``, ``manifest.json``, the input images (``image_0.png``, ...) and,
-        with ``report``, ``report.html`` into ``folder``, each file whole or not at all; returns the
-        folder. :func:`load_run` reads it back."""
-        from xmllm.explainers.explanation import save_explanations
-        from xmllm.files import atomic, make_dir, write_atomic
+        with ``report``, ``report.html`` into ``folder``; returns the folder. :func:`load_run` reads
+        it back.
 
-        folder = make_dir(Path(folder))
+        The folder is written whole or not at all: built in a hidden sibling and renamed into place
+        (an earlier run's folder there is replaced), so a full disk leaves no run without its report.
+        A failure to write raises the system's ``OSError`` (``xmllm explain`` makes it one line)."""
+        from xmllm.explainers.explanation import save_explanations
+        from xmllm.files import atomic, write_dir
+
+        folder = Path(folder)
         names = self.image_names or [IMAGE_NAME.format(k) for k in range(len(self.images))]
-        for name, image in zip(names, self.images):
-            atomic(folder / name, lambda fh, img=image: img.save(fh, format="PNG"), binary=True)
         extra = {k: v for k, v in self.manifest.items() if k != "explanations"}
         if names:
             extra["sample"] = {**extra.get("sample", {}), "images": list(names)}
-        save_explanations(self.explanations, folder / ARRAYS, folder / MANIFEST, extra=extra)
-        if report:
-            write_atomic(folder / REPORT, self.report_html())
+        page = self.report_html() if report else None  # rendered before anything is written
+
+        def fill(staged: Path) -> None:
+            for name, image in zip(names, self.images):
+                atomic(staged / name, lambda fh, img=image: img.save(fh, format="PNG"), binary=True)
+            save_explanations(self.explanations, staged / ARRAYS, staged / MANIFEST, extra=extra)
+            if page is not None:
+                atomic(staged / REPORT, lambda fh: fh.write(page))
+
+        write_dir(folder, fill)
         self.folder = folder
         return folder
 
@@ -133,21 +144,29 @@ class Run:
         exp.context = self  # the single view borrows it; the explanation still belongs to this run
         return view
 
-    def _repr_html_(self) -> str:
-        """The report, inline in a notebook: inside its own frame, so that two reports in one
-        notebook share no element ids, scripts or styles, and nothing is loaded from anywhere."""
-        return inline_frame(self.report_html(), self.manifest)
+    def inline_html(self) -> str:
+        """The light page a notebook shows (:func:`render_inline`): static maps, the why panel and
+        the answer's tokens, tens of kilobytes where the interactive report carries BokehJS."""
+        return render_inline(self)
 
-    def show(self) -> None:
-        """Show the report: inline in a notebook, else in the web browser (from a file in the
-        cache folder, replaced when the same run is shown again)."""
+    def _repr_html_(self) -> str:
+        """The light view, inline in a notebook: inside its own frame, sandboxed without scripts,
+        so that two runs in one notebook share no element ids or styles and nothing is loaded
+        from anywhere. ``show(interactive=True)`` shows the full report instead."""
+        return inline_frame(self.inline_html(), self.manifest)
+
+    def show(self, interactive: bool = False) -> None:
+        """Show the run: in a notebook, the light view inline, or with ``interactive`` the full
+        interactive report (its own frame, scripts allowed there only); elsewhere the report in
+        the web browser (from a file in the cache folder, replaced when the same run is shown again)."""
         try:
             from IPython import get_ipython
-            from IPython.display import HTML, display
+            from IPython.display import display
         except ImportError:
             get_ipython = None
         if get_ipython is not None and get_ipython() is not None:
-            display(HTML(self._repr_html_()))
+            markup = inline_frame(self.report_html(), self.manifest, scripts=True) if interactive else self._repr_html_()
+            display({"text/html": markup}, raw=True)  # raw: IPython's HTML() warns about any <iframe>
             return
         import hashlib
         import webbrowser
@@ -171,7 +190,8 @@ def id_seed(manifest: dict) -> str:
 
 
 def explanation_html(explanation: Explanation) -> str:
-    """One explanation's report inline in a notebook, within its run when it has one: the
+    """One explanation's light view inline in a notebook (its static maps, the answer's tokens),
+    within its run when it has one: the
     ``explanation`` renderer of the ``xmllm.renderers`` entry points, which
     :meth:`Explanation._repr_html_` loads (the core does not import this layer)."""
     run = explanation.context if isinstance(explanation.context, Run) else None
@@ -180,12 +200,65 @@ def explanation_html(explanation: Explanation) -> str:
     return run.only(explanation.explainer)._repr_html_()
 
 
-def inline_frame(page: str, manifest: dict[str, Any]) -> str:
-    """``page`` in a sandboxed ``<iframe srcdoc>``: scripts run in an opaque origin of their own."""
+def inline_frame(page: str, manifest: dict[str, Any], scripts: bool = False) -> str:
+    """``page`` in a sandboxed ``<iframe srcdoc>``: no scripts at all (the light view), or with
+    ``scripts`` (the interactive report) scripts in an opaque origin of their own."""
     question = (manifest.get("sample") or {}).get("question", "xmllm report")
-    return (f'<iframe title="{html.escape(str(question)[:200], quote=True)}" sandbox="allow-scripts" '
+    sandbox = "allow-scripts" if scripts else ""
+    return (f'<iframe title="{html.escape(str(question)[:200], quote=True)}" sandbox="{sandbox}" '
             f'style="width:100%;height:{INLINE_HEIGHT}px;border:1px solid #ccc;resize:vertical" '
             f'srcdoc="{html.escape(page, quote=True)}"></iframe>')
+
+
+def render_inline(run: Run) -> str:
+    """The light view of ``run`` (``templates/inline.html.j2``): each view's static PNG (the same
+    figure the report prints), the why panel, the per-token probabilities and the faithfulness
+    curves; no BokehJS, whose inline copy makes the full report megabytes per notebook cell."""
+    from markupsafe import Markup
+
+    from xmllm.templates import read_template
+
+    from .about import about
+    from .faithfulness import block_for
+    from .figures import SectionControls
+    from .render import CSS, anchor_for, answer_tokens, environment
+    from .summary import why_panel
+    from .views import SCALE_NOTE, PageImages, plan
+
+    manifest = run.manifest
+    page = PageImages.build(run.images, manifest.get("layouts"))
+    sections = []
+    for exp in run.explanations:
+        controls = SectionControls(exp.explainer)  # the views wire their figures to it; only the PNGs are kept
+        outs = [view.render(controls, page) for view in plan(exp)]
+        for out in outs:
+            out.roots = []
+            out.notes = [n for n in out.notes if n != SCALE_NOTE and not n.startswith("Click")]  # no interaction here
+        warning = exp.meta.get("warning")
+        sections.append({"id": exp.explainer, "anchor": anchor_for(exp.explainer), "title": about(exp.explainer).title,
+                         "views": outs, "warning": warning if isinstance(warning, str) else None,
+                         "faithfulness": block_for(manifest, exp.explainer)})
+    sample = manifest.get("sample") or {}
+    samples = [x for x in manifest.get("samples") or [] if isinstance(x, dict)]
+    scope = "dataset" if manifest.get("scope") == "dataset" or (samples and not sample) else "sample"
+    context = {
+        "why": why_panel(run) if scope == "sample" else None,
+        "anchor_for": anchor_for,
+        "scope": scope,
+        "samples_total": len(samples),
+        "heading": sample.get("question", "") if scope == "sample" else
+        f"{', '.join(e.explainer for e in run.explanations)} over {len(samples)} samples",
+        "sample": sample,
+        "expected": sample.get("expected"),
+        "answer": answer_tokens(run.target, manifest),
+        "images": [{"uri": src.data["url"][0], "size": size} for src, size in zip(page.sources, page.sizes)],
+        "model": manifest.get("model") or {},
+        "created": manifest.get("created"),
+        "report_path": str(run.folder / REPORT) if run.folder is not None and (run.folder / REPORT).is_file() else None,
+        "sections": sections,
+        "css": Markup(read_template(CSS)),
+    }
+    return environment().get_template(INLINE_TEMPLATE).render(**context)
 
 
 def load_run(folder: str | Path) -> Run:

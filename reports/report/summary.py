@@ -73,21 +73,32 @@ class WhyPanel:
 
 
 def _thumb(values: np.ndarray, image: "Image.Image | None", region: Any) -> tuple[str, float, float]:
-    """The map over (the mapped region of) the image, with a colour bar, as a PNG data URI."""
+    """The map over the image, with a colour bar, as a PNG data URI.
+
+    Drawn as the sections' overlays are (:func:`xmllm.report.static.overlay_png`): the whole image,
+    the map laid over its region (fractions ``top, left, bottom, right``) in the see-through overlay
+    colours, so the hot cells sit on the object under them. Without an image or a known region the
+    grid is drawn alone, one square per cell.
+    """
     from .static import _cmap, _pyplot, _scale
 
     plt = _pyplot()
     low, high = float(np.nanmin(values)), float(np.nanmax(values))
     signed, vmin, vmax = _scale(values)  # the page's own colour rule and maps, as its overlays use
     fig, ax = plt.subplots(figsize=(2.0, 1.7), dpi=THUMB / 2.0)
-    if image is not None:
-        shown = image
-        if region is not None:
-            x0, y0, x1, y1 = (float(v) for v in region)
-            shown = image.crop((round(x0), round(y0), round(x1), round(y1)))
-        ax.imshow(np.asarray(shown.convert("RGB")), extent=(0, 1, 1, 0))
-    mapped = ax.imshow(np.ma.masked_invalid(values), cmap=_cmap(signed, image is not None), vmin=vmin, vmax=vmax,
-                       extent=(0, 1, 1, 0), interpolation="nearest")
+    over = image is not None and region is not None
+    if over:
+        width, height = image.size
+        top, left, bottom, right = (float(v) for v in region)
+        ax.imshow(np.asarray(image.convert("RGB")), extent=(0, width, height, 0))
+        extent = (left * width, right * width, bottom * height, top * height)
+    else:
+        height, width = values.shape[-2:]
+        extent = (0, width, height, 0)
+    mapped = ax.imshow(np.ma.masked_invalid(values), cmap=_cmap(signed, over), vmin=vmin, vmax=vmax,
+                       extent=extent, interpolation="nearest")
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)
     ax.set_axis_off()
     bar = fig.colorbar(mapped, ax=ax, fraction=0.08, pad=0.03)
     bar.ax.tick_params(labelsize=5)
@@ -100,11 +111,14 @@ def _thumb(values: np.ndarray, image: "Image.Image | None", region: Any) -> tupl
 
 
 def _region(run: Any) -> Any:
-    for layout in run.manifest.get("layouts") or []:
+    """Where the first image's main grid lies on it (fractions), as the sections place their maps:
+    the whole image when the run records no layouts, None when it records them but not this one."""
+    layouts = run.manifest.get("layouts") or []
+    for layout in layouts:
         for grid in layout.get("grids") or []:
             if grid.get("main") and layout.get("image") == 0:
                 return grid.get("region")
-    return None
+    return None if layouts else (0.0, 0.0, 1.0, 1.0)
 
 
 def _declared(explainer_id: str) -> "type[Explainer]":

@@ -1,6 +1,7 @@
 """The taxonomy section: an overview, one page per perspective and one per leaf.
 
-A leaf page holds the leaf's description, its published methods with arXiv links, the explainers
+A leaf page holds the leaf's description, the methods the survey cites (with where it names the
+confirmed ones) and the papers behind its runnable forms, apart, with arXiv links; the explainers
 that put it into practice (with their status, cost and example report), and the survey's
 reference numbers.
 """
@@ -53,7 +54,8 @@ def _explainer_rows(page: str, leaf: "Leaf", examples: dict[str, ExampleResult],
 
 
 def render_leaf(leaf: "Leaf", path_names: list[str], examples: dict[str, ExampleResult],
-                titles: dict[str, str], perspective_id: str) -> str:
+                titles: dict[str, str], perspective_id: str, figure_name: str | None = None) -> str:
+    """A leaf's page; ``figure_name`` is the survey's figure its box and reference numbers are in."""
     page = leaf_page(leaf.id)
     crumbs = [md.link(path_names[0], relative(page, perspective_page(perspective_id)))]
     crumbs += [md.text(name) for name in path_names[1:-1]]
@@ -69,18 +71,25 @@ def render_leaf(leaf: "Leaf", path_names: list[str], examples: dict[str, Example
     ]
     if leaf.runnable_as:
         parts += [f"**Runnable as:** {md.text(leaf.runnable_as)}", ""]
+    if leaf.runnable_refs:
+        named = "; ".join(f"{md.text(r.name)} ({r.year}, {md.arxiv_link(r.arxiv)})" if r.arxiv
+                          else f"{md.text(r.name)} ({r.year})" for r in leaf.runnable_refs)
+        parts += [f"**Runnable-as references:** {named}. The survey is not known to cite these; they are "
+                  "what the explainers run, not methods of this leaf.", ""]
     refs = ", ".join(md.text(f"[{n}]") for n in leaf.survey_refs)
-    parts += [f"**Survey references:** {refs} (numbers in the survey's bibliography)", ""]
+    figure = f" as printed in this leaf's box of the survey's {md.text(figure_name)}" if figure_name else ""
+    parts += [f"**Survey references:** {refs} (numbers in the survey's bibliography,{figure})", ""]
 
-    parts += ["## Methods", ""]
+    parts += ["## Methods the survey cites", ""]
     if leaf.methods:
         parts.append(md.table(
-            ["Method", "Year", "Paper", "Status", "Note"],
-            [[md.cell(m.name), str(m.year), md.arxiv_link(m.arxiv), md.cell(m.confidence), md.cell(m.note)]
+            ["Method", "Year", "Paper", "Status", "Where in the survey", "Note"],
+            [[md.cell(m.name), str(m.year), md.arxiv_link(m.arxiv), md.cell(m.confidence),
+              md.cell(m.source) if m.source else "&ndash;", md.cell(m.note)]
              for m in leaf.methods],
         ))
-        parts += ["", "*confirmed*: the survey names the work in this leaf; *candidate*: our reading of a "
-                  "reference number, not yet checked against the survey's bibliography.", ""]
+        parts += ["", "*confirmed*: the survey names the work in this leaf, at the place given; *candidate*: our "
+                  "reading of a reference number, not yet checked against the survey's bibliography.", ""]
     else:
         parts += ["The survey cites no single named method for this leaf; its references are listed above.", ""]
 
@@ -131,9 +140,20 @@ def render_index(cat: "Catalog", coverage: dict[str, int]) -> str:
         "# Taxonomy",
         "",
         f"The survey *{md.text(s.title)}* ({md.text(s.authors)}, {s.year}, {md.arxiv_link(s.arxiv)}) sorts "
-        "explanations of multimodal language models by what they look at. Each leaf below is a box of its "
-        "Figure 2, tied to the explainers of xmllm that put it into practice.",
+        "explanations of multimodal language models by what they look at. Each leaf below is tied to the "
+        "explainers of xmllm that put it into practice.",
         "",
+    ]
+    n = len(cat.leaves())
+    if s.taxonomy_figure:
+        figure = md.text(s.taxonomy_figure)
+        parts += [
+            f"**Source of the tree:** the survey's {figure}. The {len(cat.perspectives)} perspectives, the {n} "
+            f"leaves and each leaf's survey reference numbers match {figure}, box for box; the reference "
+            "numbers on every leaf page are the ones printed in that leaf's box.",
+            "",
+        ]
+    parts += [
         f"**Coverage:** {coverage['leaves_covered']}/{coverage['leaves_total']} leaves have at least one "
         f"implemented explainer; {coverage['explainers_implemented']}/{coverage['explainers_total']} explainers "
         "are implemented.",
@@ -170,7 +190,8 @@ def generate(examples: dict[str, ExampleResult], titles: dict[str, str], catalog
         section: list[Any] = [{nav_title(p.name): perspective_page(p.id)}]
         for group, _description, leaves in _leaf_groups(p):
             for leaf in leaves:
-                out.add(leaf_page(leaf.id), render_leaf(leaf, paths[leaf.id], examples, titles, p.id))
+                out.add(leaf_page(leaf.id), render_leaf(leaf, paths[leaf.id], examples, titles, p.id,
+                                                        cat.survey.taxonomy_figure))
                 label = f"{group}: {leaf.name}" if group else leaf.name
                 section.append({nav_title(label): leaf_page(leaf.id)})
         nav.append({nav_title(p.name): section})
