@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from .answering import generate_answer
-from .context import ExplainSample, Prepared, prepare
+from xmllm.explainers.prepared import ExplainSample, Prepared, prepare
 from .hooks import Hooks
 from .memory import accepts_logits_to_keep
 

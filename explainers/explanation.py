@@ -55,7 +55,7 @@ class Explanation:
     axes: dict[str, tuple[str, ...]] = field(default_factory=dict)
     scores: dict[str, float] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
-    context: Any = field(default=None, repr=False, compare=False)
+    run: Any = field(default=None, repr=False, compare=False)
     """The run this explanation belongs to (its images and provenance), set by :class:`xmllm.Run`
     for display; never saved."""
 

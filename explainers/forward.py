@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .capture import attn_implementations, uses_eager
-from .context import Prepared, score_tokens
+from xmllm.explainers.prepared import Prepared, score_tokens
 from .hooks import Hooks
 from .memory import accepts_logits_to_keep, copies_within, forward_copy_bytes
 from .params import positive_int

@@ -18,7 +18,7 @@ from PIL import Image, ImageFilter
 
 from xmllm import MissingInput
 
-from .context import Prepared
+from xmllm.explainers.prepared import Prepared
 from .forward import (
     SHORTCUT_FAILURES,
     SHORTCUT_TOLERANCE,

@@ -42,7 +42,7 @@ import torch
 from xmllm import XmllmError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .context import Prepared
+    from xmllm.explainers.prepared import Prepared
 
 CPU_BUDGET = 1 << 30
 """Default budget on a CPU (1 GiB): enough for the full batch on small models, about 7 copies of a

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .context import Prepared
+from xmllm.explainers.prepared import Prepared
 from .forward import batch_size_for
 from .masking import first_layout, windows
 from .scaleplan import costs, windows_count

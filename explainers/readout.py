@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .context import Prepared
+from xmllm.explainers.prepared import Prepared
 from .hooks import Hooks
 from .memory import accepts_logits_to_keep
 from .params import ParamError

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Mapping, Sequence
 from .params import ExplainerParams, ParamError, check_declaration  # noqa: F401  (ParamError: re-exported)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .context import ExplainSample, Prepared
+    from xmllm.explainers.prepared import ExplainSample, Prepared
     from .explanation import Explanation
     from .models import LoadedModel
     from .scaleplan import ScalePlan
@@ -128,7 +128,7 @@ class Explainer:
         final sequence, positions); a sample set as it is."""
         if self.scope != "sample":
             return sample
-        from .context import as_prepared
+        from xmllm.explainers.prepared import as_prepared
 
         return as_prepared(model, sample)
 

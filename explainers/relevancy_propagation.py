@@ -48,7 +48,7 @@ import torch
 from xmllm import MissingInput
 
 from .capture import attn_implementations, eager_attention
-from .context import Prepared, score_tokens
+from xmllm.explainers.prepared import Prepared, score_tokens
 from .hooks import Hooks
 from .models.errors import AdapterError
 from .params import ParamError

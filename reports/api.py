@@ -140,7 +140,7 @@ def explain(
         run = xmllm.explain(model, "shapes.png", "What colour is the diamond?", ["gradient.integrated"],
                             params={"gradient.integrated": {"n_steps": 16}}, contrast="blue")
     """
-    from .explainers.context import ExplainSample
+    from xmllm.explainers.prepared import ExplainSample
     from .pipeline import Plan, make_plan
     from .runner import resolve_explainers, run_explainers
 

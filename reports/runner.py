@@ -8,7 +8,7 @@ from xmllm.errors import XmllmError
 from .provenance import package_versions, sample_sha256, utc_now
 
 if TYPE_CHECKING:  # pragma: no cover
-    from xmllm.explainers.context import ExplainSample, Prepared
+    from xmllm.explainers.prepared import ExplainSample, Prepared
     from xmllm.explainers.explanation import Explanation
     from xmllm.explainers.models import LoadedModel
 
@@ -62,7 +62,7 @@ def run_explainers(loaded: "LoadedModel", sample: "ExplainSample", plan: "Plan",
 
     The answer is generated greedily (up to the plan's ``max_new_tokens``, default the model's), or
     given (scored by the model); with a contrast the explainers that support it explain ``answer
-    rather than contrast`` (see :mod:`xmllm.explainers.context`). Explainers that cannot run on
+    rather than contrast`` (see :mod:`xmllm.explainers.prepared`). Explainers that cannot run on
     this sample are skipped with their reason (:meth:`~xmllm.pipeline.Plan.skipped`). Words of the
     question the tokenizer does not know are warned about.
 
@@ -73,7 +73,7 @@ def run_explainers(loaded: "LoadedModel", sample: "ExplainSample", plan: "Plan",
     import torch
 
     from xmllm.explainers.answering import unknown_words
-    from xmllm.explainers.context import prepare
+    from xmllm.explainers.prepared import prepare
 
     from .pipeline import run_plan
 

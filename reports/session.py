@@ -16,7 +16,7 @@ from .cache import RunCache, cache_key, weights_fingerprint
 from xmllm.errors import XmllmError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from xmllm.explainers.context import ExplainSample
+    from xmllm.explainers.prepared import ExplainSample
     from xmllm.explainers.models import LoadedModel
 
 ANSWER_FILE = "answer.json"

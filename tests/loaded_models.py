@@ -10,7 +10,7 @@ import torch
 from tiny_models import TEST_IMAGE_SIZES, build_tiny, missing_dependency, tiny_image
 
 from xmllm.explainers.answering import generate_answer
-from xmllm.explainers.context import ExplainSample, Prepared, prepare
+from xmllm.explainers.prepared import ExplainSample, Prepared, prepare
 from xmllm.explainers.demo.samples import generate_samples
 from xmllm.explainers.models import LoadedModel, adapter_for, load_model
 

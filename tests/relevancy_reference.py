@@ -9,7 +9,7 @@ import torch
 from tiny_models import TEST_IMAGE_SIZES, build_tiny, missing_dependency, tiny_image
 
 from xmllm.explainers.answering import Answer
-from xmllm.explainers.context import ExplainSample, prepare
+from xmllm.explainers.prepared import ExplainSample, prepare
 from xmllm.explainers.relevancy_propagation import DEFAULT_TARGET
 from xmllm.explainers.models import LoadedModel, adapter_for
 

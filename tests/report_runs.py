@@ -12,7 +12,7 @@ import torch
 
 from tiny_models import build_tiny, tiny_image
 
-from xmllm.explainers.context import ExplainSample
+from xmllm.explainers.prepared import ExplainSample
 from xmllm.explainers.models import LoadedModel, adapter_for
 from xmllm.report.explained import Run
 from xmllm.pipeline import make_plan

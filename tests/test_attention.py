@@ -24,7 +24,7 @@ from xmllm.explainers.capture import (
     eager_attention,
     full_attention_bytes,
 )
-from xmllm.explainers.context import ExplainSample, Prepared, prepare
+from xmllm.explainers.prepared import ExplainSample, Prepared, prepare
 from xmllm.explainers.models import LoadedModel, adapter_for, load_model
 from xmllm.explainers.registry import Need, get_explainer
 

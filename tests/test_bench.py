@@ -166,3 +166,6 @@ def test_report_size_and_cached_build_rows_come_from_real_files_and_builds(repor
     build = next(r for r in report["rows"] if r["group"] == "build.cached")
     assert build["details"]["fresh_cache_misses"] > 0 and build["details"]["second_cache_misses"] == 0
     assert build["ours"] < build["reference"]
+    fresh = next(r for r in report["rows"] if r["group"] == "build.fresh")  # the first build, cold cache
+    assert fresh["ours"] == pytest.approx(build["reference"]) and fresh["reference"] == 60.0
+    assert fresh["value"] == pytest.approx(fresh["ours"] / 60.0) and fresh["details"]["steps_seconds"]

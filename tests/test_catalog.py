@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import yaml
 
+from catalog_checks import check_fails, line_of
 from xmllm.catalog import DEFAULT_PATH, CatalogError, load_catalog
 from xmllm.cli import main
 from xmllm import XmllmError
@@ -161,93 +161,76 @@ def test_cli_check_ok(tmp_path, capsys) -> None:
 # --- invalid catalogs -------------------------------------------------------------------
 
 
-def _check(tmp_path: Path, capsys, text: str) -> str:
-    """Run ``xmllm catalog --check`` on ``text``; it must fail with exit 2 and one line."""
-    f = tmp_path / "bad.yaml"
-    f.write_text(text)
-    assert main(["catalog", "--check", str(f)]) == 2
-    captured = capsys.readouterr()
-    assert captured.out == ""
-    lines = captured.err.splitlines()
-    assert len(lines) == 1, captured.err
-    assert lines[0].startswith(f"xmllm: error: {f}")
-    return lines[0].removeprefix("xmllm: error: ")
-
-
-def _line(text: str, needle: str) -> int:
-    return next(i for i, line in enumerate(text.splitlines(), 1) if needle in line)
-
-
 def test_unknown_key(tmp_path, capsys) -> None:
     text = MINIMAL.replace("        name: Input & Output\n", "        name: Input & Output\n        colour: red\n")
-    msg = _check(tmp_path, capsys, text)
-    assert msg == f"{tmp_path / 'bad.yaml'}:{_line(text, 'colour')}: perspectives[0].leaves[0].colour: unknown key 'colour'"
+    msg = check_fails(tmp_path, capsys, text)
+    assert msg == f"{tmp_path / 'bad.yaml'}:{line_of(text, 'colour')}: perspectives[0].leaves[0].colour: unknown key 'colour'"
 
 
 def test_wrong_type(tmp_path, capsys) -> None:
     text = MINIMAL.replace("  year: 2024", '  year: "2024"')
-    msg = _check(tmp_path, capsys, text)
+    msg = check_fails(tmp_path, capsys, text)
     assert msg.startswith(f"{tmp_path / 'bad.yaml'}:4: survey.year: ")
     assert "integer" in msg
 
 
 def test_missing_required_field(tmp_path, capsys) -> None:
     text = MINIMAL.replace("        description: Ties outputs to inputs.\n", "")
-    msg = _check(tmp_path, capsys, text)
-    assert msg == f"{tmp_path / 'bad.yaml'}:{_line(text, '- id: data.input-output')}: perspectives[0].leaves[0].description: missing required key"
+    msg = check_fails(tmp_path, capsys, text)
+    assert msg == f"{tmp_path / 'bad.yaml'}:{line_of(text, '- id: data.input-output')}: perspectives[0].leaves[0].description: missing required key"
 
 
 def test_duplicate_id(tmp_path, capsys) -> None:
     leaf = MINIMAL[MINIMAL.index("      - id: data.input-output"):]
     text = MINIMAL + leaf
-    msg = _check(tmp_path, capsys, text)
+    msg = check_fails(tmp_path, capsys, text)
     second = [i for i, line in enumerate(text.splitlines(), 1) if "- id: data.input-output" in line][1]
     assert msg.startswith(f"{tmp_path / 'bad.yaml'}:{second}: perspectives[0].leaves[1].id: duplicate id 'data.input-output'")
 
 
 def test_duplicate_key(tmp_path, capsys) -> None:
     text = MINIMAL.replace("  year: 2024\n", "  year: 2024\n  year: 2025\n")
-    assert _check(tmp_path, capsys, text) == f"{tmp_path / 'bad.yaml'}:5: survey.year: duplicate key 'year'"
+    assert check_fails(tmp_path, capsys, text) == f"{tmp_path / 'bad.yaml'}:5: survey.year: duplicate key 'year'"
 
 
 def test_unknown_explainer_id(tmp_path, capsys) -> None:
     text = MINIMAL.replace("[perturbation.occlusion]", "[perturbation.occlusion, foo.bar]")
-    msg = _check(tmp_path, capsys, text)
+    msg = check_fails(tmp_path, capsys, text)
     assert msg.startswith(
-        f"{tmp_path / 'bad.yaml'}:{_line(text, 'foo.bar')}: perspectives[0].leaves[0].explainers[1]: unknown explainer id 'foo.bar'"
+        f"{tmp_path / 'bad.yaml'}:{line_of(text, 'foo.bar')}: perspectives[0].leaves[0].explainers[1]: unknown explainer id 'foo.bar'"
     )
 
 
 def test_empty_explainers(tmp_path, capsys) -> None:
     text = MINIMAL.replace("[perturbation.occlusion]", "[]")
-    msg = _check(tmp_path, capsys, text)
-    assert msg == f"{tmp_path / 'bad.yaml'}:{_line(text, 'explainers')}: perspectives[0].leaves[0].explainers: needs at least one explainer id"
+    msg = check_fails(tmp_path, capsys, text)
+    assert msg == f"{tmp_path / 'bad.yaml'}:{line_of(text, 'explainers')}: perspectives[0].leaves[0].explainers: needs at least one explainer id"
 
 
 @pytest.mark.parametrize("value", ['"2401.062"', '"arXiv:2401.06209"', '"2401.062099"'])
 def test_malformed_arxiv_id(tmp_path, capsys, value: str) -> None:
     text = MINIMAL.replace('"2401.06209"', value)
-    msg = _check(tmp_path, capsys, text)
-    assert msg.startswith(f"{tmp_path / 'bad.yaml'}:{_line(text, value)}: perspectives[0].leaves[0].methods[0].arxiv: malformed arXiv id")
+    msg = check_fails(tmp_path, capsys, text)
+    assert msg.startswith(f"{tmp_path / 'bad.yaml'}:{line_of(text, value)}: perspectives[0].leaves[0].methods[0].arxiv: malformed arXiv id")
 
 
 def test_unquoted_arxiv_id_is_reported(tmp_path, capsys) -> None:
     text = MINIMAL.replace('arxiv: "2412.02104"', "arxiv: 2412.02104")
-    msg = _check(tmp_path, capsys, text)
+    msg = check_fails(tmp_path, capsys, text)
     assert msg.startswith(f"{tmp_path / 'bad.yaml'}:5: survey.arxiv: arXiv id must be a quoted string")
 
 
 def test_yaml_syntax_error(tmp_path, capsys) -> None:
     text = MINIMAL.replace("[102, 103]", "[102, 103")
-    msg = _check(tmp_path, capsys, text)
+    msg = check_fails(tmp_path, capsys, text)
     assert re.match(rf"{re.escape(str(tmp_path / 'bad.yaml'))}:\d+: YAML syntax error: ", msg)
-    assert int(msg.split(":")[1]) >= _line(text, "[102, 103")
+    assert int(msg.split(":")[1]) >= line_of(text, "[102, 103")
 
 
 def test_id_must_nest_under_its_parent(tmp_path, capsys) -> None:
     text = MINIMAL.replace("- id: data.input-output", "- id: model.input-output")
-    msg = _check(tmp_path, capsys, text)
-    assert msg.startswith(f"{tmp_path / 'bad.yaml'}:{_line(text, 'model.input-output')}: perspectives[0].leaves[0].id: ")
+    msg = check_fails(tmp_path, capsys, text)
+    assert msg.startswith(f"{tmp_path / 'bad.yaml'}:{line_of(text, 'model.input-output')}: perspectives[0].leaves[0].id: ")
 
 
 def test_file_not_found(tmp_path, capsys) -> None:
@@ -257,7 +240,7 @@ def test_file_not_found(tmp_path, capsys) -> None:
 
 
 def test_not_a_mapping(tmp_path, capsys) -> None:
-    msg = _check(tmp_path, capsys, "- just\n- a list\n")
+    msg = check_fails(tmp_path, capsys, "- just\n- a list\n")
     assert "expected a mapping" in msg
 
 

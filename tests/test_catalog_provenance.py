@@ -11,6 +11,7 @@ from pathlib import Path
 import markdown
 import pytest
 
+from catalog_checks import check_fails, line_of
 from xmllm.catalog import DEFAULT_PATH, CatalogError, load_catalog
 from xmllm.catalog.schema import SOURCE_RE
 from xmllm.cli import main
@@ -54,20 +55,10 @@ def cat():
 
 
 def _check(tmp_path: Path, capsys, text: str) -> str:
-    """``xmllm catalog --check`` on ``text`` fails: exit 2, nothing on stdout, one line on stderr."""
-    f = tmp_path / "bad.yaml"
-    f.write_text(text)
-    assert main(["catalog", "--check", str(f)]) == 2
-    captured = capsys.readouterr()
-    assert captured.out == ""
-    lines = captured.err.splitlines()
-    assert len(lines) == 1, captured.err
-    assert lines[0].startswith(f"xmllm: error: {f}:")
-    return lines[0].removeprefix("xmllm: error: ")
-
-
-def _line(text: str, needle: str) -> int:
-    return next(i for i, line in enumerate(text.splitlines(), 1) if needle in line)
+    """As :func:`check_fails`, and the line names the file with a line number (``FILE:LINE: ...``)."""
+    line = check_fails(tmp_path, capsys, text)
+    assert line.startswith(f"{tmp_path / 'bad.yaml'}:")
+    return line
 
 
 # --- the packaged catalog ---------------------------------------------------------------
@@ -156,7 +147,7 @@ def test_a_source_passes(tmp_path, capsys) -> None:
 def test_a_confirmed_citation_without_a_source_is_refused_naming_the_method(tmp_path, capsys) -> None:
     text = TEMPLATE.format(source="")
     msg = _check(tmp_path, capsys, text)
-    assert msg.startswith(f"{tmp_path / 'bad.yaml'}:{_line(text, 'confirmed')}: perspectives[0].leaves[0].methods[0]: ")
+    assert msg.startswith(f"{tmp_path / 'bad.yaml'}:{line_of(text, 'confirmed')}: perspectives[0].leaves[0].methods[0]: ")
     assert "method 'Some <Bench>' is marked confirmed but records no source" in msg
     # the loader itself raises the same one-line error
     with pytest.raises(CatalogError, match="'Some <Bench>' is marked confirmed but records no source"):

@@ -16,7 +16,7 @@ import torch
 from loaded_models import TINY_QUESTION, demo_prepared, occlude_by_hand, tiny_prepared
 from tiny_models import FAMILIES
 
-from xmllm.explainers.context import Prepared
+from xmllm.explainers.prepared import Prepared
 from xmllm.explainers.methods.causal import MinimalSet
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

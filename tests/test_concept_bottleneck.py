@@ -16,7 +16,7 @@ import torch
 from loaded_models import tiny_loaded
 
 from xmllm.explainers.answering import generate_answer
-from xmllm.explainers.context import ExplainSample
+from xmllm.explainers.prepared import ExplainSample
 from xmllm.explainers.demo import DEMO_MODEL_DIR
 from xmllm.explainers.demo.model import PATCH_SIZE, build_model, build_processor
 from xmllm.explainers.demo.samples import generate_samples, to_explain_sample

@@ -18,7 +18,7 @@ from loaded_models import TINY_QUESTION, random_demo_folder, tiny_loaded, tiny_p
 from tiny_models import FAMILIES
 
 from xmllm.explainers.answering import normalise
-from xmllm.explainers.context import ExplainSample, prepare
+from xmllm.explainers.prepared import ExplainSample, prepare
 from xmllm.explainers.demo.samples import FAMILY_NAMES, generate_samples, to_explain_sample
 from xmllm.explainers.demo.world import Scene
 from xmllm.explainers.demo.groundtruth import demo_sample_from, parse_question

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xmllm.explainers.context import prepare
+from xmllm.explainers.prepared import prepare
 from xmllm.explainers.demo.samples import generate_sample, to_explain_sample
 from xmllm.explainers.metrics.localisation import pointing_game
 from xmllm.explainers.metrics.maps import primary_image_map

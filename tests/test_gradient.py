@@ -17,7 +17,7 @@ import torch
 from tiny_models import FAMILIES, TEST_IMAGE_SIZES, build_tiny, missing_dependency, tiny_image
 
 from xmllm.explainers.answering import Answer
-from xmllm.explainers.context import ExplainSample, Prepared, prepare
+from xmllm.explainers.prepared import ExplainSample, Prepared, prepare
 from xmllm.explainers.methods.gradient import GAP_WARNING
 from xmllm.explainers.models.layout import grid_names
 from xmllm.explainers.masking import baseline_pixels

@@ -16,7 +16,7 @@ import torch
 from tiny_models import FAMILIES, TEST_IMAGE_SIZES, tiny_image
 from loaded_models import random_demo_folder, tiny_prepared as shared_tiny_prepared
 
-from xmllm.explainers.context import ExplainSample, Prepared, prepare
+from xmllm.explainers.prepared import ExplainSample, Prepared, prepare
 from xmllm.explainers.demo.samples import generate_samples, make_pair, to_explain_sample
 from xmllm.explainers.methods.intervention import (
     ActivationPatching,

@@ -17,7 +17,7 @@ from loaded_models import random_demo_loaded
 from loaded_models import tiny_prepared as shared_tiny_prepared
 
 from xmllm.explainers.answering import Answer, generate_answer
-from xmllm.explainers.context import Prepared, prepare
+from xmllm.explainers.prepared import Prepared, prepare
 from xmllm.explainers.demo.samples import generate_sample, to_explain_sample
 from xmllm.explainers.explanation import Explanation
 from xmllm.explainers.models import LoadedModel

@@ -18,7 +18,7 @@ from loaded_models import tiny_loaded
 from tiny_models import TEST_IMAGE_SIZES, tiny_image
 
 from xmllm.explainers.answering import generate_answer
-from xmllm.explainers.context import ExplainSample, prepare
+from xmllm.explainers.prepared import ExplainSample, prepare
 from xmllm.errors import XmllmError
 from xmllm.explainers.memory import (
     CPU_BUDGET,

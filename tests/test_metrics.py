@@ -14,10 +14,10 @@ from PIL import Image
 from loaded_models import answer_probability
 from random_demo import save_random_demo
 
-from xmllm.explainers.context import prepare
+from xmllm.explainers.prepared import prepare
 from xmllm.explainers.demo.samples import generate_samples, to_explain_sample
 from xmllm.explainers.metrics import (
-    SampleContext,
+    MetricInputs,
     area_under,
     cell_truth,
     faithfulness_of,
@@ -78,9 +78,9 @@ def test_metrics_are_registered_with_their_metadata_and_compute_through_a_contex
         assert (cls.higher_is_better, cls.needs_model, cls.applies_to) == (higher, model, "image_map")
     mask = np.array([[0, 1], [0, 0]], dtype=bool)
     maps = [np.array([[0.1, 0.9], [0.4, 0.2]]), np.array([[0.9, 0.1], [0.4, 0.2]])]
-    got = table["pointing_game"]().compute(maps, SampleContext(truth=mask))
+    got = table["pointing_game"]().compute(maps, MetricInputs(truth=mask))
     assert got.tolist() == [1.0, 0.0]
-    assert np.isnan(table["relevance_mass"]().compute(maps, SampleContext())).all()  # no ground truth
+    assert np.isnan(table["relevance_mass"]().compute(maps, MetricInputs())).all()  # no ground truth
     with pytest.raises(ValueError, match="unknown metric"):
         get_metric("accuracy")
 
@@ -155,11 +155,11 @@ def test_deletion_and_insertion_curves_match_forwards_masked_by_hand(demo, prepa
 
     deletion = [answer_probability(demo, prepared, with_cells(pixels, black, ranked[:n])) for n in counts]
     insertion = [answer_probability(demo, prepared, with_cells(black, pixels, ranked[:n])) for n in counts]
-    context = SampleContext(prepared, steps=steps, baseline="black")
-    assert context.curves("deletion", [map2d])[0] == pytest.approx(deletion, abs=2e-5)
-    assert context.curves("insertion", [map2d])[0] == pytest.approx(insertion, abs=2e-5)
+    inputs = MetricInputs(prepared, steps=steps, baseline="black")
+    assert inputs.curves("deletion", [map2d])[0] == pytest.approx(deletion, abs=2e-5)
+    assert inputs.curves("insertion", [map2d])[0] == pytest.approx(insertion, abs=2e-5)
     fractions = [n / (rows * cols) for n in counts]
-    areas = {name: get_metric(name)().compute([map2d], context)[0] for name in ("deletion_area", "insertion_area")}
+    areas = {name: get_metric(name)().compute([map2d], inputs)[0] for name in ("deletion_area", "insertion_area")}
     by_hand = {"deletion_area": sum((deletion[i] + deletion[i + 1]) / 2 * (fractions[i + 1] - fractions[i])
                                     for i in range(steps)),
                "insertion_area": sum((insertion[i] + insertion[i + 1]) / 2 * (fractions[i + 1] - fractions[i])

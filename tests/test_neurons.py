@@ -20,7 +20,7 @@ import torch
 from loaded_models import TINY_QUESTION, tiny_loaded, tiny_prepared
 from tiny_models import FAMILIES  # noqa: E402
 
-from xmllm.explainers.context import ExplainSample, Prepared, prepare
+from xmllm.explainers.prepared import ExplainSample, Prepared, prepare
 from xmllm.explainers.demo import DEMO_MODEL_DIR
 from xmllm.explainers.demo.model import build_model, build_processor
 from xmllm.explainers.demo.samples import generate_samples, to_explain_sample

@@ -21,7 +21,7 @@ from tiny_models import (
 from loaded_models import black_pixel, demo_prepared, occlude_by_hand, tiny_loaded
 
 from xmllm.explainers.answering import generate_answer
-from xmllm.explainers.context import ExplainSample, Prepared, prepare
+from xmllm.explainers.prepared import ExplainSample, Prepared, prepare
 from xmllm.explainers.memory import MAX_COPIES_CPU, SAFETY, forward_copy_bytes, memory_budget
 from xmllm.explainers.forward import LogitRows, base_logprobs, batch_size_for, first_image_position, logprobs_at, shared_prefix
 from xmllm.explainers.methods.perturbation import Occlusion, TextAblation

@@ -13,7 +13,7 @@ import pytest
 from relevancy_reference import TINY_ANSWER, TINY_QUESTION, assert_close, forced, slow_relevancy, tiny_loaded, tiny_prepared
 from tiny_models import FAMILIES, TEST_IMAGE_SIZES, tiny_image
 
-from xmllm.explainers.context import ExplainSample
+from xmllm.explainers.prepared import ExplainSample
 from xmllm.explainers.methods.relevancy import CheferRelevancy, ModalityRelevancy
 from xmllm.explainers.relevancy_propagation import compute_relevancy
 from xmllm.explainers.models import LoadedModel

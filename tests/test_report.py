@@ -22,7 +22,7 @@ from loaded_models import answer_probability
 from report_runs import ANSWER_TOKENS, EXPLAINERS, HOSTILE, IMAGE_SIZE, make_run, tiny_llava
 from tiny_models import tiny_image
 
-from xmllm.explainers.context import ExplainSample
+from xmllm.explainers.prepared import ExplainSample
 from xmllm.explainers.explanation import Explanation, Target, load_explanations, save_explanations
 from xmllm.explainers.registry import get_explainer
 from xmllm.cli import main
@@ -164,8 +164,8 @@ IMAGE_MAP_EXPLAINERS = ("attention.raw", "attention.rollout", "perturbation.occl
 def test_each_image_map_shows_its_deletion_and_insertion_areas(run_dir, tree) -> None:
     """The areas shown in each map's section, parsed back, equal the areas recomputed from the
     saved map through the metric classes on a fresh prepare of the same model and sample."""
-    from xmllm.explainers.context import prepare
-    from xmllm.explainers.metrics import SampleContext, get_metric, primary_image_map
+    from xmllm.explainers.prepared import prepare
+    from xmllm.explainers.metrics import MetricInputs, get_metric, primary_image_map
 
     manifest = _manifest(run_dir)
     assert manifest["timings_seconds"]["faithfulness"] > 0
@@ -176,7 +176,7 @@ def test_each_image_map_shows_its_deletion_and_insertion_areas(run_dir, tree) ->
     loaded = tiny_llava()
     prepared = prepare(loaded, ExplainSample([tiny_image(*IMAGE_SIZE)], HOSTILE, id="tiny-sample", expected="red"))
     exps = {e.explainer: e for e in load_explanations(run_dir / "explanations.npz", run_dir / "manifest.json")}
-    context = SampleContext(prepared, baseline=settings["baseline"], steps=settings["steps"], seed=settings["seed"])
+    inputs = MetricInputs(prepared, baseline=settings["baseline"], steps=settings["steps"], seed=settings["seed"])
     for eid in IMAGE_MAP_EXPLAINERS:
         (block,) = sections[eid].with_class("faithfulness")
         rows = {r.attrs["data-kind"]: r for r in block.find("table").find_all("tr") if "data-kind" in r.attrs}
@@ -184,14 +184,14 @@ def test_each_image_map_shows_its_deletion_and_insertion_areas(run_dir, tree) ->
         scored = primary_image_map(exps[eid])
         assert f"ranked by {scored.name}" in " ".join(block.text.split())
         for kind, row in rows.items():
-            recomputed = get_metric(f"{kind}_area")().compute([scored.values], context)[0]
+            recomputed = get_metric(f"{kind}_area")().compute([scored.values], inputs)[0]
             shown = float(row.attrs["data-area"])
             assert shown == pytest.approx(recomputed, rel=1e-6, abs=1e-12), (eid, kind)
             assert row.with_class("area")[0].text.strip() == f"{shown:.4g}"
             curve = block.find("polyline", **{"class": f"curve-{kind}"})
             values = [float(v) for v in curve.attrs["data-values"].split()]
             assert len(values) == settings["steps"] + 1 == len(curve.attrs["points"].split())
-            assert values == pytest.approx(context.curves(kind, [scored.values])[0].tolist(), rel=1e-6, abs=1e-12)
+            assert values == pytest.approx(inputs.curves(kind, [scored.values])[0].tolist(), rel=1e-6, abs=1e-12)
     # both curves start and end at the unperturbed input and the all-baseline image
     full = answer_probability(loaded, prepared, prepared.inputs["pixel_values"])
     deletion = [float(v) for v in sections["attention.rollout"].find(

@@ -10,7 +10,7 @@ import torch
 
 from random_demo import save_random_demo
 
-from xmllm.explainers.context import prepare
+from xmllm.explainers.prepared import prepare
 from xmllm.explainers.demo.samples import generate_samples, to_explain_sample
 from xmllm.explainers.metrics.sanity import SURVIVAL_THRESHOLD, cascade, explainer_map, randomisation_check, randomised
 from xmllm.explainers.metrics.stats import average_ranks, mean_interval, spearman

@@ -26,7 +26,7 @@ from xmllm.bench.free_compute import FREE_OPS, FreeCompute, materialise, measure
 from xmllm.bench.scale_configs import CONFIGS, bench_image, build, build_processor, parameter_count
 from xmllm.cli import main
 from xmllm.explainers.answering import Answer
-from xmllm.explainers.context import ExplainSample, prepare
+from xmllm.explainers.prepared import ExplainSample, prepare
 from xmllm.explainers.models import LoadedModel, adapter_for
 from xmllm.explainers.registry import registered, sample_level_ids
 

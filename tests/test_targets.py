@@ -12,7 +12,7 @@ import xmllm
 from xmllm import XmllmError
 from xmllm.cli import main
 from xmllm.explainers.answering import GIVEN, STOPPED_END, STOPPED_LIMIT, generate_answer
-from xmllm.explainers.context import ExplainSample, prepare
+from xmllm.explainers.prepared import ExplainSample, prepare
 from xmllm.explainers.demo.samples import generate_samples
 from xmllm.explainers.registry import get_explainer, registered
 

@@ -19,7 +19,7 @@ from loaded_models import tiny_prepared as shared_tiny_prepared
 
 from xmllm.explainers.answering import generate_answer
 from xmllm.explainers.capture import attn_implementations, eager_attention
-from xmllm.explainers.context import Prepared, prepare
+from xmllm.explainers.prepared import Prepared, prepare
 from xmllm.explainers.demo.samples import generate_sample, to_explain_sample
 from xmllm.explainers.explanation import Explanation
 from xmllm.explainers.models import LoadedModel

@@ -18,7 +18,7 @@ from loaded_models import TINY_QUESTION, random_demo_folder, tiny_loaded, tiny_p
 from tiny_models import FAMILIES
 
 import xmllm.explainers.demo
-from xmllm.explainers.context import prepare
+from xmllm.explainers.prepared import prepare
 from xmllm.explainers.demo.samples import generate_samples, to_explain_sample
 from xmllm.explainers.explanation import Explanation
 from xmllm.explainers.methods.perturbation import Occlusion

@@ -10,7 +10,7 @@ import re
 
 from xmllm import MissingInput
 
-from ..context import ExplainSample
+from xmllm.explainers.prepared import ExplainSample
 from .questions import ALL_FAMILIES, Question
 from .samples import DemoSample, make_pair, to_explain_sample
 from .world import COLOURS, IMAGE_SIZE, SHAPES, Scene

@@ -174,7 +174,7 @@ def _save_png(img: Image.Image, path: Path) -> None:
 def to_explain_sample(sample: DemoSample) -> "ExplainSample":
     """The demo sample as explainers take it, ground truth in ``extra`` with the same keys
     as a sample-set record (``family``, ``objects``, ``grounding``, ``pair``, ``edit``)."""
-    from ..context import ExplainSample
+    from xmllm.explainers.prepared import ExplainSample
 
     extra = {"family": sample.family, "objects": sample.scene.to_json(), "grounding": sample.grounding}
     if sample.pair:

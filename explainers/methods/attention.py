@@ -19,7 +19,7 @@ from ..capture import (
     capture,
     capture_forward,
 )
-from ..context import ExplainSample, Prepared
+from xmllm.explainers.prepared import ExplainSample, Prepared
 from ..explanation import Explanation
 from ..models import LoadedModel
 from ..models.layout import grid_names

@@ -18,7 +18,7 @@ import numpy as np
 from xmllm import MissingInput
 
 from ..answering import generate_answer, normalise
-from ..context import ExplainSample
+from xmllm.explainers.prepared import ExplainSample
 from ..demo.questions import Presence
 from ..explanation import Explanation, Target
 from ..models import LoadedModel

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..citations import ZEILER_FERGUS
-from ..context import Prepared
+from xmllm.explainers.prepared import Prepared
 from ..explanation import Explanation
 from ..forward import (
     answer_ids,

@@ -21,7 +21,7 @@ import torch
 from ..answering import Answer, generate_answer, is_correct, normalise
 from ..axes import axis_labels
 from ..citations import MMVP
-from ..context import ExplainSample, Prepared, prepare
+from xmllm.explainers.prepared import ExplainSample, Prepared, prepare
 from ..demo.groundtruth import demo_sample_from
 from ..explanation import Explanation
 from ..forward import logprobs_at

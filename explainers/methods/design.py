@@ -28,7 +28,7 @@ from xmllm import MissingInput
 from ..answering import generate_answer, is_correct, normalise
 from ..backward import default_cam_layer
 from ..citations import ALAIN_BENGIO
-from ..context import ExplainSample, Prepared
+from xmllm.explainers.prepared import ExplainSample, Prepared
 from ..explanation import Explanation, Target
 from ..forward import fused_attention
 from ..hooks import Hooks

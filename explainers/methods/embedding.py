@@ -25,7 +25,7 @@ from xmllm import MissingInput
 
 from ..backward import default_cam_layer
 from ..citations import ALAIN_BENGIO, MMVP
-from ..context import ExplainSample
+from xmllm.explainers.prepared import ExplainSample
 from ..explanation import Explanation, Target
 from ..hooks import Hooks
 from ..linear_probe import train_logistic

@@ -25,7 +25,7 @@ import torch
 from xmllm import MissingInput
 
 from ..backward import default_cam_layer, inputs_only_gradients
-from ..context import Prepared
+from xmllm.explainers.prepared import Prepared
 from ..explanation import Explanation
 from ..forward import eager_unless_fused, fused_attention, logprobs_at, repeat_inputs
 from ..hooks import Hooks

@@ -28,7 +28,7 @@ from xmllm.explainers.forward import (
 )
 from xmllm.explainers.masking import baseline_pixels
 
-from ..context import Prepared
+from xmllm.explainers.prepared import Prepared
 from ..explanation import Explanation
 from ..models import LoadedModel
 from ..models.errors import AdapterError

@@ -39,7 +39,7 @@ from xmllm.explainers.masking import question_positions
 from ..answering import generate_answer
 from ..axes import axis_labels
 from ..capture import EAGER, attn_implementations
-from ..context import ExplainSample, Prepared, prepare
+from xmllm.explainers.prepared import ExplainSample, Prepared, prepare
 from ..demo.groundtruth import demo_pair, demo_sample_from
 from ..explanation import Explanation
 from ..hooks import Hooks

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..context import Prepared
+from xmllm.explainers.prepared import Prepared
 from ..explanation import Explanation
 from ..models import LoadedModel
 from ..models.layout import grid_names

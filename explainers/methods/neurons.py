@@ -31,7 +31,7 @@ from xmllm import MissingInput
 
 from ..answering import generate_answer, is_correct
 from ..backward import inputs_only_gradients
-from ..context import ExplainSample, Prepared, as_prepared
+from xmllm.explainers.prepared import ExplainSample, Prepared, as_prepared
 from ..explanation import Explanation, Target
 from ..forward import (
     answer_ids,

@@ -15,7 +15,7 @@ import torch
 from xmllm import MissingInput
 
 from ..citations import ZEILER_FERGUS
-from ..context import Prepared
+from xmllm.explainers.prepared import Prepared
 from ..explanation import Explanation
 from ..forward import (
     answer_ids,

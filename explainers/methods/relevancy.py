@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..context import Prepared
+from xmllm.explainers.prepared import Prepared
 from ..explanation import Explanation
 from ..models import LoadedModel
 from ..models.layout import grid_names

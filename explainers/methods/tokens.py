@@ -33,7 +33,7 @@ from xmllm.explainers.forward import (
 )
 
 from ..capture import capture_forward, eager_attention
-from ..context import Prepared
+from xmllm.explainers.prepared import Prepared
 from ..explanation import Explanation
 from ..hooks import Hooks
 from ..models import LoadedModel

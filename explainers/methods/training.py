@@ -16,7 +16,7 @@ import torch
 from xmllm.explainers.forward import logprobs_at
 
 from ..answering import Answer, generate_answer
-from ..context import Prepared, prepare
+from xmllm.explainers.prepared import Prepared, prepare
 from ..explanation import Explanation
 from ..models import LoadedModel
 from ..occlusion_scale import occlusion_scale

@@ -1,9 +1,9 @@
 """Metrics are classes registered by name (Quantus-style): metadata as class attributes, one
 method to override.
 
-A metric scores maps: ``compute(maps, context)`` returns one value per map. Localisation
+A metric scores maps: ``compute(maps, inputs)`` returns one value per map. Localisation
 metrics compare a map with the sample's ground-truth cells and override ``score`` instead;
-model metrics (deletion, insertion) run real forwards through the :class:`SampleContext`.
+model metrics (deletion, insertion) run real forwards through the :class:`MetricInputs`.
 The metadata says how to read a value (``higher_is_better``), what it applies to
 (``applies_to``: ``"image_map"``, a ``(rows, cols)`` map over the first image's main grid) and
 whether it needs the model (``needs_model``), so tables and pages render any metric generically.
@@ -18,7 +18,7 @@ import numpy as np
 from .maps import MetricError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .context import SampleContext
+    from xmllm.explainers.metrics.inputs import MetricInputs
 
 IMAGE_MAP = "image_map"
 """A ``(rows, cols)`` map over the first image's main grid (see xmllm.explainers.models.layout)."""
@@ -37,7 +37,7 @@ class Metric:
     summary: ClassVar[str] = ""
     reference: ClassVar[str] = ""
 
-    def compute(self, maps: Sequence[np.ndarray], context: "SampleContext") -> np.ndarray:  # pragma: no cover
+    def compute(self, maps: Sequence[np.ndarray], inputs: "MetricInputs") -> np.ndarray:  # pragma: no cover
         raise NotImplementedError(f"{type(self).__name__} does not implement compute()")
 
     @classmethod

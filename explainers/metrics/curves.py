@@ -29,7 +29,7 @@ from ..params import choice, positive_int
 from .maps import check_map
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..context import Prepared
+    from xmllm.explainers.prepared import Prepared
 
 KINDS: tuple[str, ...] = ("deletion", "insertion")
 DEFAULT_STEPS = 8

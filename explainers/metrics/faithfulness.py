@@ -1,4 +1,4 @@
-"""Deletion and insertion: the two area metrics (run through a sample's :class:`SampleContext`),
+"""Deletion and insertion: the two area metrics (run through a sample's :class:`MetricInputs`),
 and one report's maps on its own sample, what every report shows per map."""
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .base import Metric, register_metric
-from .context import SampleContext
+from xmllm.explainers.metrics.inputs import MetricInputs
 from .curves import DEFAULT_BASELINE, DEFAULT_STEPS, SCORE_NOTE, area_under
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..context import Prepared
+    from xmllm.explainers.prepared import Prepared
     from ..models import LoadedModel
 
 
@@ -24,10 +24,10 @@ def faithfulness_many(loaded: "LoadedModel", prepared: "Prepared", maps: Mapping
         raise ValueError("the prepared sample was made with another model")
     names = list(maps)
     arrays = [np.asarray(maps[n], dtype=np.float64) for n in names]
-    context = SampleContext(prepared, baseline=baseline, steps=steps, seed=seed, batch_size=batch_size)
-    deletion = context.curves("deletion", arrays)
-    insertion = context.curves("insertion", arrays)
-    runner = context.runner()
+    inputs = MetricInputs(prepared, baseline=baseline, steps=steps, seed=seed, batch_size=batch_size)
+    deletion = inputs.curves("deletion", arrays)
+    insertion = inputs.curves("insertion", arrays)
+    runner = inputs.runner()
     out = {}
     for i, name in enumerate(names):
         out[name] = {
@@ -64,9 +64,9 @@ class CurveMetric(Metric):
     needs_model = True
     kind: str
 
-    def compute(self, maps: Sequence[np.ndarray], context: "SampleContext") -> np.ndarray:
-        curves = context.curves(self.kind, maps)
-        fractions = context.runner().fractions
+    def compute(self, maps: Sequence[np.ndarray], inputs: "MetricInputs") -> np.ndarray:
+        curves = inputs.curves(self.kind, maps)
+        fractions = inputs.runner().fractions
         return np.array([area_under(c, fractions) for c in curves], dtype=np.float64)
 
 

@@ -24,7 +24,7 @@ from .base import Metric, register_metric
 from .maps import MetricError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .context import SampleContext
+    from xmllm.explainers.metrics.inputs import MetricInputs
 
 QUANTUS = "Quantus (Hedström et al., 2023, arXiv 2202.06861)"
 
@@ -78,8 +78,8 @@ class LocalisationMetric(Metric):
     def score(self, map2d: np.ndarray, mask: np.ndarray) -> float:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def compute(self, maps: Sequence[np.ndarray], context: "SampleContext") -> np.ndarray:
-        truth = context.truth_cells()
+    def compute(self, maps: Sequence[np.ndarray], inputs: "MetricInputs") -> np.ndarray:
+        truth = inputs.truth_cells()
         if truth is None or not truth.any():
             return np.full(len(maps), np.nan)
         return np.array([self.score(m, truth) for m in maps], dtype=np.float64)

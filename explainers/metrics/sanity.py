@@ -31,7 +31,7 @@ from .maps import primary_image_map
 from .stats import mean_interval, spearman
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..context import Prepared
+    from xmllm.explainers.prepared import Prepared
     from ..models import LoadedModel
 
 SURVIVAL_THRESHOLD = 0.5

@@ -18,7 +18,7 @@ from PIL import Image
 from xmllm.explainers.masking import cell_map, first_layout
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..context import Prepared
+    from xmllm.explainers.prepared import Prepared
 
 MIN_COVER = 0.1
 """Share of a cell's pixels that must show a grounding object for the cell to count: below it

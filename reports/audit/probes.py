@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
-    from xmllm.explainers.context import Prepared
+    from xmllm.explainers.prepared import Prepared
 
 
 def blank_image(prepared: Prepared, seed: int) -> dict[str, Any]:

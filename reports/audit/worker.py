@@ -152,7 +152,7 @@ class AuditWorker:
     def _sample(self, task: SampleTask, folder: Path):
         import numpy as np
 
-        from xmllm.explainers.context import ExplainSample
+        from xmllm.explainers.prepared import ExplainSample
         from xmllm.images import load_image
 
         item = task.item

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from xmllm.explainers.answering import Answer
-from xmllm.explainers.context import ExplainSample, Prepared, prepare
+from xmllm.explainers.prepared import ExplainSample, Prepared, prepare
 
 if TYPE_CHECKING:  # pragma: no cover
     from xmllm.explainers.models import LoadedModel

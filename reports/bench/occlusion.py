@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from xmllm.explainers.context import Prepared
+from xmllm.explainers.prepared import Prepared
 from xmllm.explainers.methods.perturbation import Occlusion
 from xmllm.explainers.forward import answer_ids, batch_size_for, fused_attention, logprobs_at
 from xmllm.explainers.masking import baseline_pixels, cell_map, first_layout, windows

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from xmllm.explainers.capture import eager_attention
-from xmllm.explainers.context import Prepared
+from xmllm.explainers.prepared import Prepared
 from xmllm.explainers.methods.relevancy import CheferRelevancy
 from xmllm.explainers.relevancy_propagation import compute_relevancy
 

@@ -16,6 +16,7 @@ from .models import MAIN
 
 GROUP_REPORT = "report.size"
 GROUP_BUILD = "build.cached"
+GROUP_FRESH = "build.fresh"
 SIZE_TARGET_BYTES = 3 * 2**20
 PAIRS, QUICK_PAIRS = 100, 8
 
@@ -59,8 +60,15 @@ def report_size(ctx: BenchContext) -> BenchRow:
                     ours=float(size), reference=float(SIZE_TARGET_BYTES), unit="B")
 
 
-def build_times(ctx: BenchContext) -> BenchRow:
-    """A fresh build (empty cache) then the same build again (nothing changed)."""
+FRESH_BUILD_TARGET_S = 60.0
+"""What the first ``xmllm build`` on a fresh clone (cold cache, the full demo job) may take on a
+2-core machine: the wait a newcomer accepts before seeing the site."""
+
+
+def build_times(ctx: BenchContext) -> list[BenchRow]:
+    """A fresh build (empty cache) then the same build again (nothing changed): the second's time
+    against the first's, and the first's against :data:`FRESH_BUILD_TARGET_S` (held to it only
+    for the full job: ``--quick`` builds fewer examples and pairs)."""
     from xmllm.build import BuildOptions, build_site
 
     pairs = QUICK_PAIRS if ctx.quick else PAIRS
@@ -73,11 +81,17 @@ def build_times(ctx: BenchContext) -> BenchRow:
         t0 = time.perf_counter()
         second = build_site(opts)
         cached = time.perf_counter() - t0
-    return BenchRow(GROUP_BUILD, "time: second build, nothing changed / fresh build", cached / fresh, "<= 0.2",
+    again = BenchRow(GROUP_BUILD, "time: second build, nothing changed / fresh build", cached / fresh, "<= 0.2",
                     MAIN, {"pairs": pairs, "fresh_cache_misses": first.cache_misses,
                            "second_cache_hits": second.cache_hits, "second_cache_misses": second.cache_misses,
                            "examples": first.examples},
                     ours=cached, reference=fresh, unit="s")
+    first_time = BenchRow(GROUP_FRESH, f"time: fresh build, cold cache / {FRESH_BUILD_TARGET_S:.0f} s",
+                          fresh / FRESH_BUILD_TARGET_S, None if ctx.quick else "<= 1", MAIN,
+                          {"pairs": pairs, "examples": first.examples,
+                           "steps_seconds": {k: round(v, 2) for k, v in first.steps.items()}},
+                          ours=fresh, reference=FRESH_BUILD_TARGET_S, unit="s")
+    return [again, first_time]
 
 
 def cases(ctx: BenchContext) -> list[BenchRow]:
@@ -87,7 +101,7 @@ def cases(ctx: BenchContext) -> list[BenchRow]:
     if ctx.selects(GROUP_REPORT):
         ctx.tell(GROUP_REPORT)
         rows.append(report_size(ctx))
-    if ctx.selects(GROUP_BUILD):
+    if ctx.selects(GROUP_BUILD) or ctx.selects(GROUP_FRESH):
         ctx.tell(GROUP_BUILD)
-        rows.append(build_times(ctx))
+        rows.extend(build_times(ctx))
     return rows

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from xmllm.explainers.answering import Answer
-from xmllm.explainers.context import ExplainSample, Prepared, prepare
+from xmllm.explainers.prepared import ExplainSample, Prepared, prepare
 from xmllm.explainers.memory import CUDA_FREE_SHARE, CUDA_RESERVE, memory_budget, planning
 from xmllm.explainers.registry import get_explainer, registered, sample_level_ids
 from xmllm.explainers.scaleplan import ScalePlan

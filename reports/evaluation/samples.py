@@ -9,7 +9,7 @@ import numpy as np
 from xmllm.errors import XmllmError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from xmllm.explainers.context import ExplainSample
+    from xmllm.explainers.prepared import ExplainSample
 
 MAX_DRAWS_PER_SAMPLE = 4
 """Demo draws tried per grounded question wanted: about 70% of questions are grounded, so
@@ -35,7 +35,7 @@ def demo_samples(n: int, seed: int) -> "list[ExplainSample]":
 
 def jsonl_samples(path: Path) -> "list[ExplainSample]":
     """Every sample of a JSONL sample set, its mask (if any) checked against its image."""
-    from xmllm.explainers.context import ExplainSample
+    from xmllm.explainers.prepared import ExplainSample
     from xmllm.samples import read_sample_set
 
     out = []

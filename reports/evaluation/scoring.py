@@ -22,7 +22,7 @@ import numpy as np
 from xmllm.errors import XmllmError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from xmllm.explainers.context import ExplainSample, Prepared
+    from xmllm.explainers.prepared import ExplainSample, Prepared
     from xmllm.explainers.models import LoadedModel
 
     from ..pipeline import Outcome, Plan
@@ -178,11 +178,11 @@ def evaluate(loaded: "LoadedModel", samples: Sequence["ExplainSample"], config: 
 
     from xmllm import MissingInput
     from xmllm.explainers.answering import is_correct
-    from xmllm.explainers.context import prepare
+    from xmllm.explainers.prepared import prepare
     from xmllm.explainers.metrics import (
         DEFAULT_BASELINE,
         DEFAULT_STEPS,
-        SampleContext,
+        MetricInputs,
         primary_image_map,
         random_map,
         registered_metrics,
@@ -255,17 +255,17 @@ def evaluate(loaded: "LoadedModel", samples: Sequence["ExplainSample"], config: 
             continue
         grid_shape = next(iter(maps.values())).shape
         maps[RANDOM_LABEL] = random_map(grid_shape, config.seed + index)
-        context = SampleContext(prepared, baseline=baseline, steps=steps, seed=config.seed + index,
+        inputs = MetricInputs(prepared, baseline=baseline, steps=steps, seed=config.seed + index,
                                 batch_size=config.batch_size)
         try:
-            scores, truth_cells = metric_clock.timed(lambda: _score(metrics, maps, context))
+            scores, truth_cells = metric_clock.timed(lambda: _score(metrics, maps, inputs))
         except XmllmError as error:
             raise XmllmError(f"sample {sample.id!r}: {str(error).splitlines()[0]}") from None
         finite = [k for k, v in maps.items() if np.isfinite(v).all()]
         if finite:
-            fractions = list(context.runner().fractions)
+            fractions = list(inputs.runner().fractions)
             for kind in ("deletion", "insertion"):
-                for name, curve in zip(finite, context.curves(kind, [maps[k] for k in finite])):
+                for name, curve in zip(finite, inputs.curves(kind, [maps[k] for k in finite])):
                     sums = curve_sums.setdefault(name, {})
                     sums[kind] = sums.get(kind, 0.0) + curve
                     sums[f"{kind}_n"] = sums.get(f"{kind}_n", 0) + 1
@@ -350,17 +350,17 @@ def evaluate(loaded: "LoadedModel", samples: Sequence["ExplainSample"], config: 
 
 
 def _score(metrics: dict[str, Any], maps: dict[str, np.ndarray],
-           context: Any) -> tuple[dict[str, dict[str, float | None]], int]:
+           inputs: Any) -> tuple[dict[str, dict[str, float | None]], int]:
     """Every metric of every finite map (NaN-bearing maps score None); and the truth's cell count."""
     names = [k for k, v in maps.items() if np.isfinite(v).all()]
     scores: dict[str, dict[str, float | None]] = {k: {} for k in maps}
     for metric_name, metric in metrics.items():
-        values = metric.compute([maps[k] for k in names], context) if names else []
+        values = metric.compute([maps[k] for k in names], inputs) if names else []
         for k, v in zip(names, values):
             scores[k][metric_name] = _clean(float(v))
         for k in maps:
             scores[k].setdefault(metric_name, None)
-    truth = context.truth_cells()
+    truth = inputs.truth_cells()
     return scores, 0 if truth is None else int(truth.sum())
 
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from . import ExampleRun, example_builder
 
 if TYPE_CHECKING:  # pragma: no cover
-    from xmllm.explainers.context import ExplainSample
+    from xmllm.explainers.prepared import ExplainSample
     from xmllm.explainers.registry import Explainer
 
     from ..session import ModelSession

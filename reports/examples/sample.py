@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 from . import ExampleRun, example_builder
 
 if TYPE_CHECKING:  # pragma: no cover
-    from xmllm.explainers.context import ExplainSample
+    from xmllm.explainers.prepared import ExplainSample
     from xmllm.explainers.registry import Explainer
 
     from ..session import ModelSession

@@ -55,7 +55,7 @@ class Run:
 
     def __post_init__(self) -> None:
         for exp in self.explanations:
-            exp.context = self
+            exp.run = self
 
     @property
     def target(self) -> Target | None:
@@ -141,7 +141,7 @@ class Run:
             faith["explainers"] = {k: v for k, v in (faith.get("explainers") or {}).items() if k == explainer_id}
             manifest["faithfulness"] = faith
         view = Run(manifest, [exp], self.images, self.image_names, self.folder, self.prepared)
-        exp.context = self  # the single view borrows it; the explanation still belongs to this run
+        exp.run = self  # the single view borrows it; the explanation still belongs to this run
         return view
 
     def inline_html(self) -> str:
@@ -194,7 +194,7 @@ def explanation_html(explanation: Explanation) -> str:
     within its run when it has one: the
     ``explanation`` renderer of the ``xmllm.renderers`` entry points, which
     :meth:`Explanation._repr_html_` loads (the core does not import this layer)."""
-    run = explanation.context if isinstance(explanation.context, Run) else None
+    run = explanation.run if isinstance(explanation.run, Run) else None
     if run is None or not any(e is explanation for e in run.explanations):
         run = Run({"explainers": [explanation.explainer]}, [explanation])
     return run.only(explanation.explainer)._repr_html_()
@@ -241,7 +241,7 @@ def render_inline(run: Run) -> str:
     sample = manifest.get("sample") or {}
     samples = [x for x in manifest.get("samples") or [] if isinstance(x, dict)]
     scope = "dataset" if manifest.get("scope") == "dataset" or (samples and not sample) else "sample"
-    context = {
+    page = {
         "why": why_panel(run) if scope == "sample" else None,
         "anchor_for": anchor_for,
         "scope": scope,
@@ -258,7 +258,7 @@ def render_inline(run: Run) -> str:
         "sections": sections,
         "css": Markup(read_template(CSS)),
     }
-    return environment().get_template(INLINE_TEMPLATE).render(**context)
+    return environment().get_template(INLINE_TEMPLATE).render(**page)
 
 
 def load_run(folder: str | Path) -> Run:

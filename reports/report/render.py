@@ -230,7 +230,7 @@ def render_run(run: Any) -> str:
         from .summary import why_panel
 
         why = why_panel(run)
-    context = {
+    page = {
         "why": why,
         "anchor_for": anchor_for,
         "scope": scope,
@@ -260,7 +260,7 @@ def render_run(run: Any) -> str:
         "bokeh_css": Markup(bokeh_css),
         "bokeh_script": Markup(script),
     }
-    return environment().get_template(TEMPLATE).render(**context)
+    return environment().get_template(TEMPLATE).render(**page)
 
 
 def bokeh_resources(widgets: bool):

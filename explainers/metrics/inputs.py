@@ -13,11 +13,11 @@ from .curves import DEFAULT_BASELINE, DEFAULT_STEPS, CurveRunner
 from .truth import MIN_COVER, CellTruth, cell_truth
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..context import Prepared
+    from xmllm.explainers.prepared import Prepared
 
 
 @dataclass
-class SampleContext:
+class MetricInputs:
     """One sample's inputs to metrics. ``truth`` given explicitly (bool ``(rows, cols)``) wins over
     the one derived from ``prepared.sample.mask``; model metrics need ``prepared``."""
 
@@ -51,7 +51,7 @@ class SampleContext:
     def runner(self) -> CurveRunner:
         if self._runner is None:
             if self.prepared is None:
-                raise ValueError("this metric runs the model: the sample context needs a prepared sample")
+                raise ValueError("this metric runs the model: its inputs need a prepared sample")
             self._runner = CurveRunner(self.prepared, self.baseline, self.steps, self.seed, self.batch_size)
         return self._runner
 
