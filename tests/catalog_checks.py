@@ -5,6 +5,21 @@ from pathlib import Path
 
 from xmllm.cli import main
 
+CATALOG_HEAD = """\
+survey:
+  title: A survey
+  authors: Someone et al.
+  year: 2024
+  arxiv: "2412.02104"
+terms:
+  interpretability: inside
+  explainability: outside
+perspectives:
+  - id: data
+    name: Data
+"""
+"""The start of a small catalog file: the survey, its terms and the Data perspective (leaves follow)."""
+
 
 def check_fails(tmp_path: Path, capsys, text: str) -> str:
     """``xmllm catalog --check`` on ``text`` fails: exit 2, nothing on stdout, one line on stderr that

@@ -7,7 +7,7 @@ import re
 import pytest
 import yaml
 
-from catalog_checks import check_fails, line_of
+from catalog_checks import CATALOG_HEAD, check_fails, line_of
 from xmllm.catalog import DEFAULT_PATH, CatalogError, load_catalog
 from xmllm.cli import main
 from xmllm import XmllmError
@@ -32,18 +32,7 @@ LEAF_IDS = [
 ]
 
 # A minimal valid catalog; each invalid case below changes one thing in it.
-MINIMAL = """\
-survey:
-  title: A survey
-  authors: Someone et al.
-  year: 2024
-  arxiv: "2412.02104"
-terms:
-  interpretability: inside
-  explainability: outside
-perspectives:
-  - id: data
-    name: Data
+MINIMAL = CATALOG_HEAD + """\
     leaves:
       - id: data.input-output
         name: Input & Output

@@ -11,7 +11,7 @@ from pathlib import Path
 import markdown
 import pytest
 
-from catalog_checks import check_fails, line_of
+from catalog_checks import CATALOG_HEAD, check_fails, line_of
 from xmllm.catalog import DEFAULT_PATH, CatalogError, load_catalog
 from xmllm.catalog.schema import SOURCE_RE
 from xmllm.cli import main
@@ -23,18 +23,7 @@ RUNNABLE_ONLY = {"POPE": "2305.10355", "CHAIR": "1809.02156"}
 """Runnable references the survey is not known to cite."""
 
 # One leaf with one confirmed citation; {source} is replaced per case (a whole ``source:`` entry or nothing).
-TEMPLATE = """\
-survey:
-  title: A survey
-  authors: Someone et al.
-  year: 2024
-  arxiv: "2412.02104"
-terms:
-  interpretability: inside
-  explainability: outside
-perspectives:
-  - id: data
-    name: Data
+TEMPLATE = CATALOG_HEAD + """\
     leaves:
       - id: data.benchmark
         name: Benchmark
