@@ -59,6 +59,14 @@ def replace_dir(staged: Path, final: Path, old: Path | None = None) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path`` itself, or its nearest ancestor that exists (a link counts): where its first new
+    folder would be made, so that is where writability is decided."""
+    while not path.exists() and not path.is_symlink() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def probe_writable(folder: Path) -> Path:
     """Create and remove an empty file in ``folder``, or in its nearest existing ancestor when it
     does not exist yet (where its first new folder would be made); returns the folder probed.
@@ -66,9 +74,7 @@ def probe_writable(folder: Path) -> Path:
     Raises the system's ``OSError`` (a read-only file system, no permission, no inodes or no
     blocks left) before any costly work: access bits alone would not do, since root passes them
     on a read-only mount."""
-    probed = Path(folder)
-    while not probed.exists() and not probed.is_symlink() and probed != probed.parent:
-        probed = probed.parent
+    probed = nearest_existing(Path(folder))
     if not probed.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(probed))
     fd, tmp = tempfile.mkstemp(dir=probed, prefix=".xmllm-probe-", suffix=".tmp")

@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from xmllm.files import make_dir, remove_stale, replace_dir, scratch_dir, write_atomic
+from xmllm.files import make_dir, nearest_existing, remove_stale, replace_dir, scratch_dir, write_atomic
 
 from xmllm.errors import XmllmError
 from .worker import RECORD, SampleOutput
@@ -56,9 +56,7 @@ class AuditStore:
             raise XmllmError(f"output {self.root}: exists and is not a folder")
         if self.root.is_dir() and any(self.root.iterdir()) and not (self.root / MARKER).is_file():
             raise XmllmError(f"output {self.root}: a non-empty folder that is not an xmllm audit; choose a new folder")
-        existing = self.root
-        while not existing.exists() and not existing.is_symlink() and existing != existing.parent:
-            existing = existing.parent
+        existing = nearest_existing(self.root)
         if not existing.is_dir():
             raise XmllmError(f"output {self.root}: {existing} is not a folder")
         if not os.access(existing, os.W_OK | os.X_OK):
