@@ -53,7 +53,9 @@ class Explainer:
 
     id: ClassVar[str]
     title: ClassVar[str]
-    family: ClassVar[str]
+    group: ClassVar[str]
+    """The group of explainers it belongs to (``attention``, ``gradient``, ...): the module of
+    :mod:`xmllm.explainers.methods` that holds it, for a built-in one."""
     scope: ClassVar[Scope] = "sample"
     needs: ClassVar[frozenset[Need]] = frozenset()
     citations: ClassVar[tuple[Citation, ...]] = ()
@@ -148,7 +150,10 @@ class RegistryError(ValueError):
 
 def register(cls: type[Explainer]) -> type[Explainer]:
     """Class decorator: add ``cls`` to the registry under ``cls.id``."""
-    for attr in ("id", "title", "family"):
+    if not hasattr(cls, "group") and hasattr(cls, "family"):  # its old name (xmllm 0.2)
+        raise RegistryError(f"explainer class {cls.__name__} sets 'family': rename it to 'group' "
+                            "(the group of explainers it belongs to)")
+    for attr in ("id", "title", "group"):
         if not isinstance(getattr(cls, attr, None), str) or not getattr(cls, attr):
             raise RegistryError(f"explainer class {cls.__name__} must set a non-empty {attr!r}")
     if cls.scope not in ("sample", "dataset"):
@@ -211,7 +216,7 @@ def describe_all() -> list[dict[str, Any]]:
                 "id": eid,
                 "status": "implemented",
                 "title": cls.title,
-                "family": cls.family,
+                "group": cls.group,
                 "scope": cls.scope,
                 "needs": sorted(n.value for n in cls.needs),
                 "summary": cls.summary,

@@ -44,6 +44,7 @@ def test_explainers_json_lists_every_registered_explainer(capsys) -> None:
     for r in rows:
         cls = registered()[r["id"]]
         assert r["status"] == "implemented" and r["title"] == cls.title and r["scope"] == cls.scope
+        assert r["group"] == cls.group
 
 
 def test_every_explainer_id_is_prefixed_by_the_module_that_defines_it() -> None:
@@ -52,8 +53,9 @@ def test_every_explainer_id_is_prefixed_by_the_module_that_defines_it() -> None:
 
     assert registered()
     for eid, cls in registered().items():
-        family, _, name = eid.partition(".")
-        assert name and cls.__module__ == f"{BUILTIN_PACKAGE}.{family}", (eid, cls.__module__)
+        group, _, name = eid.partition(".")
+        assert name and cls.__module__ == f"{BUILTIN_PACKAGE}.{group}", (eid, cls.__module__)
+        assert cls.group == group, (eid, cls.group)
 
 
 def test_module_entry_point_runs() -> None:

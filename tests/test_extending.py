@@ -52,7 +52,7 @@ SOURCE = textwrap.dedent(f'''
 
         id = "{EXPLAINER_ID}"
         title = "Hidden-state norm per image cell"
-        family = "extending"
+        group = "extending"
         summary = "How large the last hidden state is at each cell of the image grid."
         noise_hint = "{NOISE_HINT}"
         evaluation_params: ClassVar[Mapping[str, Any]] = {{"scale": 0.5}}

@@ -66,7 +66,7 @@ def test_every_registered_explainer_declares_valid_parameters_with_help() -> Non
 
 def test_a_bad_declaration_is_refused_at_registration() -> None:
     class NoHelp(Explainer):
-        id, title, family = "test.nohelp", "No help", "test"
+        id, title, group = "test.nohelp", "No help", "test"
 
         @dataclass(frozen=True)
         class Params(ExplainerParams):
@@ -76,7 +76,7 @@ def test_a_bad_declaration_is_refused_at_registration() -> None:
         register(NoHelp)
 
     class BadDefault(Explainer):
-        id, title, family = "test.baddefault", "Bad default", "test"
+        id, title, group = "test.baddefault", "Bad default", "test"
 
         @dataclass(frozen=True)
         class Params(ExplainerParams):
@@ -84,4 +84,11 @@ def test_a_bad_declaration_is_refused_at_registration() -> None:
 
     with pytest.raises(RegistryError, match="size=0 must be an integer >= 1"):
         register(BadDefault)
-    assert "test.nohelp" not in registered() and "test.baddefault" not in registered()
+
+    class OldName(Explainer):
+        id, title = "test.oldname", "Old name"
+        family = "test"  # the group's name in xmllm 0.2
+
+    with pytest.raises(RegistryError, match="^explainer class OldName sets 'family': rename it to 'group'"):
+        register(OldName)
+    assert not {"test.nohelp", "test.baddefault", "test.oldname"} & set(registered())

@@ -28,7 +28,7 @@ BUGGY = textwrap.dedent('''
 
         id = "testing.buggy"
         title = "Buggy"
-        family = "testing"
+        group = "testing"
 
         def compute(self, model, sample, params):
             raise ValueError("an index went out of range inside the explainer")

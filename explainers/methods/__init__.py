@@ -1,2 +1,2 @@
-"""The built-in explainers, one module per family of methods; each module registers its
+"""The built-in explainers, one module per group of explainers; each module registers its
 classes on import and :func:`xmllm.explainers.registry.load_builtin_explainers` imports them all."""

@@ -26,7 +26,7 @@ from ..models.layout import grid_names
 from ..params import ExplainerParams, ParamError, param
 from ..registry import Citation, Explainer, Need, register
 
-FAMILY = "attention"
+GROUP = "attention"
 
 ABNAR_ZUIDEMA = Citation("Quantifying Attention Flow in Transformers", 2020, "2005.00928", "Abnar, Zuidema")
 LVLM_INTERPRET = Citation(
@@ -86,7 +86,7 @@ class RawAttention(Explainer):
 
     id = "attention.raw"
     title = "Raw attention from each answer token to image patches and prompt words"
-    family = FAMILY
+    group = GROUP
     needs = frozenset({Need.ATTENTION})
     citations = (LVLM_INTERPRET,)
     summary = (
@@ -126,7 +126,7 @@ class AttentionSummary(Explainer):
 
     id = "attention.summary"
     title = "Head x layer attention summary between answer, prompt text and image"
-    family = FAMILY
+    group = GROUP
     needs = frozenset({Need.ATTENTION})
     citations = (LVLM_INTERPRET, VL_INTERPRET)
     summary = (
@@ -175,7 +175,7 @@ class AttentionRollout(Explainer):
 
     id = "attention.rollout"
     title = "Attention rollout through the decoder (and optionally the vision tower)"
-    family = FAMILY
+    group = GROUP
     needs = frozenset({Need.ATTENTION})
     citations = (ABNAR_ZUIDEMA, LVLM_INTERPRET)
     summary = (

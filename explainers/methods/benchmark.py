@@ -25,7 +25,7 @@ from ..models import LoadedModel
 from ..params import ExplainerParams, ParamError, param
 from ..registry import Citation, Explainer, Need, register
 
-FAMILY = "benchmark"
+GROUP = "benchmark"
 SETTINGS: tuple[str, ...] = ("random", "popular", "adversarial")
 METRICS: tuple[str, ...] = ("accuracy", "precision", "recall", "f1", "yes_ratio", "other_ratio")
 TRUTHS: tuple[str, ...] = ("yes", "no")
@@ -157,7 +157,7 @@ class PopeBenchmark(Explainer):
 
     id = "benchmark.pope"
     title = "POPE: yes/no object probing with random, popular and adversarial negatives"
-    family = FAMILY
+    group = GROUP
     scope = "dataset"
     needs = frozenset({Need.LABELLED_SET})
     citations = (POPE,)

@@ -45,7 +45,7 @@ from ..registry import Citation, Explainer, register
 from ..scaleplan import ScalePlan, costs, decode_step, trials_for, with_batch_size
 from ..text import show_token
 
-FAMILY = "causal"
+GROUP = "causal"
 RANKINGS: tuple[str, ...] = ("occlusion", "gradient")
 """How units are ordered before the greedy search: the drop each causes when masked alone
 (one batched set of forwards), or gradient x (input - baseline) (one backward)."""
@@ -277,7 +277,7 @@ class MinimalSet(Explainer):
 
     id = "causal.minimal_set"
     title = "Minimal flipping set (verified)"
-    family = FAMILY
+    group = GROUP
     citations = (CLEANN, LVLM_INTERPRET, ZEILER_FERGUS)
     summary = (
         "The smallest set of image cells (optionally question words) whose masking flips the greedy "

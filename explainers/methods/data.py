@@ -30,7 +30,7 @@ from ..params import ExplainerParams, ParamError, param
 from ..registry import Citation, Explainer, register
 from ..scaleplan import ScalePlan, costs, decode_step
 
-FAMILY = "data"
+GROUP = "data"
 
 WACHTER = Citation(
     "Counterfactual Explanations without Opening the Black Box: Automated Decisions and the GDPR", 2017,
@@ -118,7 +118,7 @@ class Counterfactual(Explainer):
 
     id = "data.counterfactual"
     title = "Counterfactual edits: answer flips"
-    family = FAMILY
+    group = GROUP
     citations = (WACHTER, MMVP, LVLM_INTERPRET)
     summary = (
         "Recolour, move or remove the asked-about object and reword the question (demo world; any "

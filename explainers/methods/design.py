@@ -38,7 +38,7 @@ from ..models.layout import ImageLayout, PatchGrid
 from ..params import ExplainerParams, ParamError, param
 from ..registry import Citation, Explainer, Need, register
 
-FAMILY = "design"
+GROUP = "design"
 SITES: tuple[str, ...] = ("projector", "vision")
 """Where patch features are read: the decoder's input at the image-token positions (the projector's
 output as the decoder reads it), and the vision block the projector reads, pooled per cell."""
@@ -524,7 +524,7 @@ class ConceptBottleneck(Explainer):
 
     id = "design.concept_bottleneck"
     title = "Concept bottleneck: concept probes on image features and concept interventions"
-    family = FAMILY
+    group = GROUP
     scope = "dataset"
     needs = frozenset({Need.LABELLED_SET})
     citations = (KOH, LABO, ALAIN_BENGIO, TCAV)

@@ -34,7 +34,7 @@ from ..models.errors import AdapterError
 from ..params import ExplainerParams, ParamError, param
 from ..registry import Citation, Explainer, Need, register
 
-FAMILY = "embedding"
+GROUP = "embedding"
 
 VISION_SITE = "vision"
 PROJECTOR_SITE = "projector"
@@ -464,7 +464,7 @@ class LinearProbe(Explainer):
 
     id = "embedding.probe"
     title = "Linear probes for ground-truth attributes across the vision tower, projector and decoder"
-    family = FAMILY
+    group = GROUP
     scope = "dataset"
     needs = frozenset({Need.LABELLED_SET})
     citations = (ALAIN_BENGIO, HEWITT_LIANG, MMVP)
@@ -643,7 +643,7 @@ class HiddenStateProjection(Explainer):
 
     id = "embedding.projection"
     title = "2-D projections of hidden states per layer, and the modality gap"
-    family = FAMILY
+    group = GROUP
     scope = "dataset"
     citations = (MIND_THE_GAP, VL_INTERPRET)
     summary = (

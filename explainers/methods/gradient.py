@@ -37,7 +37,7 @@ from ..params import ExplainerParams, ParamError, param
 from ..registry import Citation, Explainer, Need, register
 from ..scaleplan import ScalePlan, costs
 
-FAMILY = "gradient"
+GROUP = "gradient"
 POOLS: tuple[str, ...] = ("abs_sum", "sum", "l2")
 """How pixel (or vision-token) scores combine within a cell: sum of |x|, sum of x, sqrt(sum x^2)."""
 ENGINES: tuple[str, ...] = ("batched", "captum")
@@ -210,7 +210,7 @@ class _PixelAttribution(Explainer):
     Its :class:`Params` hold what every pixel method shares (pooling, per-token maps, the engine);
     a method with options of its own extends them (integrated gradients: the path)."""
 
-    family = FAMILY
+    group = GROUP
     supports_contrast = True
     needs = frozenset({Need.GRADIENTS})
     default_pool: str = "sum"
@@ -521,7 +521,7 @@ class GradCAM(Explainer):
 
     id = "gradient.gradcam"
     title = "Grad-CAM on a vision-tower block"
-    family = FAMILY
+    group = GROUP
     supports_contrast = True
     needs = frozenset({Need.GRADIENTS})
     citations = (SELVARAJU,)

@@ -43,7 +43,7 @@ from ..readout import (
 )
 from ..registry import Citation, Explainer, register
 
-FAMILY = "inference"
+GROUP = "inference"
 
 MEMVR = Citation(
     "Look Twice Before You Answer: Memory-Space Visual Retracing for Hallucination Mitigation in "
@@ -132,7 +132,7 @@ class Uncertainty(Explainer):
 
     id = "inference.uncertainty"
     title = "Answer uncertainty: per-token entropy, and per layer through the logit lens"
-    family = FAMILY
+    group = GROUP
     citations = (MEMVR, LOGIT_LENS)
     summary = (
         "Entropy (nats) of each answer token's next-token distribution from the model's logits, its "
@@ -196,7 +196,7 @@ class VisualReliance(Explainer):
 
     id = "inference.visual_reliance"
     title = "Visual reliance: the answer with the real, a blank and a noised image (VCD-style)"
-    family = FAMILY
+    group = GROUP
     citations = (VCD,)
     summary = (
         "Each answer token's log-probability, teacher-forced on the same answer, with the real image, a "

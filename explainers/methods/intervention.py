@@ -48,7 +48,7 @@ from ..params import ExplainerParams, ParamError, param
 from ..registry import Citation, Explainer, Need, register
 from ..scaleplan import ScalePlan, costs, trials_for, with_batch_size
 
-FAMILY = "intervention"
+GROUP = "intervention"
 
 GEVA = Citation(
     "Dissecting Recall of Factual Associations in Auto-Regressive Language Models", 2023, "2304.14767",
@@ -310,7 +310,7 @@ class AttentionKnockout(Explainer):
 
     id = "intervention.attention_knockout"
     title = "Attention knockout between image, question and answer over windows of layers"
-    family = FAMILY
+    group = GROUP
     citations = (GEVA, ZHANG_FLOW)
     summary = (
         "Cut the attention from one part of the sequence to another (image->answer, image->question, "
@@ -633,7 +633,7 @@ class ActivationPatching(Explainer):
 
     id = "intervention.activation_patching"
     title = "Activation patching (causal tracing) per layer, component and token group"
-    family = FAMILY
+    group = GROUP
     needs = frozenset({Need.PAIR})
     citations = (MENG, BASU, ZHANG_NANDA)
     summary = (

@@ -28,7 +28,7 @@ from ..params import ExplainerParams, param
 from ..readout import LOGIT_LENS, READOUT, pick_layers, residual_states
 from ..registry import Citation, Explainer, register
 
-FAMILY = "lens"
+GROUP = "lens"
 DEFAULT_TOP_K = 5
 """Vocabulary tokens kept per patch and layer: enough to see a word surface, small in JSON."""
 NEO_ET_AL = Citation(
@@ -107,7 +107,7 @@ class LogitLens(Explainer):
 
     id = "lens.logit"
     title = "Logit lens over layers at the answer and image-token positions"
-    family = FAMILY
+    group = GROUP
     citations = (LOGIT_LENS, NEO_ET_AL)
     summary = (
         "The residual stream after every decoder block, read out through the model's final norm and "

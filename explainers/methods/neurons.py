@@ -49,7 +49,7 @@ from ..params import ExplainerParams, ParamError, param
 from ..registry import Citation, Explainer, Need, register
 from ..scaleplan import ScalePlan, costs, trials_for, with_batch_size
 
-FAMILY = "neurons"
+GROUP = "neurons"
 VALUE_POINT = "decoder.blocks.{}.mlp.down"
 """Its input holds the neuron values: where attribution reads and ablation writes."""
 ACTIVATION_POINT = "decoder.blocks.{}.mlp.act"
@@ -308,7 +308,7 @@ class TopActivations(Explainer):
 
     id = "neurons.top_activations"
     title = "Top answer neurons: activation x gradient, their patches, their ablation"
-    family = FAMILY
+    group = GROUP
     needs = frozenset({Need.GRADIENTS})
     citations = (SCHWETTMANN, PAN, GOH)
     summary = (
@@ -591,7 +591,7 @@ class ModalitySpecific(Explainer):
 
     id = "neurons.modality_specific"
     title = "Modality- and domain-specific neurons (activation-probability entropy) and their ablation"
-    family = FAMILY
+    group = GROUP
     scope = "dataset"
     citations = (MMNEURON, LAPE, MINER)
     summary = (

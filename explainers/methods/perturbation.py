@@ -45,7 +45,7 @@ from ..params import ExplainerParams, param
 from ..registry import Explainer, register
 from ..scaleplan import ScalePlan, trials_for
 
-FAMILY = "perturbation"
+GROUP = "perturbation"
 
 
 SIGN_NOTE = "drop = log p(original input) - log p(perturbed input); positive means the part supported the answer"
@@ -62,7 +62,7 @@ class Occlusion(Explainer):
 
     id = "perturbation.occlusion"
     title = "Occlusion (batched)"
-    family = FAMILY
+    group = GROUP
     supports_contrast = True
     citations = (ZEILER_FERGUS,)
     summary = (
@@ -155,7 +155,7 @@ class TextAblation(Explainer):
 
     id = "perturbation.text_ablation"
     title = "Question-word ablation"
-    family = FAMILY
+    group = GROUP
     supports_contrast = True
     summary = (
         "Drop or replace each word of the question and measure the drop in every answer token's "

@@ -113,7 +113,7 @@ class CheferRelevancy(Explainer):
 
     id = "relevancy.chefer"
     title = "Relevancy maps (Chefer et al.)"
-    family = "relevancy"
+    group = "relevancy"
     supports_contrast = True
     needs = frozenset({Need.ATTENTION, Need.GRADIENTS})
     citations = (CHEFER, LVLM_INTERPRET)
@@ -163,7 +163,7 @@ class ModalityRelevancy(Explainer):
 
     id = "relevancy.modality"
     title = "Image vs text relevancy"
-    family = "relevancy"
+    group = "relevancy"
     supports_contrast = True
     needs = frozenset({Need.ATTENTION, Need.GRADIENTS})
     citations = (LVLM_INTERPRET, CHEFER)

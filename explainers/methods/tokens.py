@@ -42,7 +42,7 @@ from ..params import ExplainerParams, ParamError, param
 from ..registry import Citation, Explainer, Need, register
 from ..scaleplan import ScalePlan, costs, trials_for
 
-FAMILY = "tokens"
+GROUP = "tokens"
 ORDERS: tuple[str, ...] = ("least_attended_first", "most_attended_first", "random")
 DEFAULT_STEPS = 10
 """Fractions 0, 0.1, ..., 1 of the image tokens dropped."""
@@ -160,7 +160,7 @@ class VisualTokenImportance(Explainer):
 
     id = "tokens.visual_importance"
     title = "Visual-token importance: answer probability as image tokens are dropped (FastV-style)"
-    family = FAMILY
+    group = GROUP
     needs = frozenset({Need.ATTENTION})
     citations = (FASTV,)
     summary = (

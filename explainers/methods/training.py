@@ -24,7 +24,7 @@ from ..params import ExplainerParams, ParamError, param
 from ..registry import Citation, Explainer, Need, RegistryError, get_explainer, register
 from ..scaleplan import ScalePlan, costs, decode_step, trials_for
 
-FAMILY = "training"
+GROUP = "training"
 
 RLHF_V = Citation(
     "RLHF-V: Towards Trustworthy MLLMs via Behavior Alignment from Fine-grained Correctional Human Feedback",
@@ -114,7 +114,7 @@ class CompareCheckpoints(Explainer):
 
     id = "training.compare"
     title = "One explainer on two checkpoints, side by side"
-    family = FAMILY
+    group = GROUP
     needs = frozenset({Need.CHECKPOINTS})
     citations = (RLHF_V, LRV, ADEBAYO)
     summary = (

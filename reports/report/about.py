@@ -36,7 +36,7 @@ class About:
 
     id: str
     title: str
-    family: str = ""
+    group: str = ""
     summary: str = ""
     registered: bool = True
     citations: tuple[Paper, ...] = ()
@@ -53,7 +53,7 @@ def about(explainer_id: str) -> About:
         return About(explainer_id, explainer_id, registered=False, leaves=leaves,
                      summary="This explainer is not registered in this installation; its arrays are shown as saved.")
     citations = tuple(Paper(c.title, c.year, c.arxiv, c.authors) for c in cls.citations)
-    return About(explainer_id, cls.title, cls.family, cls.summary, True, citations, leaves)
+    return About(explainer_id, cls.title, cls.group, cls.summary, True, citations, leaves)
 
 
 @lru_cache(maxsize=1)

@@ -75,7 +75,7 @@ def render_explainer(row: dict[str, Any], cls: type, example: ExampleResult | No
     parts = [
         f"# {md.text(row['title'])}",
         "",
-        f"{md.code(eid)} &middot; family {md.code(row['family'])} &middot; runs on "
+        f"{md.code(eid)} &middot; group {md.code(row['group'])} &middot; runs on "
         f"{'one sample' if row['scope'] == 'sample' else 'a sample set'}"
         + (f" &middot; needs {md.text(', '.join(needs))}" if needs else ""),
         "",
