@@ -8,6 +8,7 @@ must change that cell's image feature and no other.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections import Counter
 from pathlib import Path
 
@@ -237,3 +238,57 @@ def test_two_images_map_to_their_own_layouts(family):
     change = (moved - clean).norm(dim=-1)
     assert int(image_positions[change.argmax()]) == position
     assert float(change.topk(2).values[1]) <= LOCAL * float(change.max())
+
+
+GEMMA3_POOLINGS = [(2, 32, 1, 8), (9, 32, 4, 2), (4, 36, 2, 4)]
+"""(mm_tokens_per_image, vision input pixels, pooled side, kernel in patches of 4 pixels), as
+Gemma3MultiModalProjector pools: 2 -> one token; 9 on 8 x 8 patches -> a kernel of 2, so 4 x 4
+tokens; 4 on 9 x 9 patches -> 2 x 2 tokens of 4 x 4 patches, the last row and column of patches
+pooled into none."""
+
+
+def gemma3_pooled(mm_tokens: int, image_size: int, side: int):
+    """The tiny Gemma 3 with ``mm_tokens_per_image=mm_tokens`` on ``image_size``-pixel vision
+    inputs, its processor writing the ``side * side`` image tokens the projector makes."""
+    from transformers import Gemma3ForConditionalGeneration
+
+    base, processor = build_tiny("gemma3")
+    config = copy.deepcopy(base.config)
+    config.mm_tokens_per_image = mm_tokens
+    config.vision_config.image_size = image_size
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    randomise_zero_matrices(model)
+    image_processor = type(processor.image_processor)(size={"height": image_size, "width": image_size})
+    processor = type(processor)(image_processor=image_processor, tokenizer=processor.tokenizer,
+                                chat_template=processor.chat_template, image_seq_length=side * side)
+    adapter = adapter_for(model, processor)
+    inputs, _ = adapter.build_inputs([tiny_image(*TEST_IMAGE_SIZES["gemma3"])], QUESTION)
+    return model, adapter, inputs
+
+
+@pytest.mark.parametrize(("mm_tokens", "image_size", "side", "kernel"), GEMMA3_POOLINGS)
+def test_gemma3_grid_is_the_projectors_pooling(mm_tokens, image_size, side, kernel):
+    model, adapter, inputs = gemma3_pooled(mm_tokens, image_size, side)
+    (grid,) = adapter.image_layouts(inputs)[0].grids
+    assert (grid.rows, grid.cols) == (side, side) and adapter.pooling_kernel() == kernel
+    with torch.no_grad():
+        model(**inputs)  # transformers runs it: as many image tokens as pooled features
+    cells = adapter.pixel_cell_map(inputs)
+    assert set(torch.unique(cells).tolist()) - {-1} == {int(p) for p in grid.positions}
+    counts = Counter(cells.flatten().tolist())
+    channels = inputs["pixel_values"].shape[1]
+    cell_pixels = kernel * adapter.patch_size
+    assert {counts[int(p)] for p in grid.positions} == {channels * cell_pixels**2}
+    assert counts.get(-1, 0) == channels * (image_size**2 - (side * cell_pixels) ** 2)  # unpooled patches
+    if side == 1:
+        return
+    image_positions = torch.nonzero(inputs["input_ids"][0] == adapter.image_token_id).flatten()
+    with attention_off(adapter):
+        clean = image_features(model, "gemma3", inputs, inputs["pixel_values"])
+        for position in (int(grid.positions[0]), int(grid.positions[-1])):
+            moved = image_features(model, "gemma3", inputs, perturbed(inputs["pixel_values"], cells, position))
+            change = (moved - clean).norm(dim=-1)
+            target = image_positions == position
+            assert float(change[target]) > 0.0
+            assert float(change[~target].max()) <= LOCAL * float(change[target])

@@ -1,8 +1,15 @@
-"""Gemma 3: SigLIP patches average-pooled to ``mm_tokens_per_image`` soft tokens per image,
-framed by ``<start_of_image>`` and ``<end_of_image>``."""
+"""Gemma 3: SigLIP patches average-pooled to a square grid of soft tokens per image, framed by
+``<start_of_image>`` and ``<end_of_image>``.
+
+The grid is what ``Gemma3MultiModalProjector`` computes, not ``mm_tokens_per_image`` itself: the
+projector takes ``tokens_per_side = int(sqrt(mm_tokens_per_image))``, pools ``kernel =
+patches_per_side // tokens_per_side`` patches a side into one token with a stride of ``kernel``,
+and so writes ``(patches_per_side // kernel) ** 2`` tokens whatever ``mm_tokens_per_image`` says
+(2 gives 1 x 1; 9 on an 8 x 8 patch grid gives 4 x 4). Patches past ``side * kernel`` (when the
+kernel does not divide the patch grid) feed no token and map to no cell.
+"""
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,10 +35,7 @@ class Gemma3Adapter(ModelAdapter):
         pixels = _tensor(inputs, "pixel_values")
         if pixels is None:
             return []
-        tokens = int(self.config.mm_tokens_per_image)
-        side = math.isqrt(tokens)
-        if side * side != tokens:
-            raise AdapterError(f"gemma3: mm_tokens_per_image={tokens} is not a square grid")
+        side, _kernel = self.pooled_grid()
         image_processor = getattr(self.processor, "image_processor", None)
         cropping = bool(getattr(image_processor, "do_pan_and_scan", False))
         region = None if cropping else GridPlan("image", side, side).region
@@ -41,16 +45,31 @@ class Gemma3Adapter(ModelAdapter):
         ids = (getattr(self.config, "boi_token_id", None), getattr(self.config, "eoi_token_id", None))
         return {int(i) for i in ids if i is not None}
 
+    def pooled_grid(self) -> tuple[int, int]:
+        """``(side, kernel)``: the projector's ``side x side`` token grid, each token the average of
+        a ``kernel x kernel`` block of patches (read from the model's projector where it has these
+        attributes, else computed from the config as the projector does)."""
+        vision = self.config.vision_config
+        patches = int(vision.image_size) // int(vision.patch_size)
+        tokens = int(self.config.mm_tokens_per_image)
+        per_side = int(tokens**0.5) if tokens > 0 else 0
+        kernel = patches // per_side if 0 < per_side <= patches else 0
+        try:
+            projector = self.model.get_submodule(self.projector_path)
+        except AttributeError:
+            projector = None
+        patches = int(getattr(projector, "patches_per_image", patches))
+        kernel = int(getattr(projector, "kernel_size", kernel))
+        if kernel < 1 or patches < kernel:
+            raise AdapterError(
+                f"gemma3: mm_tokens_per_image={tokens} cannot pool a {patches}x{patches} patch grid "
+                f"(the projector's pooling kernel would be {kernel} patches)"
+            )
+        return patches // kernel, kernel
+
     def pooling_kernel(self) -> int:
         """Patches per side of the block the projector averages into one soft token."""
-        vision = self.config.vision_config
-        patches_per_side = int(vision.image_size) // int(vision.patch_size)
-        tokens_per_side = math.isqrt(int(self.config.mm_tokens_per_image))
-        if tokens_per_side == 0 or patches_per_side % tokens_per_side:
-            raise AdapterError(
-                f"gemma3: {patches_per_side} patches per side do not pool evenly to {tokens_per_side} tokens"
-            )
-        return patches_per_side // tokens_per_side
+        return self.pooled_grid()[1]
 
     def pixel_cell_map(self, inputs: Mapping[str, Any]) -> torch.Tensor:
         """Each pooled token covers a ``kernel x kernel`` block of patches of its vision input."""
