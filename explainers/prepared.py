@@ -168,7 +168,8 @@ def prepare(loaded: "LoadedModel", sample: ExplainSample, answer: Answer | str |
     elif isinstance(answer, str):
         answer = given_answer(loaded, sample.images, sample.question, answer)
     if not answer.token_ids:
-        raise MissingInput(f"sample {sample.id!r}: the model gave an empty answer; nothing to explain")
+        raise MissingInput(f"sample {sample.id!r}: the model gave an empty answer; nothing to explain: give the "
+                           "answer to explain with --answer TEXT (answer= in the API)")
     adapter = loaded.adapter
     inputs, _ = adapter.build_inputs(sample.images, sample.question)
     inputs, positions = adapter.append_tokens(inputs, list(answer.token_ids))
