@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-
-
 from tiny_models import build_tiny, tiny_image
-
+from xmllm import XmllmError
 from xmllm.explainers.models import (
     LoadedModel,
     ModelLoadError,
@@ -20,7 +19,6 @@ from xmllm.explainers.models import (
     weights_sha256,
 )
 from xmllm.explainers.models.adapters.llava import LlavaAdapter
-from xmllm import XmllmError
 
 QUESTION = "what colour is the square"
 
@@ -105,6 +103,16 @@ def test_folder_without_weights_is_one_line(tmp_path, tiny_llava_folder):
     with pytest.raises(ModelLoadError) as info:
         load_model(empty, device="cpu")
     assert_one_line(info, str(empty), "allow_pickle")
+
+
+def test_folder_without_image_processor_is_one_line(tmp_path, tiny_llava_folder):
+    folder, _ = tiny_llava_folder
+    copy = tmp_path / "no-image-processor"
+    shutil.copytree(folder, copy)
+    (copy / "processor_config.json").unlink()  # the tokenizer files alone
+    with pytest.raises(ModelLoadError) as info:
+        load_model(copy, device="cpu")
+    assert_one_line(info, f"cannot load the processor of {copy.resolve()}", "image processor")
 
 
 def test_folder_without_config_is_one_line(tmp_path):

@@ -4,10 +4,17 @@ A spec is ``"demo"`` (the embedded demo model), ``"demo-early"`` (an early check
 local folder, or a Hugging Face hub id. Hub ids load from the local cache when offline
 (``HF_HUB_OFFLINE=1``); every failure is one line saying what is missing and what to do. Weights
 load as safetensors unless pickles are allowed, and remote code runs only when asked.
+
+Explaining images needs no torchvision: a processor whose video part cannot load without it
+(Qwen2-VL, SmolVLM, ...) is built from the folder's image processor (its PIL backend), tokenizer,
+chat template and settings, with a :class:`NoVideoProcessor` in place of the video part, and a
+one-line warning says so once. A processor without an image processor is refused in one line.
 """
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -38,6 +45,10 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 _TRUTHY = {"1", "true", "yes", "on"}
 _OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
+"""Where a folder names its processor class, in the order AutoProcessor reads them."""
+_VIDEO_FILE = "video_preprocessor_config.json"
+_LOG = logging.getLogger(__name__)
 
 
 @dataclass
@@ -192,7 +203,7 @@ def _cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
 
     try:
         found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
-    except Exception:  # an invalid id or revision: treated as not cached
+    except Exception:  # noqa: BLE001 - an invalid id or revision: treated as not cached
         return None
     return Path(found).parent if isinstance(found, str) else None
 
@@ -237,7 +248,7 @@ def _resolve(spec: str, allow_pickle: bool, revision: str | None) -> _Source:
     return _Source(spec, snapshot, hub=True)
 
 
-def _check_family(source: _Source, common: dict[str, Any], spec: str) -> None:
+def _check_family(source: _Source, common: dict[str, Any], spec: str) -> Any:
     """Read the config first, so an unsupported family fails before any weights are read."""
     from transformers import AutoConfig
 
@@ -248,6 +259,203 @@ def _check_family(source: _Source, common: dict[str, Any], spec: str) -> None:
             raise _not_cached(spec, error) from error
         raise ModelLoadError(f"cannot read the config of {source.name}: {_one_line(error)}") from error
     lookup_adapter(getattr(config, "model_type", None))
+    return config
+
+
+# --- the processor ---------------------------------------------------------------------------------
+
+_VIDEO_HINT = "videos need torchvision built for this torch (pip install torchvision)"
+_warned_video: set[str] = set()
+"""Processor classes whose missing video part was already said (once per process)."""
+
+
+class NoVideoProcessor(dict):
+    """Stands in for a processor's video part when torchvision cannot load.
+
+    It is the video settings the folder saved (a dict, so the processor still serialises), also
+    readable as attributes: code on the image path that reads them (SmolVLM's chat template reads
+    ``num_frames`` and ``fps``) works, and a video given to the processor is refused in one line.
+    """
+
+    num_frames = None
+    fps = None
+
+    def __init__(self, settings: dict[str, Any], reason: str) -> None:
+        super().__init__(settings)
+        for key, value in settings.items():
+            if key.isidentifier() and not key.startswith("_") and not hasattr(dict, key):
+                setattr(self, key, value)
+        self.reason = reason
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise ModelLoadError(f"this processor has no video part: torchvision does not load here ({self.reason}); "
+                             f"{_VIDEO_HINT}")
+
+
+def _one_line_text(error: BaseException) -> str:
+    """An error's text on one line (its lines joined), for errors whose first line says little."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return text or type(error).__name__
+
+
+def _torchvision_problem(error: BaseException) -> str | None:
+    """Why torchvision cannot be used here, when that is why ``error`` happened; else None."""
+    if "torchvision" not in _one_line_text(error).lower():
+        return None
+    try:
+        import torchvision  # noqa: F401 - a broken build fails here: operators that do not register
+    except Exception as failure:  # noqa: BLE001 - ImportError, or a RuntimeError from its compiled operators
+        return _one_line(failure)
+    return _one_line_text(error)
+
+
+def _hub_kwargs(common: dict[str, Any]) -> dict[str, Any]:
+    return {key: common[key] for key in ("revision", "local_files_only") if key in common}
+
+
+def _folder_json(name: str, filename: str, common: dict[str, Any]) -> dict[str, Any] | None:
+    """A JSON file of the folder (or of the hub id's cached snapshot), or None when it has none."""
+    from transformers.utils import cached_file
+
+    try:
+        path = cached_file(name, filename, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False, **_hub_kwargs(common))
+    except Exception:  # noqa: BLE001 - an unreadable hub entry reads as no file
+        return None
+    if path is None:
+        return None
+    try:
+        content = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return content if isinstance(content, dict) else None
+
+
+def _named_processor(name: str, common: dict[str, Any]) -> tuple[str, str] | None:
+    """``(file, class name)``: the processor class the folder names, where AutoProcessor looks."""
+    for filename in _PROCESSOR_FILES:
+        content = _folder_json(name, filename, common)
+        if content and isinstance(content.get("processor_class"), str):
+            return filename, content["processor_class"]
+    return None
+
+
+def _family_processor(config: Any) -> type | None:
+    """The processor class transformers maps the config's model type to, if any."""
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
+
+    try:
+        return PROCESSOR_MAPPING[type(config)]
+    except (KeyError, ValueError, ImportError):
+        return None
+
+
+def _processor_class(name: str, common: dict[str, Any], config: Any) -> type | None:
+    """The class AutoProcessor builds for the folder: the one it names if transformers has it,
+    else the model type's."""
+    from transformers.models.auto.processing_auto import processor_class_from_name
+
+    named = _named_processor(name, common)
+    found = processor_class_from_name(named[1]) if named else None
+    return found if isinstance(found, type) else _family_processor(config)
+
+
+def _video_attributes(cls: type) -> list[str]:
+    return [attribute for attribute in cls.get_attributes() if "video" in attribute]
+
+
+def _without_video(cls: type, name: str, common: dict[str, Any], reason: str) -> Any:
+    """``cls`` built from the folder's image processor (the PIL backend), tokenizer, chat template
+    and processor settings, its video part a :class:`NoVideoProcessor`: what AutoProcessor
+    builds, less what needs torchvision."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    hub = _hub_kwargs(common)
+    settings, _ = cls.get_processor_dict(name, **hub)
+    video = set(_video_attributes(cls))
+    parts: dict[str, Any] = {}
+    for attribute in cls.get_attributes():
+        saved = settings.get(attribute)
+        if attribute in video:
+            saved = saved if isinstance(saved, dict) else _folder_json(name, _VIDEO_FILE, common) or {}
+            parts[attribute] = NoVideoProcessor(saved, reason)
+        elif "tokenizer" in attribute:
+            subfolder = "" if attribute == "tokenizer" else attribute
+            parts[attribute] = AutoTokenizer.from_pretrained(name, subfolder=subfolder,
+                                                             trust_remote_code=common["trust_remote_code"], **hub)
+        elif "image_processor" in attribute:
+            parts[attribute] = AutoImageProcessor.from_pretrained(
+                name, processor_config=saved if isinstance(saved, dict) else None, backend="pil",
+                trust_remote_code=common["trust_remote_code"], **hub)
+        else:
+            raise ModelLoadError(f"{cls.__name__} also needs a {attribute}, which xmllm cannot build without "
+                                 "its video part")
+    code = cls.__init__.__code__
+    accepted = set(code.co_varnames[1:code.co_argcount + code.co_kwonlyargcount])
+    options = {key: value for key, value in settings.items() if key in accepted and key not in parts}
+    processor = cls.__new__(cls)
+    check = processor.check_argument_for_proper_class
+
+    def allow_stand_in(argument_name: str, argument: Any) -> Any:
+        if argument_name in video and isinstance(argument, NoVideoProcessor):
+            return NoVideoProcessor  # transformers' own check would need torchvision to name the class
+        return check(argument_name, argument)
+
+    processor.check_argument_for_proper_class = allow_stand_in
+    try:
+        cls.__init__(processor, **parts, **options)
+    finally:
+        del processor.check_argument_for_proper_class
+    return processor
+
+
+def _say_once(key: str, message: str) -> None:
+    if key not in _warned_video:
+        _warned_video.add(key)
+        _LOG.warning("xmllm: warning: %s", message)
+
+
+def _load_processor(name: str, common: dict[str, Any], config: Any) -> Any:
+    """The folder's processor, as AutoProcessor builds it; without its video part when torchvision
+    cannot load (said once); a one-line error when it cannot explain images."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(name, **common)
+    except Exception as error:
+        reason = _torchvision_problem(error)
+        cls = _processor_class(name, common, config) if reason is not None else None
+        if cls is None or not _video_attributes(cls):
+            raise ModelLoadError(f"cannot load the processor of {name}: {_one_line_text(error)}") from error
+        try:
+            processor = _without_video(cls, name, common, reason)
+        except ModelLoadError as failure:
+            raise ModelLoadError(f"cannot load the processor of {name}: {failure}") from error
+        except Exception as failure:
+            raise ModelLoadError(f"cannot load the processor of {name} without its video part (torchvision: "
+                                 f"{reason}): {_one_line_text(failure)}") from failure
+        _say_once(cls.__name__, f"{cls.__name__} without its video part: torchvision does not load here "
+                                f"({reason}); images are explained without it, {_VIDEO_HINT}")
+    if getattr(processor, "image_processor", None) is None:
+        raise ModelLoadError(f"cannot load the processor of {name}: {_no_image_processor(name, common, config, processor)}")
+    return processor
+
+
+def _no_image_processor(name: str, common: dict[str, Any], config: Any, processor: Any) -> str:
+    """Why the processor AutoProcessor gave cannot explain images, and what to change."""
+    import transformers
+    from transformers.models.auto.processing_auto import processor_class_from_name
+
+    what = type(processor).__name__
+    if not hasattr(processor, "get_attributes"):  # a tokenizer or a feature extractor alone
+        what = f"AutoProcessor gave a bare {what}, which"
+    named = _named_processor(name, common)
+    family = _family_processor(config)
+    suggestion = f"; set processor_class to {family.__name__!r} there" if family is not None else ""
+    if named and not isinstance(processor_class_from_name(named[1]), type):
+        return (f"its {named[0]} names processor_class {named[1]!r}, which transformers {transformers.__version__} "
+                f"does not have, so {what} has no image processor{suggestion}")
+    return f"{what} has no image processor: save the model's processor into the folder (processor.save_pretrained)"
 
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -269,7 +477,7 @@ def load_model(
     attention weights. The model is put in eval mode on ``device`` in ``dtype``. transformers'
     own bars and notices are routed through xmllm's (:mod:`xmllm.explainers.quiet`).
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     from ..quiet import route_library_output
 
@@ -283,7 +491,7 @@ def load_model(
         common["revision"] = revision
         common["local_files_only"] = _offline()
 
-    _check_family(source, common, spec)
+    config = _check_family(source, common, spec)
     model_kwargs: dict[str, Any] = {"dtype": target_dtype, **common}
     if not allow_pickle:
         model_kwargs["use_safetensors"] = True
@@ -295,10 +503,7 @@ def load_model(
         if source.hub and source.folder is None:
             raise _not_cached(spec, error) from error
         raise ModelLoadError(f"cannot load the model from {source.name}: {_one_line(error)}") from error
-    try:
-        processor = AutoProcessor.from_pretrained(source.name, **common)
-    except Exception as error:
-        raise ModelLoadError(f"cannot load the processor from {source.name}: {_one_line(error)}") from error
+    processor = _load_processor(source.name, common, config)
 
     model = model.to(target_device).eval()
     folder = source.folder or (_cached_snapshot(spec, revision) if source.hub else None)
