@@ -62,6 +62,10 @@ class Explainer:
     summary: ClassVar[str] = ""
     Params: ClassVar[type[ExplainerParams]] = ExplainerParams
     """The declared parameters (a frozen dataclass of :func:`~xmllm.explainers.params.param` fields)."""
+    model_needs: ClassVar[frozenset[str]] = frozenset()
+    """What it needs from the model family beyond a forward pass (names of
+    :data:`~xmllm.explainers.models.adapters.base.CAPABILITIES`); ``Need.ATTENTION`` implies
+    ``decoder_attention``. A family that lacks one gets a declared refusal with the adapter's reason."""
     supports_contrast: ClassVar[bool] = False
     """Whether it explains a contrast (``answer rather than foil``) through ``Prepared.target_ids``."""
 
@@ -114,10 +118,29 @@ class Explainer:
     def refusal(self, model: "LoadedModel", sample: Any, params: Any, contrast: bool = False) -> str | None:
         """Why this explainer will not run on ``sample`` (its :meth:`unmet` inputs, or a contrast it
         cannot explain), or None: the one rule :meth:`explain` and a run's planning both apply."""
-        why = self.unmet(model, sample, params)
+        why = self.unmet_by_model(model)
+        if why is None:
+            why = self.unmet(model, sample, params)
         if why is None and contrast and not self.supports_contrast:
             why = "explains one answer, not a contrast between two (gradient, relevancy and perturbation ones do)"
         return why
+
+    @classmethod
+    def capabilities_needed(cls) -> frozenset[str]:
+        """:attr:`model_needs`, with what its :attr:`needs` imply."""
+        implied = {"decoder_attention"} if Need.ATTENTION in cls.needs else set()
+        return frozenset(cls.model_needs) | implied
+
+    def unmet_by_model(self, model: "LoadedModel") -> str | None:
+        """Why the model's family cannot give what this explainer needs (its adapter's reason), or None."""
+        adapter = getattr(model, "adapter", None)
+        if adapter is None or not hasattr(adapter, "lacks"):
+            return None
+        for capability in sorted(self.capabilities_needed()):
+            why = adapter.lacks(capability)
+            if why is not None:
+                return f"{adapter.model_type}: {why}"
+        return None
 
     def unmet(self, model: "LoadedModel", sample: Any, params: Any) -> str | None:
         """Why this explainer cannot run on ``sample`` (no ground truth, no second checkpoint, ...),

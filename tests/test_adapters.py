@@ -362,7 +362,9 @@ def test_mismatched_tokens_are_a_one_line_error():
     assert "\n" not in str(info.value)
 
 
-def test_unknown_family_is_a_one_line_error():
+def test_a_family_the_generic_adapter_cannot_serve_is_a_one_line_error():
+    """Unknown alone is no refusal (the generic adapter takes it); no image token id is."""
+
     class Config:
         model_type = "not_a_vlm"
 
@@ -371,4 +373,6 @@ def test_unknown_family_is_a_one_line_error():
 
     with pytest.raises(UnsupportedModelError) as info:
         adapter_for(Model(), None)
-    assert "not_a_vlm" in str(info.value) and "llava" in str(info.value) and "\n" not in str(info.value)
+    message = str(info.value)
+    assert "not_a_vlm" in message and "no image token id" in message and "xmllm models" in message
+    assert "\n" not in message

@@ -14,35 +14,28 @@ import importlib.util
 import warnings
 from collections.abc import Callable
 
-import numpy as np
 import torch
-from PIL import Image
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from tiny_parts import (  # noqa: F401  (re-exported: tests import these from here)
+    BPE_VOCAB,
+    HEAD_DIM,
+    HEADS,
+    HIDDEN,
+    INTERMEDIATE,
+    LAYERS,
+    MAX_POSITIONS,
+    SEED,
+    VISION_IMAGE_SIZE,
+    bpe_tokenizer,
+    image_only,
+    llama_text,
+    TINY_FAMILIES,
+    seeded,
+    tiny_family,
+    tiny_image,
+    vision_kwargs,
+)
 
 from xmllm.bench.scale_configs import IDEFICS3_TEMPLATE, LLAVA_TEMPLATE, QWEN_TEMPLATE
-
-SEED = 0
-"""Every tiny model is initialised from this torch seed, so test results are reproducible."""
-
-# Sizes shared by all families: small enough to run a forward pass in milliseconds on a CPU.
-HIDDEN = 32
-INTERMEDIATE = 64
-LAYERS = 2
-HEADS = 2
-HEAD_DIM = HIDDEN // HEADS
-MAX_POSITIONS = 1024
-VISION_IMAGE_SIZE = 32  # pixels per side of one vision-encoder input (tile)
-BPE_VOCAB = 320
-
-_CORPUS = (
-    "what colour is the square in the picture",
-    "the answer is red and the shape is a circle",
-    "a blue triangle on the left of a green star",
-    "how many objects are there? there are three objects",
-    "is the door open or closed",
-    "User Assistant USER ASSISTANT user assistant model",
-)
 
 FAMILIES: tuple[str, ...] = (
     "llava",
@@ -66,83 +59,6 @@ TEST_IMAGE_SIZES: dict[str, tuple[int, int]] = {
     "gemma3": (48, 40),
 }
 """(width, height) of a test image per family, chosen to exercise tiling and aspect ratios."""
-
-
-def tiny_image(width: int, height: int, seed: int = SEED) -> Image.Image:
-    """A deterministic RGB image with a coloured square, so pixel statistics are not flat."""
-    rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 255, size=(height, width, 3), dtype=np.uint8)
-    pixels[height // 4 : height // 2, width // 4 : width // 2] = (220, 30, 30)
-    return Image.fromarray(pixels, mode="RGB")
-
-
-def bpe_tokenizer(
-    *,
-    bos: str | None,
-    eos: str,
-    pad: str,
-    unk: str | None = None,
-    extra: tuple[str, ...] = (),
-    named: dict[str, str] | None = None,
-    add_bos: bool = False,
-) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on a few sentences, with the family's special tokens.
-
-    ``named`` tokens become attributes (``tokenizer.image_token``, ``tokenizer.image_token_id``),
-    as processors such as Gemma 3's read them from the tokenizer.
-    """
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=BPE_VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    backend.train_from_iterator(_CORPUS, trainer=trainer)
-    specials = {"bos_token": bos, "eos_token": eos, "pad_token": pad, "unk_token": unk}
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        **{k: v for k, v in specials.items() if v is not None},
-        extra_special_tokens=dict(named) if named else list(extra),
-        add_bos_token=add_bos,
-        add_eos_token=False,
-    )
-    if named and extra:
-        tokenizer.add_tokens(list(extra), special_tokens=True)
-    return tokenizer
-
-
-def _seeded(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
-    torch.manual_seed(SEED)
-    model = build()
-    return model.eval()
-
-
-def _llama_text(vocab: int, tokenizer: PreTrainedTokenizerFast):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=HEADS,
-        max_position_embeddings=MAX_POSITIONS,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-
-
-def _vision_kwargs(patch_size: int) -> dict:
-    return {
-        "hidden_size": HIDDEN,
-        "intermediate_size": INTERMEDIATE,
-        "num_hidden_layers": LAYERS,
-        "num_attention_heads": HEADS,
-        "image_size": VISION_IMAGE_SIZE,
-        "patch_size": patch_size,
-    }
 
 
 # --- chat templates (jinja) for the tiny processors -------------------------------------------
@@ -190,12 +106,12 @@ def _llava():
         chat_template=LLAVA_TEMPLATE,
     )
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(**_vision_kwargs(patch), projection_dim=HIDDEN),
-        text_config=_llama_text(len(tokenizer), tokenizer),
+        vision_config=CLIPVisionConfig(**vision_kwargs(patch), projection_dim=HIDDEN),
+        text_config=llama_text(len(tokenizer), tokenizer),
         image_token_id=processor.image_token_id,
         image_seq_length=(VISION_IMAGE_SIZE // patch) ** 2,
     )
-    return _seeded(lambda: LlavaForConditionalGeneration(config)), processor
+    return seeded(lambda: LlavaForConditionalGeneration(config)), processor
 
 
 def _llava_next():
@@ -225,12 +141,12 @@ def _llava_next():
         chat_template=LLAVA_TEMPLATE,
     )
     config = LlavaNextConfig(
-        vision_config=CLIPVisionConfig(**_vision_kwargs(patch), projection_dim=HIDDEN),
-        text_config=_llama_text(len(tokenizer), tokenizer),
+        vision_config=CLIPVisionConfig(**vision_kwargs(patch), projection_dim=HIDDEN),
+        text_config=llama_text(len(tokenizer), tokenizer),
         image_token_id=processor.image_token_id,
         image_grid_pinpoints=pinpoints,
     )
-    return _seeded(lambda: LlavaNextForConditionalGeneration(config)), processor
+    return seeded(lambda: LlavaNextForConditionalGeneration(config)), processor
 
 
 _QWEN_SPECIALS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
@@ -238,25 +154,6 @@ _QWEN_PATCH = 4
 _QWEN_MERGE = 2
 _QWEN_TEMPORAL = 2
 _QWEN_MROPE_SECTION = [2, 3, 3]  # sums to HEAD_DIM // 2
-
-
-def _image_only(processor_cls: type) -> type:
-    """``processor_cls`` accepting a bare video processor: the family's own needs torchvision.
-
-    Without torchvision, transformers cannot even name the video processor base class, so the
-    processor's argument check fails; images never touch the video half.
-    """
-
-    def check_argument_for_proper_class(self, argument_name, argument):
-        if argument_name == "video_processor":
-            return type(argument)
-        return processor_cls.check_argument_for_proper_class(self, argument_name, argument)
-
-    return type(
-        f"{processor_cls.__name__}ImageOnly",
-        (processor_cls,),
-        {"check_argument_for_proper_class": check_argument_for_proper_class},
-    )
 
 
 def _qwen_processor(processor_cls):
@@ -272,7 +169,7 @@ def _qwen_processor(processor_cls):
         min_pixels=4 * factor * factor,
         max_pixels=VISION_IMAGE_SIZE * VISION_IMAGE_SIZE * 4,
     )
-    return _image_only(processor_cls)(
+    return image_only(processor_cls)(
         image_processor=image_processor,
         tokenizer=tokenizer,
         video_processor=BaseVideoProcessor(),
@@ -331,7 +228,7 @@ def _qwen2_vl():
         text_config=_qwen_text(Qwen2VLTextConfig, len(processor.tokenizer), processor.tokenizer),
         **_qwen_ids(processor),
     )
-    return _seeded(lambda: Qwen2VLForConditionalGeneration(config)), processor
+    return seeded(lambda: Qwen2VLForConditionalGeneration(config)), processor
 
 
 def _qwen2_5_vl():
@@ -361,7 +258,7 @@ def _qwen2_5_vl():
         text_config=_qwen_text(Qwen2_5_VLTextConfig, len(processor.tokenizer), processor.tokenizer),
         **_qwen_ids(processor),
     )
-    return _seeded(lambda: Qwen2_5_VLForConditionalGeneration(config)), processor
+    return seeded(lambda: Qwen2_5_VLForConditionalGeneration(config)), processor
 
 
 _IDEFICS_PATCH = 4
@@ -394,13 +291,13 @@ def _idefics_like(config_cls, model_cls, processor_factory, image_processor_cls)
     processor = processor_factory(image_processor, tokenizer, tile_side * tile_side)
     vision_cls = config_cls.sub_configs["vision_config"]
     config = config_cls(
-        vision_config=vision_cls(**_vision_kwargs(_IDEFICS_PATCH)),
-        text_config=_llama_text(len(processor.tokenizer), processor.tokenizer).to_dict(),
+        vision_config=vision_cls(**vision_kwargs(_IDEFICS_PATCH)),
+        text_config=llama_text(len(processor.tokenizer), processor.tokenizer).to_dict(),
         scale_factor=_IDEFICS_SCALE,
         image_token_id=processor.image_token_id,
         pad_token_id=processor.tokenizer.pad_token_id,
     )
-    return _seeded(lambda: model_cls(config)), processor
+    return seeded(lambda: model_cls(config)), processor
 
 
 def _idefics3():
@@ -422,7 +319,7 @@ def _smolvlm():
     from transformers.video_processing_utils import BaseVideoProcessor
 
     def factory(image_processor, tokenizer, seq_len):
-        return _image_only(SmolVLMProcessor)(
+        return image_only(SmolVLMProcessor)(
             image_processor,
             tokenizer,
             BaseVideoProcessor(),
@@ -465,14 +362,14 @@ def _paligemma():
         pad_token_id=tokenizer.pad_token_id,
     )
     config = PaliGemmaConfig(
-        vision_config=SiglipVisionConfig(**_vision_kwargs(patch)),
+        vision_config=SiglipVisionConfig(**vision_kwargs(patch)),
         text_config=text,
         image_token_id=processor.image_token_id,
         vocab_size=vocab,
         projection_dim=HIDDEN,
         hidden_size=HIDDEN,
     )
-    return _seeded(lambda: PaliGemmaForConditionalGeneration(config)), processor
+    return seeded(lambda: PaliGemmaForConditionalGeneration(config)), processor
 
 
 def _gemma3():
@@ -518,7 +415,7 @@ def _gemma3():
         pad_token_id=tokenizer.pad_token_id,
     )
     config = Gemma3Config(
-        vision_config=SiglipVisionConfig(**_vision_kwargs(patch), vision_use_head=False),
+        vision_config=SiglipVisionConfig(**vision_kwargs(patch), vision_use_head=False),
         text_config=text,
         mm_tokens_per_image=pooled_side * pooled_side,
         image_token_id=tokenizer.image_token_id,
@@ -535,7 +432,7 @@ def _gemma3():
             weight.normal_(0.0, weight.shape[0] ** -0.5)
         return model
 
-    return _seeded(build), processor
+    return seeded(build), processor
 
 
 _BUILDERS: dict[str, Callable[[], tuple]] = {
@@ -552,6 +449,16 @@ _BUILDERS: dict[str, Callable[[], tuple]] = {
 OPTIONAL_DEPENDENCIES: dict[str, str] = {"smolvlm": "num2words"}
 """Python packages a family's processor imports beyond the project's own dependencies."""
 
+import tiny_families  # noqa: E402  (registers the families of tests/tiny_families/ into TINY_FAMILIES)
+
+NEW_FAMILIES: tuple[str, ...] = tuple(sorted(TINY_FAMILIES))
+"""Families with a module of their own in tests/tiny_families/ (added after the first eight)."""
+ALL_FAMILIES: tuple[str, ...] = FAMILIES + NEW_FAMILIES
+for _family in NEW_FAMILIES:
+    TEST_IMAGE_SIZES[_family] = TINY_FAMILIES[_family].image_size
+    if TINY_FAMILIES[_family].needs:
+        OPTIONAL_DEPENDENCIES[_family] = TINY_FAMILIES[_family].needs
+
 
 def missing_dependency(family: str) -> str | None:
     """The package a family's processor needs that is not installed, or None."""
@@ -563,10 +470,12 @@ def missing_dependency(family: str) -> str | None:
 
 def build_tiny(family: str):
     """``(model, processor)`` for ``family``: a tiny random model in eval mode and a real processor."""
-    try:
+    if family in TINY_FAMILIES:
+        builder = TINY_FAMILIES[family].build
+    elif family in _BUILDERS:
         builder = _BUILDERS[family]
-    except KeyError:
-        raise ValueError(f"no tiny model for family {family!r}; known: {', '.join(FAMILIES)}") from None
+    else:
+        raise ValueError(f"no tiny model for family {family!r}; known: {', '.join(ALL_FAMILIES)}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return builder()

@@ -258,7 +258,7 @@ def _check_family(source: _Source, common: dict[str, Any], spec: str) -> Any:
         if source.hub and source.folder is None:
             raise _not_cached(spec, error) from error
         raise ModelLoadError(f"cannot read the config of {source.name}: {_one_line(error)}") from error
-    lookup_adapter(getattr(config, "model_type", None))
+    lookup_adapter(getattr(config, "model_type", None), config)
     return config
 
 

@@ -18,7 +18,8 @@ for _module in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
 
 def adapter_for(model: Any, processor: Any) -> ModelAdapter:
     """The adapter of ``model``'s family, bound to ``model`` and ``processor``."""
-    return lookup_adapter(getattr(getattr(model, "config", None), "model_type", None))(model, processor)
+    config = getattr(model, "config", None)
+    return lookup_adapter(getattr(config, "model_type", None), config)(model, processor)
 
 
 def supported_model_types() -> tuple[str, ...]:

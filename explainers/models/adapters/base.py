@@ -65,6 +65,14 @@ IMAGE_SIZES_ATTR = "xmllm_image_sizes"
 (height, width) of each image, for :meth:`ModelAdapter.image_layouts` to place cropped grids."""
 
 
+CAPABILITIES: dict[str, str] = {
+    "decoder_attention": "every decoder block attends over the sequence (image tokens included) with an attention matrix",
+    "vision_attention": "the vision tower is a stack of attention blocks",
+    "pixel_cells": "each cell of an image grid maps back to the pixels that feed it",
+}
+"""What an explainer may need from a model family, with what it means; adapters say which they lack."""
+
+
 # --- registry ------------------------------------------------------------------------------------
 
 _ADAPTERS: dict[str, type[ModelAdapter]] = {}
@@ -86,9 +94,29 @@ def registered_adapters() -> dict[str, type[ModelAdapter]]:
     return dict(sorted(_ADAPTERS.items()))
 
 
-def lookup_adapter(model_type: str | None) -> type[ModelAdapter]:
+_FALLBACK: list[type[ModelAdapter]] = []
+
+
+def register_fallback(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+    """Class decorator: serve model types without an adapter of their own with ``cls`` (the
+    generic adapter), where its ``refusal(config)`` allows."""
+    _FALLBACK[:] = [cls]
+    return cls
+
+
+def lookup_adapter(model_type: str | None, config: Any = None) -> type[ModelAdapter]:
+    """The adapter class for ``model_type``: its own, else the generic one unless ``config`` shows
+    that the generic one cannot serve it (a one-line :class:`UnsupportedModelError` naming why)."""
     if model_type in _ADAPTERS:
         return _ADAPTERS[model_type]
+    if _FALLBACK:
+        fallback = _FALLBACK[0]
+        why = fallback.refusal(config) if config is not None else None
+        if why is None:
+            return fallback
+        raise UnsupportedModelError(
+            f"model type {model_type!r} is not supported: {why}; 'xmllm models' lists every family and its status"
+        )
     raise UnsupportedModelError(
         f"no adapter for model type {model_type!r}; supported: {', '.join(sorted(_ADAPTERS))}"
     )
@@ -111,6 +139,8 @@ class ModelAdapter:
 
     model_types: ClassVar[tuple[str, ...]] = ()
     family: ClassVar[str] = ""
+    kind: ClassVar[str] = "own"
+    """"own" for a family's adapter, "generic" for the one that derives everything."""
 
     # Dotted module paths, relative to the model (``model.get_submodule``).
     vision_tower_path: ClassVar[str] = "model.vision_tower"
@@ -452,11 +482,12 @@ class ModelAdapter:
         points["decoder.embed"] = self.input_embeddings
         for i, block in enumerate(self.decoder_layers()):
             points[f"decoder.blocks.{i}"] = block
-            attn = self._first_child(block, (self.decoder_attn_attr,), "attention")
-            points[f"decoder.blocks.{i}.attn"] = attn
-            out = getattr(attn, self.decoder_attn_out_attr, None)
-            if isinstance(out, nn.Module):
-                points[f"decoder.blocks.{i}.attn.out"] = out
+            attn = getattr(block, self.decoder_attn_attr, None)
+            if isinstance(attn, nn.Module):  # hybrid decoders: linear-attention blocks have none
+                points[f"decoder.blocks.{i}.attn"] = attn
+                out = getattr(attn, self.decoder_attn_out_attr, None)
+                if isinstance(out, nn.Module):
+                    points[f"decoder.blocks.{i}.attn.out"] = out
             mlp = self._first_child(block, (self.decoder_mlp_attr,), "MLP")
             points[f"decoder.blocks.{i}.mlp"] = mlp
             for suffix, attr in (("act", self.decoder_mlp_act_attr), ("down", self.decoder_mlp_down_attr)):
@@ -466,6 +497,34 @@ class ModelAdapter:
         points["decoder.final_norm"] = self.final_norm
         points["lm_head"] = self.lm_head
         return points
+
+    # --- what the family offers explainers ---------------------------------------------------------
+
+    def lacks(self, capability: str) -> str | None:
+        """Why this model cannot give ``capability`` (one of :data:`CAPABILITIES`), or None.
+
+        Explainers declare the capabilities they need (``Explainer.model_needs``); a missing one is
+        a declared refusal with this reason, listed like a leaf run's skips, never a traceback.
+        """
+        if capability == "decoder_attention":
+            blocks = self.decoder_layers()
+            without = [i for i, block in enumerate(blocks)
+                       if not isinstance(getattr(block, self.decoder_attn_attr, None), nn.Module)]  # fmt: skip
+            if without:
+                return (f"{len(without)} of its {len(blocks)} decoder blocks mix tokens without an attention "
+                        "matrix (linear attention), so attention paths through the decoder are incomplete")
+            return None
+        if capability == "vision_attention":
+            try:
+                blocks = self.vision_layers()
+                for block in blocks:
+                    self._first_child(block, self.vision_attn_candidates, "attention")
+            except AdapterError as error:
+                return f"its vision tower has no attention blocks to read ({error})"
+            return None
+        if capability in CAPABILITIES:
+            return None
+        raise ValueError(f"unknown capability {capability!r}; known: {', '.join(CAPABILITIES)}")
 
     # --- inputs -------------------------------------------------------------------------------
 

@@ -1,0 +1,232 @@
+"""The adapter of a family with none of its own: everything derived, then checked.
+
+Image-token positions come from the config's image token id; each image's grid from the
+processor's outputs (``image_grid_thw``, or the shape of ``pixel_values``) and the vision config
+(patch size, merge / pixel-shuffle / pooling factor). Before a layout is trusted, its token count
+is checked against the features the model itself computes for those pixels. What cannot be derived
+is refused in one line naming the model type and the missing piece; being unknown is no refusal.
+
+Which families it serves (those transformers maps whose config names an image token and whose
+image features enter the decoder's sequence) is decided by :func:`generic_refusal`.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import AdapterError
+from . import pixels as px
+from .base import ExtraPlan, GridPlan, ImagePlan, ModelAdapter, _tensor, register_fallback
+from .thw import thw_patch_positions, thw_pixel_cell_map, thw_plans
+
+VISION_TOWERS = ("model.vision_tower", "model.visual", "model.vision_model", "model.vision_encoder",
+                 "model.vision", "vision_tower", "vision_model")  # fmt: skip
+PROJECTORS = ("model.multi_modal_projector", "model.visual.merger", "model.connector", "model.mlp1",
+              "model.aligner", "model.projector", "model.vision_projection", "model.embed_vision",
+              "multi_modal_projector")  # fmt: skip
+LANGUAGE_MODELS = ("model.language_model", "model.text_model", "language_model", "model")
+# Config fields that name how many patches per side fuse into one decoder token.
+MERGE_FIELDS = ("spatial_merge_size", "merge_size", "scale_factor", "downsample_factor", "pooling_kernel_size")
+
+
+def generic_refusal(config: Any) -> str | None:
+    """Why the generic adapter cannot serve a model of ``config``, or None.
+
+    Decided from the config alone, so ``xmllm models`` can say it without building the model.
+    """
+    if getattr(config, "is_encoder_decoder", False):
+        return "encoder-decoder: the image enters an encoder, not the decoder's sequence"
+    token = getattr(config, "image_token_id", None)
+    if token is None:
+        token = getattr(config, "image_token_index", None)
+    if token is None:
+        return "its config names no image token id, so image features have no positions in the sequence"
+    if getattr(config, "vision_config", None) is None:
+        return "its config has no vision_config to derive the patch grid from"
+    return None
+
+
+def _merge_factor(config: Any, processor: Any) -> int | None:
+    """Patches per side fused into one decoder token, as the config (or processor) declares it."""
+    vision = getattr(config, "vision_config", None)
+    image_processor = getattr(processor, "image_processor", None)
+    for owner in (vision, config, image_processor):
+        for name in MERGE_FIELDS:
+            value = getattr(owner, name, None)
+            if isinstance(value, int) and value >= 1:
+                return value
+    ratio = getattr(config, "downsample_ratio", None)  # InternVL: 0.5 -> 2 x 2 patches per token
+    if isinstance(ratio, float) and 0 < ratio < 1 and float(round(1 / ratio)) == 1 / ratio:
+        return int(round(1 / ratio))
+    return None
+
+
+@register_fallback
+class GenericAdapter(ModelAdapter):
+    """Derives the plan of every image from the inputs and the vision config; checks the count."""
+
+    family: ClassVar[str] = "generic"
+    kind: ClassVar[str] = "generic"
+
+    @staticmethod
+    def refusal(config: Any) -> str | None:
+        return generic_refusal(config)
+
+    def __init__(self, model: nn.Module, processor: Any) -> None:
+        super().__init__(model, processor)
+        why = generic_refusal(self.config)
+        if why is not None:
+            raise AdapterError(f"{self.model_type}: {why}")
+        self._checked: dict[tuple, int] = {}
+
+    # --- modules: the first known path that exists ----------------------------------------------
+
+    def _first_path(self, candidates: tuple[str, ...], what: str) -> nn.Module:
+        for path in candidates:
+            try:
+                return self.model.get_submodule(path)
+            except AttributeError:
+                continue
+        raise AdapterError(
+            f"{self.model_type}: cannot find the {what} of {type(self.model).__name__} (tried {', '.join(candidates)})"
+        )
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self._first_path(VISION_TOWERS, "vision tower")
+
+    @property
+    def projector(self) -> nn.Module:
+        return self._first_path(PROJECTORS, "projector")
+
+    @property
+    def language_model(self) -> nn.Module:
+        for path in LANGUAGE_MODELS:
+            try:
+                module = self.model.get_submodule(path)
+            except AttributeError:
+                continue
+            if isinstance(getattr(module, self.decoder_layers_attr, None), nn.ModuleList):
+                return module
+        raise AdapterError(f"{self.model_type}: cannot find the decoder stack (tried {', '.join(LANGUAGE_MODELS)})")
+
+    # --- plans ------------------------------------------------------------------------------------
+
+    def _merge(self) -> int | None:
+        return _merge_factor(self.config, self.processor)
+
+    def _batch_plans(self, inputs: Mapping[str, Any]) -> list[ImagePlan]:
+        pixels = _tensor(inputs, "pixel_values")
+        if _tensor(inputs, "image_grid_thw") is not None:
+            merge = self._merge()
+            if merge is None:
+                raise AdapterError(f"{self.model_type}: image_grid_thw given but no merge size in the config")
+            plans = thw_plans(self, inputs, merge)
+        elif pixels is None:
+            return []
+        elif pixels.dim() == 4:
+            plans = self._view_plans(inputs, pixels)
+        else:
+            raise AdapterError(
+                f"{self.model_type}: cannot derive the image grid from pixel_values of shape {tuple(pixels.shape)} "
+                "(the generic adapter reads one vision input per image, or image_grid_thw); this family needs "
+                "an adapter of its own"
+            )
+        self._check_features(inputs, plans)
+        return plans
+
+    def _view_plans(self, inputs: Mapping[str, Any], pixels: torch.Tensor) -> list[ImagePlan]:
+        """One ``(N, C, H, W)`` vision input per image: its patch grid, fused by the merge factor."""
+        total = int((self._input_ids(inputs) == self.image_token_id).sum())
+        views = pixels.shape[0]
+        per_view, remainder = divmod(total, views)
+        patch = self.patch_size
+        prows, pcols = pixels.shape[-2] // patch, pixels.shape[-1] // patch
+        if remainder == 0:
+            for factor in self._factors(prows, pcols, per_view):
+                rows, cols = prows // factor, pcols // factor
+                extra = per_view - rows * cols
+                parts: tuple[GridPlan | ExtraPlan, ...] = (GridPlan("image", rows, cols),)
+                if extra == 1:
+                    parts = (ExtraPlan("class_token", 1), *parts)
+                return [ImagePlan(parts) for _ in range(views)]
+        raise AdapterError(
+            f"{self.model_type}: cannot derive the image grid: {total} image tokens for {views} vision input(s) of "
+            f"{prows}x{pcols} patches (patch size {patch}) fit no merge factor"
+        )
+
+    def _factors(self, prows: int, pcols: int, per_view: int) -> list[int]:
+        """Merge factors that turn a ``prows x pcols`` patch grid into ``per_view`` tokens (the
+        declared one first; a square pooled count otherwise)."""
+        declared = self._merge()
+        candidates = [declared] if declared else []
+        side = math.isqrt(per_view)
+        if side and side * side == per_view and prows == pcols and prows % side == 0:
+            candidates.append(prows // side)
+        candidates += [1, 2, 3, 4]
+        fits = []
+        for factor in candidates:
+            if factor and factor not in fits and prows % factor == 0 and pcols % factor == 0:
+                if per_view - (prows // factor) * (pcols // factor) in (0, 1):
+                    fits.append(factor)
+        return fits
+
+    # --- the check against the model's own features ------------------------------------------------
+
+    def _feature_kwargs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        method = self.model.get_image_features
+        names = set(inspect.signature(method).parameters)
+        return {k: inputs[k] for k in inputs if k in names and k != "pixel_values"}
+
+    def _check_features(self, inputs: Mapping[str, Any], plans: list[ImagePlan]) -> None:
+        """The planned token count must equal the count of features the model computes."""
+        pixels = inputs["pixel_values"]
+        key = (tuple(pixels.shape), tuple(tuple(v.shape) for k, v in sorted(self._feature_kwargs(inputs).items())
+                                          if torch.is_tensor(v)))
+        planned = sum(plan.num_tokens for plan in plans)
+        if key not in self._checked:
+            getter = getattr(self.model, "get_image_features", None)
+            if getter is None:
+                raise AdapterError(f"{self.model_type}: the model has no get_image_features to check the grid against")
+            with torch.no_grad():
+                out = getter(pixel_values=pixels.to(self.device, self.dtype), **self._feature_kwargs(inputs))
+            self._checked[key] = _feature_count(out)
+        if self._checked[key] != planned:
+            raise AdapterError(
+                f"{self.model_type}: the derived grids hold {planned} tokens but the model computes "
+                f"{self._checked[key]} image features; this family needs an adapter of its own"
+            )
+
+    # --- pixels -----------------------------------------------------------------------------------
+
+    def pixel_cell_map(self, inputs: Mapping[str, Any]) -> torch.Tensor:
+        if _tensor(inputs, "image_grid_thw") is not None:
+            return thw_pixel_cell_map(self, inputs, self._merge() or 1)
+        values = px.check_pixels(_tensor(inputs, "pixel_values"), (4,), self.model_type)
+        grid = px.flat_layouts(self, inputs)[0].grids[0]
+        return px.single_view_map(self, inputs, self.model_type, values.shape[-2] // grid.rows)
+
+    def vision_token_map(self, inputs: Mapping[str, Any]) -> torch.Tensor:
+        if _tensor(inputs, "image_grid_thw") is not None:
+            values = _tensor(inputs, "pixel_values")
+            return thw_patch_positions(self, inputs, self._merge() or 1).to(values.device)
+        return super().vision_token_map(inputs)
+
+
+def _feature_count(output: Any) -> int:
+    """Image-feature vectors in a ``get_image_features`` result (tensor, per-image list or output)."""
+    for name in ("pooler_output", "image_embeds", "last_hidden_state"):
+        value = getattr(output, name, None)
+        if value is not None:
+            output = value
+            break
+    if torch.is_tensor(output):
+        return int(output.shape[:-1].numel())
+    if isinstance(output, (list, tuple)):
+        return sum(_feature_count(item) for item in output)
+    raise AdapterError(f"cannot count image features in a {type(output).__name__}")
