@@ -42,6 +42,9 @@ KNOWN_HARMLESS: tuple[re.Pattern[str], ...] = (
     # the tokenizer's own length notice; xmllm checks the prompt against the model's context itself
     # and refuses a too-long question in one line of its own before any forward
     re.compile(r"^Token indices sequence length is longer than the specified maximum sequence length"),
+    # hybrid decoders (Qwen3.5's linear attention) without the optional CUDA kernels: the reference
+    # PyTorch path is exact, only slower, and on a CPU there is no other
+    re.compile(r"is falling back to its reference PyTorch implementation"),
 )
 _TRUTHY = {"1", "true", "yes", "on"}
 _lock = threading.Lock()

@@ -500,31 +500,51 @@ class ModelAdapter:
 
     # --- what the family offers explainers ---------------------------------------------------------
 
+    # Reasons a family's own adapter declares for a capability it never has (None: it has it).
+    lacks_pixel_cells: ClassVar[str | None] = None
+    lacks_vision_attention: ClassVar[str | None] = None
+
+    @classmethod
+    def lacks_for_config(cls, config: Any, capability: str) -> str | None:
+        """Why a model of ``config`` served by this adapter cannot give ``capability``, or None:
+        what the config and the adapter's declarations tell, before any model is built."""
+        if capability not in CAPABILITIES:
+            raise ValueError(f"unknown capability {capability!r}; known: {', '.join(CAPABILITIES)}")
+        if capability == "pixel_cells":
+            return cls.lacks_pixel_cells
+        if capability == "vision_attention":
+            return cls.lacks_vision_attention
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        kinds = list(getattr(text, "layer_types", None) or [])
+        mixing = [k for k in kinds if "attention" not in str(k)] + [k for k in kinds if "linear" in str(k)]
+        if mixing:
+            return (f"{len(mixing)} of its {len(kinds)} decoder blocks mix tokens without an attention matrix "
+                    f"({sorted(set(map(str, mixing)))[0]}), so attention paths through the decoder are incomplete")
+        return None
+
     def lacks(self, capability: str) -> str | None:
         """Why this model cannot give ``capability`` (one of :data:`CAPABILITIES`), or None.
 
         Explainers declare the capabilities they need (``Explainer.model_needs``); a missing one is
         a declared refusal with this reason, listed like a leaf run's skips, never a traceback.
         """
+        why = self.lacks_for_config(self.config, capability)
+        if why is not None:
+            return why
         if capability == "decoder_attention":
             blocks = self.decoder_layers()
             without = [i for i, block in enumerate(blocks)
                        if not isinstance(getattr(block, self.decoder_attn_attr, None), nn.Module)]  # fmt: skip
             if without:
                 return (f"{len(without)} of its {len(blocks)} decoder blocks mix tokens without an attention "
-                        "matrix (linear attention), so attention paths through the decoder are incomplete")
-            return None
+                        "matrix, so attention paths through the decoder are incomplete")
         if capability == "vision_attention":
             try:
-                blocks = self.vision_layers()
-                for block in blocks:
+                for block in self.vision_layers():
                     self._first_child(block, self.vision_attn_candidates, "attention")
             except AdapterError as error:
                 return f"its vision tower has no attention blocks to read ({error})"
-            return None
-        if capability in CAPABILITIES:
-            return None
-        raise ValueError(f"unknown capability {capability!r}; known: {', '.join(CAPABILITIES)}")
+        return None
 
     # --- inputs -------------------------------------------------------------------------------
 
