@@ -165,7 +165,7 @@ def _sample_record(session: "ModelSession", sample: "DemoSample", pair: str, rol
 
     explain_sample = to_explain_sample(sample)
     record: dict[str, Any] = {
-        "id": sample.id, "pair": pair, "role": role, "family": sample.family, "question": sample.text,
+        "id": sample.id, "pair": pair, "role": role, "question_type": sample.question_type, "question": sample.text,
         "expected": sample.answer, "image_share": None, "text_share": None, "seconds": None,
     }
     answer = session.answer(explain_sample)
@@ -246,12 +246,12 @@ def analyse(samples: list[dict[str, Any]], edit_rows: list[dict[str, Any]]) -> d
                                          and all(m["image_share"] is not None for m in ms)], rng),
     }
 
-    families: dict[str, dict[str, Any]] = {}
-    for fam in sorted({s["family"] for s in samples}):
-        rows = [s for s in samples if s["family"] == fam]
+    question_types: dict[str, dict[str, Any]] = {}
+    for qtype in sorted({s["question_type"] for s in samples}):
+        rows = [s for s in samples if s["question_type"] == qtype]
         shares = [s["image_share"] for s in rows if s["image_share"] is not None]
-        families[fam] = {**proportion([s["correct"] for s in rows]),
-                         "image_share": float(np.mean(shares)) if shares else None}
+        question_types[qtype] = {**proportion([s["correct"] for s in rows]),
+                                 "image_share": float(np.mean(shares)) if shares else None}
 
     flips: dict[str, Any] = {}
     for kind in EDIT_KINDS:
@@ -291,7 +291,7 @@ def analyse(samples: list[dict[str, Any]], edit_rows: list[dict[str, Any]]) -> d
             "by_quartile": quartile_accuracy([s["image_share"] for s in with_share], [s["correct"] for s in with_share]),
             "pairs": pair_share,
         },
-        "families": families,
+        "question_types": question_types,
         "flips": flips,
     }
 

@@ -1,7 +1,8 @@
 """The project's sample-set format: a JSONL file, one sample a line, paths relative to it.
 
-Fields: ``id``, ``image``, ``question`` (required), ``answer``, ``mask``, ``family``,
-``pair`` (optional), and any extra ground truth (``objects``, ``grounding``, ``edit``).
+Fields: ``id``, ``image``, ``question`` (required), ``answer``, ``mask``, ``question_type``,
+``pair`` (optional), and any extra ground truth (``objects``, ``grounding``, ``edit``). A record
+that names its question type ``family`` (sets written by xmllm 0.2) is read the same way.
 Reading validates every line and refuses paths that leave the set's folder unless
 absolute paths are explicitly allowed.
 """
@@ -29,7 +30,7 @@ class SampleRecord:
     question: str
     answer: str | None = None
     mask: Path | None = None
-    family: str | None = None
+    question_type: str | None = None
     pair: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -59,7 +60,9 @@ class SampleRecord:
 
 
 _REQUIRED = ("id", "image", "question")
-_OPTIONAL_STR = ("answer", "family", "pair", "mask")
+_OPTIONAL_STR = ("answer", "question_type", "pair", "mask")
+_OLD_NAMES = {"family": "question_type"}
+"""Fields under the name xmllm 0.2 wrote them with: read as the new name."""
 
 
 def read_sample_set(path: str | Path, *, allow_absolute: bool = False) -> list[SampleRecord]:
@@ -80,6 +83,11 @@ def read_sample_set(path: str | Path, *, allow_absolute: bool = False) -> list[S
             raise SampleSetError(f"{where}: not valid JSON ({exc.msg})") from None
         if not isinstance(data, dict):
             raise SampleSetError(f"{where}: each line must be a JSON object")
+        for old, new in _OLD_NAMES.items():
+            if old in data:
+                value = data.pop(old)
+                if data.setdefault(new, value) != value:
+                    raise SampleSetError(f"{where}: fields {old!r} (the old name of {new!r}) and {new!r} differ")
         for key in _REQUIRED:
             if not isinstance(data.get(key), str) or not data[key].strip():
                 raise SampleSetError(f"{where}: field {key!r} must be a non-empty string")
@@ -97,7 +105,7 @@ def read_sample_set(path: str | Path, *, allow_absolute: bool = False) -> list[S
                 question=data["question"],
                 answer=data.get("answer"),
                 mask=_resolve(root, data["mask"], where, "mask", allow_absolute) if data.get("mask") else None,
-                family=data.get("family"),
+                question_type=data.get("question_type"),
                 pair=data.get("pair"),
                 extra=extra,
             )

@@ -62,9 +62,9 @@ def random_demo_folder(root: Path, seed: int) -> Path:
     return folder
 
 
-def demo_prepared(loaded: LoadedModel, index: int = 0, family: str | None = None) -> Prepared:
-    """Demo sample ``index`` (seed 0, of ``family`` when given), with the model's own answer."""
-    sample = generate_samples(index + 1, 0, families=[family] if family else None)[index]
+def demo_prepared(loaded: LoadedModel, index: int = 0, question_type: str | None = None) -> Prepared:
+    """Demo sample ``index`` (seed 0, of ``question_type`` when given), with the model's own answer."""
+    sample = generate_samples(index + 1, 0, question_types=[question_type] if question_type else None)[index]
     return prepare(loaded, ExplainSample([sample.image()], sample.text, id=sample.id))
 
 

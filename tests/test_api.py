@@ -28,7 +28,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def sample():
-    return generate_samples(1, seed=0, families=["colour"])[0]
+    return generate_samples(1, seed=0, question_types=["colour"])[0]
 
 
 @pytest.fixture(scope="module")

@@ -75,8 +75,8 @@ def check_verified(prep: Prepared, exp) -> None:
 
 def test_minimal_image_set_flips_and_every_member_is_needed(demo):
     flipped = 0
-    for family, index in DEMO_CASES:
-        prep = demo_prepared(demo, index, family)
+    for qtype, index in DEMO_CASES:
+        prep = demo_prepared(demo, index, qtype)
         exp = MinimalSet().explain(demo, prep, max_cells=SEARCH_LIMIT, regenerate=False)
         assert exp.axes["image"] == ("row", "col")
         if exp.scores["flipped"]:

@@ -49,8 +49,8 @@ def demo_random() -> LoadedModel:
                        device=torch.device("cpu"), dtype=torch.float32)
 
 
-def samples(n: int, seed: int, families: list[str] | None = None) -> list[ExplainSample]:
-    return [to_explain_sample(s) for s in generate_samples(n, seed, families=families)]
+def samples(n: int, seed: int, question_types: list[str] | None = None) -> list[ExplainSample]:
+    return [to_explain_sample(s) for s in generate_samples(n, seed, question_types=question_types)]
 
 
 def test_registered_as_a_dataset_explainer_with_citations():

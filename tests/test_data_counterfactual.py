@@ -19,7 +19,7 @@ from tiny_models import FAMILIES
 
 from xmllm.explainers.answering import normalise
 from xmllm.explainers.prepared import ExplainSample, prepare
-from xmllm.explainers.demo.samples import FAMILY_NAMES, generate_samples, to_explain_sample
+from xmllm.explainers.demo.samples import QUESTION_TYPE_NAMES, generate_samples, to_explain_sample
 from xmllm.explainers.demo.world import Scene
 from xmllm.explainers.demo.groundtruth import demo_sample_from, parse_question
 from xmllm.explainers.methods.data import Counterfactual
@@ -63,17 +63,17 @@ def changed_fields(before: list[dict], after: list[dict]) -> list[tuple[int, set
 
 
 def test_every_demo_question_is_read_back_from_its_wording():
-    for sample in generate_samples(40, 7, families=[*FAMILY_NAMES, "describe"]):
-        assert parse_question(sample.family, sample.text) == sample.question
+    for sample in generate_samples(40, 7, question_types=[*QUESTION_TYPE_NAMES, "describe"]):
+        assert parse_question(sample.question_type, sample.text) == sample.question
         rebuilt = demo_sample_from(to_explain_sample(sample))
         assert rebuilt.question == sample.question and rebuilt.answer == sample.answer
-    with pytest.raises(ValueError, match="not one of the demo 'colour' family's wordings"):
+    with pytest.raises(ValueError, match="not one of the wordings of the demo question type 'colour'"):
         parse_question("colour", "What colour is the hexagon?")
 
 
-@pytest.mark.parametrize("family", ["colour", "presence", "count"])
-def test_table_answers_are_the_models_greedy_answers_on_the_edited_images(demo, family):
-    sample = generate_samples(2, 0, families=[family])[1]
+@pytest.mark.parametrize("qtype", ["colour", "presence", "count"])
+def test_table_answers_are_the_models_greedy_answers_on_the_edited_images(demo, qtype):
+    sample = generate_samples(2, 0, question_types=[qtype])[1]
     explain_sample = to_explain_sample(sample)
     prep = prepare(demo, explain_sample)
     exp = Counterfactual().explain(demo, prep)
@@ -100,7 +100,7 @@ def test_table_answers_are_the_models_greedy_answers_on_the_edited_images(demo, 
         else:
             assert row["kind"] == "rephrase" and row["question"] != sample.text
             scene, image, question = sample.scene, sample.image(), row["question"]
-        expected = parse_question(family, question).answer(scene)
+        expected = parse_question(qtype, question).answer(scene)
         assert row["expected"] == expected
         answer, prob = greedy_by_hand(demo, image, question)
         assert row["answer"] == answer
@@ -115,7 +115,7 @@ def test_table_answers_are_the_models_greedy_answers_on_the_edited_images(demo, 
 
 
 def test_prob_original_is_the_original_answer_forced_on_each_edit(demo):
-    sample = to_explain_sample(generate_samples(1, 0, families=["shape"])[0])
+    sample = to_explain_sample(generate_samples(1, 0, question_types=["shape"])[0])
     prep = prepare(demo, sample)
     exp = Counterfactual().explain(demo, prep, seed=1)
     assert exp.params["seed"] == 1
@@ -130,7 +130,7 @@ def test_prob_original_is_the_original_answer_forced_on_each_edit(demo):
 
 
 def test_samples_without_ground_truth_need_rephrasings(demo):
-    sample = to_explain_sample(generate_samples(1, 0, families=["colour"])[0])
+    sample = to_explain_sample(generate_samples(1, 0, question_types=["colour"])[0])
     bare = ExplainSample(sample.images, sample.question, id="bare", expected=sample.expected)
     with pytest.raises(ValueError, match="rephrasings") as info:
         Counterfactual().explain(demo, bare)

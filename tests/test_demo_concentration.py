@@ -25,7 +25,7 @@ SEED = 4242
 N = 30
 EXPLAINERS = ("relevancy.chefer", "gradient.saliency", "perturbation.occlusion")
 GROUNDED = ("colour", "shape", "presence", "position")
-"""Families whose answer depends on named objects (count may ground on none)."""
+"""Question types whose answer depends on named objects (count may ground on none)."""
 
 pytestmark = [
     pytest.mark.slow,
@@ -58,8 +58,8 @@ def grounded():
     out = []
     i = 0
     while len(out) < N:
-        family = GROUNDED[i % len(GROUNDED)]
-        sample = to_explain_sample(generate_sample(SEED, i, family))
+        qtype = GROUNDED[i % len(GROUNDED)]
+        sample = to_explain_sample(generate_sample(SEED, i, qtype))
         i += 1
         if sample.mask is None or not sample.mask.any():
             continue

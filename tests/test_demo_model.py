@@ -47,13 +47,13 @@ def test_loads_through_the_hub_path_as_a_real_llava(demo):
 def test_answers_fresh_samples_correctly(demo):
     from xmllm.explainers.demo.evaluate import evaluate
 
-    # the bar (>= 95% overall, >= 90% per family on 1,000 held-out samples) on a 500-sample
-    # slice of a seed never used in training: 100 per family
+    # the bar (>= 95% overall, >= 90% per question type on 1,000 held-out samples) on a 500-sample
+    # slice of a seed never used in training: 100 per question type
     report = evaluate(demo, 500, seed=20261122, progress=False)
     assert report["accuracy"] >= 0.95, report["mistakes"][:5]
-    assert set(report["families"]) == {"colour", "shape", "count", "presence", "position"}
-    for fam, r in report["families"].items():
-        assert r["accuracy"] >= 0.9, (fam, r)
+    assert set(report["question_types"]) == {"colour", "shape", "count", "presence", "position"}
+    for qtype, r in report["question_types"].items():
+        assert r["accuracy"] >= 0.9, (qtype, r)
 
 
 def test_ask_answers_an_image_and_a_sample_set(tmp_path, capsys):
@@ -81,7 +81,7 @@ def test_ask_errors_are_one_line(tmp_path, capsys):
 def test_demo_eval_json(capsys):
     assert main(["demo", "eval", "--n", "10", "--seed", "5", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["n"] == 10 and 0 <= report["accuracy"] <= 1 and report["families"]
+    assert report["n"] == 10 and 0 <= report["accuracy"] <= 1 and report["question_types"]
 
 
 def test_training_is_reproducible(tmp_path):

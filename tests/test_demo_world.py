@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xmllm.explainers.demo.questions import FAMILIES, NUMBER_WORDS
+from xmllm.explainers.demo.questions import NUMBER_WORDS, QUESTION_TYPES
 from xmllm.explainers.demo.samples import counterfactuals, generate_sample, generate_samples, make_pair
 from xmllm.explainers.demo.world import COLOURS, Obj, Scene, relation
 from xmllm.samples import SampleSetError, read_sample_set
@@ -28,31 +28,31 @@ def test_training_stream_differs_from_user_seeds():
     assert (user.text, user.scene) != (train.text, train.scene)
 
 
-def test_families_cycle_and_answers_are_balanced():
+def test_question_types_cycle_and_answers_are_balanced():
     samples = generate_samples(500, 1)
-    assert [s.family for s in samples[:5]] == list(FAMILIES)
-    counts = {f: {} for f in FAMILIES}
+    assert [s.question_type for s in samples[:5]] == list(QUESTION_TYPES)
+    counts = {t: {} for t in QUESTION_TYPES}
     for s in samples:
-        counts[s.family][s.answer] = counts[s.family].get(s.answer, 0) + 1
+        counts[s.question_type][s.answer] = counts[s.question_type].get(s.answer, 0) + 1
     assert set(counts["colour"]) == set(COLOURS)
     assert set(counts["count"]) == set(NUMBER_WORDS)
     assert set(counts["presence"]) == {"yes", "no"}
     assert set(counts["position"]) == {"left", "right", "above", "below"}
-    for fam, hist in counts.items():  # no answer dominates its family
-        assert max(hist.values()) / sum(hist.values()) < 0.65, (fam, hist)
+    for qtype, hist in counts.items():  # no answer dominates its question type
+        assert max(hist.values()) / sum(hist.values()) < 0.65, (qtype, hist)
 
 
 def test_mask_is_the_pixels_of_the_objects_the_answer_depends_on():
     for s in generate_samples(50, 2):
         img = np.asarray(s.image()).astype(int)
         mask = s.mask()
-        if s.family in ("colour", "shape"):
+        if s.question_type in ("colour", "shape"):
             (i,) = s.grounding
             rgb = np.array(COLOURS[s.scene.objects[i].colour])
             inside = np.abs(img[mask] - rgb).sum(axis=1)
             assert np.median(inside) < 10  # the masked pixels are the object's colour
             assert mask.sum() > 100
-        if s.family == "presence" and s.answer == "no":
+        if s.question_type == "presence" and s.answer == "no":
             assert not mask.any()
 
 
@@ -64,7 +64,7 @@ def test_answers_follow_the_scene():
     assert relation(square, circle) == "right"
     assert relation(Obj("circle", "red", 60, 20, 24), Obj("square", "blue", 64, 100, 24)) == "above"
     assert relation(Obj("circle", "red", 20, 20, 24), Obj("square", "blue", 100, 100, 24)) is None  # diagonal
-    colour_q = FAMILIES["colour"]._question(np.random.default_rng(0), shape="circle")
+    colour_q = QUESTION_TYPES["colour"]._question(np.random.default_rng(0), shape="circle")
     assert colour_q.answer(scene) == "red"
     assert colour_q.answer(scene.with_object(0, colour="green")) == "green"
     assert colour_q.answer(scene.without(0)) is None  # ill-posed: no circle
@@ -101,19 +101,40 @@ def test_cli_writes_a_sample_set_that_reads_back(tmp_path, capsys):
     assert len(records) >= 10
     first = records[0]
     expected = generate_sample(5, 0)
-    assert (first.id, first.question, first.answer, first.family) == (expected.id, expected.text, expected.answer, expected.family)
+    assert ((first.id, first.question, first.answer, first.question_type)
+            == (expected.id, expected.text, expected.answer, expected.question_type))
     assert np.array_equal(np.asarray(first.load_image()), np.asarray(expected.image()))
     assert np.array_equal(first.load_mask(), expected.mask())
     assert first.pair == records[1].id
     raw = json.loads((out / "samples.jsonl").read_text().splitlines()[0])
     assert raw["image"] == f"images/{first.id}.png"  # relative to the folder
+    assert raw["question_type"] == expected.question_type and "family" not in raw
+
+
+def test_a_sample_set_of_xmllm_0_2_reads_its_question_type_from_family(tmp_path):
+    """Sets written before the rename name the question type ``family``: read as ``question_type``,
+    into the ground truth that explainers read (``extra['question_type']``), not left as an extra."""
+    from xmllm.evaluation.samples import jsonl_samples
+    from xmllm.explainers.demo.groundtruth import demo_sample_from
+
+    out = tmp_path / "set"
+    assert main(["demo", "samples", "--n", "3", "--seed", "2", "--out", str(out)]) == 0
+    lines = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    old = [{("family" if k == "question_type" else k): v for k, v in rec.items()} for rec in lines]
+    (out / "samples.jsonl").write_text("".join(json.dumps(rec) + "\n" for rec in old))
+    records = read_sample_set(out / "samples.jsonl")
+    assert [r.question_type for r in records] == [rec["question_type"] for rec in lines]
+    assert all("family" not in r.extra for r in records)
+    samples = jsonl_samples(out / "samples.jsonl")
+    assert [s.extra["question_type"] for s in samples] == [rec["question_type"] for rec in lines]
+    assert all(demo_sample_from(s) is not None for s in samples)  # the demo ground truth is whole
 
 
 def test_cli_rejects_bad_arguments(tmp_path, capsys):
     assert main(["demo", "samples", "--n", "0", "--out", str(tmp_path)]) == 2
     assert "--n must be a positive integer" in capsys.readouterr().err
-    assert main(["demo", "samples", "--n", "2", "--families", "colour,smell", "--out", str(tmp_path)]) == 2
-    assert "unknown family 'smell'" in capsys.readouterr().err
+    assert main(["demo", "samples", "--n", "2", "--question-types", "colour,smell", "--out", str(tmp_path)]) == 2
+    assert "--question-types: unknown question type 'smell'" in capsys.readouterr().err
 
 
 def _write(tmp_path, lines):
@@ -132,6 +153,8 @@ def test_sample_set_errors_are_one_line_and_name_the_line(tmp_path):
         ([{**ok, "image": "/etc/passwd"}], ":1: field 'image' is an absolute path"),
         (["{not json"], ":1: not valid JSON"),
         ([{**ok, "answer": 3}], ":1: field 'answer' must be a string"),
+        ([{**ok, "family": "colour", "question_type": "count"}],
+         ":1: fields 'family' (the old name of 'question_type') and 'question_type' differ"),
     ]
     for lines, message in cases:
         with pytest.raises(SampleSetError) as err:

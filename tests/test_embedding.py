@@ -200,7 +200,7 @@ def test_probe_on_the_demo_architecture(demo_probe, demo_set, tmp_path):
     assert exp.meta["attributes"] == list(ATTRIBUTES)
     assert exp.axes["accuracy"] == ("attribute", "site") and exp.maps["accuracy"].shape == (6, 6)
     acc, ctl = exp.maps["accuracy"], exp.maps["control_accuracy"]
-    text = [exp.meta["attributes"].index(a) for a in ("count", "family")]
+    text = [exp.meta["attributes"].index(a) for a in ("count", "question_type")]
     assert np.isnan(acc[text][:, :2]).all() and np.isfinite(acc[text][:, 2:]).all()
     assert np.isfinite(acc[:4]).all() and np.isfinite(ctl[:4]).all()
     assert exp.meta["objects"] == sum(len(s.extra["objects"]) for s in demo_set) - len(exp.meta["skipped_objects"])

@@ -243,6 +243,21 @@ def test_page_escapes_what_came_from_outside(result) -> None:
         trust_page_markdown({"format": 1})
 
 
+def test_pointing_game_by_question_type(result) -> None:
+    """Each sample's question type is recorded, the pointing game is summarised per question type
+    and the page shows it; an evaluation.json of xmllm 0.2 (key ``families``) shows the same table."""
+    _, out = result
+    saved = read_result(out / "evaluation.json")
+    assert all(r["question_type"] in ("colour", "shape", "count", "presence", "position") for r in saved["per_sample"])
+    by_type = saved["question_types"]
+    assert set(by_type) == {*EXPLAINERS, "random"} and by_type["random"]
+    page = trust_page_markdown(saved)
+    table = _markdown_tables(page[page.index("## Pointing game by question type"):])[0]
+    assert table["head"] == ["Explainer", *sorted({t for per in by_type.values() for t in per})]
+    old = {("families" if k == "question_types" else k): v for k, v in saved.items()}
+    assert trust_page_markdown(old) == page
+
+
 def test_explainers_with_a_target_parameter_are_scored_once_per_target(model_dir) -> None:
     """relevancy.chefer runs with both targets (log-prob and logit), so that the evaluation measures
     which to default to; a target the user fixes runs alone."""

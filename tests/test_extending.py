@@ -107,7 +107,7 @@ def demo():
 
 @pytest.fixture(scope="module")
 def run(plugin, demo):
-    sample = generate_samples(1, seed=0, families=["colour"])[0]
+    sample = generate_samples(1, seed=0, question_types=["colour"])[0]
     return xmllm.explain(demo, sample.image(), sample.text, [EXPLAINER_ID, "causal.minimal_set"],
                          params={"causal.minimal_set": {"regenerate": False}})  # its sentence, at a third of the cost
 

@@ -24,7 +24,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 @pytest.fixture(scope="module")
 def run():
     model = xmllm.load_model("demo", device="cpu")
-    sample = generate_samples(1, seed=0, families=["colour"])[0]
+    sample = generate_samples(1, seed=0, question_types=["colour"])[0]
     return xmllm.explain(model, sample.image(), sample.text, THREE)
 
 

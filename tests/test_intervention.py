@@ -47,8 +47,8 @@ def demo(tmp_path_factory) -> LoadedModel:
     return load_model(folder, device="cpu", dtype="float32", eager_attention=True)
 
 
-def demo_sample(index: int = 0, family: str = "colour") -> ExplainSample:
-    return to_explain_sample(generate_samples(index + 1, 0, families=[family])[index])
+def demo_sample(index: int = 0, question_type: str = "colour") -> ExplainSample:
+    return to_explain_sample(generate_samples(index + 1, 0, question_types=[question_type])[index])
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +210,7 @@ def test_patching_everything_restores_all_and_the_question_nothing(demo_pair_run
 @torch.no_grad()
 def test_patching_equals_restoring_by_hand(demo_pair_run, demo_prep, demo):
     """The MLP output of block 1 at the image tokens, restored with a hook written here."""
-    pair = to_explain_sample(make_pair(generate_samples(1, 0, families=["colour"])[0]))
+    pair = to_explain_sample(make_pair(generate_samples(1, 0, question_types=["colour"])[0]))
     corrupted = prepare(demo, pair, answer=demo_prep.answer)
     mlp = demo.model.model.language_model.layers[1].mlp
     image = demo_prep.image_positions
@@ -243,7 +243,7 @@ def test_patching_equals_restoring_by_hand(demo_pair_run, demo_prep, demo):
 
 def test_patching_nothing_restores_nothing_and_noise_is_seeded(demo_prep, demo):
     corrupted = Corrupted("pair", dict(prepare(demo, to_explain_sample(make_pair(
-        generate_samples(1, 0, families=["colour"])[0])), answer=demo_prep.answer).inputs))
+        generate_samples(1, 0, question_types=["colour"])[0])), answer=demo_prep.answer).inputs))
     everything = torch.arange(demo_prep.seq_len)
     patcher = Patcher(demo_prep, corrupted, ["decoder.blocks.2"], everything)
     clean = patcher.capture_clean()

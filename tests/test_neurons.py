@@ -53,8 +53,8 @@ def demo_random() -> LoadedModel:
                        device=torch.device("cpu"), dtype=torch.float32)
 
 
-def demo_samples(n: int, seed: int = 5, families: list[str] | None = None) -> list[ExplainSample]:
-    return [to_explain_sample(s) for s in generate_samples(n, seed, families=families)]
+def demo_samples(n: int, seed: int = 5, question_types: list[str] | None = None) -> list[ExplainSample]:
+    return [to_explain_sample(s) for s in generate_samples(n, seed, question_types=question_types)]
 
 
 def down(prep: Prepared, layer: int) -> torch.nn.Module:
@@ -291,10 +291,10 @@ def test_quantile_threshold_marks_the_top_share_active(demo_random):
 
 
 @pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "idefics3"])
-def test_family_domains_with_accuracy_on_tiny_models(family, tmp_path):
+def test_question_type_domains_with_accuracy_on_tiny_models(family, tmp_path):
     loaded = tiny_loaded(family)
-    samples = demo_samples(3, seed=2, families=["colour", "count", "presence"])
-    exp = ModalitySpecific().explain(loaded, samples, domains="family", accuracy=True, max_new_tokens=2,
+    samples = demo_samples(3, seed=2, question_types=["colour", "count", "presence"])
+    exp = ModalitySpecific().explain(loaded, samples, domains="question_type", accuracy=True, max_new_tokens=2,
                                      random_draws=1, top_k=4)
     exp.save(tmp_path / "specific")
     back = Explanation.load(tmp_path / "specific")
@@ -313,8 +313,8 @@ def test_family_domains_with_accuracy_on_tiny_models(family, tmp_path):
 
 def test_modality_specific_bad_input(demo_random):
     bare = ExplainSample(demo_samples(1)[0].images, "What colour is the circle?", id="bare")
-    with pytest.raises(ValueError, match=r"sample 'bare' has no extra\['family'\]"):
-        ModalitySpecific().explain(demo_random, [bare], domains="family", accuracy=False)
+    with pytest.raises(ValueError, match=r"sample 'bare' has no extra\['question_type'\]"):
+        ModalitySpecific().explain(demo_random, [bare], domains="question_type", accuracy=False)
     with pytest.raises(ValueError, match="non-empty list of samples"):
         ModalitySpecific().explain(demo_random, bare)
     with pytest.raises(ValueError, match="domains='layers'"):

@@ -46,7 +46,7 @@ MAIN = "import sys; from xmllm.cli import main; sys.exit(main(sys.argv[1:]))"
 
 @pytest.fixture(scope="module")
 def image(tmp_path_factory) -> tuple[Path, str]:
-    sample = generate_samples(1, seed=0, families=["colour"])[0]
+    sample = generate_samples(1, seed=0, question_types=["colour"])[0]
     path = tmp_path_factory.mktemp("pipeline") / "sample.png"
     sample.image().save(path)
     return path, sample.text

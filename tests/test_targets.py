@@ -27,7 +27,7 @@ def demo():
 @pytest.fixture(scope="module")
 def purple_diamond():
     """Demo questions "What colour is the diamond?" answered purple, with another object beside it."""
-    found = [s for s in generate_samples(400, 11, families=["colour"])
+    found = [s for s in generate_samples(400, 11, question_types=["colour"])
              if s.answer == "purple" and "diamond" in s.text and len(s.scene.objects) >= 2]
     assert len(found) >= 3
     return found[:3]
@@ -43,7 +43,7 @@ def _cells(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
 
 
 def test_describe_answers_are_whole_and_the_limit_is_recorded(demo) -> None:
-    scenes = [s for s in generate_samples(60, 5, families=["colour"]) if len(s.scene.objects) == 4][:3]
+    scenes = [s for s in generate_samples(60, 5, question_types=["colour"]) if len(s.scene.objects) == 4][:3]
     assert scenes
     for sample in scenes:
         full = generate_answer(demo, [sample.image()], "Describe the image.")

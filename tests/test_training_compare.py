@@ -44,7 +44,7 @@ def first(folders):
 
 @pytest.fixture(scope="module")
 def prep(first):
-    return prepare(first, to_explain_sample(generate_samples(1, 0, families=["colour"])[0]))
+    return prepare(first, to_explain_sample(generate_samples(1, 0, question_types=["colour"])[0]))
 
 
 def test_rank_correlation_by_hand():

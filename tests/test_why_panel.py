@@ -23,7 +23,7 @@ IDS = ["relevancy.chefer", "attention.rollout", "perturbation.occlusion", "causa
 @pytest.fixture(scope="module")
 def run():
     model = xmllm.load_model("demo", device="cpu")
-    sample = generate_samples(1, seed=0, families=["colour"])[0]
+    sample = generate_samples(1, seed=0, question_types=["colour"])[0]
     return xmllm.explain(model, sample.image(), sample.text, IDS, params={"gradient.integrated": {"n_steps": 8}})
 
 
@@ -88,7 +88,7 @@ def test_maps_near_noise_say_so_and_name_the_parameter(run) -> None:
 
 def test_a_cut_answer_is_said_at_the_top() -> None:
     model = xmllm.load_model("demo", device="cpu")
-    sample = generate_samples(1, seed=0, families=["colour"])[0]
+    sample = generate_samples(1, seed=0, question_types=["colour"])[0]
     cut = xmllm.explain(model, sample.image(), "Describe the image.", ["gradient.saliency"], max_new_tokens=1)
     note = parse(cut.report_html()).find(id="answer-cut")
     assert "max_new_tokens=1" in note.text and "--max-new-tokens" in note.text

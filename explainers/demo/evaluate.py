@@ -1,4 +1,4 @@
-"""Exact-match accuracy of a model on freshly generated demo samples, per question family."""
+"""Exact-match accuracy of a model on freshly generated demo samples, per question type."""
 from __future__ import annotations
 
 import math
@@ -23,7 +23,7 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def evaluate(loaded: "LoadedModel", n: int, seed: int, progress: bool = True) -> dict:
-    """Answer ``n`` samples of ``seed`` greedily; accuracy overall and per family."""
+    """Answer ``n`` samples of ``seed`` greedily; accuracy overall and per question type."""
     from tqdm import tqdm
 
     hits: dict[str, list[bool]] = defaultdict(list)
@@ -31,7 +31,7 @@ def evaluate(loaded: "LoadedModel", n: int, seed: int, progress: bool = True) ->
     for s in tqdm(generate_samples(n, seed), desc="evaluating", unit="sample", disable=not progress):
         got = generate_answer(loaded, [s.image()], s.text).text
         ok = is_correct(got, s.answer)
-        hits[s.family].append(ok)
+        hits[s.question_type].append(ok)
         if not ok and len(mistakes) < 20:
             mistakes.append({"id": s.id, "question": s.text, "expected": s.answer, "got": got})
     every = [h for v in hits.values() for h in v]
@@ -40,9 +40,9 @@ def evaluate(loaded: "LoadedModel", n: int, seed: int, progress: bool = True) ->
         "seed": seed,
         "accuracy": sum(every) / len(every),
         "interval": wilson(sum(every), len(every)),
-        "families": {
-            fam: {"n": len(v), "accuracy": sum(v) / len(v), "interval": wilson(sum(v), len(v))}
-            for fam, v in sorted(hits.items())
+        "question_types": {
+            qtype: {"n": len(v), "accuracy": sum(v) / len(v), "interval": wilson(sum(v), len(v))}
+            for qtype, v in sorted(hits.items())
         },
         "mistakes": mistakes,
     }

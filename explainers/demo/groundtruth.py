@@ -1,5 +1,5 @@
 """Demo samples back from their ground truth: the scene and question an ``ExplainSample`` carries in
-``extra`` (``family``, ``objects``), rebuilt as the demo world's own objects.
+``extra`` (``question_type``, ``objects``), rebuilt as the demo world's own objects.
 
 Explainers that edit a demo sample (its counterfactual edits, its MMVP-style partner for a
 corrupted run) start from here, so every one rebuilds the sample the same way.
@@ -11,7 +11,7 @@ import re
 from xmllm import MissingInput
 
 from xmllm.explainers.prepared import ExplainSample
-from .questions import ALL_FAMILIES, Question
+from .questions import ALL_QUESTION_TYPES, Question
 from .samples import DemoSample, make_pair, to_explain_sample
 from .world import COLOURS, IMAGE_SIZE, SHAPES, Scene
 
@@ -35,35 +35,36 @@ def _template_pattern(template: str) -> re.Pattern[str]:
     return re.compile("".join(out))
 
 
-def parse_question(family: str, text: str) -> Question:
+def parse_question(question_type: str, text: str) -> Question:
     """The demo :class:`~xmllm.explainers.demo.questions.Question` whose wording is ``text``; a
-    :class:`~xmllm.MissingInput` when the sample's family or wording is not the demo world's."""
-    kind = ALL_FAMILIES.get(family)
+    :class:`~xmllm.MissingInput` when the sample's question type or wording is not the demo world's."""
+    kind = ALL_QUESTION_TYPES.get(question_type)
     if kind is None:
-        raise MissingInput(f"extra['family']={family!r} is not a demo question family ({', '.join(ALL_FAMILIES)})")
+        raise MissingInput(f"extra['question_type']={question_type!r} is not a demo question type "
+                           f"({', '.join(ALL_QUESTION_TYPES)})")
     variants = getattr(kind, "by_kind", {"": kind.templates})
     for templates in variants.values():
         for index, template in enumerate(templates):
             found = _template_pattern(template).fullmatch(text.strip())
             if found is None:
                 continue
-            question = Question(family, index, tuple(sorted(found.groupdict().items())))
+            question = Question(question_type, index, tuple(sorted(found.groupdict().items())))
             if question.text() == text.strip():
                 return question
-    raise MissingInput(f"question {text!r} is not one of the demo {family!r} family's wordings")
+    raise MissingInput(f"question {text!r} is not one of the wordings of the demo question type {question_type!r}")
 
 
 def demo_sample_from(sample: ExplainSample) -> DemoSample | None:
     """The demo-world sample behind ``sample`` (scene and question rebuilt from ``extra``), or
     None when ``extra`` carries no demo ground truth."""
     extra = sample.extra or {}
-    if "objects" not in extra or "family" not in extra:
+    if "objects" not in extra or "question_type" not in extra:
         return None
     try:
         scene = Scene.from_json(list(extra["objects"]), IMAGE_SIZE)
     except (TypeError, ValueError) as error:
         raise MissingInput(f"sample {sample.id!r}: extra['objects'] is not a list of demo objects ({error})") from None
-    question = parse_question(str(extra["family"]), sample.question)
+    question = parse_question(str(extra["question_type"]), sample.question)
     answer = sample.expected if sample.expected is not None else question.answer(scene)
     if answer is None:
         raise MissingInput(f"sample {sample.id!r}: the question has no single answer on the scene in extra['objects']")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import re
 
-from .questions import ALL_FAMILIES, NUMBER_WORDS
+from .questions import ALL_QUESTION_TYPES, NUMBER_WORDS
 from .world import COLOURS, IMAGE_SIZE, SHAPES
 
 PATCH_SIZE = 16
@@ -47,8 +47,8 @@ def vocabulary() -> list[str]:
         "a": [f"{c} {s}" for c in COLOURS for s in SHAPES],
         "b": [f"{c} {s}" for c in COLOURS for s in SHAPES],
     }
-    for family in ALL_FAMILIES.values():
-        templates = getattr(family, "by_kind", {"": family.templates})
+    for qtype in ALL_QUESTION_TYPES.values():
+        templates = getattr(qtype, "by_kind", {"": qtype.templates})
         for template in itertools.chain.from_iterable(templates.values()):
             names = re.findall(r"{(\w+)}", template)
             for values in itertools.product(*(slots[n] for n in names)):

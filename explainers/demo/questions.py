@@ -1,7 +1,7 @@
-"""Question families over the shape world: each knows its wording, its answer, the objects
+"""Question types over the shape world: each knows its wording, its answer, the objects
 the answer depends on, and the smallest scene edit that changes the answer.
 
-Families are registered by name; each generates its own scene so that answers are
+Question types are registered by name; each generates its own scene so that answers are
 balanced (a count question is as often "zero" as "four").
 """
 from __future__ import annotations
@@ -20,9 +20,9 @@ OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"
 
 @dataclass(frozen=True)
 class Question:
-    """A question as structure: its family, wording variant and slot values."""
+    """A question as structure: its question type, wording variant and slot values."""
 
-    family: str
+    question_type: str
     template: int
     slots: tuple[tuple[str, str], ...]
 
@@ -31,8 +31,8 @@ class Question:
         return dict(self.slots)
 
     @property
-    def kind(self) -> "Family":
-        return ALL_FAMILIES[self.family]
+    def kind(self) -> "QuestionType":
+        return ALL_QUESTION_TYPES[self.question_type]
 
     def text(self) -> str:
         return self.kind.templates_for(self.slot)[self.template].format(**self.slot)
@@ -46,15 +46,15 @@ class Question:
         return self.kind.grounding(self.slot, scene)
 
     def rephrased(self, template: int) -> "Question":
-        return Question(self.family, template, self.slots)
+        return Question(self.question_type, template, self.slots)
 
     @property
     def n_templates(self) -> int:
         return len(self.kind.templates_for(self.slot))
 
 
-class Family:
-    """One question family. Subclasses set ``name`` and ``templates`` and implement the rest."""
+class QuestionType:
+    """One question type. Subclasses set ``name`` and ``templates`` and implement the rest."""
 
     name: ClassVar[str]
     templates: ClassVar[tuple[str, ...]]
@@ -84,7 +84,7 @@ def _other(rng: np.random.Generator, options: list[str] | tuple[str, ...], curre
     return str(rng.choice([o for o in options if o != current]))
 
 
-class ColourOfShape(Family):
+class ColourOfShape(QuestionType):
     name = "colour"
     templates = (
         "What colour is the {shape}?",
@@ -118,7 +118,7 @@ class ColourOfShape(Family):
         return f"recolour the {scene.objects[i].name} {new}", scene.with_object(i, colour=new)
 
 
-class ShapeOfColour(Family):
+class ShapeOfColour(QuestionType):
     name = "shape"
     templates = (
         "What shape is the {colour} object?",
@@ -151,7 +151,7 @@ class ShapeOfColour(Family):
         return f"reshape the {scene.objects[i].name} into a {new}", scene.with_object(i, shape=new)
 
 
-class Count(Family):
+class Count(QuestionType):
     """How many objects, or how many of one colour or one shape."""
 
     name = "count"
@@ -211,7 +211,7 @@ class Count(Family):
         return (f"add a {obj.name}", scene.plus(obj)) if obj else None
 
 
-class Presence(Family):
+class Presence(QuestionType):
     """Is there a <colour> <shape>? Half the negatives share colour or shape with an object."""
 
     name = "presence"
@@ -255,7 +255,7 @@ class Presence(Family):
         return (f"add a {obj.name}", scene.plus(obj)) if obj else None
 
 
-class Position(Family):
+class Position(QuestionType):
     """Where is object a relative to object b? Only clear, axis-dominant layouts are asked."""
 
     name = "position"
@@ -326,10 +326,10 @@ def _place(rng: np.random.Generator, scene: Scene, anchor: Obj, where: str,
     return None
 
 
-class Describe(Family):
+class Describe(QuestionType):
     """List every object from left to right: a many-token answer that makes the decoder read
     each object off the image tokens. Used as a dense training signal and for multi-token
-    explanations; not one of the five evaluated families."""
+    explanations; not one of the five evaluated question types."""
 
     name = "describe"
     templates = ("Describe the image.", "What is in the image?", "List the objects.")
@@ -350,10 +350,11 @@ class Describe(Family):
         return f"recolour the {scene.objects[i].name} {new}", scene.with_object(i, colour=new)
 
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (ColourOfShape(), ShapeOfColour(), Count(), Presence(), Position())}
-"""The evaluated question families, by name, in a fixed order (sample i gets family i mod 5)."""
-EXTRA_FAMILIES: dict[str, Family] = {"describe": Describe()}
-"""Families the model also answers, outside the evaluated five."""
-ALL_FAMILIES: dict[str, Family] = {**FAMILIES, **EXTRA_FAMILIES}
+QUESTION_TYPES: dict[str, QuestionType] = {
+    t.name: t for t in (ColourOfShape(), ShapeOfColour(), Count(), Presence(), Position())}
+"""The evaluated question types, by name, in a fixed order (sample i gets type i mod 5)."""
+EXTRA_QUESTION_TYPES: dict[str, QuestionType] = {"describe": Describe()}
+"""Question types the model also answers, outside the evaluated five."""
+ALL_QUESTION_TYPES: dict[str, QuestionType] = {**QUESTION_TYPES, **EXTRA_QUESTION_TYPES}
 
 ANSWER_VOCABULARY: tuple[str, ...] = (*COLOURS, *SHAPES, *NUMBER_WORDS, "yes", "no", *RELATIONS)

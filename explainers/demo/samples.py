@@ -13,10 +13,10 @@ import numpy as np
 from PIL import Image
 
 from xmllm import atomic, write_atomic
-from .questions import ALL_FAMILIES, FAMILIES, Question
+from .questions import ALL_QUESTION_TYPES, QUESTION_TYPES, Question
 from .world import Scene
 
-FAMILY_NAMES: tuple[str, ...] = tuple(FAMILIES)
+QUESTION_TYPE_NAMES: tuple[str, ...] = tuple(QUESTION_TYPES)
 TRAIN_STREAM = 0x7A11_7EA1
 """First element of every training rng key; user-facing seeds use 2-element keys."""
 
@@ -34,8 +34,8 @@ class DemoSample:
     meta: dict = field(default_factory=dict)
 
     @property
-    def family(self) -> str:
-        return self.question.family
+    def question_type(self) -> str:
+        return self.question.question_type
 
     @property
     def text(self) -> str:
@@ -63,24 +63,25 @@ class DemoSample:
         return DemoSample(f"{self.id}-{suffix}", scene, question, answer, edit=edit)
 
 
-def generate_sample(seed: int, index: int, family: str | None = None, *, stream: tuple[int, ...] = ()) -> DemoSample:
-    """Sample ``index`` of ``seed``; its family cycles through the families unless given."""
+def generate_sample(seed: int, index: int, question_type: str | None = None, *,
+                    stream: tuple[int, ...] = ()) -> DemoSample:
+    """Sample ``index`` of ``seed``; its question type cycles through the evaluated ones unless given."""
     rng = np.random.default_rng([*stream, seed, index])
-    fam = ALL_FAMILIES[family or FAMILY_NAMES[index % len(FAMILY_NAMES)]]
-    scene, question = fam.generate(rng)
+    qtype = ALL_QUESTION_TYPES[question_type or QUESTION_TYPE_NAMES[index % len(QUESTION_TYPE_NAMES)]]
+    scene, question = qtype.generate(rng)
     answer = question.answer(scene)
-    assert answer is not None, f"family {fam.name} generated an ill-posed question"
+    assert answer is not None, f"question type {qtype.name} generated an ill-posed question"
     prefix = "t" if stream else "s"
     return DemoSample(f"{prefix}{seed}-{index:05d}", scene, question, answer)
 
 
-def generate_samples(n: int, seed: int, families: list[str] | None = None) -> list[DemoSample]:
-    """``n`` samples of ``seed``; with ``families`` only those families, cycling."""
-    if families:
-        unknown = [f for f in families if f not in ALL_FAMILIES]
+def generate_samples(n: int, seed: int, question_types: list[str] | None = None) -> list[DemoSample]:
+    """``n`` samples of ``seed``; with ``question_types`` only those question types, cycling."""
+    if question_types:
+        unknown = [t for t in question_types if t not in ALL_QUESTION_TYPES]
         if unknown:
-            raise ValueError(f"unknown question family {unknown[0]!r}; choose from {', '.join(ALL_FAMILIES)}")
-        return [generate_sample(seed, i, families[i % len(families)]) for i in range(n)]
+            raise ValueError(f"unknown question type {unknown[0]!r}; choose from {', '.join(ALL_QUESTION_TYPES)}")
+        return [generate_sample(seed, i, question_types[i % len(question_types)]) for i in range(n)]
     return [generate_sample(seed, i) for i in range(n)]
 
 
@@ -138,7 +139,7 @@ def sample_record(sample: DemoSample, image_path: str, mask_path: str) -> dict:
         "question": sample.text,
         "answer": sample.answer,
         "mask": mask_path,
-        "family": sample.family,
+        "question_type": sample.question_type,
     }
     if sample.pair:
         rec["pair"] = sample.pair
@@ -173,10 +174,10 @@ def _save_png(img: Image.Image, path: Path) -> None:
 
 def to_explain_sample(sample: DemoSample) -> "ExplainSample":
     """The demo sample as explainers take it, ground truth in ``extra`` with the same keys
-    as a sample-set record (``family``, ``objects``, ``grounding``, ``pair``, ``edit``)."""
+    as a sample-set record (``question_type``, ``objects``, ``grounding``, ``pair``, ``edit``)."""
     from xmllm.explainers.prepared import ExplainSample
 
-    extra = {"family": sample.family, "objects": sample.scene.to_json(), "grounding": sample.grounding}
+    extra = {"question_type": sample.question_type, "objects": sample.scene.to_json(), "grounding": sample.grounding}
     if sample.pair:
         extra["pair"] = sample.pair
     if sample.edit:

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .model import PATCH_SIZE, build_model, build_processor
-from .questions import FAMILIES
+from .questions import QUESTION_TYPES
 from .samples import DemoSample, generate_sample, TRAIN_STREAM
 from .world import COLOURS, IMAGE_SIZE, SHAPES
 
@@ -62,12 +62,12 @@ class TrainConfig:
     """Every n-th answer-training sample asks for a description (a dense training signal)."""
     answer_mix: tuple[str, ...] = (
         "colour", "shape", "count", "presence", "position", "count", "presence", "position", "position")
-    """Families of the other answer-training samples, cycled: the multi-hop families
+    """Question types of the other answer-training samples, cycled: the multi-hop types
     (position, then count and presence) learn last, so they get more of the data."""
     restart_steps: int = 3000
     """Steps of a second answer-training cycle (warm restart: fresh optimiser, a new cosine
     schedule from ``restart_lr``); 0 for one cycle. The first cycle's cosine tail leaves the
-    slow families (position, count) still climbing; a restart lets them go on."""
+    slow question types (position, count) still climbing; a restart lets them go on."""
     restart_lr: float = 1e-3
     monitor_every: int = 500
     """Answer-stage steps between accuracy checks on fresh samples (user seed 1; logging only)."""
@@ -125,12 +125,12 @@ class PatchHeads(nn.Module):
 
 
 def answer_sample(i: int, cfg: TrainConfig) -> DemoSample:
-    """Sample ``i`` of the answer-training set: a description or a family from the mix."""
+    """Sample ``i`` of the answer-training set: a description or a question type from the mix."""
     if cfg.describe_every and i % cfg.describe_every == cfg.describe_every - 1:
-        family = "describe"
+        qtype = "describe"
     else:
-        family = cfg.answer_mix[(i - i // cfg.describe_every if cfg.describe_every else i) % len(cfg.answer_mix)]
-    return generate_sample(i // cfg.batch, i % cfg.batch, family, stream=(TRAIN_STREAM,))
+        qtype = cfg.answer_mix[(i - i // cfg.describe_every if cfg.describe_every else i) % len(cfg.answer_mix)]
+    return generate_sample(i // cfg.batch, i % cfg.batch, qtype, stream=(TRAIN_STREAM,))
 
 
 def training_sample(step: int, index: int, describe_every: int) -> DemoSample:
@@ -350,7 +350,7 @@ def _train_vision(model, heads: PatchHeads, processor, cfg: TrainConfig, history
 
 
 def monitor_accuracy(model, processor, tower, n: int = 500, seed: int = 1) -> dict[str, float]:
-    """Teacher-forced first-answer-token accuracy per family on fresh samples: every
+    """Teacher-forced first-answer-token accuracy per question type on fresh samples: every
     evaluated answer is one token, so this equals greedy exact match."""
     from .samples import generate_samples
 
@@ -365,7 +365,7 @@ def monitor_accuracy(model, processor, tower, n: int = 500, seed: int = 1) -> di
         rows = torch.arange(len(samples))
         right = logits[rows, first - 1].argmax(-1) == batch["labels"][rows, first]
     for s, ok in zip(samples, right.tolist()):
-        hits.setdefault(s.family, []).append(ok)
+        hits.setdefault(s.question_type, []).append(ok)
     return {"all": sum(map(sum, hits.values())) / n, **{f: sum(v) / len(v) for f, v in hits.items()}}
 
 
@@ -397,5 +397,5 @@ def save(model, processor, folder: Path, cfg: TrainConfig, history: dict, qa_ste
     model.save_pretrained(folder, safe_serialization=True)
     processor.save_pretrained(folder)
     meta = {"train_config": asdict(cfg), "answer_steps_done": qa_step, "history": history,
-            "families": list(FAMILIES)}
+            "question_types": list(QUESTION_TYPES)}
     (folder / "xmllm_training.json").write_text(json.dumps(meta, indent=1))

@@ -1,10 +1,10 @@
 """Counterfactual edits of the input: what the model answers when the asked-about object is
 recoloured, moved or removed, or when the question is worded differently.
 
-On a demo-world sample the ground truth rides in ``sample.extra`` (``family``, ``objects``): the
-scene and the question's structure are rebuilt from it (:mod:`xmllm.explainers.demo.groundtruth`),
-the question family's own edits (:func:`xmllm.explainers.demo.samples.counterfactuals` and the
-family's answer-flipping edit, as in :func:`xmllm.explainers.demo.samples.make_pair`) produce each
+On a demo-world sample the ground truth rides in ``sample.extra`` (``question_type``, ``objects``):
+the scene and the question's structure are rebuilt from it (:mod:`xmllm.explainers.demo.groundtruth`),
+the question type's own edits (:func:`xmllm.explainers.demo.samples.counterfactuals` and the
+type's answer-flipping edit, as in :func:`xmllm.explainers.demo.samples.make_pair`) produce each
 edited image with its new right answer, and the model answers every edit by its own greedy decoding.
 Any other sample can only be reworded: pass ``rephrasings``.
 """
@@ -61,7 +61,7 @@ class Edit:
 
 def demo_edits(demo: Any, seed: int) -> list[Edit]:
     """Recolour, move, remove and rephrase (the demo's own counterfactuals), plus the question
-    family's answer-flipping edit when it is a different scene."""
+    type's answer-flipping edit when it is a different scene."""
     from ..demo.samples import DemoSample, counterfactuals, make_pair
 
     edited = counterfactuals(demo, seed)
@@ -145,7 +145,7 @@ class Counterfactual(Explainer):
 
     def unmet(self, model: LoadedModel, sample: ExplainSample, params: Params) -> str | None:
         if demo_sample_from(sample) is None and not params.rephrasings:
-            return ("needs demo-world ground truth (the scene's objects and the question family) to edit the "
+            return ("needs demo-world ground truth (the scene's objects and the question type) to edit the "
                     "image; pass rephrasings=[...] to reword the question instead")
         return None
 

@@ -65,7 +65,7 @@ PROBE_C = 1.0
 """Inverse L2 strength of the logistic-regression probes (scikit-learn's default)."""
 PROBE_MAX_ITER = 2000
 EDITABLE: dict[str, str] = {"colour": "colour", "shape": "shape"}
-"""Question family -> the concept of the grounded object that the answer names."""
+"""Question type -> the concept of the grounded object that the answer names."""
 
 KOH = Citation("Concept Bottleneck Models", 2020, "2007.04612", "Koh, Nguyen, Tang, Mussmann, Pierson, Kim, Liang")
 LABO = Citation("Language in a Bottle: Language Model Guided Concept Bottlenecks for Interpretable Image "
@@ -464,7 +464,7 @@ def plan_interventions(samples: Sequence[ExplainSample], objects: Sequence[list[
     planned: list[Intervention] = []
     skipped: list[dict[str, str]] = []
     for index, sample in enumerate(samples):
-        concept = EDITABLE.get(str(sample.extra.get("family")))
+        concept = EDITABLE.get(str(sample.extra.get("question_type")))
         grounding = sample.extra.get("grounding") or []
         probe = probes.get((PROJECTOR_SITE, concept)) if concept else None
         if probe is None or len(grounding) != 1:

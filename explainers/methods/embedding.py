@@ -47,8 +47,8 @@ COL_LABELS: tuple[str, ...] = ("left", "centre", "right")
 """Position attributes: the third of the image (by height, by width) holding the object's centre."""
 IMAGE_ATTRIBUTES: tuple[str, ...] = ("colour", "shape", "row", "col")
 """Per-object attributes, probed on the object's image positions."""
-TEXT_ATTRIBUTES: tuple[str, ...] = ("count", "family")
-"""Per-sample attributes (number of objects, question family), probed at the last prompt token."""
+TEXT_ATTRIBUTES: tuple[str, ...] = ("count", "question_type")
+"""Per-sample attributes (number of objects, question type), probed at the last prompt token."""
 ATTRIBUTES: tuple[str, ...] = (*IMAGE_ATTRIBUTES, *TEXT_ATTRIBUTES)
 
 DEFAULT_TEST_FRACTION = 0.3
@@ -429,7 +429,7 @@ def collect_probe_data(loaded: Any, samples: Sequence[ExplainSample], attributes
             for site in text_sites:
                 data.text_rows[site].append(states.blocks[int(site.split(".")[1])][last].numpy())
             for a in text_attrs:
-                data.text_labels[a].append(str(len(objs)) if a == "count" else str(s.extra["family"]))
+                data.text_labels[a].append(str(len(objs)) if a == "count" else str(s.extra["question_type"]))
         if not image_attrs or not objs:
             continue
         if not states.image_positions.numel() or states.vision is None:
@@ -457,7 +457,7 @@ def decoder_sites(count: int) -> list[str]:
 @register
 class LinearProbe(Explainer):
     """Held-out accuracy of logistic-regression probes for objects' colour, shape and position (vision
-    block, projector, every decoder block) and for the object count and question family (last prompt
+    block, projector, every decoder block) and for the object count and question type (last prompt
     token), each against a shuffled-label control. Cost: one prompt forward per sample, no generation,
     no backward; the processor once per object; two logistic fits per attribute and site.
     Alain, Bengio, 2016 (arXiv 1610.01644); Hewitt, Liang, 2019 (1909.03368); Tong et al., 2024 (2401.06209)."""
@@ -472,7 +472,7 @@ class LinearProbe(Explainer):
         "Logistic-regression probes for each object's colour, shape and position (row and column "
         "third of its centre) on its image positions at the vision block feeding the projector, "
         "the projected features and every decoder block, and for the object count and question "
-        "family at the last prompt token of every decoder block. Held-out accuracy on a split of "
+        "type at the last prompt token of every decoder block. Held-out accuracy on a split of "
         "samples fixed by the seed, with a shuffled-label control for each probe."
     )
 
@@ -484,7 +484,7 @@ class LinearProbe(Explainer):
         C: float = param(DEFAULT_C, "inverse L2 strength of the logistic-regression probes", low=0.0, low_open=True)
         max_iter: int = param(DEFAULT_MAX_ITER, "iteration limit of each probe's solver", low=1)
         attributes: tuple[str, ...] | None = param(
-            None, "attributes to probe (null: all, family only when every sample has one)", choices=ATTRIBUTES)
+            None, "attributes to probe (null: all, question_type only when every sample has one)", choices=ATTRIBUTES)
 
     def compute(self, model: LoadedModel, samples: Sequence[ExplainSample], params: Params) -> Explanation:
         seed, test_fraction, c, max_iter = params.seed, params.test_fraction, params.C, params.max_iter
@@ -545,7 +545,7 @@ class LinearProbe(Explainer):
                 "split": "by sample, a sample and its pair together (an image's objects never straddle train and "
                          "test), fixed by the seed",
                 "positions": "object features: hidden states averaged over the object's positions weighted by the "
-                             "share of each position's pixels its box covers; count and family: the last prompt token",
+                             "share of each position's pixels its box covers; count and question_type: the last prompt token",
                 "position_labels": {"row": list(ROW_LABELS), "col": list(COL_LABELS)},
                 "nan": "attribute not probed at that site (text attributes have no vision or projector site)",
             },
@@ -570,13 +570,13 @@ class LinearProbe(Explainer):
 
     def _attributes(self, attributes: tuple[str, ...] | None, samples: Sequence[ExplainSample]) -> list[str]:
         """The attributes to probe: the declared ones (each already one of ATTRIBUTES), or all."""
-        has_family = all(isinstance(s.extra.get("family"), str) for s in samples)
+        has_type = all(isinstance(s.extra.get("question_type"), str) for s in samples)
         if attributes is None:
-            return [a for a in ATTRIBUTES if a != "family" or has_family]
+            return [a for a in ATTRIBUTES if a != "question_type" or has_type]
         if not attributes:
             raise ParamError(f"{self.id}: parameter attributes=[] must name at least one of {', '.join(ATTRIBUTES)}")
-        if "family" in attributes and not has_family:
-            raise MissingInput(f"{self.id}: attribute 'family' needs extra['family'] on every sample")
+        if "question_type" in attributes and not has_type:
+            raise MissingInput(f"{self.id}: attribute 'question_type' needs extra['question_type'] on every sample")
         return list(dict.fromkeys(attributes))
 
     @staticmethod

@@ -13,7 +13,7 @@ offset + the unit) and labelled ``L{layer}.U{unit}``.
   Schwettmann et al. rank multimodal neurons by), the image patches where each top neuron fires,
   and real ablations: the top k zeroed together and one at a time, against k random neurons.
 * ``neurons.modality_specific`` (a sample set): MMNeuron's activation-probability entropy over
-  domains (image vs text tokens, or question families), the lowest-entropy group, and the answer
+  domains (image vs text tokens, or question types), the lowest-entropy group, and the answer
   log-probability (and accuracy) when that group is zeroed against random groups of its size.
 """
 from __future__ import annotations
@@ -61,13 +61,13 @@ DEFAULT_TOP_K = 10
 DEFAULT_RANDOM_DRAWS = 8
 """Random groups of k neurons ablated as the baseline of the top-k ablation."""
 
-DOMAIN_KINDS: tuple[str, ...] = ("modality", "family")
+DOMAIN_KINDS: tuple[str, ...] = ("modality", "question_type")
 MODALITIES: tuple[str, ...] = ("image", "text")
 THRESHOLDS: tuple[str, ...] = ("positive", "quantile")
 """Active means ``act(gate) > 0`` (MMNeuron, LAPE) or above the layer's ``quantile`` of activations."""
 DOMAIN_POSITIONS: dict[str, str] = {
     "modality": "image: every image-feature token; text: the prompt's text tokens (markers and answer excluded)",
-    "family": "every attended token of each sample's final sequence, counted for the sample's question family",
+    "question_type": "every attended token of each sample's final sequence, counted for the sample's question type",
 }
 DEFAULT_QUANTILE = 0.9
 TOP_RATE = 0.01
@@ -504,18 +504,18 @@ def _domain_names(kind: str, preps: Sequence[Prepared], explainer: str) -> list[
         return list(MODALITIES)
     names = []
     for prep in preps:
-        family = prep.sample.extra.get("family")
-        if not isinstance(family, str) or not family:
-            raise MissingInput(f"{explainer}: sample {prep.sample.id!r} has no extra['family']; "
-                             "domains='family' needs samples labelled with their question family")
-        names.append(family)
+        qtype = prep.sample.extra.get("question_type")
+        if not isinstance(qtype, str) or not qtype:
+            raise MissingInput(f"{explainer}: sample {prep.sample.id!r} has no extra['question_type']; "
+                               "domains='question_type' needs samples labelled with their question type")
+        names.append(qtype)
     return sorted(set(names))
 
 
 def _positions(prep: Prepared, kind: str, names: list[str]) -> dict[int, torch.Tensor]:
     if kind == "modality":
         return {MODALITIES.index("image"): prep.image_positions, MODALITIES.index("text"): prep.text_positions}
-    return {names.index(prep.sample.extra["family"]): _all_positions(prep)}
+    return {names.index(prep.sample.extra["question_type"]): _all_positions(prep)}
 
 
 @torch.inference_mode()
@@ -584,7 +584,7 @@ def ablation_outcomes(preps: Sequence[Prepared], space: NeuronSpace, groups: Seq
 @register
 class ModalitySpecific(Explainer):
     """MMNeuron's activation-probability entropy of every decoder MLP neuron across domains (image vs text
-    tokens, or question families), and the answer's log-probability (and accuracy) with the low-entropy
+    tokens, or question types), and the answer's log-probability (and accuracy) with the low-entropy
     group zeroed, against random groups. Cost: one forward per sample (two with threshold 'quantile'),
     then per sample one ablated copy per group, batched, and with accuracy one generation per group; no
     backward. Huo et al., 2024 (arXiv 2406.11193); Tang et al., 2024 (2402.16438); Huang et al., 2024 (2410.04819)."""
@@ -596,13 +596,14 @@ class ModalitySpecific(Explainer):
     citations = (MMNEURON, LAPE, MINER)
     summary = (
         "MMNeuron's activation-probability entropy of every decoder MLP neuron across domains (image vs "
-        "text tokens, or question families), the low-entropy specialised group, and the answer "
+        "text tokens, or question types), the low-entropy specialised group, and the answer "
         "log-probability and accuracy when that group is zeroed, against random groups of the same size."
     )
 
     @dataclass(frozen=True)
     class Params(ExplainerParams):
-        domains: str = param("modality", "image vs text tokens, or each sample's extra['family']", choices=DOMAIN_KINDS)
+        domains: str = param("modality", "image vs text tokens, or each sample's extra['question_type']",
+                             choices=DOMAIN_KINDS)
         threshold: str = param("positive", "active means act(gate) > 0, or above the layer's quantile",
                                choices=THRESHOLDS)
         quantile: float = param(DEFAULT_QUANTILE, "the layer quantile of activations a neuron must exceed (threshold "
@@ -624,7 +625,7 @@ class ModalitySpecific(Explainer):
         fast_attention: bool = param(True, "run the forwards with the fused attention kernel")
 
     def compute(self, model: LoadedModel, samples: Sequence[ExplainSample], params: Params) -> Explanation:
-        """``domains``: image vs text tokens, or each sample's ``extra['family']``; ``threshold``: active
+        """``domains``: image vs text tokens, or each sample's ``extra['question_type']``; ``threshold``: active
         means ``act(gate) > 0`` or above the layer's ``quantile``; the group is the ``top_k`` (default:
         ``top_rate`` of all neurons) lowest-entropy neurons among those reaching the ``filter_rate``
         quantile of activation probabilities; ``accuracy`` regenerates answers under each ablation
@@ -694,8 +695,8 @@ class ModalitySpecific(Explainer):
             for g, name in enumerate(group_names):
                 if not name.startswith("random.") and name != "none":
                     scores[f"accuracy_{name}"] = float(correct[g].mean())
-        if domains == "family":
-            sample_domain = torch.tensor([names.index(p.sample.extra["family"]) for p in preps])
+        if domains == "question_type":
+            sample_domain = torch.tensor([names.index(p.sample.extra["question_type"]) for p in preps])
             by_domain = torch.stack([drops[:, sample_domain == d].mean(1) for d in range(len(names))], dim=1)
             exp.add("ablation_drop.by_domain", by_domain, ("group", "domain"))
         exp.scores.update(scores)
@@ -716,7 +717,7 @@ class ModalitySpecific(Explainer):
             ],
             "groups": {name: [space.label(n) for n in members] for name, members in groups.items()},
             "samples": [{"id": p.sample.id, "answer": p.answer.text, "expected": p.sample.expected,
-                         "family": p.sample.extra.get("family")} for p in preps],
+                         "question_type": p.sample.extra.get("question_type")} for p in preps],
             "axis_labels": {"domain": names, "group": group_names, "sample": [p.sample.id for p in preps]},
             "widths": list(space.widths),
         })

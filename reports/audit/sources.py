@@ -65,7 +65,7 @@ def _jsonl(loaded: LoadedConfig, source: JsonlSource) -> list[AuditItem]:
     out = []
     for i, rec in enumerate(records):
         extra = dict(rec.extra)
-        for name in ("family", "pair"):
+        for name in ("question_type", "pair"):
             if getattr(rec, name):
                 extra[name] = getattr(rec, name)
         out.append(AuditItem(i, rec.id, rec.question, rec.answer, rec.image, None, str(rec.image.name), rec.mask,

@@ -17,7 +17,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--n", type=int, default=100, help="number of samples (default 100)")
     s.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
     s.add_argument("--out", type=Path, required=True, help="output folder")
-    s.add_argument("--families", default="", help="comma-separated question families (default: all)")
+    s.add_argument("--question-types", default="",
+                   help="comma-separated question types, e.g. colour,count (default: the five evaluated ones)")
     s.add_argument("--pairs", action="store_true",
                    help="add an MMVP-style partner for each sample (one detail changed, answer changed)")
     s.add_argument("--counterfactuals", action="store_true",
@@ -35,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--batch", type=int, default=None)
     t.set_defaults(func=run_train)
 
-    e = demo.add_parser("eval", help="exact-match accuracy per question family on fresh samples")
+    e = demo.add_parser("eval", help="exact-match accuracy per question type on fresh samples")
     e.add_argument("--model", default="demo", help="model spec (default: the embedded demo model)")
     e.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
     e.add_argument("--seed", type=int, default=12345, help="world seed (default 12345)")
@@ -50,15 +51,16 @@ def _positive(value: int, name: str) -> int:
 
 
 def run_samples(args: argparse.Namespace) -> int:
-    from xmllm.explainers.demo.questions import ALL_FAMILIES as FAMILIES
+    from xmllm.explainers.demo.questions import ALL_QUESTION_TYPES
     from xmllm.explainers.demo.samples import counterfactuals, generate_samples, make_pair, write_sample_set
 
     n = _positive(args.n, "n")
-    families = [f.strip() for f in args.families.split(",") if f.strip()] or None
-    for f in families or ():
-        if f not in FAMILIES:
-            raise XmllmError(f"--families: unknown family {f!r}; choose from {', '.join(FAMILIES)}")
-    samples = generate_samples(n, args.seed, families)
+    question_types = [t.strip() for t in args.question_types.split(",") if t.strip()] or None
+    for t in question_types or ():
+        if t not in ALL_QUESTION_TYPES:
+            raise XmllmError(f"--question-types: unknown question type {t!r}; "
+                             f"choose from {', '.join(ALL_QUESTION_TYPES)}")
+    samples = generate_samples(n, args.seed, question_types)
     out = list(samples)
     if args.pairs:
         out = []
@@ -104,6 +106,6 @@ def run_eval(args: argparse.Namespace) -> int:
     lo, hi = report["interval"]
     print(f"model {args.model}: {report['accuracy']:.1%} exact match on {report['n']} samples "
           f"(seed {args.seed}; 95% CI {lo:.1%}-{hi:.1%})")
-    for fam, r in report["families"].items():
-        print(f"  {fam:<10} {r['accuracy']:.1%}  (n={r['n']})")
+    for qtype, r in report["question_types"].items():
+        print(f"  {qtype:<10} {r['accuracy']:.1%}  (n={r['n']})")
     return 0

@@ -89,18 +89,19 @@ def _sanity_section(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _family_section(result: dict[str, Any]) -> list[str]:
-    families = result.get("families") or {}
-    names = sorted({f for per in families.values() for f in per})
+def _question_type_section(result: dict[str, Any]) -> list[str]:
+    # "families": the key's name in an evaluation.json of xmllm 0.2
+    by_type = result.get("question_types") or result.get("families") or {}
+    names = sorted({t for per in by_type.values() for t in per})
     if not names:
         return []
-    lines = ["## Pointing game by question family", "",
-             "| Explainer | " + " | ".join(md(f) for f in names) + " |",
+    lines = ["## Pointing game by question type", "",
+             "| Explainer | " + " | ".join(md(t) for t in names) + " |",
              "|---|" + "---|" * len(names)]
     for eid in [*result["config"]["explainers"], RANDOM_LABEL]:
-        per = families.get(eid, {})
-        values = [("n/a" if per.get(f, {}).get("mean") is None else f"{per[f]['mean']:.2f} (n={per[f]['n']})")
-                  for f in names]
+        per = by_type.get(eid, {})
+        values = [("n/a" if per.get(t, {}).get("mean") is None else f"{per[t]['mean']:.2f} (n={per[t]['n']})")
+                  for t in names]
         lines.append(f"| {md(row_label(eid))} | " + " | ".join(values) + " |")
     return lines + [""]
 
@@ -189,7 +190,7 @@ def trust_page_markdown(result: dict[str, Any]) -> str:
         "",
         *_sanity_section(result),
         "",
-        *_family_section(result),
+        *_question_type_section(result),
         *_method_section(result),
         "",
     ]

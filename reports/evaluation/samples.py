@@ -46,8 +46,8 @@ def jsonl_samples(path: Path) -> "list[ExplainSample]":
             raise XmllmError(f"{path}: sample {record.id!r}: mask {record.mask} is {mask.shape[1]}x{mask.shape[0]} "
                              f"pixels but its image is {image.width}x{image.height}")
         extra = dict(record.extra)
-        if record.family:
-            extra["family"] = record.family
+        if record.question_type:
+            extra["question_type"] = record.question_type
         if record.pair:
             extra["pair"] = record.pair
         out.append(ExplainSample([image], record.question, id=record.id, expected=record.answer,

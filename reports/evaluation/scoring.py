@@ -369,7 +369,7 @@ def _record(sample: "ExplainSample", prepared: "Prepared", is_correct: Callable[
     answer = prepared.answer.text
     return {
         "id": sample.id,
-        "family": sample.extra.get("family"),
+        "question_type": sample.extra.get("question_type"),
         "question": sample.question,
         "expected": sample.expected,
         "answer": answer,
@@ -384,30 +384,30 @@ def _record(sample: "ExplainSample", prepared: "Prepared", is_correct: Callable[
 
 def summarise(result: dict[str, Any], curve_sums: dict[str, dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
     """The table (mean and 95% interval per explainer and metric, random floor included), flags,
-    mean curves, pointing game per question family and the verdict, from the per-sample records."""
+    mean curves, pointing game per question type and the verdict, from the per-sample records."""
     from xmllm.explainers.metrics.stats import mean_interval
 
     seed = result["config"]["seed"]
     metric_names = [m["name"] for m in result["metrics"]]
     rows = [*result["config"]["explainers"], RANDOM_LABEL]
     table: dict[str, dict[str, Any]] = {}
-    families: dict[str, dict[str, Any]] = {}
+    question_types: dict[str, dict[str, Any]] = {}
     for eid in rows:
         values = {m: [r["scores"].get(eid, {}).get(m) for r in result["per_sample"]] for m in metric_names}
         values = {m: [v for v in vs if v is not None] for m, vs in values.items()}
         table[eid] = {m: mean_interval(vs, seed) for m, vs in values.items()}
-        by_family: dict[str, list[float]] = {}
+        by_type: dict[str, list[float]] = {}
         for r in result["per_sample"]:
             value = r["scores"].get(eid, {}).get("pointing_game")
             if value is not None:
-                by_family.setdefault(r["family"] or "-", []).append(value)
-        families[eid] = {f: mean_interval(v, seed) for f, v in sorted(by_family.items())}
+                by_type.setdefault(r["question_type"] or "-", []).append(value)
+        question_types[eid] = {t: mean_interval(v, seed) for t, v in sorted(by_type.items())}
     curves = {}
     for eid, sums in (curve_sums or {}).items():
         curves[eid] = {kind: [round(float(x), 6) for x in sums[kind] / sums[f"{kind}_n"]]
                        for kind in ("deletion", "insertion") if kind in sums}
     flags = {eid: _flags(eid, table, result.get("sanity")) for eid in result["config"]["explainers"]}
-    return {"table": table, "families": families, "curves": curves, "flags": flags,
+    return {"table": table, "question_types": question_types, "curves": curves, "flags": flags,
             "verdict": _verdict(result, table, flags)}
 
 

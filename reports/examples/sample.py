@@ -13,14 +13,14 @@ if TYPE_CHECKING:  # pragma: no cover
 
 EXAMPLE_SEED = 7
 EXAMPLE_INDEX = 0
-EXAMPLE_FAMILY = "colour"
+EXAMPLE_QUESTION_TYPE = "colour"
 """The sample every sample-scope example explains: sample 0 of seed 7, a colour question."""
 
 
 def example_sample() -> "ExplainSample":
     from xmllm.explainers.demo.samples import generate_sample, to_explain_sample
 
-    return to_explain_sample(generate_sample(EXAMPLE_SEED, EXAMPLE_INDEX, EXAMPLE_FAMILY))
+    return to_explain_sample(generate_sample(EXAMPLE_SEED, EXAMPLE_INDEX, EXAMPLE_QUESTION_TYPE))
 
 
 @example_builder("sample")

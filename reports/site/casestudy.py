@@ -65,7 +65,7 @@ def render(study: dict[str, Any]) -> str:
         "",
         f"- **Pairs:** {res['pairs']} (seed {cfg['seed']}), {res['samples']} samples. Each pair is a scene of the demo "
         "world and the same scene with one detail changed so that the right answer changes "
-        "(`xmllm.explainers.demo.samples.make_pair`), over the five question families.",
+        "(`xmllm.explainers.demo.samples.make_pair`), over the five question types.",
         f"- **Model:** {md.code(study['model']['spec'])}, weights SHA-256 {md.code(study['model']['weights_sha256'][:16])}…",
         f"- **Image vs text share:** explainer {md.code(study['explainer'])}: Chefer et al.'s relevancy of the "
         "whole answer over the final sequence, split into image tokens and prompt-text tokens "
@@ -126,9 +126,10 @@ def render(study: dict[str, Any]) -> str:
               "A recolouring changes the right answer only for some questions: there the model should "
               "follow the image (\"followed\" = right after the edit); elsewhere any change is a flip.", ""]
 
-    parts += ["## Per question family", "",
-              md.table(["Family", "Accuracy", "Mean image share"],
-                       [[md.cell(fam), _prop(r), md.number(r["image_share"])] for fam, r in res["families"].items()]),
+    parts += ["## Per question type", "",
+              md.table(["Question type", "Accuracy", "Mean image share"],
+                       [[md.cell(qtype), _prop(r), md.number(r["image_share"])]
+                        for qtype, r in res["question_types"].items()]),
               ""]
 
     wrong = [s for s in study["samples"] if not s["correct"]][:EXAMPLE_ROWS]
