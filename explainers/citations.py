@@ -17,4 +17,4 @@ MMVP = Citation(
 
 ALAIN_BENGIO = Citation("Understanding intermediate layers using linear classifier probes", 2016, "1610.01644",
                         "Alain, Bengio")
-"""Linear probes: embedding.linear_probe and design's concept bottleneck both fit them."""
+"""Linear probes: embedding.probe and design's concept bottleneck both fit them."""

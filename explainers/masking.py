@@ -4,7 +4,7 @@ Baseline images (black, mean colour, blur, noise), pixel cells mapped to the ima
 cover them through the adapter's ``pixel_cell_map`` (so tiles and dynamic resolutions need no
 special case), windows of cells, and text edits (dropping or replacing a question word), with
 the batches of masked copies that :mod:`.forward` scores. Shared by occlusion, the minimal causal
-set, gradients' baselines, the faithfulness curves and the audit's blank-image probe.
+set, gradients' baselines, the faithfulness curves and the audit's blank-image check.
 """
 from __future__ import annotations
 

@@ -67,23 +67,23 @@ def nearest_existing(path: Path) -> Path:
     return path
 
 
-def probe_writable(folder: Path) -> Path:
+def check_writable(folder: Path) -> Path:
     """Create and remove an empty file in ``folder``, or in its nearest existing ancestor when it
-    does not exist yet (where its first new folder would be made); returns the folder probed.
+    does not exist yet (where its first new folder would be made); returns the folder checked.
 
     Raises the system's ``OSError`` (a read-only file system, no permission, no inodes or no
     blocks left) before any costly work: access bits alone would not do, since root passes them
     on a read-only mount."""
-    probed = nearest_existing(Path(folder))
-    if not probed.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(probed))
-    fd, tmp = tempfile.mkstemp(dir=probed, prefix=".xmllm-probe-", suffix=".tmp")
+    checked = nearest_existing(Path(folder))
+    if not checked.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(checked))
+    fd, tmp = tempfile.mkstemp(dir=checked, prefix=".xmllm-writable-", suffix=".tmp")
     os.close(fd)
     os.unlink(tmp)
-    st = os.statvfs(probed)  # an empty file takes no blocks: a full disk shows here
+    st = os.statvfs(checked)  # an empty file takes no blocks: a full disk shows here
     if (st.f_bfree if os.geteuid() == 0 else st.f_bavail) == 0:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(probed))
-    return probed
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(checked))
+    return checked
 
 
 def write_dir(final: Path, fill: Callable[[Path], Any]) -> Path:

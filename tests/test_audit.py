@@ -69,7 +69,7 @@ def hostile_run(tmp_path_factory, model):
     """Two samples, the first hostile (its name in the config too), with per-sample reports."""
     root = tmp_path_factory.mktemp("audit-hostile")
     write_set(root / "set", 2, hostile=True)
-    cfg = write_config(root / "audit.yaml", model, reports=True, probes=["blank_image", "pope"])
+    cfg = write_config(root / "audit.yaml", model, reports=True, checks=["blank_image", "pope"])
     yaml_text = cfg.read_text(encoding="utf-8").replace('"name": "test audit"', '"name": ' + json.dumps(HOSTILE))
     cfg.write_text(yaml_text, encoding="utf-8")
     loaded = load_config(cfg)
@@ -79,10 +79,10 @@ def hostile_run(tmp_path_factory, model):
 
 @pytest.fixture(scope="module")
 def bad_images_run(tmp_path_factory, model):
-    """Five samples with odd or broken images; no explainer, probe or report (the images are the test)."""
+    """Five samples with odd or broken images; no explainer, check or report (the images are the test)."""
     root = tmp_path_factory.mktemp("audit-bad-images")
     write_set(root / "set", 0, bad_images=True)
-    cfg = write_config(root / "audit.yaml", model, explainers={}, probes=[], faithfulness={"enabled": False})
+    cfg = write_config(root / "audit.yaml", model, explainers={}, checks=[], faithfulness={"enabled": False})
     loaded = load_config(cfg)
     return loaded, run_audit(loaded, progress=False)
 
@@ -97,7 +97,7 @@ def bad_images_run(tmp_path_factory, model):
     ("samples: {type: parquet, path: a}\n", "field samples"),
     ("samples: {type: jsonl, path: a.jsonl}\nexecutor: {kind: ray, workers: 0}\n", "field executor.workers"),
     ("samples: {type: jsonl, path: a.jsonl}\nexplainers: [benchmark.pope]\n", "runs over a whole sample set"),
-    ("samples: {type: jsonl, path: a.jsonl}\nprobes: [psychic]\n", "field probes: unknown probe 'psychic'"),
+    ("samples: {type: jsonl, path: a.jsonl}\nchecks: [psychic]\n", "field checks: unknown check 'psychic'"),
     ("samples: {type: jsonl, path: a.jsonl}\nfaithfulness: {baseline: '<i>'}\n", "field faithfulness.baseline"),
     ("samples: !!python/object/apply:os.system ['echo pwned']\n", "read safely: no Python tags"),
     ("name: !!python/object:builtins.object {}\n", "c.yaml:1:"),
@@ -119,6 +119,20 @@ def test_config_errors_are_one_line_naming_the_field(tmp_path, body, expected):
         load_config(cfg)
     message = str(err.value)
     assert expected in message and "\n" not in message and str(cfg) in message
+
+
+def test_a_config_with_the_old_probes_key_is_one_line_saying_to_rename_it(tmp_path, capsys):
+    """``probes:`` (the key's name in xmllm 0.2) is refused before any model work, even when the
+    rest of the config is fine: exit 2, one line naming the file and the new key, nothing written."""
+    from xmllm.cli import main
+
+    write_set(tmp_path / "set", 1)
+    cfg = write_config(tmp_path / "old.yaml", tmp_path / "no-model", probes=["blank_image"])
+    assert main(["run", str(cfg), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(cfg) in err and "rename the key 'probes:' to 'checks:'" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.yaml", "set"]
 
 
 def test_sample_set_errors_stop_before_model_work(tmp_path):
@@ -146,7 +160,7 @@ def test_absolute_paths_only_when_allowed(tmp_path, model):
     (tmp_path / "set").mkdir()
     (tmp_path / "set" / "samples.jsonl").write_text(json.dumps(
         {"id": "abs", "image": str(tmp_path / "abs.png"), "question": s.text, "answer": s.answer}) + "\n")
-    cfg = write_config(tmp_path / "c.yaml", model, allow_absolute_paths=True, probes=[], faithfulness={"enabled": False})
+    cfg = write_config(tmp_path / "c.yaml", model, allow_absolute_paths=True, checks=[], faithfulness={"enabled": False})
     outcome = run_audit(load_config(cfg), progress=False)
     assert outcome.total == 1 and outcome.failed == 0
 
@@ -174,7 +188,7 @@ def test_image_folder_with_csv(tmp_path, model):
         rows.append(f"{s.id}.png,\"{s.text}\",{s.answer},{s.id}")
     (tmp_path / "q.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     cfg = write_config(tmp_path / "c.yaml", model, samples={"type": "image_folder", "folder": "imgs", "csv": "q.csv"},
-                       probes=[], faithfulness={"enabled": False})
+                       checks=[], faithfulness={"enabled": False})
     outcome = run_audit(load_config(cfg), progress=False)
     summary = json.loads((outcome.out / "audit.json").read_text())
     assert [r["id"] for r in summary["samples"]] == [s.id for s in samples]
@@ -213,8 +227,8 @@ def test_summary_counts_match_the_records(hostile_run):
     assert data["counts"]["correct"] == sum(r["correct"] for r in graded)
     assert data["accuracy"] == pytest.approx(sum(r["correct"] for r in graded) / len(graded))
     assert sum(data["reliance"]["histogram"]["counts"]) == len(ok)
-    assert data["probes"]["pope"]["asked"] == sum("skipped" not in r["probes"]["pope"] for r in ok)
-    assert data["probes"]["pope"]["hallucinations"] == sum(bool(r["probes"]["pope"].get("hallucination")) for r in ok)
+    assert data["checks"]["pope"]["asked"] == sum("skipped" not in r["checks"]["pope"] for r in ok)
+    assert data["checks"]["pope"]["hallucinations"] == sum(bool(r["checks"]["pope"].get("hallucination")) for r in ok)
     occl = [r["faithfulness"]["perturbation.occlusion"]["deletion_area"] for r in ok]
     assert data["faithfulness"]["perturbation.occlusion"]["deletion_area"] == pytest.approx(np.mean(occl))
     assert data["counts"]["flagged"] == sum(bool(r["flags"]) for r in records)
@@ -278,7 +292,7 @@ def test_rerun_reuses_everything_and_retry_failed_recomputes_failures(bad_images
 
 def test_fail_fast_stops_at_the_first_failure(tmp_path, model):
     write_set(tmp_path / "set", 0, bad_images=True)
-    cfg = write_config(tmp_path / "c.yaml", model, probes=[], faithfulness={"enabled": False})
+    cfg = write_config(tmp_path / "c.yaml", model, checks=[], faithfulness={"enabled": False})
     with pytest.raises(XmllmError, match=r"bad-truncated.*--fail-fast"):
         run_audit(load_config(cfg), fail_fast=True, progress=False)
     records = list((tmp_path / "out" / "samples").glob("*/record.json"))
@@ -332,7 +346,7 @@ def test_explainers_that_cannot_run_are_skipped_and_listed_in_the_summary(tmp_pa
     known earlier checkpoint) is skipped with its reason on every sample; the others run, and the
     summary lists it. The token limit reaches the answers."""
     write_set(tmp_path / "set", 2)
-    cfg = write_config(tmp_path / "audit.yaml", model, probes=[], max_new_tokens=3,
+    cfg = write_config(tmp_path / "audit.yaml", model, checks=[], max_new_tokens=3,
                        explainers={"perturbation.occlusion": {"window": 2}, "training.compare": {}})
     outcome = run_audit(load_config(cfg), progress=False)
     assert outcome.failed == 0 and outcome.computed == 2

@@ -31,7 +31,7 @@ def local_ray():
 @pytest.mark.slow
 def test_ray_with_two_workers_matches_local(tmp_path, model, local_ray):
     write_set(tmp_path / "set", 4, seed=7)
-    cfg = write_config(tmp_path / "audit.yaml", model, probes=["blank_image", "pope"])
+    cfg = write_config(tmp_path / "audit.yaml", model, checks=["blank_image", "pope"])
     # each actor gets one CPU, so one torch thread: the local run must sum floats in the same
     # order to give the same last bits (two threads differ by ~1e-7, and the manifests say so)
     threads = torch.get_num_threads()
@@ -57,7 +57,7 @@ def test_ray_with_two_workers_matches_local(tmp_path, model, local_ray):
 
 def test_a_model_that_cannot_load_fails_once_with_one_line(tmp_path, local_ray):
     write_set(tmp_path / "set", 1)
-    cfg = write_config(tmp_path / "audit.yaml", tmp_path / "no-such-model", probes=[])
+    cfg = write_config(tmp_path / "audit.yaml", tmp_path / "no-such-model", checks=[])
     with pytest.raises(Exception) as err:
         run_audit(load_config(cfg, {"executor.kind": "ray", "executor.workers": 1}), progress=False)
     assert "no-such-model" in str(err.value) and "\n" not in str(err.value)

@@ -51,7 +51,7 @@ def check_folder(folder: Path) -> dict:
 @pytest.mark.slow
 def test_kill_9_mid_run_then_resume(tmp_path, model):
     write_set(tmp_path / "set", SAMPLES, seed=5)
-    cfg = write_config(tmp_path / "audit.yaml", model, probes=["blank_image"], faithfulness={"enabled": False})
+    cfg = write_config(tmp_path / "audit.yaml", model, checks=["blank_image"], faithfulness={"enabled": False})
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "xmllm.cli", "run", str(cfg), "--no-progress"], cwd=ROOT, env=env,

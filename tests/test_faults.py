@@ -58,7 +58,7 @@ def cli(args: list[str], capsys) -> tuple[int, str]:
 def small_audit(root: Path, model: Path, n: int = 2, **extra) -> Path:
     """A config over ``n`` demo samples (the cheapest explainer set), output ``root/out``."""
     write_set(root / "set", n)
-    options = {"explainers": {"perturbation.occlusion": {"window": 4}}, "probes": [], "faithfulness": {"enabled": False},
+    options = {"explainers": {"perturbation.occlusion": {"window": 4}}, "checks": [], "faithfulness": {"enabled": False},
                **extra}
     return write_config(root / "audit.yaml", model, **options)
 

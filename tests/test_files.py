@@ -12,9 +12,9 @@ from xmllm.files import atomic, replace_dir, write_atomic
 
 
 def _plain_mode(tmp_path) -> int:
-    probe = tmp_path / "plain"
-    probe.write_text("x")
-    return stat.S_IMODE(probe.stat().st_mode)
+    plain = tmp_path / "plain"
+    plain.write_text("x")
+    return stat.S_IMODE(plain.stat().st_mode)
 
 
 def test_written_files_read_like_plain_ones(tmp_path):

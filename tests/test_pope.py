@@ -17,7 +17,7 @@ from xmllm.explainers.demo.questions import Presence
 from xmllm.explainers.demo.samples import generate_samples, to_explain_sample
 from xmllm.explainers.demo.world import Scene
 from xmllm.explainers.explanation import Explanation
-from xmllm.explainers.methods.benchmark import METRICS, SETTINGS, build_probes, parse_yes_no, pope_metrics
+from xmllm.explainers.methods.benchmark import METRICS, SETTINGS, build_questions, parse_yes_no, pope_metrics
 from xmllm.explainers.models import LoadedModel, adapter_for
 from xmllm.explainers.registry import Need, get_explainer
 
@@ -111,11 +111,11 @@ def test_metrics_equal_a_hand_computation():
 def test_negatives_never_name_a_present_object_and_follow_their_setting():
     samples = [to_explain_sample(s) for s in generate_samples(60, seed=8)]
     keys = [[(o["colour"], o["shape"]) for o in s.extra["objects"]] for s in samples]
-    probes = build_probes(keys, SETTINGS, per_image=3, seed=1)
+    questions = build_questions(keys, SETTINGS, per_image=3, seed=1)
     frequency = Counter(k for image in keys for k in set(image))
     for setting in SETTINGS:
         by_image: dict[int, list] = {}
-        for p in probes[setting]:
+        for p in questions[setting]:
             by_image.setdefault(p.sample, []).append(p)
         assert set(by_image) == set(range(len(samples)))
         for index, asked in by_image.items():
@@ -136,9 +136,9 @@ def test_negatives_never_name_a_present_object_and_follow_their_setting():
                 colours, shapes = {c for c, _ in present}, {s for _, s in present}
                 assert all(p.colour in colours or p.shape in shapes for p in no)
     # the same positives in every setting; the same seed, the same questions
-    assert [p for p in probes["random"] if p.truth == "yes"] == [p for p in probes["popular"] if p.truth == "yes"]
-    assert build_probes(keys, SETTINGS, 3, seed=1) == probes
-    assert build_probes(keys, SETTINGS, 3, seed=2)["random"] != probes["random"]
+    assert [p for p in questions["random"] if p.truth == "yes"] == [p for p in questions["popular"] if p.truth == "yes"]
+    assert build_questions(keys, SETTINGS, 3, seed=1) == questions
+    assert build_questions(keys, SETTINGS, 3, seed=2)["random"] != questions["random"]
 
 
 # --- the benchmark on real models ------------------------------------------------------------------------

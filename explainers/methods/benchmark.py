@@ -53,7 +53,7 @@ def parse_yes_no(answer: str) -> str:
 
 
 @dataclass(frozen=True)
-class Probe:
+class ObjectQuestion:
     """One question of the benchmark: an object asked about in one sample's image."""
 
     sample: int
@@ -98,8 +98,8 @@ def negatives(setting: str, present: set[tuple[str, str]], universe: Sequence[tu
     return sorted((k for k in absent if shared[k]), key=lambda k: (-shared[k], -frequency[k], k))[:count]
 
 
-def build_probes(keys: Sequence[Sequence[tuple[str, str]]], settings: Sequence[str], per_image: int,
-                 seed: int) -> dict[str, list[Probe]]:
+def build_questions(keys: Sequence[Sequence[tuple[str, str]]], settings: Sequence[str], per_image: int,
+                    seed: int) -> dict[str, list[ObjectQuestion]]:
     """Per setting, the questions of every image: up to ``per_image`` present objects (the same in
     every setting) and as many absent ones. The universe is every object seen in the set, and an
     object's frequency is the number of images that hold it."""
@@ -107,18 +107,18 @@ def build_probes(keys: Sequence[Sequence[tuple[str, str]]], settings: Sequence[s
     for image in keys:
         frequency.update(set(image))
     universe = sorted(frequency)
-    out: dict[str, list[Probe]] = {s: [] for s in settings}
+    out: dict[str, list[ObjectQuestion]] = {s: [] for s in settings}
     for index, image in enumerate(keys):
         present = set(image)
         distinct = sorted(present)
         rng = np.random.default_rng([seed, index])
         if len(distinct) > per_image:
             distinct = [distinct[i] for i in sorted(rng.choice(len(distinct), size=per_image, replace=False).tolist())]
-        positives = [Probe(index, c, s, "yes") for c, s in distinct]
+        positives = [ObjectQuestion(index, c, s, "yes") for c, s in distinct]
         for setting in settings:
             setting_rng = np.random.default_rng([seed, index, SETTINGS.index(setting)])
             absent = negatives(setting, present, universe, frequency, len(positives) or per_image, setting_rng)
-            out[setting].extend(positives + [Probe(index, c, s, "no") for c, s in absent])
+            out[setting].extend(positives + [ObjectQuestion(index, c, s, "no") for c, s in absent])
     return out
 
 
@@ -187,22 +187,22 @@ class PopeBenchmark(Explainer):
         if not samples or not all(isinstance(s, ExplainSample) for s in samples):
             raise MissingInput(f"{self.id} is dataset-scope: pass a non-empty list of samples")
         keys = [object_keys(s, self.id) for s in samples]
-        probes = build_probes(keys, settings, per_image, seed)
+        questions = build_questions(keys, settings, per_image, seed)
 
         records: list[dict[str, Any]] = []
         index_of: dict[tuple[int, str, str], int] = {}
         per_setting: dict[str, list[int]] = {}
         for setting in settings:
             rows = []
-            for probe in probes[setting]:
-                key = (probe.sample, probe.colour, probe.shape)
+            for asked in questions[setting]:
+                key = (asked.sample, asked.colour, asked.shape)
                 if key not in index_of:
-                    s = samples[probe.sample]
-                    question = template.format(colour=probe.colour, shape=probe.shape)
+                    s = samples[asked.sample]
+                    question = template.format(colour=asked.colour, shape=asked.shape)
                     answer = generate_answer(model, s.images, question, max_new_tokens)
                     index_of[key] = len(records)
-                    records.append({"sample": s.id, "object": probe.name, "question": question,
-                                    "truth": probe.truth, "answer": answer.text,
+                    records.append({"sample": s.id, "object": asked.name, "question": question,
+                                    "truth": asked.truth, "answer": answer.text,
                                     "prediction": parse_yes_no(answer.text), "settings": []})
                 records[index_of[key]]["settings"].append(setting)
                 rows.append(index_of[key])
@@ -251,10 +251,10 @@ class PopeBenchmark(Explainer):
     def _template(template: str) -> str:
         """The template, checked to use {colour} and {shape} and no other field."""
         try:
-            probe = template.format(colour="red", shape="circle")
+            filled = template.format(colour="red", shape="circle")
         except (KeyError, IndexError, ValueError):
             raise ParamError(f"parameter template={template!r} may only use the fields {{colour}} and "
                              "{shape}") from None
-        if "red" not in probe or "circle" not in probe:
+        if "red" not in filled or "circle" not in filled:
             raise ParamError(f"parameter template={template!r} must use both {{colour}} and {{shape}}")
         return template

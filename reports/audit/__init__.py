@@ -1,9 +1,9 @@
-"""Audits at scale: ``xmllm run CONFIG.yaml`` runs explainers, probes and faithfulness metrics
+"""Audits at scale: ``xmllm run CONFIG.yaml`` runs explainers, hallucination checks and faithfulness metrics
 over a whole sample set, one folder per sample written atomically (a killed run resumes where it
 stopped), locally or on Ray, and writes a self-contained summary and a site section.
 
 Modules: :mod:`.config` (the YAML, validated), :mod:`.sources` (sample sets), :mod:`.worker`
-(one sample), :mod:`.probes` (hallucination probes), :mod:`.executor` (local, Ray),
+(one sample), :mod:`.checks` (hallucination checks), :mod:`.executor` (local, Ray),
 :mod:`.store` (the output folder), :mod:`.run` (the loop), :mod:`.summary` and :mod:`.site`.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Hallucination probes run on each sample, registered by name (``probes:`` in the config).
+"""Hallucination checks run on each sample, registered by name (``checks:`` in the config).
 
 ``blank_image``: the model answers the same question about a blank image (the image's mean
 colour everywhere, as ``inference.visual_reliance`` blanks it); an unchanged answer says the
@@ -36,7 +36,7 @@ def pope(prepared: Prepared, seed: int) -> dict[str, Any]:
 
     sample = prepared.sample
     try:
-        present = sorted(set(object_keys(sample, "pope probe")))
+        present = sorted(set(object_keys(sample, "pope check")))
     except ValueError:
         return {"skipped": "no ground-truth objects (extra['objects'] with colour and shape)"}
     universe = [(c, s) for c in COLOURS for s in SHAPES]
@@ -55,7 +55,7 @@ def pope(prepared: Prepared, seed: int) -> dict[str, Any]:
     return out
 
 
-PROBES: dict[str, Callable[[Prepared, int], dict[str, Any]]] = {
+CHECKS: dict[str, Callable[[Prepared, int], dict[str, Any]]] = {
     "blank_image": blank_image,
     "pope": pope,
 }

@@ -94,6 +94,9 @@ class SiteConfig(_Strict):
     """Per-sample reports copied into the site (flagged ones first): a site of 10 000 reports helps no one."""
 
 
+RENAMED_FIELDS = {"probes": "checks"}
+"""Top-level keys of an older config (xmllm 0.2) and their names now: a one-line error says which."""
+
 FLAG_KINDS = ("failed", "wrong", "hallucination", "unfaithful", "unchanged_without_image")
 DEFAULT_FLAGS = ("failed", "wrong", "hallucination", "unfaithful")
 
@@ -122,7 +125,8 @@ class AuditConfig(_Strict):
     """Tensor memory each explainer may add, e.g. ``20GB`` (default: the device's; see
     :mod:`xmllm.explainers.memory`)."""
     explainers: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    probes: list[str] = Field(default_factory=lambda: ["blank_image", "pope"])
+    checks: list[str] = Field(default_factory=lambda: ["blank_image", "pope"])
+    """Hallucination checks run on each sample (:mod:`xmllm.audit.checks`)."""
     faithfulness: FaithfulnessConfig = FaithfulnessConfig()
     flags: list[str] = Field(default_factory=lambda: list(DEFAULT_FLAGS))
     output: str = "audit"
@@ -172,12 +176,12 @@ class AuditConfig(_Strict):
             explainer.check_params(value[eid])  # the explainer's declaration, before any model work
         return value
 
-    @field_validator("probes")
+    @field_validator("checks")
     @classmethod
-    def _known_probes(cls, value: list[str]) -> list[str]:
-        from .probes import PROBES
+    def _known_checks(cls, value: list[str]) -> list[str]:
+        from .checks import CHECKS
 
-        return _known("probe", value, PROBES)
+        return _known("check", value, CHECKS)
 
     @field_validator("flags")
     @classmethod
@@ -186,11 +190,11 @@ class AuditConfig(_Strict):
 
     def results_fingerprint(self) -> str:
         """SHA-256 over everything a sample's result depends on (model, device, seed, explainers,
-        probes, faithfulness): a stored result with another fingerprint is recomputed."""
+        checks, faithfulness): a stored result with another fingerprint is recomputed."""
         from ..cache import canonical_json, xmllm_version
 
         keys = {"model": self.model, "device": self.device, "seed": self.seed, "explainers": self.explainers,
-                "probes": self.probes, "faithfulness": self.faithfulness.model_dump(), "reports": self.reports,
+                "checks": self.checks, "faithfulness": self.faithfulness.model_dump(), "reports": self.reports,
                 "max_new_tokens": self.max_new_tokens,
                 "xmllm": xmllm_version()}
         return hashlib.sha256(canonical_json(keys).encode("utf-8")).hexdigest()
@@ -242,6 +246,9 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Lo
         raise ConfigError(f"{path}: the config must be a mapping of fields (name, model, samples, ...)")
     for dotted, value in (overrides or {}).items():
         _set_dotted(data, dotted, value)
+    for old, new in RENAMED_FIELDS.items():
+        if old in data:
+            raise ConfigError(f"{path}: field {old} is now called {new}: rename the key '{old}:' to '{new}:'")
     try:
         config = AuditConfig.model_validate(data)
     except ValidationError as exc:

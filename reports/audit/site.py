@@ -115,17 +115,17 @@ def markdown_page(data: dict[str, Any]) -> str:
         mdx.table(["drop (blank)", "samples"], [[mdx.text(label), str(n)] for label, n in
                                                 zip(data["reliance"]["histogram"]["labels"],
                                                     data["reliance"]["histogram"]["counts"])]), "",
-        "## Hallucination probes", "",
+        "## Hallucination checks", "",
     ]
-    probes = data["probes"]
+    checks = data["checks"]
     rows = []
-    if "blank_image" in probes:
-        p = probes["blank_image"]
+    if "blank_image" in checks:
+        p = checks["blank_image"]
         rows.append(["blank image: answer flips", str(p["asked"]), mdx.percent(p["flip_rate"])])
-    if "pope" in probes:
-        p = probes["pope"]
+    if "pope" in checks:
+        p = checks["pope"]
         rows.append(["POPE-style: yes to an absent object", str(p["asked"]), mdx.percent(p["hallucination_rate"])])
-    lines += [mdx.table(["probe", "asked", "rate"], rows) if rows else "No probe was run.", ""]
+    lines += [mdx.table(["check", "asked", "rate"], rows) if rows else "No check was run.", ""]
     lines += ["## Faithfulness of image maps", ""]
     if data["faithfulness"]:
         lines.append(mdx.table(["map", "samples", "deletion area (lower better)", "insertion area", "beats random"],

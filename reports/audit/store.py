@@ -2,7 +2,7 @@
 
 Layout of ``OUT/``::
 
-    samples/<key>/record.json      the sample's results (answer, reliance, probes, faithfulness, flags)
+    samples/<key>/record.json      the sample's results (answer, reliance, checks, faithfulness, flags)
     samples/<key>/timings.json     seconds per step (kept out of the record: they vary run to run)
     samples/<key>/run/             explanations.npz, manifest.json, image_0.png, report.html
     audit.json, summary.html       the audit summary (written last)

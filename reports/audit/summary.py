@@ -69,7 +69,7 @@ def build_summary(loaded: LoadedConfig, out: Path, records: list[dict[str, Any]]
             "samples": len(ok),
             "note": "drop = log p(answer | image) - log p(answer | blank image), mean over answer tokens",
         },
-        "probes": _probes(ok, config.probes),
+        "checks": _checks(ok, config.checks),
         "faithfulness": _faithfulness(ok),
         "skipped_explainers": _skipped(ok),
         "cut_answers": sum(bool(r.get("answer_cut")) for r in ok),
@@ -113,8 +113,8 @@ def _skipped(ok: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def _row(out: Path, r: dict[str, Any]) -> dict[str, Any]:
-    pope = (r.get("probes") or {}).get("pope") or {}
-    blank = (r.get("probes") or {}).get("blank_image") or {}
+    pope = (r.get("checks") or {}).get("pope") or {}
+    blank = (r.get("checks") or {}).get("blank_image") or {}
     return {
         "id": r["id"], "key": r["key"], "status": r["status"], "error": r.get("error"),
         "question": r["question"], "expected": r.get("expected"), "answer": r.get("answer"),
@@ -137,18 +137,18 @@ def _model(out: Path, ok: list[dict[str, Any]]) -> dict[str, Any]:
     return {}
 
 
-def _probes(ok: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+def _checks(ok: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if "blank_image" in names:
-        runs = [r["probes"]["blank_image"] for r in ok if "blank_image" in r["probes"]]
+        runs = [r["checks"]["blank_image"] for r in ok if "blank_image" in r["checks"]]
         unchanged = sum(bool(p.get("unchanged")) for p in runs)
         out["blank_image"] = {"asked": len(runs), "unchanged": unchanged, "flips": len(runs) - unchanged,
                               "flip_rate": _share(len(runs) - unchanged, len(runs))}
     if "pope" in names:
-        runs = [r["probes"]["pope"] for r in ok if "pope" in r["probes"] and "skipped" not in r["probes"]["pope"]]
+        runs = [r["checks"]["pope"] for r in ok if "pope" in r["checks"] and "skipped" not in r["checks"]["pope"]]
         hallucinated = sum(bool(p.get("hallucination")) for p in runs)
         missed = sum(bool(p.get("missed")) for p in runs)
-        out["pope"] = {"asked": len(runs), "skipped": sum("pope" in r["probes"] for r in ok) - len(runs),
+        out["pope"] = {"asked": len(runs), "skipped": sum("pope" in r["checks"] for r in ok) - len(runs),
                        "hallucinations": hallucinated, "hallucination_rate": _share(hallucinated, len(runs)),
                        "missed": missed, "miss_rate": _share(missed, len(runs))}
     return out

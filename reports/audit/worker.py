@@ -118,7 +118,7 @@ class AuditWorker:
                 if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
                     raise  # the machine's fault, not the sample's: every sample would fail the same way
                 record.update(status="failed", error=_one_line(exc, folder, item))
-                for name in ("answer", "correct", "reliance", "probes", "faithfulness"):
+                for name in ("answer", "correct", "reliance", "checks", "faithfulness"):
                     record.pop(name, None)
             for spilled in (_input_path(folder, item), folder / "mask.png"):
                 spilled.unlink(missing_ok=True)  # inputs are not outputs
@@ -206,14 +206,14 @@ class AuditWorker:
                               ("reliant_share", "mean_drop_blank", "mean_drop_noised", "vcd_agreement")}
         timings["reliance"] = time.perf_counter() - t
 
-        from .probes import PROBES
+        from .checks import CHECKS
 
-        record["probes"] = {}
-        for name in config.probes:
+        record["checks"] = {}
+        for name in config.checks:
             t = time.perf_counter()
             torch.manual_seed(seed)
-            record["probes"][name] = PROBES[name](prepared, seed)
-            timings[f"probe.{name}"] = time.perf_counter() - t
+            record["checks"][name] = CHECKS[name](prepared, seed)
+            timings[f"check.{name}"] = time.perf_counter() - t
 
         record["faithfulness"] = {}
         if config.faithfulness.enabled:
@@ -255,10 +255,10 @@ def flags_of(record: dict[str, Any], kinds: list[str]) -> list[dict[str, str]]:
         found["failed"] = record["error"] or "failed"
     if record.get("correct") is False:
         found["wrong"] = f"answered {record.get('answer')!r}, expected {record.get('expected')!r}"
-    pope = (record.get("probes") or {}).get("pope") or {}
+    pope = (record.get("checks") or {}).get("pope") or {}
     if pope.get("hallucination"):
         found["hallucination"] = f"said yes to an absent object: {pope['absent']['question']!r}"
-    blank = (record.get("probes") or {}).get("blank_image") or {}
+    blank = (record.get("checks") or {}).get("blank_image") or {}
     if blank.get("unchanged"):
         found["unchanged_without_image"] = f"the same answer {blank.get('answer')!r} with a blank image"
     faith = record.get("faithfulness") or {}

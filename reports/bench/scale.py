@@ -324,7 +324,7 @@ def projection(runs: dict[tuple[int, int], Measured], points: Sequence[tuple[int
     """The fit through the decoder points (``points`` minus the last, the vision step, when ``vision``)
     and the projected activation bytes at ``full`` depth. For a batching explainer every point's
     peak is first carried from the larger trial batch to the batch the defaults use, by the per-copy
-    bytes between the two trial batches at the first point (listed under ``probes`` in the row).
+    bytes between the two trial batches at the first point (listed under ``trials`` in the row).
 
     The projection follows the line through the two deepest points (``settled``), the marginal
     cost of a block once the peak has found its place: with one block a forward's peak can sit in
@@ -339,9 +339,9 @@ def projection(runs: dict[tuple[int, int], Measured], points: Sequence[tuple[int
         low, high = min(chosen.trials), max(chosen.trials)
         per_copy = (runs[points[0]].peak - small.peak) / (high - low)
         shift = max(0.0, per_copy) * (chosen.batch - high)
-        out.update(per_copy_bytes=per_copy, batch=chosen.batch, probes=list(chosen.trials))
+        out.update(per_copy_bytes=per_copy, batch=chosen.batch, trials=list(chosen.trials))
     elif chosen.batch:
-        out.update(batch=chosen.batch, probes=list(chosen.trials))
+        out.update(batch=chosen.batch, trials=list(chosen.trials))
     peaks = [(layers, runs[(layers, v)].peak + shift) for layers, v in base_points]
     line = fit(peaks)
     settled = fit(peaks[-2:])
@@ -537,5 +537,5 @@ def projection_check(folder: Any, ids: Sequence[str] | None = None,
             out.append({"explainer": eid, "peaks": {f"{k[0]}": m.peak for k, m in runs[eid].items()},
                         "measured": target.peak, "projected": projected,
                         "error_share": (projected - target.peak) / target.peak, "fit": row["fit"],
-                        "batch": chosen.batch, "probes": list(chosen.trials), "note": chosen.note})
+                        "batch": chosen.batch, "trials": list(chosen.trials), "note": chosen.note})
     return out

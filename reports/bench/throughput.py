@@ -31,7 +31,7 @@ def _config(spec: str, samples: Path, device: str) -> dict[str, Any]:
 
     return json.loads(AuditConfig.model_validate({
         "model": spec, "device": device, "samples": {"type": "jsonl", "path": str(samples)},
-        "explainers": EXPLAINERS, "probes": ["blank_image"], "faithfulness": {"steps": 2}, "reports": False,
+        "explainers": EXPLAINERS, "checks": ["blank_image"], "faithfulness": {"steps": 2}, "reports": False,
     }).model_dump_json())
 
 
@@ -91,7 +91,7 @@ def cases(ctx: BenchContext) -> list[BenchRow]:
                 ctx.tell("audit: measuring local, Ray 1 and Ray 2 workers")
                 timings = interleaved(fns, repeat=max(1, ctx.repeat - 1), warmup=1)
         rate = {name: n / timings.seconds(name) for name in fns}
-        details = {"samples": n, "explainers": list(EXPLAINERS), "probes": ["blank_image"], "reports": False,
+        details = {"samples": n, "explainers": list(EXPLAINERS), "checks": ["blank_image"], "reports": False,
                    **timings.summary()}
         rows.append(BenchRow(GROUP, "samples/s: local executor", rate["local"], model=spec_name,
                              details={**details, **({"ray": note} if note else {})}))

@@ -52,7 +52,7 @@ def check_out(out: Path) -> None:
     whole), on a file system that takes writes (an empty file is made and removed where the run
     folder will be staged: beside ``out``, or in its nearest existing ancestor)."""
     from xmllm.audit.store import OutputError
-    from xmllm.files import probe_writable
+    from xmllm.files import check_writable
     from xmllm.report.explained import ARRAYS, MANIFEST, REPORT
 
     if out.exists() and not out.is_dir():
@@ -70,7 +70,7 @@ def check_out(out: Path) -> None:
             raise XmllmError(f"--out {out}: {what} other files ({others[0]}, ...), which the run folder, written "
                              f"whole, would replace; choose a new or empty folder")
     try:
-        probe_writable(out.parent if out.is_dir() else out)
+        check_writable(out.parent if out.is_dir() else out)
     except OSError as exc:
         raise OutputError(out, exc) from None
 
