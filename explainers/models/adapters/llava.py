@@ -78,3 +78,33 @@ class LlavaAdapter(ModelAdapter):
     def pixel_cell_map(self, inputs: Mapping[str, Any]) -> torch.Tensor:
         """Each ``patch_size`` square of a vision input maps to its patch's grid cell."""
         return px.single_view_map(self, inputs, self.model_type, self.patch_size)
+
+
+@register_adapter
+class VipLlavaAdapter(LlavaAdapter):
+    """VipLlava: LLaVA-1.5's processor and grid; the projector reads several CLIP layers (class
+    token dropped from each), so the patch grid is laid out and centre-cropped as LLaVA-1.5's."""
+
+    model_types = ("vipllava",)
+    family = "VipLlava"
+
+
+LEGACY_PIXEL_KEYS = ("pixel_values_images",)
+"""Video-LLaVA's image processor still names its output so by default; the model takes it as
+``pixel_values`` (the old name is deprecated), the key every adapter and explainer reads."""
+
+
+@register_adapter
+class VideoLlavaAdapter(LlavaAdapter):
+    """Video-LLaVA: LLaVA-1.5's layout, its images through an ``image_tower`` of their own."""
+
+    model_types = ("video_llava",)
+    family = "Video-LLaVA"
+    vision_tower_path = "model.image_tower"
+
+    def build_inputs(self, images: Any, question: str, answer: str | None = None) -> tuple[Any, torch.Tensor]:
+        inputs, positions = super().build_inputs(images, question, answer)
+        for key in LEGACY_PIXEL_KEYS:
+            if key in inputs:
+                inputs["pixel_values"] = inputs.pop(key)
+        return inputs, positions
