@@ -276,6 +276,7 @@ class MinimalSet(Explainer):
     """
 
     id = "causal.minimal_set"
+    model_needs = frozenset({"pixel_cells"})  # cells are masked through the pixel map
     title = "Minimal flipping set (verified)"
     group = GROUP
     citations = (CLEANN, LVLM_INTERPRET, ZEILER_FERGUS)

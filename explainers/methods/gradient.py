@@ -213,6 +213,7 @@ class _PixelAttribution(Explainer):
     group = GROUP
     supports_contrast = True
     needs = frozenset({Need.GRADIENTS})
+    model_needs = frozenset({"pixel_cells"})  # pixel gradients pool onto cells through the pixel map
     default_pool: str = "sum"
 
     @dataclass(frozen=True)
@@ -524,6 +525,7 @@ class GradCAM(Explainer):
     group = GROUP
     supports_contrast = True
     needs = frozenset({Need.GRADIENTS})
+    model_needs = frozenset({"pixel_cells"})  # pixel gradients pool onto cells through the pixel map
     citations = (SELVARAJU,)
     summary = (
         "Grad-CAM on the patch tokens of a vision block's output: channel weights are the mean "

@@ -61,6 +61,7 @@ class Occlusion(Explainer):
     """
 
     id = "perturbation.occlusion"
+    model_needs = frozenset({"pixel_cells"})  # a cell is occluded through the pixel map
     title = "Occlusion (batched)"
     group = GROUP
     supports_contrast = True

@@ -41,6 +41,15 @@ def generic_refusal(config: Any) -> str | None:
     """
     if getattr(config, "is_encoder_decoder", False):
         return "encoder-decoder: the image enters an encoder, not the decoder's sequence"
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "cross_attention_layers", None):
+        return ("the image enters the decoder through cross-attention layers, not its sequence "
+                "(cross-attention views are not implemented yet)")
+    if getattr(config, "vq_config", None) is not None:
+        return ("early fusion: a VQ tokenizer turns the image into vocabulary tokens, with no vision-tower "
+                "features to map back to pixels (not implemented yet)")
+    if getattr(config, "qformer_config", None) is not None:
+        return "a Q-Former resamples the image into learned queries that map to no image region"
     token = getattr(config, "image_token_id", None)
     if token is None:
         token = getattr(config, "image_token_index", None)
