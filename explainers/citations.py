@@ -18,3 +18,7 @@ MMVP = Citation(
 ALAIN_BENGIO = Citation("Understanding intermediate layers using linear classifier probes", 2016, "1610.01644",
                         "Alain, Bengio")
 """Linear probes: embedding.probe and design's concept bottleneck both fit them."""
+LVLM_INTERPRET = Citation(
+    "LVLM-Interpret: An Interpretability Tool for Large Vision-Language Models", 2024, "2404.03118",
+    "Ben Melech Stan, Aflalo, Yehezkel Rohekar, et al.",
+)

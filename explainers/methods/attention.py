@@ -24,15 +24,12 @@ from ..explanation import Explanation
 from ..models import LoadedModel
 from ..models.layout import grid_names
 from ..params import ExplainerParams, ParamError, param
+from ..citations import LVLM_INTERPRET
 from ..registry import Citation, Explainer, Need, register
 
 GROUP = "attention"
 
 ABNAR_ZUIDEMA = Citation("Quantifying Attention Flow in Transformers", 2020, "2005.00928", "Abnar, Zuidema")
-LVLM_INTERPRET = Citation(
-    "LVLM-Interpret: An Interpretability Tool for Large Vision-Language Models", 2024, "2404.03118",
-    "Ben Melech Stan et al.",
-)
 VL_INTERPRET = Citation(
     "VL-InterpreT: An Interactive Visualization Tool for Interpreting Vision-Language Transformers", 2022,
     "2203.17247", "Aflalo et al.",

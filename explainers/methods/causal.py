@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..citations import ZEILER_FERGUS
+from ..citations import LVLM_INTERPRET, ZEILER_FERGUS
 from xmllm.explainers.prepared import Prepared
 from ..explanation import Explanation
 from ..forward import (
@@ -55,10 +55,6 @@ DEFAULT_MAX_NEW_TOKENS = 32
 CLEANN = Citation(
     "Causal Interpretation of Self-Attention in Pre-Trained Transformers (CLEANN)", 2023, "2310.20307",
     "Rohekar, Gurwicz, Nisimov",
-)
-LVLM_INTERPRET = Citation(
-    "LVLM-Interpret: An Interpretability Tool for Large Vision-Language Models", 2024, "2404.03118",
-    "Ben-Melech Stan, Rohekar, Gurwicz, et al.",
 )
 
 

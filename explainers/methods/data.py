@@ -20,7 +20,7 @@ import torch
 
 from ..answering import Answer, generate_answer, is_correct, normalise
 from ..axes import axis_labels
-from ..citations import MMVP
+from ..citations import LVLM_INTERPRET, MMVP
 from xmllm.explainers.prepared import ExplainSample, Prepared, prepare
 from ..demo.groundtruth import demo_sample_from
 from ..explanation import Explanation
@@ -35,10 +35,6 @@ GROUP = "data"
 WACHTER = Citation(
     "Counterfactual Explanations without Opening the Black Box: Automated Decisions and the GDPR", 2017,
     "1711.00399", "Wachter, Mittelstadt, Russell",
-)
-LVLM_INTERPRET = Citation(
-    "LVLM-Interpret: An Interpretability Tool for Large Vision-Language Models", 2024, "2404.03118",
-    "Ben Melech Stan et al.",
 )
 
 ORIGINAL = "original"

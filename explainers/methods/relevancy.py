@@ -17,6 +17,7 @@ from ..explanation import Explanation
 from ..models import LoadedModel
 from ..models.layout import grid_names
 from ..params import ExplainerParams, param
+from ..citations import LVLM_INTERPRET
 from ..registry import Citation, Explainer, Need, register
 from ..relevancy_propagation import (
     DEFAULT_BATCH,
@@ -39,12 +40,6 @@ CHEFER = Citation(
     2021,
     "2103.15679",
     "Chefer, Gur, Wolf",
-)
-LVLM_INTERPRET = Citation(
-    "LVLM-Interpret: An Interpretability Tool for Large Vision-Language Models",
-    2024,
-    "2404.03118",
-    "Stan, Aflalo, Rohekar, et al.",
 )
 
 
