@@ -245,34 +245,38 @@ class GotOcr2Adapter(TiledAdapter):
     start_token_attrs = ("img_start_token",)
     end_token_attrs = ("img_end_token",)
 
-    def _convs(self) -> list[torch.nn.Conv2d]:
-        return _conv_chain([self._first_child(self.vision_tower, ("neck",), "vision neck"), self.projector])
+    @staticmethod
+    def _conv_geometry(config: Any) -> tuple[int, int]:
+        """(merge, field): patches per side fused into one token (the product of the neck's and
+        projector's strides) and patches per side one token sees (their receptive field), read off
+        the modules a model of ``config`` builds (on the meta device: no weights)."""
+        from transformers.models.got_ocr2.modeling_got_ocr2 import GotOcr2MultiModalProjector, GotOcr2VisionNeck
+
+        with torch.device("meta"):
+            convs = _conv_chain([GotOcr2VisionNeck(config.vision_config), GotOcr2MultiModalProjector(config)])
+        merge, field = 1, 1
+        for conv in convs:
+            (stride, other), kernel = tuple(conv.stride), int(conv.kernel_size[0])
+            if stride != other:
+                raise AdapterError(f"got_ocr2: a convolution of stride {(stride, other)} is not square")
+            field += (kernel - 1) * merge
+            merge *= int(stride)
+        return merge, field
 
     def _merge(self) -> int:
-        merge = 1
-        for conv in self._convs():
-            stride = tuple(conv.stride)
-            if stride[0] != stride[1]:
-                raise AdapterError(f"{self.model_type}: a convolution of stride {stride} is not square")
-            merge *= int(stride[0])
-        return merge
+        if not hasattr(self, "_geometry"):
+            self._geometry = self._conv_geometry(self.config)
+        return self._geometry[0]
 
-    def _receptive_field(self) -> int:
-        """Patches per side one decoder token sees through the neck and projector."""
-        field, jump = 1, 1
-        for conv in self._convs():
-            field += (int(conv.kernel_size[0]) - 1) * jump
-            jump *= int(conv.stride[0])
-        return field
-
-    def lacks(self, capability: str) -> str | None:
+    @classmethod
+    def lacks_for_config(cls, config: Any, capability: str) -> str | None:
         if capability == "pixel_cells":
-            field, merge = self._receptive_field(), self._merge()
+            merge, field = cls._conv_geometry(config)
             if field > merge:
                 return (f"each decoder token sees {field} x {field} patches through the vision neck's and "
                         f"projector's convolutions but its cell is {merge} x {merge}, so a cell's pixels also reach "
                         "its neighbours' tokens")
-        return super().lacks(capability)
+        return super().lacks_for_config(config, capability)
 
     def vision_token_map(self, inputs: Mapping[str, Any]) -> torch.Tensor:
         """``(crops, rows, cols)``: the encoder's blocks keep each crop's patch grid."""
