@@ -63,6 +63,9 @@ def test_build_writes_the_whole_site(small_site) -> None:  # noqa: F811
         report = out / "reports" / f"{eid}.html"
         assert report.is_file() and report.stat().st_size > 1000
         assert (out / "generated" / "explainers" / f"{eid}.html").is_file()
+        group = eid.partition(".")[0]  # each page names the explainer's group
+        assert f"group <code>{group}</code>" in (out / "generated" / "explainers" / f"{eid}.html").read_text("utf-8")
+        assert f"&middot; group {group}</p>" in report.read_text("utf-8")
     gallery = refs(out / "generated" / "gallery.html")
     assert {f"../reports/{eid}.html" for eid in SMALL_EXPLAINERS} <= set(gallery.links)
 
@@ -114,6 +117,8 @@ def test_case_study_has_numbers_for_every_pair(small_site) -> None:  # noqa: F81
     assert res["flips"]["rephrase"]["answer_changed"]["n"] == sum(e["kind"] == "rephrase" for e in study["edits"])
     page = (out / "generated" / "casestudy.html").read_text(encoding="utf-8")
     assert "Pair accuracy" in page and "casestudy/image-share.svg" in page
+    assert set(res["question_types"]) == {s["question_type"] for s in study["samples"]}
+    assert "Per question type" in page
     assert (out / "generated" / "casestudy" / "image-share.svg").read_text(encoding="utf-8").lstrip().startswith("<?xml")
     assert study["model"]["weights_sha256"] == weights_fingerprint(str(small_site.model))
 

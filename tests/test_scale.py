@@ -155,6 +155,17 @@ def test_the_projection_follows_the_two_deepest_points():
     assert row["projected_activation_bytes"] == pytest.approx(140 + 5 * 8 + 10 * (4 - 2))
 
 
+def test_a_batching_explainer_carries_its_trial_batches_to_the_default_batch():
+    """Per-copy bytes from the two trial batches (listed under ``trials``) move every point's peak
+    to the batch the defaults use: here 2 bytes a copy, 8 copies above the larger trial."""
+    peaks = {(1, 2): 100.0, (2, 2): 150.0, (4, 2): 160.0, (1, 3): 110.0}
+    runs = {k: scale.Measured(v, 0.0, {}) for k, v in peaks.items()}
+    small = scale.Measured(96.0, 0.0, {})
+    row = scale.projection(runs, list(peaks), ScalePlan(batch=12, trials=(2, 4)), small, (8, 4))
+    assert row["trials"] == [2, 4] and row["batch"] == 12 and row["per_copy_bytes"] == pytest.approx(2.0)
+    assert row["projected_activation_bytes"] == pytest.approx(140 + 5 * 8 + 10 * (4 - 2) + 2 * 8)
+
+
 def test_budgets_follow_the_gpu_rule():
     weights = 14 * 10**9
     assert scale.target_gpu(weights) == 24 and scale.target_gpu(27 * 10**9) == 48
