@@ -211,21 +211,12 @@ def evaluate(
     """
     from .evaluation import SANITY_SAMPLES, EvaluationConfig, demo_samples, jsonl_samples
     from .evaluation import evaluate as _evaluate
-    from .explainers.masking import BASELINES
+    from .evaluation.scoring import check_options
     from .runner import resolve_explainers
 
     if (samples is None) == (demo is None):
         raise XmllmError("give either samples (a JSONL sample set) or demo (a number of demo questions)")
-    if baseline is not None and baseline not in BASELINES:
-        raise XmllmError(f"baseline {baseline!r}: choose from {', '.join(BASELINES)}")
-    if steps is not None and steps < 1:
-        raise XmllmError(f"steps must be a positive integer, got {steps}")
-    if sanity_samples is not None and sanity_samples < 0:
-        raise XmllmError(f"sanity_samples must be 0 or more, got {sanity_samples}")
-    if demo is not None and demo < 1:
-        raise XmllmError(f"demo must be a positive number of samples, got {demo}")
-    if out is not None and Path(out).exists() and not Path(out).is_dir():
-        raise XmllmError(f"out {out}: exists and is not a folder")
+    check_options(baseline=baseline, steps=steps, sanity_samples=sanity_samples, demo=demo, out=out)
     budget = _budget(max_memory)
     named = list(explainers or [])
     ids = resolve_explainers(named or None)

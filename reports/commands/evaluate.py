@@ -6,7 +6,6 @@ import json
 import sys
 from pathlib import Path
 
-from xmllm.errors import XmllmError
 from .explain import add_memory_option, add_model_options
 
 DEFAULT_OUT = Path("runs/evaluation")
@@ -37,22 +36,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
-    """The options in the words the user typed, before anything is loaded (the API checks the
-    same values again, naming its own arguments)."""
-    from xmllm.explainers.masking import BASELINES
+    """The options in the words the user typed, before anything is loaded (the same check as the
+    API's, naming the flags)."""
+    from xmllm.evaluation.scoring import check_options
 
-    if args.baseline is not None and args.baseline not in BASELINES:
-        raise XmllmError(f"--baseline {args.baseline!r}: choose from {', '.join(BASELINES)}")
-    for flag, value, low in (("--steps", args.steps, 1), ("--sanity-samples", args.sanity_samples, 0),
-                             ("--demo", args.demo, 1)):
-        if value is not None and value < low:
-            raise XmllmError(f"{flag} must be {'a positive number' if low else '0 or more'}, got {value}")
+    check_options(baseline=args.baseline, steps=args.steps, sanity_samples=args.sanity_samples, demo=args.demo,
+                  out=args.out, flags=True)
     if args.max_memory is not None:
         from xmllm.explainers.memory import parse_memory
 
         parse_memory(args.max_memory)
-    if args.out.exists() and not args.out.is_dir():
-        raise XmllmError(f"--out {args.out}: exists and is not a folder")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -41,6 +41,26 @@ Progress = Callable[[str, int, int], None]
 """Called as ``progress(phase, done, total)``; phases ``"samples"`` and ``"sanity"``."""
 
 
+def check_options(*, baseline: str | None = None, steps: int | None = None, sanity_samples: int | None = None,
+                  demo: int | None = None, out: Any = None, flags: bool = False) -> None:
+    """The evaluation's options, checked once for the command line and the API alike (``flags``:
+    the error names ``--steps`` rather than ``steps``), before anything is loaded."""
+    from pathlib import Path
+
+    from xmllm.explainers.masking import BASELINES
+
+    def name(option: str) -> str:
+        return f"--{option.replace('_', '-')}" if flags else option
+
+    if baseline is not None and baseline not in BASELINES:
+        raise XmllmError(f"{name('baseline')} {baseline!r}: choose from {', '.join(BASELINES)}")
+    for option, value, low in (("steps", steps, 1), ("sanity_samples", sanity_samples, 0), ("demo", demo, 1)):
+        if value is not None and value < low:
+            raise XmllmError(f"{name(option)} must be {'a positive number' if low else '0 or more'}, got {value}")
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise XmllmError(f"{name('out')} {out}: exists and is not a folder")
+
+
 @dataclass
 class EvaluationConfig:
     """What to run and how to score it."""
