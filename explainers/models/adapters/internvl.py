@@ -98,7 +98,26 @@ class TiledAdapter(ModelAdapter):
             )
         return [c // per_crop for c in counts if c]
 
+    def _check_crops(self, inputs: Mapping[str, Any]) -> None:
+        """The crops the sequence's image tokens account for must be the crops in pixel_values."""
+        pixels = _tensor(inputs, "pixel_values")
+        if pixels is None:
+            return
+        ids = self._input_ids(inputs)
+        key = (ids.data_ptr(), tuple(ids.shape), tuple(pixels.shape))
+        if getattr(self, "_crops_checked", None) == key:  # once per batch, not once per row
+            return
+        counted = sum(sum(self._crops_per_image(inputs, row)) for row in range(ids.shape[0]))
+        if counted != pixels.shape[0]:
+            raise AdapterError(
+                f"{self.model_type}: the image tokens make {counted} crops of {self._tile_side() ** 2} tokens but "
+                f"pixel_values holds {pixels.shape[0]}: the processor writes another number of tokens per crop "
+                "than the vision config gives"
+            )
+        self._crops_checked = key
+
     def _row_plans(self, inputs: Mapping[str, Any], row: int) -> list[ImagePlan]:
+        self._check_crops(inputs)
         side = self._tile_side()
         plans = []
         for crops in self._crops_per_image(inputs, row):
