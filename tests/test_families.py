@@ -108,7 +108,9 @@ def test_explainers_run_or_refuse_with_a_reason(family):
         assert explanation is not None, outcome.label
         for name, array in explanation.maps.items():
             values = torch.as_tensor(array)
-            if values.is_floating_point():
-                assert bool(torch.isfinite(values).all()), (family, outcome.label, name)
+            if values.is_floating_point() and values.numel():
+                # NaN marks "not measured" where an explainer documents it (text ablation's unablated tokens)
+                assert not bool(torch.isinf(values).any()), (family, outcome.label, name)
+                assert not bool(torch.isnan(values).all()), (family, outcome.label, name)
         ran += 1
     assert ran >= 1
