@@ -7,17 +7,21 @@ patches_per_side // tokens_per_side`` patches a side into one token with a strid
 and so writes ``(patches_per_side // kernel) ** 2`` tokens whatever ``mm_tokens_per_image`` says
 (2 gives 1 x 1; 9 on an 8 x 8 patch grid gives 4 x 4). Patches past ``side * kernel`` (when the
 kernel does not divide the patch grid) feed no token and map to no cell.
+
+ShieldGemma 2 runs on Gemma 3's model class under a config of its own; its processor ignores any
+text and writes one prompt per safety policy ("does the image violate ...?"). Its adapter asks the
+question as the one policy to classify the image against, through the processor's own template.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from ..errors import AdapterError
 from . import pixels as px
-from .base import GridPlan, ImagePlan, ModelAdapter, _tensor, register_adapter
+from .base import IMAGE_SIZES_ATTR, GridPlan, ImagePlan, ModelAdapter, _tensor, register_adapter
 
 
 @register_adapter
@@ -74,3 +78,38 @@ class Gemma3Adapter(ModelAdapter):
     def pixel_cell_map(self, inputs: Mapping[str, Any]) -> torch.Tensor:
         """Each pooled token covers a ``kernel x kernel`` block of patches of its vision input."""
         return px.single_view_map(self, inputs, self.model_type, self.patch_size * self.pooling_kernel())
+
+
+QUESTION_POLICY = "xmllm_question"
+"""The name under which ShieldGemma 2's processor is given the question as its one custom policy."""
+
+
+@register_adapter
+class ShieldGemma2Adapter(Gemma3Adapter):
+    """ShieldGemma 2: Gemma 3's layout; the question becomes the one policy its processor classifies."""
+
+    model_types = ("shieldgemma2",)
+    family = "ShieldGemma 2"
+
+    def build_inputs(
+        self, images: Sequence[Any], question: str, answer: str | None = None
+    ) -> tuple[Any, torch.Tensor]:
+        """One row: the image and the question as a custom policy, in the processor's own prompt."""
+        images = [images] if not isinstance(images, (list, tuple)) else list(images)
+        if len(images) != 1:
+            raise AdapterError(f"{self.model_type}: its processor classifies one image per prompt, got {len(images)}")
+        kwargs: dict[str, Any] = {}
+        bos = getattr(self.tokenizer, "bos_token", None)
+        if bos and self._has_chat_template() and self.prompt(1, question).startswith(bos):
+            kwargs["add_special_tokens"] = False  # the template writes BOS already
+        inputs = self.processor(images=images, custom_policies={QUESTION_POLICY: question},
+                                policies=[QUESTION_POLICY], return_tensors="pt", **kwargs)  # fmt: skip
+        for key in self.dropped_input_keys:
+            inputs.pop(key, None)
+        positions = torch.empty(0, dtype=torch.long)
+        if answer is not None:
+            inputs, positions = self.append_tokens(inputs, self.tokenize_answer(answer))
+        inputs = inputs.to(device=self.device, dtype=self.dtype)
+        if hasattr(images[0], "height"):
+            object.__setattr__(inputs, IMAGE_SIZES_ATTR, [(int(images[0].height), int(images[0].width))])
+        return inputs, positions
