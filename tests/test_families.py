@@ -16,7 +16,7 @@ from loaded_models import TINY_QUESTION, tiny_loaded, tiny_prepared
 from tiny_models import ALL_FAMILIES, NEW_FAMILIES, TEST_IMAGE_SIZES, build_tiny, tiny_image
 
 from xmllm.explainers.models import AdapterError, adapter_for
-from xmllm.explainers.models.adapters.generic import GenericAdapter, _feature_count
+from xmllm.explainers.models.adapters.generic import GenericAdapter, _feature_count, image_feature_getter
 from xmllm.explainers.models.adapters.llava import LlavaAdapter
 from xmllm.explainers.models.cell_check import check_cell_positions
 from xmllm.explainers.registry import sample_level_ids
@@ -49,7 +49,7 @@ def test_positions_are_the_image_tokens_and_count_the_models_features(family):
     assert torch.equal(layout.all_positions, tokens)
     keys = {k: v for k, v in inputs.items() if k in GenericAdapter._feature_kwargs(adapter, inputs)}
     with torch.no_grad():
-        features = loaded.model.get_image_features(pixel_values=inputs["pixel_values"], **keys)
+        features = image_feature_getter(loaded.model)(pixel_values=inputs["pixel_values"], **keys)
     assert _feature_count(features) == tokens.numel() == layout.num_tokens
 
 

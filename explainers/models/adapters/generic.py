@@ -188,8 +188,17 @@ class GenericAdapter(ModelAdapter):
     # --- the check against the model's own features ------------------------------------------------
 
     def _feature_kwargs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
-        method = self.model.get_image_features
-        names = set(inspect.signature(method).parameters)
+        """The inputs ``get_image_features`` takes besides the pixels, by name: the top-level model's,
+        else its base model's (see :func:`image_feature_getter`); through a wrapper taking
+        ``**kwargs`` (VideoLLaMA 3's top-level model) to the base model's own signature."""
+        names: set[str] = set()
+        owner = self.model if getattr(self.model, "get_image_features", None) is not None else self.model.model
+        while owner is not None and getattr(owner, "get_image_features", None) is not None:
+            params = inspect.signature(owner.get_image_features).parameters
+            names |= set(params)
+            if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+                break
+            owner = getattr(owner, "model", None)
         return {k: inputs[k] for k in inputs if k in names and k != "pixel_values"}
 
     def _check_features(self, inputs: Mapping[str, Any], plans: list[ImagePlan]) -> None:
@@ -199,7 +208,7 @@ class GenericAdapter(ModelAdapter):
                                           if torch.is_tensor(v)))
         planned = sum(plan.num_tokens for plan in plans)
         if key not in self._checked:
-            getter = getattr(self.model, "get_image_features", None)
+            getter = image_feature_getter(self.model)
             if getter is None:
                 raise AdapterError(f"{self.model_type}: the model has no get_image_features to check the grid against")
             with torch.no_grad():
@@ -225,6 +234,15 @@ class GenericAdapter(ModelAdapter):
             values = _tensor(inputs, "pixel_values")
             return thw_patch_positions(self, inputs, self._merge() or 1).to(values.device)
         return super().vision_token_map(inputs)
+
+
+def image_feature_getter(model: nn.Module) -> Any:
+    """The model's ``get_image_features``, or its base model's where the top-level model has none
+    (Janus, DeepSeek-VL, dots3-note); None when neither has one."""
+    getter = getattr(model, "get_image_features", None)
+    if getter is None:
+        getter = getattr(getattr(model, "model", None), "get_image_features", None)
+    return getter
 
 
 def _feature_count(output: Any) -> int:
