@@ -309,6 +309,7 @@ class AttentionKnockout(Explainer):
     """
 
     id = "intervention.attention_knockout"
+    model_needs = frozenset({"decoder_attention"})  # it edits every block's attention mask
     title = "Attention knockout between image, question and answer over windows of layers"
     group = GROUP
     citations = (GEVA, ZHANG_FLOW)

@@ -69,8 +69,11 @@ CAPABILITIES: dict[str, str] = {
     "decoder_attention": "every decoder block attends over the sequence (image tokens included) with an attention matrix",
     "vision_attention": "the vision tower is a stack of attention blocks",
     "pixel_cells": "each cell of an image grid maps back to the pixels that feed it",
+    "mlp_neurons": "every decoder block has one dense MLP whose hidden units every token passes through",
 }
 """What an explainer may need from a model family, with what it means; adapters say which they lack."""
+MOE_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+"""Text-config fields that give a mixture-of-experts decoder's expert count."""
 
 
 # --- registry ------------------------------------------------------------------------------------
@@ -515,6 +518,12 @@ class ModelAdapter:
         if capability == "vision_attention":
             return cls.lacks_vision_attention
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        if capability == "mlp_neurons":
+            experts = [getattr(text, name, None) for name in MOE_FIELDS]
+            if any(isinstance(n, int) and n > 1 for n in experts):
+                return ("its decoder MLPs are mixtures of experts: a token passes through a few experts, so a "
+                        "neuron is not a unit of every token's MLP")
+            return None
         kinds = list(getattr(text, "layer_types", None) or [])
         mixing = [k for k in kinds if "attention" not in str(k)] + [k for k in kinds if "linear" in str(k)]
         if mixing:
@@ -538,6 +547,13 @@ class ModelAdapter:
             if without:
                 return (f"{len(without)} of its {len(blocks)} decoder blocks mix tokens without an attention "
                         "matrix, so attention paths through the decoder are incomplete")
+        if capability == "mlp_neurons":
+            points = self.hook_points()
+            blocks = len(self.decoder_layers())
+            missing = [i for i in range(blocks) if f"decoder.blocks.{i}.mlp.down" not in points]
+            if missing:
+                return (f"{len(missing)} of its {blocks} decoder blocks have no dense MLP output projection "
+                        "to read neurons from")
         if capability == "vision_attention":
             try:
                 for block in self.vision_layers():

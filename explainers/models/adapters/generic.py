@@ -232,7 +232,16 @@ class GenericAdapter(ModelAdapter):
     def vision_token_map(self, inputs: Mapping[str, Any]) -> torch.Tensor:
         if _tensor(inputs, "image_grid_thw") is not None:
             values = _tensor(inputs, "pixel_values")
-            return thw_patch_positions(self, inputs, self._merge() or 1).to(values.device)
+            rows = thw_patch_positions(self, inputs, self._merge() or 1)
+            visual = self.vision_tower
+            if hasattr(visual, "permute_input_for_window_attn"):  # Qwen2.5-VL-style window order
+                from transformers.vision_utils import get_vision_window_index
+
+                window_index, _ = get_vision_window_index(
+                    _tensor(inputs, "image_grid_thw").cpu(), spatial_merge_size=visual.spatial_merge_size,
+                    window_size=visual.window_size, patch_size=visual.patch_size)
+                rows = visual.permute_input_for_window_attn(rows[:, None], window_index, seq_len=rows.numel())[:, 0]
+            return rows.to(values.device)
         return super().vision_token_map(inputs)
 
 
