@@ -16,38 +16,28 @@ from typing import Any
 
 import torch
 
-from .base import ImagePlan, ModelAdapter, register_adapter
-from .thw import thw_patch_positions, thw_pixel_cell_map, thw_plans
+from .base import ModelAdapter, register_adapter
+from .qwen2_vl import Qwen2VLAdapter
+from .thw import thw_patch_positions
 
 VISION_CONV = "conv"
 """A vision block's convolution mixer: the attribute LFM3-VL's convolution blocks have instead of ``self_attn``."""
 
 
 @register_adapter
-class Lfm3VlAdapter(ModelAdapter):
+class Lfm3VlAdapter(Qwen2VLAdapter):
     """LFM3-VL: one merged grid per image; convolution and attention mixers in tower and decoder."""
 
     model_types = ("lfm3_vl",)
     family = "LFM3-VL"
 
+    vision_tower_path = ModelAdapter.vision_tower_path
+    projector_path = ModelAdapter.projector_path
     vision_layers_candidates = ("layers",)
     vision_attn_candidates = ("self_attn", VISION_CONV)
     decoder_mlp_attr = "feed_forward"
     decoder_mlp_down_attr = "w2"
     final_norm_attr = "embedding_norm"
-
-    def _merge(self) -> int:
-        return int(self.config.vision_config.spatial_merge_size)
-
-    def _batch_plans(self, inputs: Mapping[str, Any]) -> list[ImagePlan]:
-        return thw_plans(self, inputs, self._merge())
-
-    def _marker_ids(self, inputs: Mapping[str, Any], row: int) -> set[int]:
-        ids = (getattr(self.config, "vision_start_token_id", None), getattr(self.config, "vision_end_token_id", None))
-        return {int(i) for i in ids if i is not None}
-
-    def pixel_cell_map(self, inputs: Mapping[str, Any]) -> torch.Tensor:
-        return thw_pixel_cell_map(self, inputs, self._merge())
 
     def vision_token_map(self, inputs: Mapping[str, Any]) -> torch.Tensor:
         """``(patches,)`` in merge-window order: the convolutions raster each frame and go back."""

@@ -11,12 +11,12 @@ import torch
 
 from ..errors import AdapterError
 from . import pixels as px
-from .base import ImagePlan, ModelAdapter, _tensor, register_adapter
-from .thw import thw_plans
+from .base import _tensor, register_adapter
+from .qwen2_vl import Qwen2VLAdapter
 
 
 @register_adapter
-class PaddleOCRVLAdapter(ModelAdapter):
+class PaddleOCRVLAdapter(Qwen2VLAdapter):
     """PaddleOCR-VL: one merged grid per image; patch rows in raster order, not merge-window order."""
 
     model_types = ("paddleocr_vl",)
@@ -24,16 +24,6 @@ class PaddleOCRVLAdapter(ModelAdapter):
 
     vision_tower_path = "model.visual"
     projector_path = "model.projector"
-
-    def _merge(self) -> int:
-        return int(self.config.vision_config.spatial_merge_size)
-
-    def _batch_plans(self, inputs: Mapping[str, Any]) -> list[ImagePlan]:
-        return thw_plans(self, inputs, self._merge())
-
-    def _marker_ids(self, inputs: Mapping[str, Any], row: int) -> set[int]:
-        ids = (getattr(self.config, "vision_start_token_id", None), getattr(self.config, "vision_end_token_id", None))
-        return {int(i) for i in ids if i is not None}
 
     def _patch_positions(self, inputs: Mapping[str, Any]) -> torch.Tensor:
         """``(patches,)``: the decoder position of the merged token each raster-order patch feeds."""
