@@ -13,7 +13,8 @@ from .explain import add_model_options
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ask", help="answer a question about an image (or every sample of a set)")
     p.add_argument("--model", default="demo", help="'demo', a local folder or a hub id (default demo)")
-    p.add_argument("--image", type=Path, help="image file")
+    p.add_argument("--image", type=Path, action="append",
+                   help="image file; repeat it for several images, in the order the question refers to them")
     p.add_argument("--question", help="the question")
     p.add_argument("--samples", type=Path, help="a samples.jsonl sample set instead of --image/--question")
     p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
@@ -38,14 +39,14 @@ def run(args: argparse.Namespace) -> int:
     check_max_new_tokens(args.max_new_tokens, "--max-new-tokens")
 
     if single:
-        items = [(None, load_image(args.image), args.question, None)]
+        items = [(None, [load_image(path) for path in args.image], args.question, None)]
     else:
         items = [(r.id, r, r.question, r.answer) for r in read_sample_set(args.samples)]
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     rows = []
     for sid, image, question, expected in items:
-        img = image.load_image() if hasattr(image, "load_image") else image
-        ans = generate_answer(loaded, [img], question, args.max_new_tokens)
+        images = [image.load_image()] if hasattr(image, "load_image") else list(image)
+        ans = generate_answer(loaded, images, question, args.max_new_tokens)
         row = {"id": sid, "question": question, "answer": ans.text, "tokens": list(ans.tokens),
                "probs": [round(p, 4) for p in ans.probs], "stopped": ans.stopped}
         unknown = unknown_words(loaded, question)

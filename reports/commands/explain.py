@@ -13,7 +13,8 @@ from xmllm.errors import XmllmError
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("explain", help="explain the model's answer to a question about an image")
     p.add_argument("--model", default="demo", help="'demo', a local folder or a hub id (default demo)")
-    p.add_argument("--image", type=Path, required=True, help="image file")
+    p.add_argument("--image", type=Path, required=True, action="append",
+                   help="image file; repeat it for several images, in the order the question refers to them")
     p.add_argument("--question", required=True, help="the question")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--explainers", default="", help="comma-separated explainer ids (default: all sample-level ones)")
@@ -97,8 +98,13 @@ def run(args: argparse.Namespace) -> int:
     ids = resolve_explainers([e.strip() for e in args.explainers.split(",") if e.strip()] or None, args.leaf)
     plan = make_plan(ids, parse_params(args.param), answer=args.answer, contrast=args.contrast,
                      max_new_tokens=args.max_new_tokens, seed=args.seed, flags=True)
+    from ..images import load_image
+
+    for path in args.image:  # every picture readable before any output (a bad one is one line)
+        load_image(path)
+    images = args.image[0] if len(args.image) == 1 else list(args.image)
     with tqdm(total=len(ids), desc="explaining", unit="explainer", file=sys.stderr) as bar:
-        run = explain(args.model, args.image, args.question, plan, expected=args.expected, device=args.device,
+        run = explain(args.model, images, args.question, plan, expected=args.expected, device=args.device,
                       dtype=args.dtype, max_memory=budget,
                       progress=lambda eid: (bar.set_postfix_str(eid), bar.update(1)))
     try:
