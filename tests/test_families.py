@@ -114,3 +114,20 @@ def test_explainers_run_or_refuse_with_a_reason(family):
                 assert not bool(torch.isnan(values).all()), (family, outcome.label, name)
         ran += 1
     assert ran >= 1
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "paligemma", "gemma3"])
+def test_the_generic_adapter_derives_what_the_own_adapter_knows(family):
+    """Where one vision input per image or image_grid_thw suffices, the generic adapter's grids and
+    pixel map equal the family adapter's (derived, not told)."""
+    model, processor = build_tiny(family)
+    own, generic = adapter_for(model, processor), GenericAdapter(model, processor)
+    assert own.kind == "own" and generic.kind == "generic"
+    inputs, _ = own.build_inputs([tiny_image(*TEST_IMAGE_SIZES[family])], TINY_QUESTION)
+
+    def grids(adapter):
+        return [(g.rows, g.cols, g.positions.tolist()) for layout in adapter.image_layouts(inputs) for g in layout.grids]
+
+    assert grids(generic) == grids(own)
+    assert torch.equal(generic.pixel_cell_map(inputs), own.pixel_cell_map(inputs))
+    assert check_cell_positions(generic, inputs) == []
