@@ -112,7 +112,9 @@ def check_cell_positions(
                     changed_inputs["pixel_values"] = bumped
                     new = decoder_inputs(adapter, changed_inputs)[row]
                     scale = base.abs().amax().clamp_min(1e-6)
-                    moved = ((new - base).abs().amax(dim=-1) > 1e-5 * scale).nonzero().flatten().tolist()
+                    # one row per position, whatever else a decoder's inputs carry (hyper-connection streams)
+                    change = (new - base).abs().reshape(new.shape[0], -1).amax(dim=-1)
+                    moved = (change > 1e-5 * scale).nonzero().flatten().tolist()
                     if moved != [position]:
                         mismatches.append(CellMismatch(grid.name, cell, position, tuple(moved)))
     return mismatches

@@ -6,7 +6,7 @@ over the image token, between the tokenizer's image start and end tokens (the ma
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -46,16 +46,17 @@ class HunYuanVLAdapter(ModelAdapter):
             grids.append((int(height), int(width)))
         return grids
 
+    # Learned features the merger puts before and after each image's grid.
+    begin_end_features: ClassVar[bool] = True
+
     def _batch_plans(self, inputs: Mapping[str, Any]) -> list[ImagePlan]:
         merge = self._merge()
-        return [
-            ImagePlan((
-                ExtraPlan(BEGIN, 1),
-                GridPlan("image", height // merge, width // merge, row_suffix=NEWLINE),
-                ExtraPlan(END, 1),
-            ))
-            for height, width in self._grids(inputs)
-        ]  # fmt: skip
+        plans = []
+        for height, width in self._grids(inputs):
+            grid = GridPlan("image", height // merge, width // merge, row_suffix=NEWLINE)
+            parts = (ExtraPlan(BEGIN, 1), grid, ExtraPlan(END, 1)) if self.begin_end_features else (grid,)
+            plans.append(ImagePlan(parts))
+        return plans
 
     def _marker_ids(self, inputs: Mapping[str, Any], row: int) -> set[int]:
         ids = (getattr(self.processor, "image_start_token_id", None), getattr(self.processor, "image_end_token_id", None))
