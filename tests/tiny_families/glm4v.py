@@ -38,30 +38,30 @@ def thw_image_processor(image_processor_cls, **kwargs):
     )
 
 
-@tiny_family(*_CLASSES, image_size=(64, 40))
-def build(model_type: str):
+def glm_processor(processor_cls, image_processor_cls):
+    """The GLM-V processor at the tiny sizes, with its special tokens and chat template (its video
+    part a bare one: the family's own needs torchvision, images never touch it)."""
     from transformers.video_processing_utils import BaseVideoProcessor
 
-    config_name, model_name, processor_name, image_processor_name = _CLASSES[model_type]
     tokenizer = bpe_tokenizer(bos=None, eos="<|endoftext|>", pad="<|endoftext|>", extra=SPECIALS)
-    processor = image_only(getattr(transformers, processor_name))(
-        image_processor=thw_image_processor(getattr(transformers, image_processor_name)),
+    return image_only(processor_cls)(
+        image_processor=thw_image_processor(image_processor_cls),
         tokenizer=tokenizer,
         video_processor=BaseVideoProcessor(),
         chat_template=TEMPLATE,
     )
-    vision = transformers.Glm4vVisionConfig(
-        depth=LAYERS,
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
-        out_hidden_size=HIDDEN,
-        num_heads=HEADS,
-        image_size=VISION_IMAGE_SIZE,
-        patch_size=PATCH,
-        spatial_merge_size=MERGE,
-        temporal_patch_size=TEMPORAL,
-    )
-    text = transformers.Glm4vTextConfig(
+
+
+def glm_vision(vision_cls, **extra):
+    """A GLM-V vision tower config at the tiny sizes."""
+    return vision_cls(depth=LAYERS, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, out_hidden_size=HIDDEN,
+                      num_heads=HEADS, image_size=VISION_IMAGE_SIZE, patch_size=PATCH, spatial_merge_size=MERGE,
+                      temporal_patch_size=TEMPORAL, **extra)  # fmt: skip
+
+
+def glm_text(text_cls, tokenizer, **extra):
+    """A GLM decoder config at the tiny sizes (3-axis MRoPE over the head)."""
+    return text_cls(
         vocab_size=len(tokenizer),
         hidden_size=HIDDEN,
         intermediate_size=INTERMEDIATE,
@@ -72,10 +72,25 @@ def build(model_type: str):
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
                          "partial_rotary_factor": 1.0},  # fmt: skip
         pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **extra,
     )
-    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+
+
+def glm_ids(tokenizer) -> dict[str, int]:
+    """The image and video token ids a GLM-V config names, from the tokenizer."""
+    return {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
         ("image_token_id", "<|image|>"), ("video_token_id", "<|video|>"),
         ("image_start_token_id", "<|begin_of_image|>"), ("image_end_token_id", "<|end_of_image|>"),
         ("video_start_token_id", "<|begin_of_video|>"), ("video_end_token_id", "<|end_of_video|>"))}  # fmt: skip
-    config = getattr(transformers, config_name)(vision_config=vision, text_config=text, **ids)
+
+
+@tiny_family(*_CLASSES, image_size=(64, 40))
+def build(model_type: str):
+    config_name, model_name, processor_name, image_processor_name = _CLASSES[model_type]
+    processor = glm_processor(getattr(transformers, processor_name), getattr(transformers, image_processor_name))
+    tokenizer = processor.tokenizer
+    vision = glm_vision(transformers.Glm4vVisionConfig)
+    text = glm_text(transformers.Glm4vTextConfig, tokenizer)
+    config = getattr(transformers, config_name)(vision_config=vision, text_config=text, **glm_ids(tokenizer))
     return seeded(lambda: getattr(transformers, model_name)(config)), processor

@@ -4,22 +4,15 @@ of a decoder of linear-attention (KDA) and DSA-indexed MLA blocks with hyper-con
 from __future__ import annotations
 
 import transformers
-from tiny_families.glm4v import MERGE, PATCH, SPECIALS, TEMPLATE, TEMPORAL, thw_image_processor
-from tiny_parts import HEADS, HIDDEN, INTERMEDIATE, LAYERS, MAX_POSITIONS, VISION_IMAGE_SIZE, bpe_tokenizer, image_only
+from tiny_families.glm4v import MERGE, PATCH, TEMPORAL, glm_ids, glm_processor
+from tiny_parts import HEADS, HIDDEN, INTERMEDIATE, LAYERS, MAX_POSITIONS, VISION_IMAGE_SIZE
 from tiny_parts import seeded, tiny_family
 
 
 @tiny_family("glm5_next", image_size=(64, 40))
 def build(model_type: str):
-    from transformers.video_processing_utils import BaseVideoProcessor
-
-    tokenizer = bpe_tokenizer(bos=None, eos="<|endoftext|>", pad="<|endoftext|>", extra=SPECIALS)
-    processor = image_only(transformers.Glm5NextProcessor)(
-        image_processor=thw_image_processor(transformers.Glm5NextImageProcessorPil),
-        tokenizer=tokenizer,
-        video_processor=BaseVideoProcessor(),
-        chat_template=TEMPLATE,
-    )
+    processor = glm_processor(transformers.Glm5NextProcessor, transformers.Glm5NextImageProcessorPil)
+    tokenizer = processor.tokenizer
     vision = transformers.Glm5NextVisionConfig(
         depth=LAYERS,
         hidden_size=HIDDEN,
@@ -60,9 +53,6 @@ def build(model_type: str):
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
-        ("image_token_id", "<|image|>"), ("video_token_id", "<|video|>"),
-        ("image_start_token_id", "<|begin_of_image|>"), ("image_end_token_id", "<|end_of_image|>"),
-        ("video_start_token_id", "<|begin_of_video|>"), ("video_end_token_id", "<|end_of_video|>"))}  # fmt: skip
+    ids = glm_ids(tokenizer)
     config = transformers.Glm5NextConfig(vision_config=vision, text_config=text, **ids)
     return seeded(lambda: transformers.Glm5NextForConditionalGeneration(config)), processor
