@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import warnings
 
 import pytest
@@ -173,7 +174,13 @@ def test_budgets_follow_the_gpu_rule():
     assert 0 < budget < 24 * scale.GIB - weights
 
 
+LONG_CHECKS = os.environ.get("XMLLM_LONG_CHECKS") == "1"
+"""The projection check (every explainer measured at 1, 2, 4 and 8 blocks of the 576-token bench
+model, about 150 s) runs as its own step of .ci/run, which sets this, not in the default suite."""
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(not LONG_CHECKS, reason="a long check: .ci/run runs it as its own step (XMLLM_LONG_CHECKS=1)")
 def test_projection_from_one_two_four_blocks_is_within_ten_percent_at_eight(tmp_path):
     """On the narrow 576-image-token bench model, every sample-level explainer's 8-block peak,
     projected from 1, 2 and 4 blocks as ``--scale`` projects, is within 10% of the measured one."""
