@@ -602,6 +602,17 @@ class ModelAdapter:
                 inputs[key] = torch.cat([value, fill], dim=-1)
         return inputs, torch.arange(start, start + count, dtype=torch.long)
 
+    def _process(self, images: list[Any], question: str) -> Any:
+        """The processor's outputs for one user turn: the prompt through the chat template, then the
+        text and images through the processor (a family whose processor takes its turn otherwise
+        overrides this, and :meth:`build_inputs` does the rest)."""
+        prompt = self.prompt(len(images), question)
+        kwargs: dict[str, Any] = {}
+        bos = getattr(self.tokenizer, "bos_token", None)
+        if bos and prompt.startswith(bos):
+            kwargs["add_special_tokens"] = False  # the template wrote BOS already
+        return self.processor(text=prompt, images=images or None, return_tensors="pt", **kwargs)
+
     def build_inputs(
         self, images: Sequence[Any], question: str, answer: str | None = None
     ) -> tuple[Any, torch.Tensor]:
@@ -612,12 +623,7 @@ class ModelAdapter:
         The images' original sizes ride along as an attribute (``IMAGE_SIZES_ATTR``), not a key.
         """
         images = [images] if not isinstance(images, (list, tuple)) else list(images)
-        prompt = self.prompt(len(images), question)
-        kwargs: dict[str, Any] = {}
-        bos = getattr(self.tokenizer, "bos_token", None)
-        if bos and prompt.startswith(bos):
-            kwargs["add_special_tokens"] = False  # the template wrote BOS already
-        inputs = self.processor(text=prompt, images=images or None, return_tensors="pt", **kwargs)
+        inputs = self._process(images, question)
         for key in self.dropped_input_keys:
             inputs.pop(key, None)
         positions = torch.empty(0, dtype=torch.long)

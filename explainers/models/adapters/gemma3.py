@@ -14,14 +14,14 @@ question as the one policy to classify the image against, through the processor'
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from ..errors import AdapterError
 from . import pixels as px
-from .base import IMAGE_SIZES_ATTR, GridPlan, ImagePlan, ModelAdapter, _tensor, register_adapter
+from .base import GridPlan, ImagePlan, ModelAdapter, _tensor, register_adapter
 
 
 @register_adapter
@@ -91,25 +91,13 @@ class ShieldGemma2Adapter(Gemma3Adapter):
     model_types = ("shieldgemma2",)
     family = "ShieldGemma 2"
 
-    def build_inputs(
-        self, images: Sequence[Any], question: str, answer: str | None = None
-    ) -> tuple[Any, torch.Tensor]:
+    def _process(self, images: list[Any], question: str) -> Any:
         """One row: the image and the question as a custom policy, in the processor's own prompt."""
-        images = [images] if not isinstance(images, (list, tuple)) else list(images)
         if len(images) != 1:
             raise AdapterError(f"{self.model_type}: its processor classifies one image per prompt, got {len(images)}")
         kwargs: dict[str, Any] = {}
         bos = getattr(self.tokenizer, "bos_token", None)
         if bos and self._has_chat_template() and self.prompt(1, question).startswith(bos):
             kwargs["add_special_tokens"] = False  # the template writes BOS already
-        inputs = self.processor(images=images, custom_policies={QUESTION_POLICY: question},
-                                policies=[QUESTION_POLICY], return_tensors="pt", **kwargs)  # fmt: skip
-        for key in self.dropped_input_keys:
-            inputs.pop(key, None)
-        positions = torch.empty(0, dtype=torch.long)
-        if answer is not None:
-            inputs, positions = self.append_tokens(inputs, self.tokenize_answer(answer))
-        inputs = inputs.to(device=self.device, dtype=self.dtype)
-        if hasattr(images[0], "height"):
-            object.__setattr__(inputs, IMAGE_SIZES_ATTR, [(int(images[0].height), int(images[0].width))])
-        return inputs, positions
+        return self.processor(images=images, custom_policies={QUESTION_POLICY: question},
+                              policies=[QUESTION_POLICY], return_tensors="pt", **kwargs)  # fmt: skip

@@ -100,21 +100,8 @@ class TiledAdapter(ModelAdapter):
 
     def _check_crops(self, inputs: Mapping[str, Any]) -> None:
         """The crops the sequence's image tokens account for must be the crops in pixel_values."""
-        pixels = _tensor(inputs, "pixel_values")
-        if pixels is None:
-            return
-        ids = self._input_ids(inputs)
-        key = (ids.data_ptr(), tuple(ids.shape), tuple(pixels.shape))
-        if getattr(self, "_crops_checked", None) == key:  # once per batch, not once per row
-            return
-        counted = sum(sum(self._crops_per_image(inputs, row)) for row in range(ids.shape[0]))
-        if counted != pixels.shape[0]:
-            raise AdapterError(
-                f"{self.model_type}: the image tokens make {counted} crops of {self._tile_side() ** 2} tokens but "
-                f"pixel_values holds {pixels.shape[0]}: the processor writes another number of tokens per crop "
-                "than the vision config gives"
-            )
-        self._crops_checked = key
+        px.check_crop_count(self, inputs, lambda row: sum(self._crops_per_image(inputs, row)), self._tile_side() ** 2,
+                            "the processor writes another number of tokens per crop than the vision config gives")
 
     def _row_plans(self, inputs: Mapping[str, Any], row: int) -> list[ImagePlan]:
         self._check_crops(inputs)
@@ -242,6 +229,15 @@ class AyaVisionAdapter(TiledAdapter):
         return logits * float(scale) if scale is not None else logits
 
 
+def crop_patch_map(adapter: ModelAdapter, inputs: Mapping[str, Any]) -> torch.Tensor:
+    """``(crops, rows, cols)``: each crop's patch grid, for encoders whose blocks keep it (SAM-style
+    necks): the position each patch's pixels feed, from the adapter's pixel map."""
+    cells = adapter.pixel_cell_map(inputs)[:, 0]
+    patch = adapter.patch_size
+    rows, cols = cells.shape[-2] // patch, cells.shape[-1] // patch
+    return px.patch_map(cells, patch).view(cells.shape[0], rows, cols)
+
+
 def _conv_chain(modules: Sequence[torch.nn.Module]) -> list[torch.nn.Conv2d]:
     return [m for module in modules for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
 
@@ -299,7 +295,4 @@ class GotOcr2Adapter(TiledAdapter):
 
     def vision_token_map(self, inputs: Mapping[str, Any]) -> torch.Tensor:
         """``(crops, rows, cols)``: the encoder's blocks keep each crop's patch grid."""
-        cells = self.pixel_cell_map(inputs)[:, 0]
-        patch = self.patch_size
-        rows, cols = cells.shape[-2] // patch, cells.shape[-1] // patch
-        return px.patch_map(cells, patch).view(cells.shape[0], rows, cols)
+        return crop_patch_map(self, inputs)

@@ -80,20 +80,8 @@ class Ovis2Adapter(ModelAdapter):
 
     def _check_crops(self, inputs: Mapping[str, Any]) -> None:
         """The crops the sequence's image tokens account for must be the crops in pixel_values."""
-        pixels = _tensor(inputs, "pixel_values")
-        if pixels is None:
-            return
-        ids = self._input_ids(inputs)
-        key = (ids.data_ptr(), tuple(ids.shape), tuple(pixels.shape))
-        if getattr(self, "_crops_checked", None) == key:  # once per batch, not once per row
-            return
-        counted = sum(1 + r * c for row in range(ids.shape[0]) for r, c in self._canvases(inputs, row))
-        if counted != pixels.shape[0]:
-            raise AdapterError(
-                f"{self.model_type}: the image tokens make {counted} crops of {self._crop_side() ** 2} tokens but "
-                f"pixel_values holds {pixels.shape[0]}: the processor's image_seq_length is not the vision config's"
-            )
-        self._crops_checked = key
+        px.check_crop_count(self, inputs, lambda row: sum(1 + r * c for r, c in self._canvases(inputs, row)),
+                            self._crop_side() ** 2, "the processor's image_seq_length is not the vision config's")
 
     def _row_plans(self, inputs: Mapping[str, Any], row: int) -> list[ImagePlan]:
         self._check_crops(inputs)

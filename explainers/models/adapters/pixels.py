@@ -105,3 +105,23 @@ def single_view_map(adapter: Any, inputs: Mapping[str, Any], family: str, cell_p
             )
         maps.append(block_map(height, width, grid_cells(grid), cell_pixels, cell_pixels))
     return expand_channels(torch.stack(maps).to(values.device), values.shape, (1,))
+
+
+def check_crop_count(adapter: Any, inputs: Mapping[str, Any], crops_in_row: Any, per_crop: int, cause: str) -> None:
+    """Tiled families: the crops the sequence's image tokens account for (``crops_in_row(row)``, each
+    of ``per_crop`` tokens) must be the crops in ``pixel_values``, else a one-line error ending in
+    ``cause``. Checked once per batch (the adapter remembers the batch), not once per row."""
+    pixels = inputs.get("pixel_values")
+    if pixels is None:
+        return
+    ids = adapter._input_ids(inputs)
+    key = (ids.data_ptr(), tuple(ids.shape), tuple(pixels.shape))
+    if getattr(adapter, "_crops_checked", None) == key:
+        return
+    counted = sum(crops_in_row(row) for row in range(ids.shape[0]))
+    if counted != pixels.shape[0]:
+        raise AdapterError(
+            f"{adapter.model_type}: the image tokens make {counted} crops of {per_crop} tokens but "
+            f"pixel_values holds {pixels.shape[0]}: {cause}"
+        )
+    adapter._crops_checked = key

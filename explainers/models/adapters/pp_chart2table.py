@@ -11,10 +11,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from . import pixels as px
 from .base import register_adapter
 from .generic import GenericAdapter
-from .internvl import GotOcr2Adapter
+from .internvl import GotOcr2Adapter, crop_patch_map
 
 
 @register_adapter
@@ -40,7 +39,4 @@ class PPChart2TableAdapter(GenericAdapter):
 
     def vision_token_map(self, inputs: Mapping[str, Any]) -> torch.Tensor:
         """``(views, rows, cols)``: the encoder's blocks keep each view's patch grid."""
-        cells = self.pixel_cell_map(inputs)[:, 0]
-        patch = self.patch_size
-        rows, cols = cells.shape[-2] // patch, cells.shape[-1] // patch
-        return px.patch_map(cells, patch).view(cells.shape[0], rows, cols)
+        return crop_patch_map(self, inputs)
