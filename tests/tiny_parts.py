@@ -160,3 +160,15 @@ def tiny_family(*model_types: str, image_size: tuple[int, int] = (64, 48), needs
         return build
 
     return register
+
+
+def thw_image_processor(image_processor_cls, patch: int, merge: int, **kwargs):
+    """An ``image_grid_thw`` image processor (Qwen2-VL's and its heirs') at the tiny sizes: at most a
+    32 x 32-pixel image's worth of patches, at least 2 x 2 merged tokens."""
+    factor = patch * merge
+    return image_processor_cls(
+        patch_size=patch,
+        merge_size=merge,
+        size={"shortest_edge": 4 * factor * factor, "longest_edge": VISION_IMAGE_SIZE * VISION_IMAGE_SIZE * 4},
+        **kwargs,
+    )

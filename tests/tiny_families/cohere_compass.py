@@ -4,8 +4,8 @@ the processor writes ``<|IMAGE_PAD|>`` between ``<|VISION_START|>`` and ``<|VISI
 from __future__ import annotations
 
 import transformers
-from tiny_parts import HEADS, HIDDEN, INTERMEDIATE, LAYERS, MAX_POSITIONS, VISION_IMAGE_SIZE, bpe_tokenizer, image_only
-from tiny_parts import seeded, tiny_family
+from tiny_parts import HEADS, HIDDEN, INTERMEDIATE, LAYERS, MAX_POSITIONS, bpe_tokenizer, image_only
+from tiny_parts import seeded, thw_image_processor, tiny_family
 
 PATCH = 4
 MERGE = 2
@@ -26,13 +26,8 @@ def build(model_type: str):
     from transformers.video_processing_utils import BaseVideoProcessor
 
     tokenizer = bpe_tokenizer(bos=None, eos="<|END_OF_TURN_TOKEN|>", pad="<PAD>", extra=SPECIALS)
-    factor = PATCH * MERGE
-    image_processor = transformers.CohereCompassImageProcessorPil(
-        patch_size=PATCH,
-        merge_size=MERGE,
-        temporal_patch_size=TEMPORAL,
-        size={"shortest_edge": 4 * factor * factor, "longest_edge": VISION_IMAGE_SIZE * VISION_IMAGE_SIZE * 4},
-    )
+    image_processor = thw_image_processor(transformers.CohereCompassImageProcessorPil, PATCH, MERGE,
+                                          temporal_patch_size=TEMPORAL)
     processor = image_only(transformers.CohereCompassProcessor)(
         image_processor=image_processor,
         tokenizer=tokenizer,

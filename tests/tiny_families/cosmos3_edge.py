@@ -4,8 +4,8 @@ decoder with interleaved-section MRoPE and a non-gated ``fc1``/``fc2`` MLP (squa
 from __future__ import annotations
 
 import transformers
-from tiny_parts import HEADS, HIDDEN, INTERMEDIATE, LAYERS, MAX_POSITIONS, VISION_IMAGE_SIZE, bpe_tokenizer, image_only
-from tiny_parts import seeded, tiny_family
+from tiny_parts import HEADS, HIDDEN, INTERMEDIATE, LAYERS, MAX_POSITIONS, bpe_tokenizer, image_only
+from tiny_parts import seeded, thw_image_processor, tiny_family
 
 PATCH = 4
 MERGE = 2
@@ -23,12 +23,7 @@ def build(model_type: str):
     from transformers.video_processing_utils import BaseVideoProcessor
 
     tokenizer = bpe_tokenizer(bos=None, eos="<|im_end|>", pad="<|endoftext|>", extra=SPECIALS)
-    factor = PATCH * MERGE
-    image_processor = transformers.Cosmos3EdgeImageProcessorPil(
-        patch_size=PATCH,
-        merge_size=MERGE,
-        size={"shortest_edge": 4 * factor * factor, "longest_edge": VISION_IMAGE_SIZE * VISION_IMAGE_SIZE * 4},
-    )
+    image_processor = thw_image_processor(transformers.Cosmos3EdgeImageProcessorPil, PATCH, MERGE)
     processor = image_only(transformers.Cosmos3EdgeProcessor)(
         image_processor=image_processor,
         tokenizer=tokenizer,

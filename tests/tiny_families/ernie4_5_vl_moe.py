@@ -5,7 +5,7 @@ text and vision experts chosen per token by ``moe_mm_token_type_ids``, and 3-D R
 from __future__ import annotations
 
 import transformers
-from tiny_families.glm4v import MERGE, PATCH, thw_image_processor
+from tiny_families.glm4v import MERGE, PATCH, glm_image_processor
 from tiny_parts import HEADS, HIDDEN, INTERMEDIATE, LAYERS, MAX_POSITIONS, bpe_tokenizer, image_only, seeded
 from tiny_parts import tiny_family
 
@@ -26,7 +26,7 @@ def build(model_type: str):
     from transformers.video_processing_utils import BaseVideoProcessor
 
     tokenizer = bpe_tokenizer(bos="<s>", eos="</s>", pad="<pad>", unk="<unk>", named=NAMED)
-    image_processor = thw_image_processor(transformers.Ernie4_5_VLMoeImageProcessorPil)
+    image_processor = glm_image_processor(transformers.Ernie4_5_VLMoeImageProcessorPil)
     image_processor.temporal_patch_size = 1
     processor = image_only(transformers.Ernie4_5_VLMoeProcessor)(
         image_processor=image_processor, tokenizer=tokenizer, video_processor=BaseVideoProcessor(),

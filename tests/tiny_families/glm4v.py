@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import transformers
 from tiny_parts import HEADS, HIDDEN, INTERMEDIATE, LAYERS, MAX_POSITIONS, VISION_IMAGE_SIZE, bpe_tokenizer, image_only
-from tiny_parts import seeded, tiny_family
+from tiny_parts import seeded, thw_image_processor, tiny_family
 
 PATCH = 4
 MERGE = 2
@@ -25,17 +25,9 @@ _CLASSES = {
 }
 
 
-def thw_image_processor(image_processor_cls, **kwargs):
-    """A ``image_grid_thw`` image processor at the tiny sizes: at most a 32 x 32-pixel image's worth
-    of patches, at least 2 x 2 merged tokens."""
-    factor = PATCH * MERGE
-    return image_processor_cls(
-        patch_size=PATCH,
-        merge_size=MERGE,
-        temporal_patch_size=TEMPORAL,
-        size={"shortest_edge": 4 * factor * factor, "longest_edge": VISION_IMAGE_SIZE * VISION_IMAGE_SIZE * 4},
-        **kwargs,
-    )
+def glm_image_processor(image_processor_cls):
+    """The GLM-V image processor at the tiny sizes."""
+    return thw_image_processor(image_processor_cls, PATCH, MERGE, temporal_patch_size=TEMPORAL)
 
 
 def glm_processor(processor_cls, image_processor_cls):
@@ -45,7 +37,7 @@ def glm_processor(processor_cls, image_processor_cls):
 
     tokenizer = bpe_tokenizer(bos=None, eos="<|endoftext|>", pad="<|endoftext|>", extra=SPECIALS)
     return image_only(processor_cls)(
-        image_processor=thw_image_processor(image_processor_cls),
+        image_processor=glm_image_processor(image_processor_cls),
         tokenizer=tokenizer,
         video_processor=BaseVideoProcessor(),
         chat_template=TEMPLATE,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import transformers
 from tiny_parts import HEADS, HIDDEN, INTERMEDIATE, LAYERS, MAX_POSITIONS, VISION_IMAGE_SIZE, bpe_tokenizer
-from tiny_parts import seeded, tiny_family
+from tiny_parts import seeded, thw_image_processor, tiny_family
 
 PATCH = 4
 MERGE = 2
@@ -29,12 +29,7 @@ def build(model_type: str):
                "image_end_token": "<hy_image_end>"},  # fmt: skip
         extra=("<|user|>", "<|assistant|>", "<hy_image_newline>"),
     )
-    factor = PATCH * MERGE
-    image_processor = transformers.HunYuanVLImageProcessorPil(
-        patch_size=PATCH,
-        merge_size=MERGE,
-        size={"shortest_edge": 4 * factor * factor, "longest_edge": VISION_IMAGE_SIZE * VISION_IMAGE_SIZE * 4},
-    )
+    image_processor = thw_image_processor(transformers.HunYuanVLImageProcessorPil, PATCH, MERGE)
     processor = transformers.HunYuanVLProcessor(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=TEMPLATE
     )

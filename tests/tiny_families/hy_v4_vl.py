@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import transformers
 from tiny_parts import HEADS, HIDDEN, INTERMEDIATE, LAYERS, MAX_POSITIONS, VISION_IMAGE_SIZE, bpe_tokenizer, image_only
-from tiny_parts import seeded, tiny_family
+from tiny_parts import seeded, thw_image_processor, tiny_family
 
 PATCH = 4
 MERGE = 2
@@ -24,12 +24,7 @@ def build(model_type: str):
     from transformers.video_processing_utils import BaseVideoProcessor
 
     tokenizer = bpe_tokenizer(bos=None, eos="<|im_end|>", pad="<|endoftext|>", extra=SPECIALS)
-    factor = PATCH * MERGE
-    image_processor = transformers.HYV4VLImageProcessorPil(
-        patch_size=PATCH,
-        merge_size=MERGE,
-        size={"shortest_edge": 4 * factor * factor, "longest_edge": VISION_IMAGE_SIZE * VISION_IMAGE_SIZE * 4},
-    )
+    image_processor = thw_image_processor(transformers.HYV4VLImageProcessorPil, PATCH, MERGE)
     processor = image_only(transformers.HYV4VLProcessor)(
         image_processor=image_processor,
         tokenizer=tokenizer,

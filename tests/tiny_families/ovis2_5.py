@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import transformers
 from tiny_parts import HEADS, HIDDEN, INTERMEDIATE, LAYERS, MAX_POSITIONS, VISION_IMAGE_SIZE, bpe_tokenizer, image_only
-from tiny_parts import seeded, tiny_family
+from tiny_parts import seeded, thw_image_processor, tiny_family
 
 PATCH = 4
 MERGE = 2
@@ -29,12 +29,7 @@ def build(model_type: str):
 
     tokenizer = bpe_tokenizer(bos=None, eos="<|im_end|>", pad="<|endoftext|>", named=NAMED,
                               extra=("<|im_start|>", "<|im_end|>", "<|endoftext|>"))  # fmt: skip
-    factor = PATCH * MERGE
-    image_processor = transformers.Ovis2_5ImageProcessorPil(
-        patch_size=PATCH,
-        merge_size=MERGE,
-        size={"shortest_edge": 4 * factor * factor, "longest_edge": VISION_IMAGE_SIZE * VISION_IMAGE_SIZE * 4},
-    )
+    image_processor = thw_image_processor(transformers.Ovis2_5ImageProcessorPil, PATCH, MERGE)
     processor = image_only(transformers.Ovis2_5Processor)(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -49,7 +44,7 @@ def build(model_type: str):
         image_size=VISION_IMAGE_SIZE,
         patch_size=PATCH,
         spatial_merge_size=MERGE,
-        window_size=2 * factor,  # windows of 2 x 2 merge units
+        window_size=2 * PATCH * MERGE,  # windows of 2 x 2 merge units
         layer_types=["window_attention", "full_attention"][:LAYERS],
         vocab_size=64,  # the visual vocabulary (the four indicators included)
     )

@@ -4,7 +4,7 @@ itself; an ERNIE-4.5 decoder with multimodal RoPE."""
 from __future__ import annotations
 
 import transformers
-from tiny_families.glm4v import MERGE, PATCH, thw_image_processor
+from tiny_families.glm4v import MERGE, PATCH, glm_image_processor
 from tiny_parts import HEAD_DIM, HEADS, HIDDEN, INTERMEDIATE, LAYERS, MAX_POSITIONS, VISION_IMAGE_SIZE, bpe_tokenizer
 from tiny_parts import seeded, tiny_family
 
@@ -22,7 +22,7 @@ TEMPLATE = (
 def build(model_type: str):
     tokenizer = bpe_tokenizer(bos="<s>", eos="</s>", pad="<pad>", unk="<unk>",
                               named={"image_token": "<|IMAGE_PLACEHOLDER|>"}, extra=SPECIALS)  # fmt: skip
-    image_processor = thw_image_processor(transformers.PaddleOCRVLImageProcessorPil)
+    image_processor = glm_image_processor(transformers.PaddleOCRVLImageProcessorPil)
     image_processor.temporal_patch_size = 1
     processor = transformers.PaddleOCRVLProcessor(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=TEMPLATE

@@ -4,7 +4,7 @@ size the processor reports per image (``image_merge_sizes``); a Qwen2 decoder.""
 from __future__ import annotations
 
 import transformers
-from tiny_families.glm4v import MERGE, PATCH, thw_image_processor
+from tiny_families.glm4v import MERGE, PATCH, glm_image_processor
 from tiny_parts import HEADS, HIDDEN, INTERMEDIATE, LAYERS, MAX_POSITIONS, bpe_tokenizer, image_only, seeded
 from tiny_parts import tiny_family
 
@@ -22,7 +22,7 @@ def build(model_type: str):
     from transformers.video_processing_utils import BaseVideoProcessor
 
     tokenizer = bpe_tokenizer(bos=None, eos="<|im_end|>", pad="<|im_end|>", extra=SPECIALS)
-    image_processor = thw_image_processor(transformers.VideoLlama3ImageProcessorPil)
+    image_processor = glm_image_processor(transformers.VideoLlama3ImageProcessorPil)
     image_processor.temporal_patch_size = 1
     processor = image_only(transformers.VideoLlama3Processor)(
         image_processor=image_processor, tokenizer=tokenizer, video_processor=BaseVideoProcessor(),
