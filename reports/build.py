@@ -4,7 +4,8 @@ Steps, each with a progress bar:
 
 1. one example run per implemented explainer (a builder from :mod:`xmllm.examples` picked by
    id or scope) and its self-contained HTML report (:func:`xmllm.report.explained.write_report`);
-2. the MMVP-style case study (:mod:`xmllm.casestudy`);
+2. the MMVP-style case study (:mod:`xmllm.casestudy`), in a second process beside step 1 when it
+   is not cached whole and there are two CPUs (:mod:`xmllm.second_process`);
 3. the generated pages (:mod:`xmllm.site`): taxonomy, explainers, gallery, case study, and the
    "Which explainer to trust" page of ``--evaluation`` (:func:`trust_page`);
 4. ``mkdocs build`` through MkDocs' Python API into the output folder.
@@ -36,10 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from xmllm.errors import XmllmError
 from xmllm.files import remove_stale, replace_dir, scratch_dir, write_atomic
 
 from .cache import RunCache, cache_key, default_cache_dir
-from xmllm.errors import XmllmError
+from .example_reports import build_examples, example_ids
 from .site.pages import GENERATED, REPORTS, ExampleResult, SiteOutput
 
 DEFAULT_OUT = Path("public")
@@ -55,8 +57,9 @@ SCRATCH = "scratch"
 STAGING_PREFIX = "site-"
 BUILD_MARKER = ".xmllm-site"
 """Written into every built site: only a folder holding it (or an empty one) is replaced by a build."""
-RENDERER_PACKAGES = ("xmllm.report", "xmllm.templates")
-"""Packages whose files key cached reports: edit a template and reports re-render."""
+SECOND_PROCESS_STEP = "second process"
+"""The closing line's name for the seconds of the second process (the case study, then examples)."""
+
 
 
 def default_config() -> Path:
@@ -122,18 +125,6 @@ def _bar(total: int, desc: str, progress: bool, unit: str = "step"):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not progress, leave=True)
-
-
-def renderer_fingerprint() -> str:
-    """SHA-256 over the report renderer's and templates' files (path and bytes)."""
-    from importlib.resources import files
-
-    digest = hashlib.sha256()
-    for package in RENDERER_PACKAGES:
-        root = Path(str(files(package)))
-        for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
-            digest.update(f"{package}/{path.relative_to(root).as_posix()}".encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()
 
 
 def _out_prefix(out: Path) -> str:
@@ -373,81 +364,6 @@ def write_tree(root: Path, pages: list[Any]) -> None:
 # --- steps -----------------------------------------------------------------------------------------
 
 
-def example_ids(wanted: list[str] | None) -> list[str]:
-    """Implemented explainers to make examples of (all by default), in registry order."""
-    from xmllm.explainers.registry import RegistryError, get_explainer, registered
-
-    if wanted is None:
-        return list(registered())
-    for eid in wanted:
-        try:
-            get_explainer(eid)
-        except RegistryError as exc:
-            raise XmllmError(f"--explainers: {exc}") from None
-    return list(dict.fromkeys(wanted))
-
-
-def build_examples(session: Any, ids: list[str], reports_root: Path, progress: bool,
-                   failures: dict[str, str] | None = None,
-                   skipped: dict[str, str] | None = None) -> dict[str, ExampleResult]:
-    """One example run and report per explainer; reports go to ``reports_root/<id>.html``.
-
-    An explainer whose example fails (a one-line error) is left out and its message put in
-    ``failures``, so one broken explainer does not take the rest of the site down with it; one
-    that has no example on this model (:class:`~xmllm.examples.ExampleSkipped`) goes to
-    ``skipped`` with the reason.
-    """
-    from xmllm.explainers.registry import get_explainer
-
-    from .examples import ExampleSkipped, builder_for
-    from .report.explained import write_report
-    from .session import ModelUnavailable
-
-    renderer = renderer_fingerprint()
-    out: dict[str, ExampleResult] = {}
-    with _bar(len(ids), "examples", progress, "explainer") as bar:
-        for eid in ids:
-            bar.set_postfix_str(eid)
-            cls = get_explainer(eid)
-            builder = builder_for(cls)
-            if builder is None:
-                bar.update(1)
-                continue
-            try:
-                run = builder(session, cls)
-            except ExampleSkipped as exc:
-                if skipped is not None:
-                    skipped[eid] = str(exc)
-                bar.update(1)
-                continue
-            except (XmllmError, ValueError) as exc:
-                if failures is None or isinstance(exc, ModelUnavailable):
-                    raise
-                failures[eid] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                bar.update(1)
-                continue
-            manifest = json.loads((run.run_dir / "manifest.json").read_text(encoding="utf-8"))
-            report = None
-            key = cache_key(session.weights, run.run_dir.name, "report", {"renderer": renderer})
-
-            def render(folder: Path, run_dir: Path = run.run_dir) -> None:
-                write_report(run_dir, folder / "report.html")
-
-            try:
-                folder = session.cache.get_or_build(key, render)
-            except Exception as exc:  # a renderer bug: reported, and the other examples go on
-                if failures is None:
-                    raise
-                failures[eid] = f"report: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            else:
-                reports_root.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(folder / "report.html", reports_root / f"{eid}.html")
-                report = f"{REPORTS}/{eid}.html"
-            out[eid] = ExampleResult(eid, run.run_dir, report, manifest, run.cached)
-            bar.update(1)
-    return out
-
-
 def trust_page(staged: Path, evaluation: Path) -> None:
     """Render ``evaluation`` (an ``evaluation.json`` of ``xmllm evaluate``) as the "Which explainer
     to trust" page into ``staged/generated/``."""
@@ -502,16 +418,18 @@ class _Step:
 
 def build_site(opts: BuildOptions) -> BuildSummary:
     """Everything ``xmllm build`` does; see the module docstring."""
+    t0 = time.perf_counter()  # the closing line counts the imports (torch's among them) too
+    clock = _Clock()
     from xmllm.catalog import load_catalog
 
-    from .casestudy import DEFAULT_SEED, CaseStudyConfig, run_case_study
+    from .casestudy import DEFAULT_SEED, CaseStudyConfig
+    from .second_process import CLAIMS_PREFIX, MODEL_THREADS, StudyRun
     from .session import ModelSession
     from .site import casestudy as casestudy_page
     from .site import explainers as explainer_pages
     from .site import gallery, notebook, taxonomy
 
-    t0 = time.perf_counter()
-    clock = _Clock()
+    clock.steps["start-up"] = round(time.perf_counter() - t0, 3)
     out = Path(opts.out).resolve()
     config_path = Path(opts.config) if opts.config is not None else default_config()
     if opts.pairs < 1:
@@ -521,22 +439,37 @@ def build_site(opts: BuildOptions) -> BuildSummary:
     cat = load_catalog(opts.catalog)  # a bad file raises CatalogError, a one-line XmllmError
 
     cache = RunCache(opts.cache, enabled=opts.use_cache)
-    session = ModelSession(opts.model, cache, device=opts.device)
+    session = ModelSession(opts.model, cache, device=opts.device, threads=MODEL_THREADS)
     scratch = cache.root / SCRATCH
     remove_stale(scratch, STAGING_PREFIX)
+    remove_stale(scratch, CLAIMS_PREFIX)
     staged = stage_project(config_path, scratch_dir(scratch, STAGING_PREFIX))
+    study_run = None
     try:
         examples: dict[str, ExampleResult] = {}
         failures: dict[str, str] = {}
         skipped: dict[str, str] = {}
         study = None
+        if not opts.quick:  # beside the examples where it is not cached whole (second_process)
+            seed = DEFAULT_SEED if opts.seed is None else opts.seed
+            study_run = StudyRun.start(session, CaseStudyConfig(pairs=opts.pairs, seed=seed), beside=bool(ids),
+                                       examples=ids, scratch=scratch)
+        handed_over: list[str] = []
         with clock("examples"):
             if ids:
-                examples = build_examples(session, ids, staged.docs / REPORTS, opts.progress, failures, skipped)
+                examples = build_examples(session, ids, staged.docs / REPORTS, opts.progress, failures, skipped,
+                                          claim=study_run.claim if study_run is not None else None,
+                                          handed_over=handed_over)
         with clock("case study"):
-            if not opts.quick:
-                seed = DEFAULT_SEED if opts.seed is None else opts.seed
-                study = run_case_study(session, CaseStudyConfig(pairs=opts.pairs, seed=seed), opts.progress)
+            if study_run is not None:
+                study = study_run.result(opts.progress)
+            if handed_over:  # made by the second process: read from the cache
+                examples.update(build_examples(session, handed_over, staged.docs / REPORTS, False, failures, skipped))
+                examples = {eid: examples[eid] for eid in ids if eid in examples}
+        if study_run is not None and study_run.in_second_process:  # its own time, and the wait for it
+            waited = clock.steps.pop("case study")
+            clock.steps[SECOND_PROCESS_STEP] = round(study_run.seconds or 0.0, 3)
+            clock.steps["waiting for it"] = waited
         with clock("pages"):
             site = SiteOutput()
             titles = explainer_pages.titles()
@@ -577,15 +510,19 @@ def build_site(opts: BuildOptions) -> BuildSummary:
                     shutil.rmtree(tmp_out, ignore_errors=True)
                     raise
     finally:
+        if study_run is not None:
+            study_run.close()
+        session.close()
         shutil.rmtree(staged.root, ignore_errors=True)
+    beside = study_run if study_run is not None and study_run.in_second_process else None
     return BuildSummary(
         out=out,
         seconds=time.perf_counter() - t0,
         pages=sum(p.path.endswith(".md") for p in site.pages),
         examples=len(examples),
-        cache_hits=session.cache.hits,
-        cache_misses=session.cache.misses,
-        model_loaded=session.loaded_now,
+        cache_hits=session.cache.hits + (beside.cache_hits if beside else 0),
+        cache_misses=session.cache.misses + (beside.cache_misses if beside else 0),
+        model_loaded=session.loaded_now or bool(beside and beside.model_loaded),
         steps=clock.steps,
         warnings=warnings,
         case_study=study["results"] if study else None,

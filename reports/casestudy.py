@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -202,7 +202,8 @@ def _edit_record(session: "ModelSession", original: dict[str, Any], source: "Dem
     }
 
 
-def collect(session: "ModelSession", config: CaseStudyConfig, progress: bool = True) -> dict[str, list[dict[str, Any]]]:
+def collect(session: "ModelSession", config: CaseStudyConfig, progress: bool = True,
+            on_pair: Callable[[], None] | None = None) -> dict[str, list[dict[str, Any]]]:
     """Every model result the analysis needs: pair members, then their edits."""
     import sys
 
@@ -219,6 +220,8 @@ def collect(session: "ModelSession", config: CaseStudyConfig, progress: bool = T
                 for kind, edited in edits(member, config.seed):
                     edit_rows.append(_edit_record(session, record, member, kind, edited))
             bar.update(1)
+            if on_pair is not None:
+                on_pair()
     return {"samples": samples, "edits": edit_rows}
 
 
@@ -296,9 +299,12 @@ def analyse(samples: list[dict[str, Any]], edit_rows: list[dict[str, Any]]) -> d
     }
 
 
-def run_case_study(session: "ModelSession", config: CaseStudyConfig, progress: bool = True) -> dict[str, Any]:
-    """Collect and analyse; the result holds its config, the model, the numbers and the records."""
-    records = collect(session, config, progress)
+def run_case_study(session: "ModelSession", config: CaseStudyConfig, progress: bool = True,
+                   on_pair: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Collect and analyse; the result holds its config, the model, the numbers and the records.
+
+    ``on_pair`` is called after each pair (a second process reports its progress through it)."""
+    records = collect(session, config, progress, on_pair)
     return {
         "config": asdict(config),
         "explainer": EXPLAINER,

@@ -40,9 +40,14 @@ class ModelSession:
     cache: RunCache
     device: str = "auto"
     seed: int = 0
+    threads: int | None = None
+    """Torch threads for the model's work (None: torch's default). Set when the model loads and put
+    back by :meth:`close`: float sums split across threads add up in another order, so a build fixes
+    the count to give the same digits whichever of its processes computes a result."""
     _loaded: "LoadedModel | None" = field(default=None, repr=False)
     _weights: str | None = field(default=None, repr=False)
     load_seconds: float = 0.0
+    _threads_before: int | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self._weights = weights_fingerprint(self.spec)
@@ -68,12 +73,25 @@ class ModelSession:
             from xmllm.explainers.models.errors import ModelLoadError
 
             t = time.perf_counter()
+            if self.threads is not None:
+                import torch
+
+                self._threads_before = torch.get_num_threads()
+                torch.set_num_threads(self.threads)
             try:
                 self._loaded = load_model(self.spec, device=self.device, eager_attention=True)
             except ModelLoadError as exc:
                 raise ModelUnavailable(f"--model {self.spec}: {exc}") from None
             self.load_seconds = time.perf_counter() - t
         return self._loaded
+
+    def close(self) -> None:
+        """Put torch's thread count back as it was before the model loaded."""
+        if self._threads_before is not None:
+            import torch
+
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
 
     def key(self, sample_sha: str, explainer: str, params: dict[str, Any] | None = None) -> str:
         return cache_key(self.weights, sample_sha, explainer,

@@ -12,7 +12,7 @@ from urllib.parse import unquote, urlparse
 import pytest
 
 from xmllm.catalog import load_catalog
-from xmllm.build import BUILD_MARKER
+from xmllm.build import BUILD_MARKER, SECOND_PROCESS_STEP
 
 ROOT = Path(__file__).resolve().parents[1]
 from xmllm.cache import weights_fingerprint
@@ -93,7 +93,11 @@ def test_second_build_reuses_every_result_and_takes_a_fifth_of_the_time(small_si
     first, second = small_site.first, small_site.second
     assert first.cache_misses > 0 and first.model_loaded
     assert second.cache_misses == 0 and not second.model_loaded and second.mkdocs_skipped
-    assert second.cache_hits == first.cache_hits + first.cache_misses
+    # each example's run and its rendered report, the whole case study and its plot; nothing below
+    # the whole study is looked up again
+    assert second.cache_hits == 2 * len(SMALL_EXPLAINERS) + 2
+    assert second.case_study == first.case_study
+    assert SECOND_PROCESS_STEP not in second.steps  # read whole: no second process, no torch
     assert small_site.second_seconds <= small_site.first_seconds / 5, (small_site.first_seconds, small_site.second_seconds)
     # the cache key's weights hash is the one the loader records
     run = next(p for p in small_site.cache.rglob("manifest.json"))
