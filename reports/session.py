@@ -94,8 +94,11 @@ class ModelSession:
             self._threads_before = None
 
     def key(self, sample_sha: str, explainer: str, params: dict[str, Any] | None = None) -> str:
-        return cache_key(self.weights, sample_sha, explainer,
-                         {"params": params or {}, "seed": self.seed, "device": self.device})
+        """A result's cache key; a fixed thread count is part of it (it fixes the last digits)."""
+        extra = {"params": params or {}, "seed": self.seed, "device": self.device}
+        if self.threads is not None:
+            extra["threads"] = self.threads
+        return cache_key(self.weights, sample_sha, explainer, extra)
 
     def cached(self, sample_sha: str, explainer: str, params: dict[str, Any] | None,
                build: Callable[[Path], None]) -> tuple[Path, bool]:
