@@ -287,22 +287,53 @@ def forward_copy_bytes(prep: Prepared, *, eager: bool = False, logit_rows: int |
     return max(decoder, vision, head) + 2 * seq * shape.hidden * b
 
 
-def backward_copy_bytes(prep: Prepared, *, eager: bool = False, through_vision: bool = True) -> int:
-    """Bytes one more copy adds to a forward whose activations are kept for a backward pass to the
-    inputs (parameters frozen): every decoder block's saved tensors (float32 norm inputs, queries,
-    keys and values, attention, three MLP-wide tensors) and, ``through_vision``, the vision tower's."""
+def _kept_blocks(prep: Prepared, eager: bool) -> tuple[ModelShape, int, int, int]:
+    """(shape, one decoder block's saved bytes, one vision block's, vision tokens)."""
     shape = ModelShape.of(prep.loaded)
     b, seq = shape.dtype_bytes, prep.seq_len
     per_block = seq * (2 * shape.hidden * 4 + 3 * shape.heads * shape.head_dim * b + 3 * shape.intermediate * b
                        + 2 * shape.hidden * b) + _attention_bytes(shape.heads, seq, seq, eager, saved=True)
-    total = shape.decoder_layers * per_block
     tokens = shape.vision_tokens(prep.inputs.get("pixel_values"))
-    if through_vision and tokens:
+    per_vision = 0
+    if tokens:
         window = min(tokens, shape.vision_sequence or tokens)
         per_vision = tokens * (6 * shape.vision_hidden * b + 3 * shape.vision_intermediate * b) + \
             _attention_bytes(shape.vision_heads, tokens, window, eager, saved=True)
+    return shape, per_block, per_vision, tokens
+
+
+def backward_copy_bytes(prep: Prepared, *, eager: bool = False, through_vision: bool = True) -> int:
+    """Bytes one more copy adds to a forward whose activations are kept for a backward pass to the
+    inputs (parameters frozen): every decoder block's saved tensors (float32 norm inputs, queries,
+    keys and values, attention, three MLP-wide tensors) and, ``through_vision``, the vision tower's."""
+    shape, per_block, per_vision, tokens = _kept_blocks(prep, eager)
+    total = shape.decoder_layers * per_block
+    if through_vision and tokens:
         total += shape.vision_layers * per_vision
     return total + forward_copy_bytes(prep, eager=eager)
+
+
+def recompute_copy_bytes(prep: Prepared, *, eager: bool = False, through_vision: bool = True) -> int:
+    """Bytes one more copy adds to a forward whose blocks are recomputed in the backward
+    (:mod:`xmllm.explainers.recompute`): the checkpoints (each block's input hidden state, kept
+    from the forward to its backward), plus one block's saved tensors while that block's backward
+    runs (the largest block: decoder or, ``through_vision``, vision), plus the forward's transient
+    tensors as in :func:`backward_copy_bytes`. The peak of a run is the weights and inputs plus this
+    per copy; compare :func:`backward_copy_bytes` for the kept run."""
+    shape, per_block, per_vision, tokens = _kept_blocks(prep, eager)
+    b = shape.dtype_bytes
+    checkpoints = shape.decoder_layers * prep.seq_len * shape.hidden * b
+    one_block = per_block
+    if through_vision and tokens:
+        checkpoints += shape.vision_layers * tokens * shape.vision_hidden * b
+        one_block = max(one_block, per_vision)
+    return checkpoints + one_block + forward_copy_bytes(prep, eager=eager)
+
+
+def recompute_saving(prep: Prepared, *, eager: bool = False, through_vision: bool = True) -> float:
+    """How many times less one copy keeps with recompute than without (kept / recomputed bytes)."""
+    return backward_copy_bytes(prep, eager=eager, through_vision=through_vision) / \
+        recompute_copy_bytes(prep, eager=eager, through_vision=through_vision)
 
 
 def accepts_logits_to_keep(model: torch.nn.Module) -> bool:

@@ -71,3 +71,14 @@ def costs(forwards: float, backwards: float = 0.0, lower_bound: bool = False) ->
 def decode_step(prep: Any) -> float:
     """One generation's decode steps in copies of the explained sequence (``prep``: a Prepared)."""
     return (len(prep.answer.token_ids) - 1) / prep.seq_len
+
+
+def recomputed(cost: dict[str, float]) -> dict[str, float]:
+    """A :func:`costs` dict for the same run with its blocks recomputed in the backward
+    (:mod:`xmllm.explainers.recompute`): every backward pass first runs the blocks' forward again,
+    so each adds one forward (``recomputed_forwards``) on top of its two; forwards and backwards
+    are unchanged. The memory side is :func:`xmllm.explainers.memory.recompute_copy_bytes`."""
+    extra = cost.get("backwards", 0.0)
+    out = {**cost, "recomputed_forwards": round(extra, 2),
+           "forward_equivalents": round(cost.get("forward_equivalents", 0.0) + extra, 2)}
+    return out

@@ -30,10 +30,11 @@ from ..explanation import Explanation
 from ..forward import eager_unless_fused, fused_attention, logprobs_at, repeat_inputs
 from ..hooks import Hooks
 from ..masking import baseline_pixels, default_blur_radius
-from ..memory import backward_copy_bytes, copies_within, device_type, most_copies
+from ..memory import backward_copy_bytes, copies_within, device_type, most_copies, recompute_copy_bytes
 from ..models import LoadedModel
 from ..models.layout import ImageLayout, grid_names
 from ..params import ExplainerParams, ParamError, param
+from ..recompute import RECOMPUTE_CHOICES, RECOMPUTE_HELP, recomputed_blocks, resolve
 from ..registry import Citation, Explainer, Need, register
 from ..scaleplan import ScalePlan, costs
 
@@ -226,6 +227,7 @@ class _PixelAttribution(Explainer):
         token_batch: int = param(DEFAULT_TOKEN_BATCH, "answer tokens per vectorised backward pass", low=1)
         fast_attention: bool = param(True, "run the forward with the fused attention kernel (nothing quadratic in "
                                            "the sequence kept for the backward)")
+        recompute: bool | str = param("auto", RECOMPUTE_HELP, choices=RECOMPUTE_CHOICES)
 
     def attribute(self, objective: PixelObjective, x: torch.Tensor,
                   params: Params) -> tuple[torch.Tensor, dict[str, float], dict[str, Any]]:
@@ -234,7 +236,8 @@ class _PixelAttribution(Explainer):
 
     def recorded(self, prep: Prepared, params: Params) -> dict[str, Any]:
         """The parameters as the explanation records them: as used, defaults resolved."""
-        return {**params.as_dict(), "pool": params.pool or self.default_pool}
+        return {**params.as_dict(), "pool": params.pool or self.default_pool,
+                "recompute": uses_recompute(prep, params)}
 
     def compute(self, model: LoadedModel, sample: Prepared, params: Params) -> Explanation:
         prep = sample
@@ -244,7 +247,8 @@ class _PixelAttribution(Explainer):
         cell_map = prep.adapter.pixel_cell_map(prep.inputs)
         objective = PixelObjective(prep)
         x = pixels.detach().unsqueeze(0)
-        with inputs_only_gradients(prep.model), fused_attention(prep.model, params.fast_attention):
+        with inputs_only_gradients(prep.model), fused_attention(prep.model, params.fast_attention), \
+                recomputed_blocks(prep.adapter, uses_recompute(prep, params)):
             attr, scores, meta = self.attribute(objective, x, params)
         answer = attr.sum(0)
         pooled = pool_positions(with_answer(attr, per_token), cell_map, prep.seq_len, pool)
@@ -445,13 +449,21 @@ class IntegratedGradients(_PixelAttribution):
         return attr, scores, meta
 
 
+def uses_recompute(prep: Prepared, params: Any) -> bool:
+    """``params.recompute`` resolved: "auto" recomputes where one kept backward does not fit the budget."""
+    eager = eager_unless_fused(prep, params.fast_attention)
+    return resolve(params.recompute, lambda: backward_copy_bytes(prep, eager=eager), prep.loaded.device)
+
+
 def path_batch(prep: Prepared, params: Any) -> int:
     """Path points per forward that fit the memory budget: each keeps one backward's activations and
     its gradients for every answer token (float32); the accumulated attributions are fixed. At most
     ``n_steps``, and :data:`DEFAULT_INTERNAL_BATCH` on a CPU."""
     pixels = int(prep.inputs["pixel_values"].numel())
     targets = int(prep.target_ids().shape[-1]) if params.per_token else 1
-    per_point = backward_copy_bytes(prep, eager=eager_unless_fused(prep, params.fast_attention)) + 2 * targets * pixels * 4
+    eager = eager_unless_fused(prep, params.fast_attention)
+    kept = recompute_copy_bytes if uses_recompute(prep, params) else backward_copy_bytes
+    per_point = kept(prep, eager=eager) + 2 * targets * pixels * 4
     device = prep.loaded.device
     cap = DEFAULT_INTERNAL_BATCH if device_type(device) == "cpu" else most_copies(device)
     return copies_within(per_point, device, fixed=targets * pixels * 4, most=min(cap, params.n_steps))
@@ -544,6 +556,7 @@ class GradCAM(Explainer):
         token_batch: int = param(DEFAULT_TOKEN_BATCH, "answer tokens per vectorised backward pass", low=1)
         fast_attention: bool = param(True, "run the forward with the fused attention kernel (nothing quadratic in "
                                            "the sequence kept for the backward)")
+        recompute: bool | str = param("auto", RECOMPUTE_HELP, choices=RECOMPUTE_CHOICES)
 
     def compute(self, model: LoadedModel, sample: Prepared, params: Params) -> Explanation:
         prep = sample
@@ -554,8 +567,9 @@ class GradCAM(Explainer):
         token_map = prep.adapter.vision_token_map(prep.inputs).to(pixels.device)
         objective = PixelObjective(prep)
         store: list[torch.Tensor] = []
+        recompute = uses_recompute(prep, params)
         with inputs_only_gradients(prep.model), fused_attention(prep.model, params.fast_attention), \
-                keep_output(blocks[index], store):
+                recomputed_blocks(prep.adapter, recompute), keep_output(blocks[index], store):
             leaf = pixels.detach().unsqueeze(0).requires_grad_(True)  # keeps the blocks in the graph
             out = objective(leaf)
             if len(store) != 1:
@@ -577,7 +591,7 @@ class GradCAM(Explainer):
         pooled = pool_positions(cams, flat_map, prep.seq_len, pool)
         exp = Explanation(
             self.id, {"layer": index, "pool": pool, "per_token": per_token, "token_batch": token_batch,
-                      "fast_attention": params.fast_attention},
+                      "fast_attention": params.fast_attention, "recompute": recompute},
             prep.target(),
             scores={"answer_logprob": float(out.detach().sum())},
             meta={"target": TARGET_NOTE, "model_type": prep.adapter.model_type, "layer_name": f"vision.blocks.{index}",

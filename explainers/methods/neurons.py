@@ -31,6 +31,7 @@ from xmllm import MissingInput
 
 from ..answering import generate_answer, is_correct
 from ..backward import inputs_only_gradients
+from ..recompute import RECOMPUTE_CHOICES, RECOMPUTE_HELP, recomputed_blocks, recomputing, resolve
 from xmllm.explainers.prepared import ExplainSample, Prepared, as_prepared
 from ..explanation import Explanation, Target
 from ..forward import (
@@ -42,6 +43,7 @@ from ..forward import (
     repeat_inputs,
 )
 from ..hooks import Hooks
+from ..memory import backward_copy_bytes
 from ..models import LoadedModel
 from ..models.errors import AdapterError
 from ..models.layout import grid_names
@@ -274,12 +276,17 @@ def random_groups(total: int, size: int, draws: int, seed: int, exclude: Sequenc
 # --- neurons.top_activations -------------------------------------------------------------------------
 
 
-def value_attribution(prep: Prepared, space: NeuronSpace) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
+def value_attribution(prep: Prepared, space: NeuronSpace,
+                      recompute: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
     """Per layer, the neuron values ``(seq, width)`` and their gradients of the summed answer
-    log-probability, from one forward and one backward; and that log-probability."""
+    log-probability, from one forward and one backward; and that log-probability. ``recompute``:
+    the blocks are recomputed in the backward instead of keeping their activations (the values,
+    which the result returns, are kept either way)."""
     values: list[torch.Tensor | None] = [None] * space.layers
 
     def keep(layer: int, x: torch.Tensor) -> torch.Tensor:
+        if recomputing() is not None:  # the backward's recomputation: the same graph start, nothing recorded
+            return x if x.requires_grad else x.detach().requires_grad_(True)
         if values[layer] is not None:
             raise RuntimeError(f"{VALUE_POINT.format(layer)} ran twice in one forward")
         if not x.requires_grad:  # the first block under frozen parameters: start the graph here
@@ -287,7 +294,8 @@ def value_attribution(prep: Prepared, space: NeuronSpace) -> tuple[list[torch.Te
         values[layer] = x
         return x
 
-    with inputs_only_gradients(prep.model), torch.enable_grad(), on_values(space, keep):
+    with inputs_only_gradients(prep.model), torch.enable_grad(), on_values(space, keep), \
+            recomputed_blocks(prep.adapter, recompute):
         target = logprobs_at(prep.model, dict(prep.inputs), prep.logit_positions, answer_ids(prep)).sum()
         missing = [i for i, v in enumerate(values) if v is None]
         if missing:
@@ -328,6 +336,7 @@ class TopActivations(Explainer):
         batch_size: int | None = param(None, "ablated copies per forward (null: as many as the device's budget fits)",
                                        low=1)
         fast_attention: bool = param(True, "run the forwards with the fused attention kernel")
+        recompute: bool | str = param("auto", RECOMPUTE_HELP, choices=RECOMPUTE_CHOICES)
 
     @classmethod
     def scale_plan(cls, prep: Prepared, full_layers: int) -> ScalePlan:
@@ -349,8 +358,10 @@ class TopActivations(Explainer):
         if top_k >= space.total:
             raise ParamError(f"{self.id}: parameter top_k={top_k} must be below the model's {space.total} MLP neurons")
 
+        eager = eager_unless_fused(prep, fast_attention)
+        recompute = resolve(params.recompute, lambda: backward_copy_bytes(prep, eager=eager), prep.loaded.device)
         with fused_attention(prep.model, fast_attention):
-            values, grads, logprob = value_attribution(prep, space)
+            values, grads, logprob = value_attribution(prep, space, recompute)
         per_position = [v * g for v, g in zip(values, grads)]  # (seq, width) per layer
         attribution = torch.cat([p.sum(0) for p in per_position])  # (total,)
         key = attribution if rank_by == "attribution" else attribution.abs()
@@ -374,7 +385,7 @@ class TopActivations(Explainer):
 
         exp = Explanation(
             self.id,
-            {**params.as_dict(), "batch_size": batch_size},
+            {**params.as_dict(), "batch_size": batch_size, "recompute": recompute},
             prep.target(),
         )
         exp.add("attribution", space.table(attribution), ("layer", "unit"))
