@@ -68,6 +68,15 @@ def first_layout(prep: Prepared) -> ImageLayout:
     return prep.layouts[0]
 
 
+def mapped_layouts(prep: Prepared) -> list[ImageLayout]:
+    """Every image (or video frame) that has a grid, in input order: what a map over several
+    pictures covers."""
+    layouts = [layout for layout in prep.layouts if layout.grids]
+    if not layouts:
+        raise MissingInput(f"sample {prep.sample.id!r} has no image grid to occlude")
+    return layouts
+
+
 def region_of(grid: PatchGrid, rows: tuple[int, int], cols: tuple[int, int]) -> tuple[float, float, float, float]:
     """(top, left, bottom, right) image fractions of the cells ``rows[0]:rows[1]``, ``cols[0]:cols[1]``."""
     top, left, bottom, right = grid.region

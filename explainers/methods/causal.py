@@ -34,6 +34,7 @@ from ..masking import (
     blur_radius_for,
     cell_map,
     first_layout,
+    mapped_layouts,
     per_token_keys,
     question_positions,
     replacement_id,
@@ -67,10 +68,12 @@ class Unit:
     col: int
     positions: torch.Tensor
     """Image-token positions whose pixels the cell masks (all views), or the word's position."""
+    image: int = 0
+    """Which image (or video frame) a cell is of."""
 
     def label(self, tokens: Sequence[str]) -> dict[str, Any]:
         if self.kind == "cell":
-            return {"kind": "cell", "row": self.row, "col": self.col}
+            return {"kind": "cell", "row": self.row, "col": self.col, **({"image": self.image} if self.image else {})}
         position = int(self.positions[0])
         return {"kind": "word", "position": position, "token": tokens[position]}
 
@@ -137,12 +140,12 @@ class FirstToken:
 
 
 def image_units(prep: Prepared, views: str) -> list[Unit]:
-    layout = first_layout(prep)
-    grid = layout.main_grid
+    """Every main-grid cell of every image (or frame): a set may span pictures."""
     return [
-        Unit("cell", r, c, window_positions(layout, (r, r + 1), (c, c + 1), views))
-        for r in range(grid.rows)
-        for c in range(grid.cols)
+        Unit("cell", r, c, window_positions(layout, (r, r + 1), (c, c + 1), views), layout.image_index)
+        for layout in mapped_layouts(prep)
+        for r in range(layout.main_grid.rows)
+        for c in range(layout.main_grid.cols)
     ]
 
 
@@ -296,7 +299,11 @@ class MinimalSet(Explainer):
         if meta.get("status") == "flipped":
             parts = []
             if cells:
-                parts.append(f"{len(cells)} image cell{'s' if len(cells) != 1 else ''}")
+                pictures = sorted({int(k) for k in (meta.get("set") or {}).get("cell_images") or []})
+                where = ""
+                if int(meta.get("images", 1)) > 1 and pictures:  # several pictures: say which the set is in
+                    where = f" of image{'s' if len(pictures) > 1 else ''} {', '.join(str(k + 1) for k in pictures)}"
+                parts.append(f"{len(cells)} image cell{'s' if len(cells) != 1 else ''}{where}")
             if words:
                 parts.append(f"{len(words)} question word{'s' if len(words) != 1 else ''}")
             what = " and ".join(parts) or "the set"
@@ -357,11 +364,13 @@ class MinimalSet(Explainer):
              "blur_radius": radius if baseline == "blur" else None, "replacement": repl if include_text else None},
             prep.target(),
         )
-        cells = torch.zeros(grid.rows, grid.cols)
-        for u in members:
-            if u.kind == "cell":
-                cells[u.row, u.col] = 1.0
-        exp.add("image", cells, ("row", "col"))
+        for layout in mapped_layouts(prep):
+            main = layout.main_grid
+            cells = torch.zeros(main.rows, main.cols)
+            for u in members:
+                if u.kind == "cell" and u.image == layout.image_index:
+                    cells[u.row, u.col] = 1.0
+            exp.add("image" if layout.image_index == 0 else f"image{layout.image_index}.{main.name}", cells, ("row", "col"))
         if include_text:
             column = {p: j for j, p in enumerate(exp.target.prompt_positions)}
             words = torch.zeros(len(column))
@@ -391,6 +400,7 @@ class MinimalSet(Explainer):
             "set": {
                 "positions": sorted({int(p) for u in members for p in u.positions.tolist()}),
                 "cells": [[u.row, u.col] for u in members if u.kind == "cell"],
+                "cell_images": [u.image for u in members if u.kind == "cell"],
                 "words": [u.label(tokens) for u in members if u.kind == "word"],
                 "rank": [rank[i] for i in found.chosen] if found.found else [],
             },
@@ -402,6 +412,7 @@ class MinimalSet(Explainer):
             "minimality": found.unflip_checks,
             "ranking": [{**units[i].label(tokens), "importance": float(found.importance[i])} for i in found.order],
             "grid": grid.name,
+            "images": len(mapped_layouts(prep)),
             **texts,
         })
         return exp

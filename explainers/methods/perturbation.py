@@ -32,7 +32,7 @@ from ..masking import (
     baseline_pixels,
     blur_radius_for,
     cell_map,
-    first_layout,
+    mapped_layouts,
     occluded_logprobs,
     question_positions,
     replacement_id,
@@ -97,26 +97,20 @@ class Occlusion(Explainer):
         prefix_cache, logit_rows, fast_attention = params.prefix_cache, params.logit_rows, params.fast_attention
         prep = sample
         batch_size = batch_size_for(prep, params.batch_size, eager=eager_unless_fused(prep, fast_attention))
-        layout = first_layout(prep)
-        grid = layout.main_grid
+        layouts = mapped_layouts(prep)  # every image (or video frame) with a grid, each on its own grid
         radius = blur_radius_for(prep, params.blur_radius)
         cells = PixelCells(cell_map(prep))
         base = baseline_pixels(prep, baseline, seed, radius)
-        wins = windows(layout, window, stride, views)
+        plans = [(layout, windows(layout, window, stride, views)) for layout in layouts]
+        occluded = [w.positions for _, wins in plans for w in wins]
+        if len(layouts) > 1:  # and each whole picture: which one the answer needs
+            occluded += [layout.all_positions for layout in layouts]
         ids = answer_ids(prep)
         with fused_attention(prep.model, fast_attention):
             original = base_logprobs(prep)
-            perturbed, shortcuts = occluded_logprobs(prep, base, cells, [w.positions for w in wins], batch_size,
+            perturbed, shortcuts = occluded_logprobs(prep, base, cells, occluded, batch_size,
                                                      original, prefix_cache=prefix_cache, logit_rows=logit_rows)
-        drops = original[None, :] - perturbed  # (windows, T)
-        total = torch.zeros(len(ids), grid.rows, grid.cols, dtype=torch.float64)
-        count = torch.zeros(grid.rows, grid.cols, dtype=torch.float64)
-        for w, d in zip(wins, drops.double()):
-            total[:, w.rows[0] : w.rows[1], w.cols[0] : w.cols[1]] += d[:, None, None]
-            count[w.rows[0] : w.rows[1], w.cols[0] : w.cols[1]] += 1
-        per_token = total / count
-        answer_drop = drops.sum(dim=1)
-        worst = int(torch.argmax(answer_drop))
+        drops = original[None, :] - perturbed  # (windows [+ pictures], T)
         exp = Explanation(
             self.id,
             {"window": window, "stride": stride, "baseline": baseline, "batch_size": batch_size, "seed": seed,
@@ -124,24 +118,48 @@ class Occlusion(Explainer):
              "fast_attention": fast_attention, "prefix_cache": prefix_cache, "logit_rows": logit_rows},
             prep.target(),
         )
-        exp.add("image", per_token, ("answer_token", "row", "col"))
-        exp.add("image.answer", per_token.sum(dim=0), ("row", "col"))
+        start, worst_drop, worst_at = 0, -float("inf"), None
+        for layout, wins in plans:
+            grid = layout.main_grid
+            part = drops[start : start + len(wins)].double()
+            start += len(wins)
+            total = torch.zeros(len(ids), grid.rows, grid.cols, dtype=torch.float64)
+            count = torch.zeros(grid.rows, grid.cols, dtype=torch.float64)
+            for w, d in zip(wins, part):
+                total[:, w.rows[0] : w.rows[1], w.cols[0] : w.cols[1]] += d[:, None, None]
+                count[w.rows[0] : w.rows[1], w.cols[0] : w.cols[1]] += 1
+            per_token = total / count
+            name = "image" if layout.image_index == 0 else f"image{layout.image_index}.{grid.name}"
+            exp.add(name, per_token, ("answer_token", "row", "col"))
+            exp.add(f"{name}.answer", per_token.sum(dim=0), ("row", "col"))
+            answer_drop = part.sum(dim=1)
+            here = int(torch.argmax(answer_drop))
+            if float(answer_drop[here]) > worst_drop:
+                worst_drop, worst_at = float(answer_drop[here]), (layout, wins[here])
+        assert worst_at is not None
+        whole = drops[start:].sum(dim=1).double()
         exp.scores.update({
             "logprob_answer": float(original.sum()),
             "prob_answer": float(original.sum().exp()),
-            "prob_answer_worst": float((original.sum() - answer_drop[worst]).exp()),
-            "max_drop": float(answer_drop[worst]),
-            "windows": float(len(wins)),
+            "prob_answer_worst": float((original.sum() - worst_drop).exp()),
+            "max_drop": worst_drop,
+            "windows": float(start),
             "forwards": float(1 + shortcuts["forwards"]),
             "prefix_tokens": float(shortcuts["prefix_tokens"]),
         })
+        for layout, drop in zip(layouts, whole.tolist()):  # several pictures: each one hidden whole
+            exp.scores[f"image_drop.{layout.image_index + 1}"] = drop
+        layout, win = worst_at
         exp.meta.update({
-            "grid": grid.name,
+            "grid": layouts[0].main_grid.name,
             "sign": SIGN_NOTE,
-            "worst_window": {"row": wins[worst].row, "col": wins[worst].col, "cells": wins[worst].cells()},
+            "worst_window": {"image": layout.image_index, "row": win.row, "col": win.col, "cells": win.cells()},
             "logit_rows_only": shortcuts["logit_rows_only"],
             "answer_logprobs": original.tolist(),
         })
+        if len(layouts) > 1:
+            exp.meta["image_drop"] = ("each picture hidden whole (every image token of it, the baseline in its "
+                                      "place): the drop in the answer's log-probability, scores image_drop.K")
         return exp
 
 

@@ -48,6 +48,18 @@ class MapThumb:
 
 
 @dataclass
+class ImageStrip:
+    """One explainer's maps over every image (or frame) on one colour scale, and each one's share."""
+
+    explainer: str
+    map_name: str
+    png: str
+    labels: list[str]
+    shares: list[float]
+    carrier: int
+
+
+@dataclass
 class Finding:
     """One explainer's sentence for the panel: what its explanation found, linked to its section."""
 
@@ -67,6 +79,10 @@ class WhyPanel:
     thumbs: list[MapThumb] = field(default_factory=list)
     agreement: dict[str, Any] | None = None
     """``labels`` and the ``matrix`` of Spearman correlations (None with fewer than two maps)."""
+    strips: list[ImageStrip] = field(default_factory=list)
+    """With several images or frames: each image explainer's strip and shares."""
+    carried: str | None = None
+    """Which image or frame carried the answer, in words, where the explainers with shares say."""
     causal: list[Finding] = field(default_factory=list)
     """Every explainer's :meth:`~xmllm.explainers.registry.Explainer.why` sentence, in run order (of
     the built-ins, the minimal causal set says one)."""
@@ -108,6 +124,89 @@ def _thumb(values: np.ndarray, image: "Image.Image | None", region: Any) -> tupl
     fig.savefig(buffer, format="png", bbox_inches="tight", pad_inches=0.02, metadata={"Software": None})
     plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"), low, high
+
+
+def picture_labels(run: Any) -> list[str]:
+    """What each input picture is called: a video's frames by index and time, else "image k"."""
+    video = run.manifest.get("video") or {}
+    frames = video.get("frames") or []
+    if frames and len(frames) == len(run.images):
+        return [f"frame {f['index']} ({f['time']:.2f} s)" for f in frames]
+    return [f"image {k + 1}" for k in range(len(run.images))]
+
+
+def _strip(shares: Any, images: list[Any], regions: list[Any], labels: list[str]) -> str:
+    """Every picture with its map on one shared colour scale, and a bar of each one's share, as a
+    PNG data URI (drawn as :func:`_thumb` draws one picture)."""
+    from .static import _cmap, _pyplot, _scale
+
+    plt = _pyplot()
+    n = len(images)
+    columns = min(n, 8)
+    rows = -(-n // columns)
+    stacked = np.concatenate([np.ravel(m) for m in shares.maps])
+    signed, vmin, vmax = _scale(stacked)
+    fig = plt.figure(figsize=(1.5 * columns + 0.6, 1.5 * rows + 1.1), dpi=100)
+    grid = fig.add_gridspec(rows + 1, columns, height_ratios=[1.0] * rows + [0.45])
+    mapped = None
+    for k, (image, values, region) in enumerate(zip(images, shares.maps, regions)):
+        ax = fig.add_subplot(grid[k // columns, k % columns])
+        width, height = image.size
+        ax.imshow(np.asarray(image.convert("RGB")), extent=(0, width, height, 0))
+        top, left, bottom, right = (float(v) for v in (region or (0.0, 0.0, 1.0, 1.0)))
+        mapped = ax.imshow(np.ma.masked_invalid(values), cmap=_cmap(signed, True), vmin=vmin, vmax=vmax,
+                           extent=(left * width, right * width, bottom * height, top * height), interpolation="nearest")
+        ax.set_xlim(0, width)
+        ax.set_ylim(height, 0)
+        ax.set_axis_off()
+        ax.set_title(labels[k] + (" \u2190" if k == shares.carrier else ""), fontsize=7)
+    bars = fig.add_subplot(grid[rows, :])
+    colours = ["#d62728" if k == shares.carrier else "#7f7f7f" for k in range(n)]
+    bars.bar(range(n), shares.shares, color=colours)
+    bars.set_xticks(range(n), [str(k + 1) for k in range(n)], fontsize=6)
+    bars.set_ylim(0, 1)
+    bars.set_ylabel("share", fontsize=7)
+    bars.tick_params(labelsize=6)
+    if mapped is not None:
+        bar = fig.colorbar(mapped, ax=fig.axes[:n], fraction=0.02, pad=0.01)
+        bar.ax.tick_params(labelsize=5)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight", pad_inches=0.02, metadata={"Software": None})
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _main_regions(run: Any) -> list[Any]:
+    regions: list[Any] = [None] * len(run.images)
+    for layout in run.manifest.get("layouts") or []:
+        k = int(layout.get("image", -1))
+        for grid in layout.get("grids") or []:
+            if 0 <= k < len(regions) and grid.get("main"):
+                regions[k] = grid.get("region")
+    return regions
+
+
+def _strips(run: Any, panel: "WhyPanel") -> None:
+    """The strips and the sentence saying which picture carried the answer (several pictures only)."""
+    from xmllm.explainers.metrics.image_shares import image_shares
+
+    if len(run.images) < 2:
+        return
+    labels = picture_labels(run)
+    regions = _main_regions(run)
+    for exp in run.explanations:
+        shares = image_shares(exp, run.manifest.get("layouts"), len(run.images))
+        if shares is None or not _declared(exp.explainer).ranks_cells:
+            continue
+        panel.strips.append(ImageStrip(exp.explainer, shares.base, _strip(shares, run.images, regions, labels),
+                                       labels, [round(v, 4) for v in shares.shares], shares.carrier))
+    if panel.strips:
+        votes = [st.carrier for st in panel.strips]
+        top = max(set(votes), key=votes.count)
+        agree = [st for st in panel.strips if st.carrier == top]
+        panel.carried = (f"{labels[top][0].upper() + labels[top][1:]} carried the answer by {len(agree)} of "
+                         f"{len(panel.strips)} explainers' maps (largest share: "
+                         + ", ".join(f"{st.explainer} {st.shares[top]:.0%}" for st in agree) + ")")
 
 
 def _region(run: Any) -> Any:
@@ -163,6 +262,7 @@ def why_panel(run: Any) -> WhyPanel:
         matrix = [[round(spearman(maps[a], maps[b]), 2) for b in labels] for a in labels]
         pairs = [(matrix[i][j], labels[i], labels[j]) for i in range(len(labels)) for j in range(i + 1, len(labels))]
         panel.agreement = {"labels": labels, "matrix": matrix, "lowest": min(pairs), "highest": max(pairs)}
+    _strips(run, panel)
     for exp in run.explanations:
         sentence = _declared(exp.explainer).why(exp)
         if sentence:
