@@ -34,7 +34,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from xmllm.report.explained import Run
 
 def load_model(spec: str | os.PathLike[str] = "demo", device: str = "auto", dtype: str = "auto",
-               revision: str | None = None) -> "LoadedModel":
+               revision: str | None = None, *, device_map: Any = None, device_memory: Any = None,
+               offload_folder: str | os.PathLike[str] | None = None) -> "LoadedModel":
     """Load a model with its processor and family adapter: ``"demo"`` (the embedded demo model),
     a local Hugging Face folder, or a hub id already in the local cache.
 
@@ -43,18 +44,34 @@ def load_model(spec: str | os.PathLike[str] = "demo", device: str = "auto", dtyp
     ``revision`` pins a hub id's branch, tag or commit (recorded in the provenance). Weights are read from safetensors only and remote code is never run. Explainers that need
     attention weights switch the model to eager attention themselves while they run.
 
+    ``device_map="auto"`` shards a model too large for one GPU: its blocks spread over the GPUs
+    within ``device_memory`` (``"0=20GiB,1=20GiB,cpu=64GiB"`` or ``{0: "20GiB", "cpu": "64GiB"}``),
+    the rest kept in CPU memory and then on disk in ``offload_folder`` (default: a scratch folder
+    under xmllm's cache, removed after), run one block at a time. It needs accelerate
+    (``pip install xmllm[offload]``); ``device`` is then left ``auto``. Every explainer gives the
+    same results as on one device; the provenance records the map.
+
     Example:
 
         model = xmllm.load_model("demo", device="cpu")
         model.provenance()["weights_sha256"][:12]
+        big = xmllm.load_model("llava-hf/llava-1.5-13b-hf", device_map="auto",
+                               device_memory="0=20GiB,cpu=64GiB")
     """
     from .explainers.models import load_model as _load
 
-    return _load(spec, device=device, dtype=dtype, revision=revision)
+    return _load(spec, device=device, dtype=dtype, revision=revision, device_map=device_map,
+                 device_memory=device_memory, offload_folder=offload_folder)
 
 
-def _model(model: "LoadedModel | str | os.PathLike[str]", device: str, dtype: str) -> "LoadedModel":
-    return load_model(model, device=device, dtype=dtype) if isinstance(model, (str, os.PathLike)) else model
+def _model(model: "LoadedModel | str | os.PathLike[str]", device: str, dtype: str,
+           placed: Mapping[str, Any] | None = None) -> "LoadedModel":
+    if isinstance(model, (str, os.PathLike)):
+        return load_model(model, device=device, dtype=dtype, **(placed or {}))
+    if placed and any(value is not None for value in placed.values()):
+        raise XmllmError("device_map, device_memory and offload_folder apply to a model loaded here: give them "
+                         "to load_model for a loaded one")
+    return model
 
 
 def as_image(image: Any, what: str = "image") -> "Image.Image":
@@ -105,6 +122,9 @@ def explain(
     faithfulness: bool = True,
     device: str = "auto",
     dtype: str = "auto",
+    device_map: Any = None,
+    device_memory: Any = None,
+    offload_folder: str | os.PathLike[str] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> "Run":
     """Explain the model's answer to ``question`` about ``image`` with each explainer.
@@ -129,6 +149,8 @@ def explain(
 
     ``max_memory`` (bytes, or a size such as ``"20GB"``) bounds the tensor memory each explainer
     adds; they chunk their batches to fit it (default: the GPU's free memory, 1 GiB on a CPU).
+    ``device_map``, ``device_memory`` and ``offload_folder`` shard and offload a model loaded here
+    (see :func:`load_model`).
 
     Returns a :class:`~xmllm.report.explained.Run`: the answer with per-token probabilities
     (``run.answer``), each :class:`~xmllm.explainers.explanation.Explanation` by id (``run[id]``),
@@ -160,7 +182,8 @@ def explain(
         else [as_image(image)]
     name = sample_id or (Path(image).stem if isinstance(image, (str, os.PathLike)) else "sample")
     sample = ExplainSample(images, question, id=name, expected=expected)
-    loaded = _model(model, device, dtype)
+    loaded = _model(model, device, dtype, {"device_map": device_map, "device_memory": device_memory,
+                                           "offload_folder": offload_folder})
     from .explainers.memory import memory_budget
 
     with memory_budget(budget):

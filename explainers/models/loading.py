@@ -65,6 +65,8 @@ class LoadedModel:
     revision: str | None = None
     weights_sha256: str | None = None
     eager_attention: bool = False
+    dispatch: Any = None
+    """The :class:`~.dispatch.Dispatch` the model was loaded with (None: all of it on ``device``)."""
 
     def provenance(self) -> dict[str, Any]:
         """What a report needs to say which model, weights and software produced it."""
@@ -83,9 +85,20 @@ class LoadedModel:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "attn_implementation": getattr(config, "_attn_implementation", None),
+            **self._dispatch_provenance(),
             "transformers": transformers.__version__,
             "torch": torch.__version__,
         }
+
+
+    def _dispatch_provenance(self) -> dict[str, Any]:
+        """The device map used (where each block lived), when the model was dispatched."""
+        if self.dispatch is None:
+            return {}
+        from .dispatch import device_map_of, summary
+
+        return {"device_map": {**self.dispatch.record(), "blocks": summary(self.model),
+                               "map": device_map_of(self.model)}}
 
 
 # --- device and dtype ------------------------------------------------------------------------------
@@ -470,12 +483,22 @@ def load_model(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     revision: str | None = None,
+    device_map: Any = None,
+    device_memory: Any = None,
+    offload_folder: str | os.PathLike[str] | None = None,
 ) -> LoadedModel:
     """Load ``spec`` ("demo", "demo-early", a folder or a hub id) with its processor and family adapter.
 
     ``eager_attention`` selects the eager attention kernel, the only one that returns
     attention weights. The model is put in eval mode on ``device`` in ``dtype``. transformers'
     own bars and notices are routed through xmllm's (:mod:`xmllm.explainers.quiet`).
+
+    ``device_map`` (``"auto"``, ``"balanced"``, ``"sequential"`` or a ``{module: device}`` mapping)
+    loads through accelerate's dispatch instead of onto ``device`` (which must then be left
+    ``"auto"``): blocks spread over the GPUs within ``device_memory`` (``"0=20GiB,cpu=64GiB"`` or
+    ``{0: "20GiB", "cpu": "64GiB"}``), the rest in CPU memory and then on disk in
+    ``offload_folder`` (default: a scratch folder under xmllm's cache, removed after); blocks kept
+    off the GPU run one at a time (:mod:`.dispatch`). A limit or a folder alone means ``"auto"``.
     """
     from transformers import AutoModelForImageTextToText
 
@@ -483,6 +506,12 @@ def load_model(
 
     route_library_output()  # no "Loading weights" bar nor known-harmless notices (all of it with XMLLM_VERBOSE=1)
     spec = os.fspath(spec)
+    from .dispatch import make_dispatch
+
+    dispatch = make_dispatch(device_map, device_memory, offload_folder)
+    if dispatch is not None and not (isinstance(device, str) and device == "auto"):
+        raise ModelLoadError(f"device {str(device)!r} and a device map: give one (the device map places "
+                             "every block)")
     target_device = resolve_device(device)
     target_dtype = resolve_dtype(dtype, target_device)
     source = _resolve(spec, allow_pickle, revision)
@@ -497,15 +526,32 @@ def load_model(
         model_kwargs["use_safetensors"] = True
     if eager_attention:
         model_kwargs["attn_implementation"] = "eager"
+    scratch = None
+    if dispatch is not None:
+        from .dispatch import load_kwargs
+
+        placed, scratch = load_kwargs(dispatch)
+        model_kwargs.update(placed)
     try:
         model = AutoModelForImageTextToText.from_pretrained(source.name, **model_kwargs)
     except Exception as error:  # transformers raises OSError, ValueError and hub errors alike
+        if scratch is not None:
+            import shutil
+
+            shutil.rmtree(scratch, ignore_errors=True)
         if source.hub and source.folder is None:
             raise _not_cached(spec, error) from error
         raise ModelLoadError(f"cannot load the model from {source.name}: {_one_line(error)}") from error
+    if dispatch is not None:
+        from .dispatch import execution_device, release_with
+
+        release_with(model, scratch)
+        target_device = execution_device(model)
+        model = model.eval()
     processor = _load_processor(source.name, common, config)
 
-    model = model.to(target_device).eval()
+    if dispatch is None:
+        model = model.to(target_device).eval()
     folder = source.folder or (_cached_snapshot(spec, revision) if source.hub else None)
     commit = getattr(model.config, "_commit_hash", None) if source.hub else None
     return LoadedModel(
@@ -519,4 +565,5 @@ def load_model(
         revision=commit or revision,
         weights_sha256=weights_sha256(folder, allow_pickle) if folder is not None else None,
         eager_attention=eager_attention,
+        dispatch=dispatch,
     )

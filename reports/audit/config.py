@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from xmllm.errors import XmllmError
 
@@ -115,6 +115,14 @@ class AuditConfig(_Strict):
     name: str = Field(default="audit", min_length=1, max_length=200)
     model: str = Field(default="demo", min_length=1)
     device: str = "auto"
+    device_map: str | None = None
+    """``auto`` (or ``balanced``, ``sequential``): shard the model over the GPUs, the rest offloaded to
+    CPU memory and disk (:mod:`xmllm.explainers.models.dispatch`; needs ``pip install xmllm[offload]``)."""
+    device_memory: str | dict[str, Any] | None = None
+    """Weights each device may hold under ``device_map``: ``"0=20GiB,cpu=64GiB"`` or ``{0: 20GiB, cpu: 64GiB}``."""
+    offload_folder: str | None = None
+    """Where ``device_map`` keeps blocks offloaded to disk, relative to the config (default: a scratch
+    folder under xmllm's cache, removed after)."""
     seed: int = 0
     samples: SampleSource
     allow_absolute_paths: bool = False
@@ -141,6 +149,33 @@ class AuditConfig(_Strict):
         if value not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?|mps", value):
             raise ValueError(f"unknown device {value!r}; use auto, cpu, cuda, cuda:N or mps")
         return value
+
+    @field_validator("device_map")
+    @classmethod
+    def _device_map(cls, value: str | None) -> str | None:
+        from xmllm.explainers.models.dispatch import STRATEGIES
+
+        if value is not None and value not in STRATEGIES:
+            raise ValueError(f"unknown device map {value!r}; use {', '.join(STRATEGIES)}")
+        return value
+
+    @field_validator("device_memory", mode="before")
+    @classmethod
+    def _device_memory(cls, value: Any) -> Any:
+        from xmllm.explainers.models.dispatch import parse_device_memory
+
+        if value is None:
+            return None
+        limits = parse_device_memory(value, "device_memory")
+        return {str(key): size for key, size in (limits or {}).items()}
+
+    @model_validator(mode="after")
+    def _dispatch(self) -> AuditConfig:
+        dispatched = self.device_map is not None or self.device_memory is not None or self.offload_folder is not None
+        if dispatched and self.device != "auto":
+            raise ValueError(f"device {self.device!r} and device_map: give one (the device map places every block; "
+                             "device_memory or offload_folder alone mean device_map: auto)")
+        return self
 
     @field_validator("max_memory")
     @classmethod
@@ -197,6 +232,8 @@ class AuditConfig(_Strict):
                 "checks": self.checks, "faithfulness": self.faithfulness.model_dump(), "reports": self.reports,
                 "max_new_tokens": self.max_new_tokens,
                 "xmllm": xmllm_version()}
+        if self.device_map is not None or self.device_memory is not None or self.offload_folder is not None:
+            keys["device_map"] = self.device_map or "auto"  # only when set, so earlier audits' results stay valid
         return hashlib.sha256(canonical_json(keys).encode("utf-8")).hexdigest()
 
 
@@ -254,6 +291,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Lo
     except ValidationError as exc:
         raise ConfigError(f"{path}: {_first_error(exc)}") from None
     _check_device(config, path)
+    config = _check_dispatch(config, path)
     loaded = LoadedConfig(config, path, config.model)
     local = loaded.resolve(config.model)
     if config.model != "demo" and local.is_dir():
@@ -275,6 +313,29 @@ def _check_device(config: AuditConfig, path: Path) -> None:
     except ModelLoadError as exc:
         message = _one_line(exc).replace("--device ", "device: ")
         raise ConfigError(f"{path}: field device: {message}") from None
+
+
+def _check_dispatch(config: AuditConfig, path: Path) -> AuditConfig:
+    """``device_map`` (or ``device_memory``, ``offload_folder``) without accelerate, or naming a GPU
+    this machine lacks: a one-line error before any model work; a relative offload folder made
+    relative to the config file."""
+    if config.device_map is None and config.device_memory is None and config.offload_folder is None:
+        return config
+    from xmllm.explainers.models.dispatch import check_device_memory, parse_device_memory, require_accelerate
+    from xmllm.explainers.models.errors import ModelLoadError
+
+    field = "device_map" if config.device_map is not None else (
+        "device_memory" if config.device_memory is not None else "offload_folder")
+    try:
+        require_accelerate(field)
+        if not (config.executor.kind == "ray" and config.executor.address):
+            check_device_memory(parse_device_memory(config.device_memory, "device_memory"), "device_memory")
+    except ModelLoadError as exc:
+        raise ConfigError(f"{path}: field {field}: {_one_line(exc)}") from None
+    if config.offload_folder is not None and not Path(config.offload_folder).expanduser().is_absolute():
+        folder = (path.parent.resolve() / Path(config.offload_folder).expanduser()).resolve()
+        config = config.model_copy(update={"offload_folder": str(folder)})
+    return config
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

@@ -88,14 +88,24 @@ class AuditWorker:
         self.reliance = make_plan([VisualReliance.id], seed=self.config.seed)
         """Visual reliance, which every audited sample gets (its scores go into the record)."""
         try:
-            self.loaded = load_model(spec.model_spec, device=spec.device or self.config.device,
-                                     eager_attention=needs_attention(self.ids))
+            placed = self._dispatch()
+            self.loaded = load_model(spec.model_spec, device="auto" if placed else spec.device or self.config.device,
+                                     eager_attention=needs_attention(self.ids), **placed)
         except ModelLoadError as exc:
             raise XmllmError(f"model {spec.model_spec}: {exc}") from None
         from xmllm.files import remove_stale
 
         self.scratch = scratch_root()
         remove_stale(self.scratch, SCRATCH_PREFIX)
+
+    def _dispatch(self) -> dict[str, Any]:
+        """The config's ``device_map``, ``device_memory`` and ``offload_folder`` (the map spreads the
+        model over the GPUs the worker sees, a Ray actor's included)."""
+        config = self.config
+        if config.device_map is None and config.device_memory is None and config.offload_folder is None:
+            return {}
+        return {"device_map": config.device_map or "auto", "device_memory": config.device_memory,
+                "offload_folder": config.offload_folder}
 
     def ready(self) -> bool:
         return True

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from xmllm.errors import XmllmError
-from .explain import add_model_options
+from .explain import add_dispatch_options, add_model_options, dispatch_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -20,6 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                    help="the answer's token limit (default: the model's; answers cut there are marked)")
     add_model_options(p)
+    add_dispatch_options(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
 
@@ -37,12 +38,13 @@ def run(args: argparse.Namespace) -> int:
     from xmllm.samples import read_sample_set
 
     check_max_new_tokens(args.max_new_tokens, "--max-new-tokens")
+    placed = dispatch_options(args)
 
     if single:
         items = [(None, [load_image(path) for path in args.image], args.question, None)]
     else:
         items = [(r.id, r, r.question, r.answer) for r in read_sample_set(args.samples)]
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, **placed)
     rows = []
     for sid, image, question, expected in items:
         images = [image.load_image()] if hasattr(image, "load_image") else list(image)

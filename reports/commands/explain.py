@@ -29,6 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="the generated answer's token limit (default: the model's; the run says if it was hit)")
     p.add_argument("--seed", type=int, default=0)
     add_model_options(p)
+    add_dispatch_options(p)
     add_memory_option(p)
     p.add_argument("--out", type=Path, required=True,
                    help="output folder: explanations.npz, manifest.json, the image and report.html")
@@ -40,6 +41,36 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N (default auto)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="weights and activations (default auto: bfloat16 on CUDA, float32 on the CPU)")
+
+
+def add_dispatch_options(p: argparse.ArgumentParser) -> None:
+    """``--device-map``, ``--device-memory`` and ``--offload-folder``: shard the model over GPUs
+    and offload the rest to CPU memory and disk (accelerate's dispatch; ``pip install xmllm[offload]``)."""
+    p.add_argument("--device-map", default=None, choices=("auto", "balanced", "balanced_low_0", "sequential"),
+                   help="spread the model's blocks over the GPUs, the rest in CPU memory and then on disk "
+                        "(needs accelerate: pip install xmllm[offload]; replaces --device)")
+    p.add_argument("--device-memory", metavar="DEVICE=SIZE,...", default=None,
+                   help="weights each device may hold under --device-map, e.g. 0=20GiB,1=20GiB,cpu=64GiB "
+                        "(DEVICE: a GPU index, cuda:N, mps or cpu; what does not fit goes to disk)")
+    p.add_argument("--offload-folder", type=Path, metavar="DIR", default=None,
+                   help="where --device-map keeps blocks offloaded to disk (default: a scratch folder under "
+                        "xmllm's cache, removed after)")
+
+
+def dispatch_options(args: argparse.Namespace) -> dict:
+    """The ``load_model`` arguments of ``--device-map``, ``--device-memory`` and ``--offload-folder``,
+    checked before any model work (one line naming the flag otherwise)."""
+    from ..explainers.models.dispatch import make_dispatch
+
+    device_map = getattr(args, "device_map", None)
+    memory = getattr(args, "device_memory", None)
+    folder = getattr(args, "offload_folder", None)
+    dispatch = make_dispatch(device_map, memory, folder, flag="--device-map", memory_flag="--device-memory")
+    if dispatch is None:
+        return {}
+    if getattr(args, "device", "auto") != "auto":
+        raise XmllmError(f"--device {args.device} and --device-map: give one (the device map places every block)")
+    return {"device_map": dispatch}
 
 
 def add_memory_option(p: argparse.ArgumentParser) -> None:
@@ -90,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
     from xmllm.audit.store import OutputError
 
     budget = parse_memory(args.max_memory) if args.max_memory is not None else None
+    placed = dispatch_options(args)
     check_out(args.out)
     try:
         resolve_device(args.device)
@@ -105,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     images = args.image[0] if len(args.image) == 1 else list(args.image)
     with tqdm(total=len(ids), desc="explaining", unit="explainer", file=sys.stderr) as bar:
         run = explain(args.model, images, args.question, plan, expected=args.expected, device=args.device,
-                      dtype=args.dtype, max_memory=budget,
+                      dtype=args.dtype, max_memory=budget, **placed,
                       progress=lambda eid: (bar.set_postfix_str(eid), bar.update(1)))
     try:
         folder = run.save(args.out)
