@@ -198,6 +198,12 @@ class ModelAdapter:
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go: a dispatched model's execution device (its first parameter may be on
+        the meta device, offloaded), else its first parameter's."""
+        if getattr(self.model, "hf_device_map", None):
+            from ..dispatch import execution_device
+
+            return execution_device(self.model)
         return next(self.model.parameters()).device
 
     @property
