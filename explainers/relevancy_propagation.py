@@ -52,6 +52,7 @@ from xmllm.explainers.prepared import Prepared, score_tokens
 from .hooks import Hooks
 from .models.errors import AdapterError
 from .params import ParamError
+from .recompute import recomputed_blocks, recomputing
 
 DEFAULT_TARGET = "logit"
 """Chosen by measurement (``xmllm evaluate --demo 500``, both targets, paired over the same 500
@@ -92,29 +93,60 @@ def _attention_modules(prepared: Prepared, prefix: str) -> list[tuple[str, torch
     return sorted(found, key=lambda item: int(item[0][len(prefix) : -len(ATTN_SUFFIX)]))
 
 
+class _Seen:
+    """What the forward recorded of one attention call when its weights are not kept (streamed with
+    recompute): whether they were a tensor, and their shape."""
+
+    def __init__(self, weights: Any) -> None:
+        self.tensor = torch.is_tensor(weights)
+        self.shape = tuple(weights.shape) if self.tensor else ()
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+
 @contextlib.contextmanager
-def _capture(modules: list[tuple[str, torch.nn.Module]]) -> Iterator[dict[str, list[Any]]]:
-    """Forward hooks keeping each attention module's weights (its output[1]), graph attached."""
+def _capture(modules: list[tuple[str, torch.nn.Module]], light: bool = False,
+             taps: _RecomputedTaps | None = None) -> Iterator[dict[str, list[Any]]]:
+    """Forward hooks keeping each attention module's weights (its output[1]), graph attached.
+
+    Under :func:`~xmllm.explainers.recompute.recomputed_blocks` an attention module runs again in
+    the backward; those calls are not recorded (the forward's are what the store holds), except
+    that ``taps`` receive the recomputed weights. ``light``: the store holds a :class:`_Seen` per
+    call instead of the weights, so no layer's attention outlives its block's forward."""
     store: dict[str, list[Any]] = {name: [] for name, _ in modules}
     with Hooks() as hooks:
         for name, module in modules:
 
             def hook(_module: torch.nn.Module, _args: Any, output: Any, name: str = name) -> None:
                 weights = output[1] if isinstance(output, (tuple, list)) and len(output) > 1 else None
-                store[name].append(weights)
+                if recomputing() is not None:
+                    if taps is not None and torch.is_tensor(weights):
+                        taps.recomputed(name, weights)
+                    return
+                if not light:
+                    store[name].append(weights)
+                    return
+                if taps is not None and torch.is_tensor(weights) and weights.requires_grad:
+                    taps.tap(name, weights, hooks)
+                store[name].append(_Seen(weights))
 
             hooks.add(module.register_forward_hook(hook))
         yield store
 
 
 @contextlib.contextmanager
-def _embeddings_require_grad(prepared: Prepared) -> Iterator[None]:
-    """Keep the decoder's input in the graph even where no parameter requires grad (a frozen model)."""
+def _embeddings_require_grad(prepared: Prepared, edges: list[Any] | None = None) -> Iterator[None]:
+    """Keep the decoder's input in the graph even where no parameter requires grad (a frozen model);
+    ``edges`` receives the gradient edge of each such input (a backward to it runs through every block)."""
 
     def hook(_module: torch.nn.Module, _args: Any, output: Any) -> Any:
-        if torch.is_tensor(output) and output.is_floating_point() and not output.requires_grad:
-            return output.detach().requires_grad_().clone()
-        return None
+        if not (torch.is_tensor(output) and output.is_floating_point()):
+            return None
+        out = output if output.requires_grad else output.detach().requires_grad_().clone()
+        if edges is not None:
+            edges.append(torch.autograd.graph.get_gradient_edge(out))
+        return None if out is output else out
 
     with Hooks() as hooks:
         hooks.add(prepared.adapter.hook_points()["decoder.embed"].register_forward_hook(hook))
@@ -128,7 +160,7 @@ def _single_weights(explainer: str, prepared: Prepared, store: dict[str, list[An
         if len(calls) != 1:
             raise ValueError(f"{explainer}: {name} ran {len(calls)} times in one forward; expected once")
         weights = calls[0]
-        if not torch.is_tensor(weights) or weights.dim() != 4:
+        if not (torch.is_tensor(weights) or (isinstance(weights, _Seen) and weights.tensor)) or weights.dim() != 4:
             vision = name.startswith(VISION_ATTN_PREFIX)
             hint = "; use through='decoder'" if vision else ""
             # through the vision tower, a parameter value this model cannot take; in the decoder, a
@@ -292,16 +324,55 @@ class _EagerTaps:
 
     def _hook(self, layer: int):
         def hook(grad: torch.Tensor) -> None:
-            self.stream.open(layer)
-            weights, grad = self.weights[layer][0], grad[0]
-            heads, queries, keys = grad.shape
-            step = _row_step(grad.device, heads, keys)
-            for first in range(0, queries, step):
-                rows = slice(first, first + step)
-                self.stream.fold(first, grad[:, rows].float() * weights[:, rows].float())
-            self.stream.shut(heads)
+            _fold_layer(self.stream, layer, grad, self.weights[layer])
 
         return hook
+
+
+def _fold_layer(stream: _RowStream, layer: int, grad: torch.Tensor, weights: torch.Tensor) -> None:
+    """Fold one layer's ``dy/dA ⊙ A`` (both (1, heads, n, n)) into the row, a block of query rows at a time."""
+    stream.open(layer)
+    weights, grad = weights[0], grad[0]
+    heads, queries, keys = grad.shape
+    step = _row_step(grad.device, heads, keys)
+    for first in range(0, queries, step):
+        rows = slice(first, first + step)
+        stream.fold(first, grad[:, rows].float() * weights[:, rows].float())
+    stream.shut(heads)
+
+
+class _RecomputedTaps:
+    """The eager taps when the blocks are recomputed: the forward's attention weights are not kept;
+    each layer's gradient is folded with the weights its block's recomputation produced moments
+    before in the same backward pass, and those are dropped once folded, so at most one layer's
+    attention is alive at a time."""
+
+    def __init__(self, stream: _RowStream, names: list[str]) -> None:
+        self.stream = stream
+        self.layer = {name: i for i, name in enumerate(names)}
+        self.latest: dict[str, torch.Tensor] = {}
+        self.inputs: list[Any] = []
+        """Gradient edges of the decoder's input: the backward passes end there, having run every
+        block's backward in full (ending at the first layer's attention weights would leave some of
+        the first block's recomputed tensors unread, and alive, after each pass)."""
+
+    def recomputed(self, name: str, weights: torch.Tensor) -> None:
+        self.latest[name] = weights.detach()
+
+    def tap(self, name: str, weights: torch.Tensor, hooks: Hooks) -> None:
+        hooks.add(weights.register_hook(self._hook(name)))
+
+    def _hook(self, name: str):
+        def hook(grad: torch.Tensor) -> None:
+            self.fold(name, grad)
+
+        return hook
+
+    def fold(self, name: str, grad: torch.Tensor) -> None:
+        weights = self.latest.pop(name, None)
+        if weights is None:
+            raise RuntimeError(f"relevancy: {name}'s attention was not recomputed before its gradient")
+        _fold_layer(self.stream, self.layer[name], grad, weights)
 
 
 # --- the attention kernel with the row in its backward ----------------------------------------------
@@ -335,6 +406,9 @@ class _RowKernel:
 
 
 _ACTIVE: contextvars.ContextVar[_RowKernel | None] = contextvars.ContextVar("xmllm_row_kernel", default=None)
+_OPEN: list[_RowKernel] = []
+"""Kernels whose context is open: a block recomputed in a backward pass may run on the autograd
+engine's own thread (an accelerator's), where the context variable is not set."""
 
 
 class _RowAttention(torch.autograd.Function):
@@ -419,6 +493,8 @@ def _row_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
     """The registered attention function: :class:`_RowAttention` for the decoder blocks being
     explained, the module's own eager kernel for anything else."""
     kernel = _ACTIVE.get()
+    if kernel is None and recomputing() is not None and _OPEN:
+        kernel = _OPEN[-1]
     layer = None if kernel is None else kernel.layers.get(id(module))
     plain = (
         layer is not None and query.shape[0] == 1 and query.shape[1] % key.shape[1] == 0
@@ -490,9 +566,11 @@ def _row_kernel(prepared: Prepared, modules: list[tuple[str, torch.nn.Module]]) 
         yield None
         return
     token = _ACTIVE.set(kernel)
+    _OPEN.append(kernel)
     try:
         yield kernel
     finally:
+        _OPEN.remove(kernel)
         _ACTIVE.reset(token)
         model.set_attn_implementation(before)
 
@@ -547,11 +625,11 @@ def _vision_rows(rows: torch.Tensor | None, abars: list[torch.Tensor | None], to
 
 
 def _streamed_rows(stream: _RowStream, scalars: torch.Tensor, starts: torch.Tensor, out: torch.Tensor,
-                   through: torch.Tensor) -> int:
+                   through: Any) -> int:
     """One backward per target, each folding its row through ``stream``; returns the calls.
     ``through`` is what the gradient is asked of: the kernel's anchor (an input of every block's
-    attention) or the first block's eager attention weights; either way the backward runs
-    through every decoder block and stops there."""
+    attention), the first block's eager attention weights, or (blocks recomputed) the gradient edge
+    of the decoder's input; either way the backward runs through every decoder block and stops there."""
     for k in range(scalars.numel()):
         stream.begin(starts[k])
         torch.autograd.grad(scalars[k], through, retain_graph=k < scalars.numel() - 1)
@@ -571,19 +649,35 @@ def _gradients(scalars: torch.Tensor, chunk: list[int], weights: list[torch.Tens
                                     allow_unused=True, is_grads_batched=True))
 
 
-def _forward(prepared: Prepared, overrides: dict[str, Any], decoder: list[tuple[str, torch.nn.Module]],
-             vision: list[tuple[str, torch.nn.Module]], streamed: bool) -> tuple[Any, dict[str, list[Any]], _RowKernel | None]:
+def _forward(stack: contextlib.ExitStack, prepared: Prepared, overrides: dict[str, Any],
+             decoder: list[tuple[str, torch.nn.Module]], vision: list[tuple[str, torch.nn.Module]], streamed: bool,
+             light: bool = False, taps: _RecomputedTaps | None = None,
+             ) -> tuple[Any, dict[str, list[Any]], _RowKernel | None]:
     """The forward with attention weights kept: through the row kernel when ``streamed`` and every
-    decoder block can run it, else with eager attention and the weights in autograd's graph."""
+    decoder block can run it, else with eager attention and the weights in autograd's graph. The
+    contexts (kernel, eager attention, capture hooks) enter ``stack``: they stay open for the
+    backward passes, where recomputed blocks run their forward again. ``light`` and ``taps``: see
+    :func:`_capture` (``taps`` only on the eager path)."""
     if streamed:
-        with _row_kernel(prepared, decoder) as kernel, torch.enable_grad(), _capture(decoder) as store:
+        attempt = contextlib.ExitStack()
+        try:
+            kernel = attempt.enter_context(_row_kernel(prepared, decoder))
+            attempt.enter_context(torch.enable_grad())
+            store = attempt.enter_context(_capture(decoder, light=light))
             out = prepared.forward(**overrides) if kernel is not None else None
+        except BaseException:
+            attempt.close()
+            raise
         if kernel is not None and kernel.ran == set(range(len(decoder))):
+            stack.enter_context(attempt)
             return out, store, kernel
         del out, store  # a block ran its own eager kernel (or none could switch): the eager path
-    with eager_attention(prepared.model), torch.enable_grad(), _embeddings_require_grad(prepared), \
-            _capture(decoder + vision) as store:
-        out = prepared.forward(**overrides)
+        attempt.close()
+    stack.enter_context(eager_attention(prepared.model))
+    stack.enter_context(torch.enable_grad())
+    stack.enter_context(_embeddings_require_grad(prepared, taps.inputs if taps is not None else None))
+    store = stack.enter_context(_capture(decoder + vision, light=light and taps is not None, taps=taps))
+    out = prepared.forward(**overrides)
     return out, store, None
 
 
@@ -594,12 +688,21 @@ def compute_relevancy(
     through: str = DEFAULT_THROUGH,
     batch: int = DEFAULT_BATCH,
     explainer: str = "relevancy",
+    recompute: bool = False,
 ) -> Relevancy:
     """One forward with attention weights in the graph, then per answer token its gradients and row.
 
     The targets are the T answer tokens' values at their generating positions and, when T > 1,
     their sum for the whole answer; ``batch`` of them go through one ``autograd.grad`` call
     (``is_grads_batched`` when more than one).
+
+    ``recompute``: every decoder and vision block recomputes its activations in each backward pass
+    (:mod:`xmllm.explainers.recompute`). In the streamed case (``batch`` 1, through the decoder) the
+    forward then keeps no attention weights at all: each layer's are recomputed inside its block's
+    backward, folded into the row with their gradient and dropped, so no two layers' n x n
+    attentions are alive at once. Through the vision tower, or with ``batch`` > 1, the weights of
+    every layer are still kept (the vision rule needs whole matrices; a batch needs every layer's
+    gradients at once); only the rest of each block is recomputed.
     """
     device = prepared.inputs["input_ids"].device
     seq_len = prepared.seq_len
@@ -617,9 +720,26 @@ def compute_relevancy(
     if with_vision and torch.is_tensor(pixels) and pixels.is_floating_point():
         overrides["pixel_values"] = pixels.detach().requires_grad_()
 
+    with contextlib.ExitStack() as stack:
+        return _propagate(stack, prepared, target, through, batch, explainer, recompute, overrides,
+                          decoder_modules, vision_modules, positions, token_ids, count)
+
+
+def _propagate(stack: contextlib.ExitStack, prepared: Prepared, target: str, through: str, batch: int, explainer: str,
+               recompute: bool, overrides: dict[str, Any], decoder_modules: list[tuple[str, torch.nn.Module]],
+               vision_modules: list[tuple[str, torch.nn.Module]], positions: torch.Tensor, token_ids: torch.Tensor,
+               count: int) -> Relevancy:
+    """:func:`compute_relevancy`'s forward and backward passes, inside ``stack``'s contexts."""
+    device = prepared.inputs["input_ids"].device
+    seq_len = prepared.seq_len
+    with_vision = through != "decoder"
     clock = time.perf_counter()
     streamed = batch == 1 and not with_vision  # the common case: rows folded inside the backward passes
-    out, store, kernel = _forward(prepared, overrides, decoder_modules, vision_modules, streamed)
+    light = recompute and streamed  # nothing of any layer's attention kept past its block
+    stack.enter_context(recomputed_blocks(prepared.adapter, recompute))
+    taps = _RecomputedTaps(_RowStream(len(decoder_modules)), [n for n, _ in decoder_modules]) if light else None
+    hooks = stack.enter_context(Hooks())
+    out, store, kernel = _forward(stack, prepared, overrides, decoder_modules, vision_modules, streamed, light, taps)
     decoder_weights = _single_weights(explainer, prepared, {n: store[n] for n, _ in decoder_modules}, "relevancy")
     vision_weights = _single_weights(explainer, prepared, {n: store[n] for n, _ in vision_modules},
                                      f"through={through!r}")
@@ -647,10 +767,13 @@ def compute_relevancy(
     clock = time.perf_counter()
     if kernel is not None:
         calls = _streamed_rows(kernel.stream, scalars, starts, decoder_rows, kernel.anchor)
+    elif light:
+        if len(taps.inputs) != 1:
+            raise RuntimeError(f"{explainer}: the decoder's input embedding ran {len(taps.inputs)} times in one forward")
+        calls = _streamed_rows(taps.stream, scalars, starts, decoder_rows, taps.inputs[0])
     elif streamed:
-        with Hooks() as hooks:
-            taps = _EagerTaps(_RowStream(len(decoder_weights)), decoder_weights, hooks)
-            calls = _streamed_rows(taps.stream, scalars, starts, decoder_rows, decoder_weights[0])
+        eager_taps = _EagerTaps(_RowStream(len(decoder_weights)), decoder_weights, hooks)
+        calls = _streamed_rows(eager_taps.stream, scalars, starts, decoder_rows, decoder_weights[0])
     else:
         calls = 0
         for first in range(0, scalars.numel(), batch):
@@ -666,7 +789,7 @@ def compute_relevancy(
                 image_rows[chunk] = _vision_rows(handed, abars[num_decoder:], token_map, seq_len, len(chunk))
             del abars
     timings["gradients_s"] = time.perf_counter() - clock
-    del out, weights, decoder_weights, vision_weights
+    del out, weights, decoder_weights, vision_weights, store
 
     answer = count if count > 1 else 0
     return Relevancy(
@@ -681,6 +804,7 @@ def compute_relevancy(
         timings=timings,
         backward_calls=calls,
         batch=batch,
-        kernel="streamed attention backward" if kernel is not None else "eager autograd",
+        kernel=("streamed attention backward" if kernel is not None else "eager autograd")
+        + (", blocks recomputed" if recompute else ""),
     )
 

@@ -27,6 +27,8 @@ from ..relevancy_propagation import (
     Relevancy,
     compute_relevancy,
 )
+from ..memory import backward_copy_bytes
+from ..recompute import RECOMPUTE_CHOICES, RECOMPUTE_HELP, resolve
 from ..scaleplan import ScalePlan, costs
 
 THROUGH: tuple[str, ...] = ("decoder", "vision", "both")
@@ -92,6 +94,13 @@ def _scale_plan(prep: Prepared) -> ScalePlan:
                      "the whole answer, each of the same sizes)", stop_backwards=1, cost=costs(1, answer + 1))
 
 
+def _recompute(prep: Prepared, setting: bool | str, through: str) -> bool:
+    """``recompute`` resolved against what the kept run holds: every block's activations with eager
+    attention (the relevancy forward keeps every layer's attention weights)."""
+    return resolve(setting, lambda: backward_copy_bytes(prep, eager=True, through_vision=through != "decoder"),
+                   prep.loaded.device)
+
+
 # --- the explainers --------------------------------------------------------------------------------
 
 
@@ -128,14 +137,16 @@ class CheferRelevancy(Explainer):
         target: str = param(DEFAULT_TARGET, "what is explained: each answer token's log-prob or logit",
                             choices=TARGETS)
         batch: int = param(DEFAULT_BATCH, "answer-token targets per backward call", low=1)
+        recompute: bool | str = param("auto", RECOMPUTE_HELP, choices=RECOMPUTE_CHOICES)
 
     def compute(self, model: LoadedModel, sample: Prepared, params: Params) -> Explanation:
         through = params.through
         prepared = sample
+        recompute = _recompute(prepared, params.recompute, through)
         result = compute_relevancy(prepared, target=params.target, through=through, batch=params.batch,
-                                   explainer=self.id)
+                                   explainer=self.id, recompute=recompute)
 
-        exp = Explanation(self.id, params.as_dict(), prepared.target())
+        exp = Explanation(self.id, {**params.as_dict(), "recompute": recompute}, prepared.target())
         add_image_maps(exp, prepared, result.image, result.image_answer)
         add_prompt_maps(exp, prepared, result)
         shares = result.shares(result.decoder)[:, 0]
@@ -177,14 +188,16 @@ class ModalityRelevancy(Explainer):
                             choices=TARGETS)
         top_k: int = param(DEFAULT_TOP_K, "prompt words listed per answer token", low=1)
         batch: int = param(DEFAULT_BATCH, "answer-token targets per backward call", low=1)
+        recompute: bool | str = param("auto", RECOMPUTE_HELP, choices=RECOMPUTE_CHOICES)
 
     def compute(self, model: LoadedModel, sample: Prepared, params: Params) -> Explanation:
         top_k = params.top_k
         prepared = sample
+        recompute = _recompute(prepared, params.recompute, "decoder")
         result = compute_relevancy(prepared, target=params.target, through="decoder", batch=params.batch,
-                                   explainer=self.id)
+                                   explainer=self.id, recompute=recompute)
 
-        exp = Explanation(self.id, params.as_dict(), prepared.target())
+        exp = Explanation(self.id, {**params.as_dict(), "recompute": recompute}, prepared.target())
         per_token = result.shares(result.decoder)
         whole = result.shares(result.decoder_answer)
         exp.add("share", per_token, ("answer_token", "modality"))
