@@ -273,7 +273,8 @@ class AttentionRecorder:
                 if layer != self._decoder_next:
                     raise RuntimeError(f"decoder blocks ran out of order ({point} after block {self._decoder_next - 1})")
                 factor = rollout_layer(weights, self.rollout)
-                self._decoder_product = factor if self._decoder_product is None else factor @ self._decoder_product
+                self._decoder_product = (factor if self._decoder_product is None  # a sharded model: the block's device
+                                          else factor @ self._decoder_product.to(factor.device))
                 self._decoder_next += 1
 
         return hook
@@ -320,7 +321,8 @@ class AttentionRecorder:
             if layer != self._vision_next:
                 raise RuntimeError(f"vision blocks ran out of order ({point} after block {self._vision_next - 1})")
             factor = rollout_layer(weights, self.vision)
-            self._vision_product = factor if self._vision_product is None else factor @ self._vision_product
+            self._vision_product = (factor if self._vision_product is None  # a sharded model: the block's device
+                                    else factor @ self._vision_product.to(factor.device))
             self._vision_next += 1
 
         return hook
@@ -365,7 +367,7 @@ class AttentionRecorder:
 
     def _finish(self, source: str, rows: torch.Tensor, queries: torch.Tensor) -> AttentionRecord:
         blocks = {
-            name: torch.stack([per_layer[i] for i in sorted(per_layer)]).cpu()
+            name: torch.stack([per_layer[i].cpu() for i in sorted(per_layer)])  # blocks may be on several devices
             for name, per_layer in self.block_values.items()
         }
         vision = None
@@ -395,7 +397,7 @@ class AttentionRecorder:
                 end = self.prompt_len + step  # keys up to the query at prompt_len - 1 + step
                 if row.shape[-1] > end:
                     raise RuntimeError(f"step {step} of block {layer} sees {row.shape[-1]} keys, more than {end}")
-                rows[step, layer, :, end - row.shape[-1] : end] = row  # sliding-window caches keep the tail
+                rows[step, layer, :, end - row.shape[-1] : end] = row.to(rows.device)  # sliding windows keep the tail
         queries = torch.arange(self.prompt_len - 1, self.prompt_len - 1 + num_tokens)
         return self._finish("generate", rows, queries)
 
@@ -404,7 +406,8 @@ class AttentionRecorder:
         layers = self._layers()
         if any(len(calls) != 1 for calls in layers):
             raise RuntimeError("a forward capture must see exactly one call per decoder block")
-        rows = torch.stack([calls[0] for calls in layers]).permute(2, 0, 1, 3).contiguous()  # (T, L, H, S)
+        home = layers[0][0].device  # blocks of a sharded model are on several devices
+        rows = torch.stack([calls[0].to(home) for calls in layers]).permute(2, 0, 1, 3).contiguous()  # (T, L, H, S)
         assert self.query_positions is not None
         return self._finish("forward", rows, self.query_positions)
 

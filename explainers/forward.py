@@ -175,12 +175,13 @@ class LogitRows:
             hidden = args[0] if args else None
             if not (torch.is_tensor(hidden) and hidden.dim() == 3 and hidden.shape[1] == seq_len):
                 raise RuntimeError(f"{type(module).__name__} input is not (batch, {seq_len}, hidden): rows not cut")
-            return (hidden.index_select(1, rows), *args[1:])
+            return (hidden.index_select(1, rows.to(hidden.device)), *args[1:])  # a sharded model: the block's device
 
         def scatter(module: torch.nn.Module, args: tuple, output: Any) -> torch.Tensor:
             if not torch.is_tensor(output):
                 raise RuntimeError(f"{type(module).__name__} returns {type(output).__name__}, not a tensor")
-            return output.new_zeros(output.shape[0], seq_len, output.shape[-1]).index_copy_(1, rows, output)
+            return output.new_zeros(output.shape[0], seq_len, output.shape[-1]).index_copy_(1, rows.to(output.device),
+                                                                                           output)
 
         with Hooks() as hooks:
             for module in self.modules:

@@ -61,7 +61,8 @@ def residual_states(prep: Prepared, positions: torch.Tensor, layers: Sequence[in
 
     def keep(index: int):
         def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
-            kept[index] = _block_output(output)[0].index_select(0, pos).detach()
+            hidden = _block_output(output)[0]
+            kept[index] = hidden.index_select(0, pos.to(hidden.device)).detach().to(pos.device)  # a sharded model's block
 
         return hook
 
