@@ -46,25 +46,31 @@ class Idefics2Adapter(ModelAdapter):
         token_id = self.tokenizer.convert_tokens_to_ids(token)
         return None if token_id is None or token_id == getattr(self.tokenizer, "unk_token_id", None) else int(token_id)
 
+    @property
+    def views_per_image(self) -> int:
+        """Views the processor makes of each image: four crops and the whole image when it splits
+        images, else the whole image alone."""
+        splitting = getattr(getattr(self.processor, "image_processor", None), "do_image_splitting", False)
+        return 5 if splitting else 1
+
     def _views(self, ids: torch.Tensor) -> list[list[torch.Tensor]]:
-        """Per image of the row, its views' image-token positions: runs of ``latents`` tokens, the
-        views of one image separated by one boundary token each, images by anything else."""
+        """Per image of the row, its views' image-token positions: runs of ``latents`` tokens, taken
+        :attr:`views_per_image` at a time (adjacent images are framed by the same boundary token as
+        one image's views, so the boundary cannot tell them apart)."""
         positions = torch.nonzero(ids == self.image_token_id).flatten()
         if positions.numel() == 0:
             return []
         breaks = torch.nonzero(positions[1:] - positions[:-1] != 1).flatten() + 1
         runs = list(torch.tensor_split(positions, breaks.tolist()))
-        images: list[list[torch.Tensor]] = []
         for run in runs:
             if run.numel() != self.latents:
                 raise AdapterError(f"{self.model_type}: a run of {run.numel()} image tokens; each view has "
                                    f"{self.latents} latents")  # fmt: skip
-            gap = int(run[0]) - int(images[-1][-1][-1]) - 1 if images else -1
-            if gap == 1 and int(ids[int(run[0]) - 1]) == self.fake_token_id:
-                images[-1].append(run)
-            else:
-                images.append([run])
-        return images
+        per = self.views_per_image
+        if len(runs) % per:
+            raise AdapterError(f"{self.model_type}: {len(runs)} views of {self.latents} latents is not a whole "
+                               f"number of images of {per} views")  # fmt: skip
+        return [runs[i : i + per] for i in range(0, len(runs), per)]
 
     def _row_plans(self, inputs: Mapping[str, Any], row: int) -> list[ImagePlan]:
         plans = []

@@ -1,0 +1,71 @@
+"""Two images on every tiny family (#25 item 5): each picture gets its own layout, the positions are
+the image tokens and count the model's features, a cell of the second picture reaches the decoder
+at its own position only, and occlusion maps both pictures; a family that takes one picture refuses
+the second in one line."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from loaded_models import TINY_QUESTION, tiny_loaded
+from tiny_models import ALL_FAMILIES, TEST_IMAGE_SIZES, tiny_image
+
+from xmllm import XmllmError
+from xmllm.explainers.answering import generate_answer
+from xmllm.explainers.models.adapters.generic import GenericAdapter, _feature_count, image_feature_getter
+from xmllm.explainers.models.cell_check import check_cell_positions
+from xmllm.explainers.prepared import ExplainSample, prepare
+from xmllm.pipeline import make_plan, run_plan
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+
+FAST_FAMILIES = ("llava", "qwen2_vl", "idefics3", "llava_onevision", "internvl")
+"""The default suite's families (about 30 s); every family with XMLLM_FAMILY_MATRIX=1 (about 6 min,
+the CI's matrix step)."""
+FAMILIES = ALL_FAMILIES if os.environ.get("XMLLM_FAMILY_MATRIX") == "1" else [f for f in ALL_FAMILIES if f in FAST_FAMILIES]
+
+
+def two_inputs(family: str):
+    loaded = tiny_loaded(family)
+    size = TEST_IMAGE_SIZES[family]
+    pictures = [tiny_image(*size), tiny_image(*size, seed=1)]
+    try:
+        inputs, _ = loaded.adapter.build_inputs(pictures, TINY_QUESTION)
+    except (XmllmError, ValueError) as exc:  # a family that takes one picture says so in one line
+        message = str(exc)
+        assert message.strip() and "\n" not in message, (family, message)
+        pytest.skip(f"{family} takes one picture: {message}")
+    return loaded, pictures, inputs
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_pictures_two_layouts_at_the_image_tokens(family):
+    loaded, _, inputs = two_inputs(family)
+    adapter = loaded.adapter
+    layouts = adapter.image_layouts(inputs)
+    assert [layout.image_index for layout in layouts] == [0, 1]
+    positions = torch.cat([layout.all_positions for layout in layouts])
+    tokens = torch.nonzero(inputs["input_ids"][0] == adapter.image_token_id).flatten()
+    assert torch.equal(positions, tokens)
+    keys = {k: v for k, v in inputs.items() if k in GenericAdapter._feature_kwargs(adapter, inputs)}
+    with torch.no_grad():
+        features = image_feature_getter(loaded.model)(pixel_values=inputs["pixel_values"], **keys)
+    assert _feature_count(features) == tokens.numel()
+    if not adapter.lacks("pixel_cells"):
+        assert check_cell_positions(adapter, inputs) == []  # first, middle and last cell of every grid, both pictures
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_occlusion_maps_both_pictures(family):
+    loaded, pictures, _ = two_inputs(family)
+    if loaded.adapter.lacks("pixel_cells"):
+        pytest.skip(loaded.adapter.lacks("pixel_cells"))
+    answer = generate_answer(loaded, pictures, TINY_QUESTION, max_new_tokens=2)
+    prepared = prepare(loaded, ExplainSample(pictures, TINY_QUESTION, id=f"tiny-{family}-two"), answer=answer)
+    (outcome,) = list(run_plan(loaded, prepared, make_plan(["perturbation.occlusion"])))
+    exp = outcome.explanation
+    assert exp is not None, outcome.skipped
+    second = [name for name in exp.maps if name.startswith("image1.") and name.endswith(".answer")]
+    assert "image.answer" in exp.maps and len(second) == 1
+    assert {"image_drop.1", "image_drop.2"} <= set(exp.scores)
