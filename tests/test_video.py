@@ -1,0 +1,83 @@
+"""Video input (#25 items 1 and 6): frames decoded by PyAV, sampled evenly, as pictures in order;
+a video that does not decode, holds no frames or is missing is one line naming it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from xmllm.video import VideoError, family_frame_count, load_video, sample_indices
+
+av = pytest.importorskip("av", reason="PyAV (the video extra) is not installed")
+
+WIDTH, HEIGHT = 64, 48
+
+
+def bar_at(index: int) -> np.ndarray:
+    """Frame ``index`` of the test clip: a white bar that moves right by 3 pixels a frame."""
+    frame = np.zeros((HEIGHT, WIDTH, 3), np.uint8)
+    frame[:, index * 3 : index * 3 + 6] = 255
+    return frame
+
+
+def write_clip(path: Path, frames: int, rate: int = 10, codec: str = "mpeg4") -> Path:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        for i in range(frames):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(bar_at(i), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> Path:
+    return write_clip(tmp_path_factory.mktemp("video") / "clip.mp4", 20)
+
+
+def test_sampling_spreads_frames_evenly():
+    assert sample_indices(20, 4) == [2, 7, 12, 17]
+    assert sample_indices(3, 8) == [0, 1, 2]  # a short clip: every frame
+    assert sample_indices(8, 8) == list(range(8))
+
+
+def test_frames_come_back_in_order_at_their_times(clip):
+    video = load_video(clip, frames=4)
+    assert video.total == 20 and video.indices == [2, 7, 12, 17]
+    assert video.times == pytest.approx([0.2, 0.7, 1.2, 1.7])
+    assert all(frame.size == (WIDTH, HEIGHT) and frame.mode == "RGB" for frame in video.frames)
+    for frame, index in zip(video.frames, video.indices):  # the bar is where that frame drew it (lossy codec)
+        columns = np.asarray(frame, dtype=np.float64).mean(axis=(0, 2))
+        assert abs(int(np.argmax(columns)) - (index * 3 + 2.5)) <= 3
+    assert video.labels()[0] == "frame 2 · 0.20 s"
+
+
+def test_a_missing_undecodable_or_empty_video_is_one_line(tmp_path):
+    with pytest.raises(VideoError, match="video not found") as err:
+        load_video(tmp_path / "nowhere.mp4")
+    assert str(tmp_path / "nowhere.mp4") in str(err.value)
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"this is not a video" * 100)
+    with pytest.raises(VideoError) as err:
+        load_video(junk)
+    assert str(junk) in str(err.value) and "\n" not in str(err.value) and "not a readable video" in str(err.value)
+    empty = write_clip(tmp_path / "empty.mp4", 0)
+    with pytest.raises(VideoError) as err:
+        load_video(empty)
+    assert str(empty) in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(VideoError, match="--frames"):
+        load_video(tmp_path / "junk.mp4", frames=0)
+
+
+def test_the_family_frame_count_is_read_from_its_video_processor():
+    class VideoProcessor:
+        num_frames = 16
+
+    class Processor:
+        video_processor = VideoProcessor()
+
+    assert family_frame_count(Processor()) == 16
+    assert family_frame_count(object()) is None
