@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 
 import numpy as np
 import pytest
@@ -283,3 +284,32 @@ def test_the_audit_config_takes_a_device_map(tmp_path) -> None:
         with pytest.raises(ConfigError, match=said) as caught:
             load_config(config(**fields), {})
         assert "\n" not in str(caught.value)
+
+
+def test_an_audit_with_a_device_map_equals_the_plain_one(tmp_path, capsys) -> None:
+    from audit_sets import write_config, write_set
+
+    write_set(tmp_path / "set", 1)
+    options = {"device": "auto", "explainers": {"perturbation.occlusion": {"window": 4}}, "checks": [],
+               "faithfulness": {"enabled": False}}
+    plain = write_config(tmp_path / "plain.yaml", "demo", output="plain", **options)
+    offloaded = write_config(tmp_path / "offloaded.yaml", "demo", output="offloaded", device_map="auto",
+                             device_memory={"cpu": DEMO_CPU_LIMIT}, **options)
+    assert main(["run", str(plain), "--no-progress"]) == 0
+    assert main(["run", str(offloaded), "--no-progress", "--offload-folder", str(tmp_path / "off")]) == 0
+    records = {}
+    for name in ("plain", "offloaded"):
+        [path] = sorted((tmp_path / name / "samples").glob("*/record.json"))
+        records[name] = json.loads(path.read_text(encoding="utf-8"))
+        arrays = sorted(path.parent.glob("run/*.npz"))
+        records[name]["arrays"] = {f"{p.name} {k}": v for p in arrays for k, v in np.load(p).items()}
+    a, b = records["plain"], records["offloaded"]
+    assert a["status"] == b["status"] == "ok" and a["answer"] == b["answer"]
+    assert sorted(a["arrays"]) == sorted(b["arrays"]) and a["arrays"]
+    for key, values in a["arrays"].items():
+        assert np.allclose(b["arrays"][key], values, rtol=1e-5, atol=1e-7), key
+    for key, value in a["reliance"].items():
+        assert math.isclose(b["reliance"][key], value, rel_tol=1e-5, abs_tol=1e-7), key
+    [manifest] = (tmp_path / "offloaded" / "samples").glob("*/run/manifest.json")
+    recorded = json.loads(manifest.read_text(encoding="utf-8"))["model"]["device_map"]
+    assert recorded["offload_folder"] == str(tmp_path / "off") and recorded["blocks"]["disk"] >= 2

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .explain import add_dispatch_options
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="audit a model over a sample set: per-sample reports, a summary, a site section")
@@ -16,6 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="audit only the first N samples")
     p.add_argument("--max-memory", metavar="SIZE", default=None,
                    help="tensor memory each explainer may add, e.g. 20GB (default: the config's, else the device's)")
+    add_dispatch_options(p)
     p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                    help="the generated answers' token limit (default: the config's, else the model's)")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failing sample")
@@ -41,6 +44,12 @@ def run(args: argparse.Namespace) -> int:
         overrides["max_new_tokens"] = args.max_new_tokens
     if args.max_memory is not None:
         overrides["max_memory"] = args.max_memory
+    if args.device_map is not None:  # checked with the config (field device_map, ...)
+        overrides["device_map"] = args.device_map
+    if args.device_memory is not None:
+        overrides["device_memory"] = args.device_memory
+    if args.offload_folder is not None:  # relative to where the command runs, not to the config
+        overrides["offload_folder"] = str(args.offload_folder.expanduser().resolve())
     outcome = audit(args.config, args.out, overrides=overrides, fail_fast=args.fail_fast,
                     retry_failed=args.retry_failed, progress=not args.no_progress)
     rate = outcome.computed / outcome.seconds if outcome.seconds > 0 else 0.0
