@@ -6,8 +6,10 @@ holds one big block at a time (the logit lens's read-out) asks this module how m
 the *budget* is the tensor memory a run may add on top of what is already allocated (the
 weights, the inputs), and each explainer estimates what one copy costs from the model's shape
 (:class:`ModelShape`): :func:`forward_copy_bytes` for a forward without a graph,
-:func:`backward_copy_bytes` for one whose activations are kept for a backward pass. Then
-:func:`copies_within` gives the batch. An explainer's explicit ``batch_size`` or
+:func:`backward_copy_bytes` for one whose activations are kept for a backward pass,
+:func:`recompute_copy_bytes` for one whose blocks are recomputed in the backward instead
+(:mod:`xmllm.explainers.recompute`; its cost in forward-equivalents is
+:func:`xmllm.explainers.scaleplan.recomputed`). Then :func:`copies_within` gives the batch. An explainer's explicit ``batch_size`` or
 ``internal_batch_size`` parameter still wins.
 
 The budget is set once per run, not per explainer:

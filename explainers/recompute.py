@@ -39,17 +39,18 @@ RECOMPUTE_CHOICES: tuple[Any, ...] = ("auto", True, False)
 RECOMPUTE_HELP = ("recompute each decoder and vision block in the backward instead of keeping its activations "
                   "(auto: when the memory budget needs it)")
 
-_LOCK = threading.Lock()
-_RECOMPUTING: list[str] = []
-"""Names of the blocks whose forward is being recomputed (innermost last). A plain list, not a
-context variable: the autograd engine may run the recomputation on its own thread."""
+_STATE = threading.local()
+"""``blocks``: names of the blocks whose forward this thread is recomputing (innermost last). Per
+thread, not a context variable: the recomputation runs on whichever thread runs the backward (the
+autograd engine's own, on an accelerator), and the hooks it calls run on that same thread."""
 _CACHE_KEYWORDS = ("past_key_values", "past_key_value")
 
 
 def recomputing() -> str | None:
     """The block (``decoder.blocks.{i}`` / ``vision.blocks.{i}``) being recomputed in a backward pass,
     or None: in the forward, or outside any :func:`recomputed_blocks`."""
-    return _RECOMPUTING[-1] if _RECOMPUTING else None
+    blocks = getattr(_STATE, "blocks", None)
+    return blocks[-1] if blocks else None
 
 
 def _blocks(adapter: Any) -> list[tuple[str, torch.nn.Module]]:
@@ -79,13 +80,12 @@ def _wrapped(name: str, original: Callable[..., Any], counter: dict[str, int]) -
                 first[0] = False
                 return original(*inner_args, **inner_kwargs)
             counter["recomputed"] += 1
-            with _LOCK:
-                _RECOMPUTING.append(name)
+            blocks = _STATE.__dict__.setdefault("blocks", [])
+            blocks.append(name)
             try:
                 return original(*inner_args, **inner_kwargs)
             finally:
-                with _LOCK:
-                    _RECOMPUTING.pop()
+                blocks.pop()
 
         counter["checkpointed"] += 1
         return checkpoint(body, *args, use_reentrant=False, **kwargs)

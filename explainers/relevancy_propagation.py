@@ -22,7 +22,10 @@ registered with transformers for the decoder during the forward) that computes w
 attention computes but skips, in its backward, the blocks that are exactly zero (keys no query
 row of a block attends to, rows with no gradient) and the first layer's gradients below the
 attention weights; a family whose eager kernel differs runs eager attention with tensor hooks
-instead, with the same results. The map read is ``R - I``: the identity is the token's own self
+instead, with the same results. With ``recompute`` (:mod:`xmllm.explainers.recompute`) every
+block is recomputed in each backward pass and the forward keeps no attention weights: each layer's
+are formed again inside its block's backward, folded into the row with their gradient and
+dropped, so no two layers' ``n x n`` attentions are alive at once. The map read is ``R - I``: the identity is the token's own self
 term, not a relevance of any input to it.
 
 Normalisation (the paper's eqs. 8-9, ``R_bar = (R - I) / rowsum(R - I) + I``) is applied only

@@ -28,6 +28,8 @@ RTOL, ATOL = 1e-5, 1e-6
 
 DIFFERENTIATING = [
     ("gradient.saliency", {}),
+    ("gradient.saliency", {"engine": "captum", "per_token": False}),
+    ("gradient.saliency", {"token_batch": 3}),
     ("gradient.input_x_gradient", {}),
     ("gradient.integrated", {"n_steps": 4}),
     ("gradient.gradcam", {}),
