@@ -99,6 +99,31 @@ def test_explainers_on_the_offloaded_demo_equal_the_plain_load(plain, offloaded,
     assert got.manifest["model"]["device_map"]["blocks"]["disk"] >= 2  # the manifest says how it ran
 
 
+@pytest.mark.parametrize("eid", ["gradient.saliency", "relevancy.chefer", "neurons.top_activations"])
+def test_recomputed_backwards_on_the_offloaded_demo_keep_no_weights(plain, offloaded, sample, eid) -> None:
+    """Without recompute the backward keeps every offloaded block's weights (autograd saved them when
+    the block ran), which on a GPU undoes the offload; recomputing each block in the backward keeps
+    none past its own block, and the results stay equal to the plain load's."""
+    import torch
+
+    shapes = {tuple(p.shape) for p in plain.model.parameters() if p.dim() == 2}
+    shapes |= {shape[::-1] for shape in shapes}
+    weights = sum(p.numel() * p.element_size() for p in plain.model.parameters())
+    held: dict[int, int] = {}
+
+    def pack(tensor):
+        if tensor.dim() == 2 and tuple(tensor.shape) in shapes:
+            held[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
+        return tensor
+
+    expected = xmllm.explain(plain, sample.image(), sample.text, [eid], faithfulness=False)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        got = xmllm.explain(offloaded[0], sample.image(), sample.text, [eid], params={eid: {"recompute": True}},
+                            faithfulness=False)
+    _assert_same(expected, got)
+    assert sum(held.values()) < weights / 10
+
+
 def test_a_model_wholly_on_disk_takes_its_inputs_on_the_cpu(tmp_path, plain, sample) -> None:
     """No block fits: the first parameter is on the meta device, inputs still go to the CPU."""
     loaded = load_model("demo", dtype="float32", device_map="auto", device_memory="cpu=1kB",
