@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -187,6 +188,18 @@ def test_the_default_offload_folder_is_scratch_under_the_cache_and_removed_after
     del loaded
     gc.collect()
     assert not folders[0].exists()
+
+
+def test_a_killed_process_s_offload_folder_is_removed_by_the_next_load(tmp_path, monkeypatch) -> None:
+    import subprocess
+
+    monkeypatch.setenv("XMLLM_CACHE_DIR", str(tmp_path / "cache"))
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / "cache" / "offload" / f"weights-{int(ended.stdout)}-abc"
+    stale.mkdir(parents=True)
+    (stale / "model.layers.1.weight.dat").write_bytes(b"0" * 16)
+    load_model("demo", dtype="float32", device_map="auto", device_memory={"cpu": "1GB"})
+    assert not stale.exists()
 
 
 # --- checking values ------------------------------------------------------------------------------------
