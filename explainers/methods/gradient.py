@@ -237,18 +237,19 @@ class _PixelAttribution(Explainer):
     def recorded(self, prep: Prepared, params: Params) -> dict[str, Any]:
         """The parameters as the explanation records them: as used, defaults resolved."""
         return {**params.as_dict(), "pool": params.pool or self.default_pool,
-                "recompute": uses_recompute(prep, params)}
+                "recompute": uses_recompute(prep, params)}  # a bool already where compute resolved it
 
     def compute(self, model: LoadedModel, sample: Prepared, params: Params) -> Explanation:
         prep = sample
         pixels = _pixels(prep, self.id)
+        params = replace(params, recompute=uses_recompute(prep, params))  # resolved once, recorded as used
         used = self.recorded(prep, params)
         pool, per_token = used["pool"], params.per_token
         cell_map = prep.adapter.pixel_cell_map(prep.inputs)
         objective = PixelObjective(prep)
         x = pixels.detach().unsqueeze(0)
         with inputs_only_gradients(prep.model), fused_attention(prep.model, params.fast_attention), \
-                recomputed_blocks(prep.adapter, uses_recompute(prep, params)):
+                recomputed_blocks(prep.adapter, params.recompute):
             attr, scores, meta = self.attribute(objective, x, params)
         answer = attr.sum(0)
         pooled = pool_positions(with_answer(attr, per_token), cell_map, prep.seq_len, pool)
@@ -393,6 +394,7 @@ class IntegratedGradients(_PixelAttribution):
                                           low=0.0, low_open=True)
 
     def compute(self, model: LoadedModel, sample: Prepared, params: Params) -> Explanation:
+        params = replace(params, recompute=uses_recompute(sample, params))  # the path batch depends on it
         if params.internal_batch_size is None:  # resolved once, recorded as used
             params = replace(params, internal_batch_size=path_batch(sample, params))
         return super().compute(model, sample, params)
