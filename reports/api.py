@@ -106,10 +106,12 @@ def as_image(image: Any, what: str = "image") -> "Image.Image":
 
 def explain(
     model: "LoadedModel | str | os.PathLike[str]",
-    image: Any,
-    question: str,
+    image: Any = None,
+    question: str | None = None,
     explainers: "Sequence[str] | Plan | None" = None,
     *,
+    video: str | os.PathLike[str] | None = None,
+    frames: int | None = None,
     leaf: str | None = None,
     params: Mapping[str, Mapping[str, Any]] | None = None,
     seed: int = 0,
@@ -130,7 +132,10 @@ def explain(
     """Explain the model's answer to ``question`` about ``image`` with each explainer.
 
     ``model`` is a loaded model (:func:`load_model`) or a spec to load. ``image`` is a path, a PIL
-    image or an array (or a list of them for several images). ``explainers`` names explainer ids
+    image or an array (or a list of them for several images). ``video`` (a file, instead of
+    ``image``) gives ``frames`` evenly spaced frames (default: as many as the family's video
+    processor samples, else 8), decoded by PyAV and fed as pictures in order; the manifest records
+    each frame's index and time. ``explainers`` names explainer ids
     (default: every sample-level one); ``leaf`` takes a catalog leaf's instead. ``params`` maps an
     explainer id to its parameters, checked against the explainer's declaration before any model
     work (``xmllm explainers ID`` lists them). The same inputs and seed give the same numbers.
@@ -178,16 +183,71 @@ def explain(
         ids = resolve_explainers(list(explainers) if explainers else None, leaf)
         plan = make_plan(ids, params, answer=answer, contrast=contrast, max_new_tokens=max_new_tokens, seed=seed)
     budget = _budget(max_memory)
-    images = [as_image(img, f"image {k}") for k, img in enumerate(image)] if isinstance(image, (list, tuple)) \
-        else [as_image(image)]
-    name = sample_id or (Path(image).stem if isinstance(image, (str, os.PathLike)) else "sample")
-    sample = ExplainSample(images, question, id=name, expected=expected)
+    if question is None:
+        raise XmllmError("question: must be a non-empty string")
+    if (image is None) == (video is None):
+        raise XmllmError("give an image (or a list of images) or a video, not both and not neither")
+    if frames is not None and video is None:
+        raise XmllmError("frames: applies to a video")
+    clip = None
+    if video is not None:  # read before the model loads: a bad video is one line, at once
+        from .video import DEFAULT_FRAMES, load_video
+
+        clip = load_video(video, frames or DEFAULT_FRAMES)
+        images = clip.frames
+        name = sample_id or Path(video).stem
+    else:
+        images = [as_image(img, f"image {k}") for k, img in enumerate(image)] if isinstance(image, (list, tuple)) \
+            else [as_image(image)]
+        name = sample_id or (Path(image).stem if isinstance(image, (str, os.PathLike)) else "sample")
     loaded = _model(model, device, dtype, {"device_map": device_map, "device_memory": device_memory,
                                            "offload_folder": offload_folder})
+    if clip is not None:
+        clip = _frames_for(loaded, clip, question, frames, plan)
+        images = clip.frames
+    sample = ExplainSample(images, question, id=name, expected=expected,
+                           extra={"video": _video_record(clip)} if clip is not None else {})
     from .explainers.memory import memory_budget
 
     with memory_budget(budget):
         return run_explainers(loaded, sample, plan, progress=progress, faithfulness=faithfulness)
+
+
+def _frames_for(loaded: "LoadedModel", clip: Any, question: str, frames: int | None, plan: Any) -> Any:
+    """The clip cut to the frames asked for, or by default to as many as the family's video processor
+    samples (else :data:`~xmllm.video.DEFAULT_FRAMES`) and the model's context holds with the answer;
+    frames asked for that the context cannot hold are one line saying how many fit."""
+    from .explainers.answering import context_length, token_limit
+    from .video import DEFAULT_FRAMES, family_frame_count, load_video
+
+    fit = None
+    limit = context_length(loaded)
+    if limit is not None:
+        answer = len(loaded.processor.tokenizer(plan.answer).input_ids) if plan.answer else token_limit(
+            loaded, plan.max_new_tokens)
+        one = int(loaded.adapter.build_inputs(clip.frames[:1], question)[0]["input_ids"].shape[1])
+        two = int(loaded.adapter.build_inputs(clip.frames[:2] * (2 if len(clip.frames) < 2 else 1), question)[0]
+                  ["input_ids"].shape[1])
+        per_frame = max(two - one, 1)
+        fit = max(0, (limit - answer - (one - per_frame)) // per_frame)
+    wanted = frames or min(family_frame_count(loaded.processor) or DEFAULT_FRAMES, fit if fit is not None else DEFAULT_FRAMES)
+    if fit == 0:
+        raise XmllmError(f"video {clip.path}: one frame of {per_frame} tokens, the question and an answer of up to "
+                         f"{answer} tokens exceed the model's context of {limit} positions")
+    if fit is not None and wanted > fit:
+        raise XmllmError(f"--frames {wanted}: {wanted} frames of {per_frame} tokens each, the question and "
+                         f"an answer of up to {answer} tokens exceed the model's context of {limit} positions; "
+                         f"{fit} frame{'s' if fit != 1 else ''} fit")
+    return clip if wanted == len(clip.indices) or clip.total <= len(clip.indices) and wanted >= clip.total \
+        else load_video(clip.path, wanted)
+
+
+def _video_record(clip: Any) -> dict[str, Any]:
+    """What a run's manifest keeps of its video: the file, its hash, and every frame taken."""
+    from .provenance import file_sha256
+
+    return {"path": clip.path, "sha256": file_sha256(Path(clip.path)), "total_frames": clip.total,
+            "frames": [{"index": i, "time": round(t, 4)} for i, t in zip(clip.indices, clip.times)]}
 
 
 def _budget(max_memory: int | str | None, what: str = "max_memory") -> int | None:

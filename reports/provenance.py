@@ -8,6 +8,8 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Iterable
 
 if TYPE_CHECKING:  # pragma: no cover
+    from pathlib import Path
+
     from PIL import Image
 
 PACKAGES = ("xmllm", "torch", "transformers", "tokenizers", "numpy", "captum", "pillow", "bokeh", "jinja2")
@@ -38,6 +40,15 @@ def sample_sha256(images: "Iterable[Image.Image]", question: str) -> str:
     for img in images:
         h.update(image_sha256(img).encode())
     h.update(b"\0" + question.encode("utf-8"))
+    return h.hexdigest()
+
+
+def file_sha256(path: "Path") -> str:
+    """Hash of a file's bytes (a video: its frames are hashed as the sample's pictures too)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
     return h.hexdigest()
 
 

@@ -130,6 +130,8 @@ def run_explainers(loaded: "LoadedModel", sample: "ExplainSample", plan: "Plan",
         # depend on this count, so it is part of what makes a run reproducible
         "torch_threads": _torch_threads(),
     }
+    if sample.extra.get("video"):  # the pictures are a video's frames: which, and from what file
+        manifest["video"] = sample.extra["video"]
     if contrasted.contrast is not None:
         manifest["contrast"] = contrasted.contrast.to_json()
     if skipped:

@@ -81,3 +81,86 @@ def test_the_family_frame_count_is_read_from_its_video_processor():
 
     assert family_frame_count(Processor()) == 16
     assert family_frame_count(object()) is None
+
+
+# --- the command line and the API on the demo model ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_clip(tmp_path_factory) -> tuple[Path, str]:
+    """Four demo scenes as a 2-frames-a-second clip, and a question about them."""
+    from xmllm.explainers.demo.samples import generate_samples
+
+    samples = generate_samples(4, 0)
+    path = tmp_path_factory.mktemp("demo-clip") / "scenes.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=2)
+        stream.width, stream.height, stream.pix_fmt = 128, 128, "yuv420p"
+        for sample in samples:
+            pixels = np.asarray(sample.image().convert("RGB").resize((128, 128)))
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path, samples[0].text
+
+
+def test_explain_a_video_takes_the_frames_that_fit_and_records_them(demo_clip, tmp_path, capsys):
+    import json
+
+    from xmllm.cli import main
+
+    clip, question = demo_clip
+    out = tmp_path / "run"
+    argv = ["explain", "--video", str(clip), "--question", question, "--explainers",
+            "relevancy.chefer,perturbation.occlusion", "--out", str(out)]
+    assert main(argv) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    video = manifest["video"]
+    # the demo's context (256 positions) holds 3 frames of 64 image tokens with the question and answer
+    assert [f["index"] for f in video["frames"]] == sample_indices(4, 3) and video["total_frames"] == 4
+    assert [f["time"] for f in video["frames"]] == pytest.approx([i / 2 for i in sample_indices(4, 3)])
+    assert len(manifest["sample"]["images"]) == 3 and len(manifest["layouts"]) == 3
+    report = (out / "report.html").read_text(encoding="utf-8")
+    assert "frame 0 (0.00 s)" in report and 'id="why-strips"' in report
+
+
+def test_too_many_frames_or_a_bad_video_is_one_line_and_writes_nothing(demo_clip, tmp_path, capsys):
+    from xmllm.cli import main
+
+    clip, question = demo_clip
+    out = tmp_path / "run"
+    cases = [
+        (["--video", str(clip), "--frames", "8"], "3 frames fit"),
+        (["--video", str(clip), "--image", str(clip)], "one of them"),
+        (["--image", str(clip), "--frames", "2"], "--frames applies to --video"),
+    ]
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"\x00not a video" * 64)
+    cases.append((["--video", str(junk)], str(junk)))
+    for flags, said in cases:
+        capsys.readouterr()
+        code = main(["explain", *flags, "--question", question, "--explainers", "attention.raw", "--out", str(out)])
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("xmllm: error")]
+        assert code == 2 and len(lines) == 1 and said in lines[0], (flags, lines)
+        assert not out.exists()
+
+
+def test_ask_answers_about_a_video(demo_clip, capsys):
+    import json
+
+    from xmllm.cli import main
+
+    clip, question = demo_clip
+    assert main(["ask", "--video", str(clip), "--frames", "2", "--question", question, "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["answer"].strip() and row["tokens"]
+
+
+def test_the_api_takes_a_video(demo_clip):
+    import xmllm
+
+    clip, question = demo_clip
+    run = xmllm.explain("demo", question=question, video=clip, frames=2, explainers=["gradient.saliency"])
+    assert [f["index"] for f in run.manifest["video"]["frames"]] == sample_indices(4, 2)
+    assert len(run.images) == 2 and "image1.image" in run["gradient.saliency"].maps

@@ -7,14 +7,13 @@ import sys
 from pathlib import Path
 
 from xmllm.errors import XmllmError
-from .explain import add_dispatch_options, add_model_options, dispatch_options
+from .explain import add_dispatch_options, add_model_options, add_picture_options, dispatch_options, pictures
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ask", help="answer a question about an image (or every sample of a set)")
     p.add_argument("--model", default="demo", help="'demo', a local folder or a hub id (default demo)")
-    p.add_argument("--image", type=Path, action="append",
-                   help="image file; repeat it for several images, in the order the question refers to them")
+    add_picture_options(p)
     p.add_argument("--question", help="the question")
     p.add_argument("--samples", type=Path, help="a samples.jsonl sample set instead of --image/--question")
     p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
@@ -26,11 +25,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    single = args.image is not None or args.question is not None
+    single = bool(args.image) or args.video is not None or args.question is not None
     if single == (args.samples is not None):
-        raise XmllmError("give either --image and --question, or --samples")
-    if single and (args.image is None or not (args.question or "").strip()):
-        raise XmllmError("--image and a non-empty --question are both required")
+        raise XmllmError("give either --image (or --video) and --question, or --samples")
+    if single and not (args.question or "").strip():
+        raise XmllmError("--question: a non-empty question is required with --image or --video")
 
     from xmllm.explainers.answering import check_max_new_tokens, generate_answer, is_correct, unknown_words
     from xmllm.images import load_image
@@ -41,7 +40,14 @@ def run(args: argparse.Namespace) -> int:
     placed = dispatch_options(args)
 
     if single:
-        items = [(None, [load_image(path) for path in args.image], args.question, None)]
+        images, clip = pictures(args)
+        if clip:
+            from xmllm.video import DEFAULT_FRAMES, load_video
+
+            frames = load_video(clip["video"], clip["frames"] or DEFAULT_FRAMES).frames
+        else:
+            frames = [load_image(path) for path in args.image]
+        items = [(None, frames, args.question, None)]
     else:
         items = [(r.id, r, r.question, r.answer) for r in read_sample_set(args.samples)]
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, **placed)

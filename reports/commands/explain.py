@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from xmllm.errors import XmllmError
 
@@ -13,8 +14,7 @@ from xmllm.errors import XmllmError
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("explain", help="explain the model's answer to a question about an image")
     p.add_argument("--model", default="demo", help="'demo', a local folder or a hub id (default demo)")
-    p.add_argument("--image", type=Path, required=True, action="append",
-                   help="image file; repeat it for several images, in the order the question refers to them")
+    add_picture_options(p)
     p.add_argument("--question", required=True, help="the question")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--explainers", default="", help="comma-separated explainer ids (default: all sample-level ones)")
@@ -34,6 +34,35 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True,
                    help="output folder: explanations.npz, manifest.json, the image and report.html")
     p.set_defaults(func=run)
+
+
+def add_picture_options(p: argparse.ArgumentParser) -> None:
+    """``--image`` (repeatable) or ``--video`` with ``--frames``: what the question is about."""
+    p.add_argument("--image", type=Path, action="append", default=[],
+                   help="image file; repeat it for several images, in the order the question refers to them")
+    p.add_argument("--video", type=Path, default=None,
+                   help="a video file instead of images: evenly spaced frames, decoded by PyAV (pip install xmllm[video])")
+    p.add_argument("--frames", type=int, default=None, metavar="N",
+                   help="frames taken from --video (default: as many as the family's video processor samples, else 8)")
+
+
+def pictures(args: argparse.Namespace) -> tuple[Any, dict]:
+    """The images (checked readable) or the video arguments of the API, before any model work;
+    one line naming the flag or file otherwise."""
+    from ..images import load_image
+
+    if bool(args.image) == (args.video is not None):
+        raise XmllmError("give --image (repeatable) or --video: one of them")
+    if args.frames is not None and args.video is None:
+        raise XmllmError("--frames applies to --video")
+    if args.video is not None:
+        from ..video import DEFAULT_FRAMES, load_video
+
+        load_video(args.video, args.frames or DEFAULT_FRAMES)  # decodes now: a bad video is one line, at once
+        return None, {"video": args.video, "frames": args.frames}
+    for path in args.image:  # every picture readable before any output (a bad one is one line)
+        load_image(path)
+    return (args.image[0] if len(args.image) == 1 else list(args.image)), {}
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -130,13 +159,9 @@ def run(args: argparse.Namespace) -> int:
     ids = resolve_explainers([e.strip() for e in args.explainers.split(",") if e.strip()] or None, args.leaf)
     plan = make_plan(ids, parse_params(args.param), answer=args.answer, contrast=args.contrast,
                      max_new_tokens=args.max_new_tokens, seed=args.seed, flags=True)
-    from ..images import load_image
-
-    for path in args.image:  # every picture readable before any output (a bad one is one line)
-        load_image(path)
-    images = args.image[0] if len(args.image) == 1 else list(args.image)
+    images, clip = pictures(args)
     with tqdm(total=len(ids), desc="explaining", unit="explainer", file=sys.stderr) as bar:
-        run = explain(args.model, images, args.question, plan, expected=args.expected, device=args.device,
+        run = explain(args.model, images, args.question, plan, **clip, expected=args.expected, device=args.device,
                       dtype=args.dtype, max_memory=budget, **placed,
                       progress=lambda eid: (bar.set_postfix_str(eid), bar.update(1)))
     try:
