@@ -280,3 +280,21 @@ def test_measured_peak_with_recompute_matches_the_projection(large, explainer, p
     assert again < kept / 3
     assert again == pytest.approx(recompute_copy_bytes(large, eager=eager), rel=0.25)
     assert kept == pytest.approx(backward_copy_bytes(large, eager=eager), rel=0.25)
+
+
+# --- with blocks offloaded to disk (accelerate's dispatch wraps each block's forward; recompute wraps that) --------
+
+
+@pytest.mark.parametrize("explainer", ["gradient.saliency", "relevancy.chefer"])
+def test_recompute_on_a_model_offloaded_to_disk_gives_the_plain_load_maps(explainer, tmp_path):
+    pytest.importorskip("accelerate")
+    from xmllm.explainers.models import load_model
+
+    offloaded = load_model("demo", dtype="float32", device_map="auto", device_memory={"cpu": "4MB"},
+                           offload_folder=tmp_path)
+    plain = load_model("demo", dtype="float32")
+    cls = get_explainer(explainer)
+    kept = cls().explain(plain, demo_prepared(plain), recompute=False)
+    again = cls().explain(offloaded, demo_prepared(offloaded), recompute=True)
+    assert again.params["recompute"] is True
+    assert_same_maps(kept, again)
