@@ -203,51 +203,16 @@ def explain(
     loaded = _model(model, device, dtype, {"device_map": device_map, "device_memory": device_memory,
                                            "offload_folder": offload_folder})
     if clip is not None:
-        clip = _frames_for(loaded, clip, question, frames, plan)
+        from .video import frames_for, video_record
+
+        clip = frames_for(loaded, clip, question, frames, plan)
         images = clip.frames
     sample = ExplainSample(images, question, id=name, expected=expected,
-                           extra={"video": _video_record(clip)} if clip is not None else {})
+                           extra={"video": video_record(clip)} if clip is not None else {})
     from .explainers.memory import memory_budget
 
     with memory_budget(budget):
         return run_explainers(loaded, sample, plan, progress=progress, faithfulness=faithfulness)
-
-
-def _frames_for(loaded: "LoadedModel", clip: Any, question: str, frames: int | None, plan: Any) -> Any:
-    """The clip cut to the frames asked for, or by default to as many as the family's video processor
-    samples (else :data:`~xmllm.video.DEFAULT_FRAMES`) and the model's context holds with the answer;
-    frames asked for that the context cannot hold are one line saying how many fit."""
-    from .explainers.answering import context_length, token_limit
-    from .video import DEFAULT_FRAMES, family_frame_count, load_video
-
-    fit = None
-    limit = context_length(loaded)
-    if limit is not None:
-        answer = len(loaded.processor.tokenizer(plan.answer).input_ids) if plan.answer else token_limit(
-            loaded, plan.max_new_tokens)
-        one = int(loaded.adapter.build_inputs(clip.frames[:1], question)[0]["input_ids"].shape[1])
-        two = int(loaded.adapter.build_inputs(clip.frames[:2] * (2 if len(clip.frames) < 2 else 1), question)[0]
-                  ["input_ids"].shape[1])
-        per_frame = max(two - one, 1)
-        fit = max(0, (limit - answer - (one - per_frame)) // per_frame)
-    wanted = frames or min(family_frame_count(loaded.processor) or DEFAULT_FRAMES, fit if fit is not None else DEFAULT_FRAMES)
-    if fit == 0:
-        raise XmllmError(f"video {clip.path}: one frame of {per_frame} tokens, the question and an answer of up to "
-                         f"{answer} tokens exceed the model's context of {limit} positions")
-    if fit is not None and wanted > fit:
-        raise XmllmError(f"--frames {wanted}: {wanted} frames of {per_frame} tokens each, the question and "
-                         f"an answer of up to {answer} tokens exceed the model's context of {limit} positions; "
-                         f"{fit} frame{'s' if fit != 1 else ''} fit")
-    return clip if wanted == len(clip.indices) or clip.total <= len(clip.indices) and wanted >= clip.total \
-        else load_video(clip.path, wanted)
-
-
-def _video_record(clip: Any) -> dict[str, Any]:
-    """What a run's manifest keeps of its video: the file, its hash, and every frame taken."""
-    from .provenance import file_sha256
-
-    return {"path": clip.path, "sha256": file_sha256(Path(clip.path)), "total_frames": clip.total,
-            "frames": [{"index": i, "time": round(t, 4)} for i, t in zip(clip.indices, clip.times)]}
 
 
 def _budget(max_memory: int | str | None, what: str = "max_memory") -> int | None:

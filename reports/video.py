@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from .errors import XmllmError
 from .images import MAX_PIXELS
+
+if TYPE_CHECKING:  # pragma: no cover
+    from xmllm.explainers.models import LoadedModel
 
 DEFAULT_FRAMES = 8
 """Frames taken from a clip when neither the caller nor the family's video processor says."""
@@ -109,3 +112,39 @@ def _decode(av: Any, path: Path, wanted: set[int]) -> tuple[list[Image.Image], l
             frames.append(frame.to_image().convert("RGB"))
             times.append(float(frame.time) if frame.time is not None else float(index))
     return frames, times
+
+
+def frames_for(loaded: "LoadedModel", clip: Video, question: str, frames: int | None, plan: Any) -> Video:
+    """The clip cut to the frames asked for, or by default to as many as the family's video processor
+    samples (else :data:`DEFAULT_FRAMES`) and the model's context holds with the answer;
+    frames asked for that the context cannot hold are one line saying how many fit."""
+    from xmllm.explainers.answering import context_length, token_limit
+
+    fit = None
+    limit = context_length(loaded)
+    if limit is not None:
+        answer = len(loaded.processor.tokenizer(plan.answer).input_ids) if plan.answer else token_limit(
+            loaded, plan.max_new_tokens)
+        one = int(loaded.adapter.build_inputs(clip.frames[:1], question)[0]["input_ids"].shape[1])
+        two = int(loaded.adapter.build_inputs(clip.frames[:2] * (2 if len(clip.frames) < 2 else 1), question)[0]
+                  ["input_ids"].shape[1])
+        per_frame = max(two - one, 1)
+        fit = max(0, (limit - answer - (one - per_frame)) // per_frame)
+    wanted = frames or min(family_frame_count(loaded.processor) or DEFAULT_FRAMES, fit if fit is not None else DEFAULT_FRAMES)
+    if fit == 0:
+        raise XmllmError(f"video {clip.path}: one frame of {per_frame} tokens, the question and an answer of up to "
+                         f"{answer} tokens exceed the model's context of {limit} positions")
+    if fit is not None and wanted > fit:
+        raise XmllmError(f"--frames {wanted}: {wanted} frames of {per_frame} tokens each, the question and "
+                         f"an answer of up to {answer} tokens exceed the model's context of {limit} positions; "
+                         f"{fit} frame{'s' if fit != 1 else ''} fit")
+    return clip if wanted == len(clip.indices) or clip.total <= len(clip.indices) and wanted >= clip.total \
+        else load_video(clip.path, wanted)
+
+
+def video_record(clip: Video) -> dict[str, Any]:
+    """What a run's manifest keeps of its video: the file, its hash, and every frame taken."""
+    from .provenance import file_sha256
+
+    return {"path": clip.path, "sha256": file_sha256(Path(clip.path)), "total_frames": clip.total,
+            "frames": [{"index": i, "time": round(t, 4)} for i, t in zip(clip.indices, clip.times)]}

@@ -97,8 +97,10 @@ class SiteConfig(_Strict):
 RENAMED_FIELDS = {"probes": "checks"}
 """Top-level keys of an older config (xmllm 0.2) and their names now: a one-line error says which."""
 
-FLAG_KINDS = ("failed", "wrong", "hallucination", "unfaithful", "unchanged_without_image")
-DEFAULT_FLAGS = ("failed", "wrong", "hallucination", "unfaithful")
+FLAG_KINDS = ("failed", "wrong", "hallucination", "unfaithful", "unchanged_without_image", "unexpected_image")
+DEFAULT_FLAGS = ("failed", "wrong", "hallucination", "unfaithful", "unexpected_image")
+"""``unexpected_image``: with several pictures and the sample's ``evidence_image``, the explainers'
+maps put their largest share on another picture."""
 
 
 def _known(kind: str, names: list[str], options: Any) -> list[str]:

@@ -42,7 +42,8 @@ class AuditOutcome:
     summary: Path | None = None
 
 
-def input_sha256(item: AuditItem, image: bytes | None, mask: bytes | None, error: str | None) -> str:
+def input_sha256(item: AuditItem, image: bytes | None, mask: bytes | None, error: str | None,
+                 more: tuple[bytes, ...] = ()) -> str:
     """What the sample's result depends on besides the config."""
     h = hashlib.sha256()
     for part in (item.id, item.question, item.expected or "", json.dumps(item.extra, sort_keys=True, default=str),
@@ -50,6 +51,10 @@ def input_sha256(item: AuditItem, image: bytes | None, mask: bytes | None, error
         h.update(part.encode("utf-8") + b"\0")
     for blob in (image, mask):
         h.update(hashlib.sha256(blob or b"").digest())
+    if more or item.video:  # several pictures, or a video cut to a number of frames (single images hash as before)
+        h.update(f"video:{item.video}:{item.frames}".encode())
+        for blob in more:
+            h.update(hashlib.sha256(blob).digest())
     return h.hexdigest()
 
 
@@ -57,12 +62,14 @@ def make_task(item: AuditItem) -> SampleTask:
     """The sample with its files' bytes; a missing or oversized file is a per-sample error."""
     error = None
     image = mask = None
+    more: tuple[bytes, ...] = ()
     try:
         image = item.image_bytes if item.image_bytes is not None else read_bytes(item.image)
         mask = read_bytes(item.mask)
+        more = tuple(read_bytes(path) or b"" for path in item.more_images)
     except XmllmError as exc:
         error = str(exc)
-    return SampleTask(item, input_sha256(item, image, mask, error), image, mask, error)
+    return SampleTask(item, input_sha256(item, image, mask, error, more), image, mask, error, more)
 
 
 def run_audit(loaded: LoadedConfig, out: Path | None = None, *, fail_fast: bool = False, retry_failed: bool = False,

@@ -42,6 +42,11 @@ class AuditItem:
     image_name: str = ""
     mask: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    more_images: tuple[Path, ...] = ()
+    """The second and later pictures of a sample with several, in order."""
+    video: bool = False
+    """``image`` is a video: its frames are the pictures (``frames`` of them, or as many as fit)."""
+    frames: int | None = None
 
     @property
     def key(self) -> str:
@@ -69,7 +74,7 @@ def _jsonl(loaded: LoadedConfig, source: JsonlSource) -> list[AuditItem]:
             if getattr(rec, name):
                 extra[name] = getattr(rec, name)
         out.append(AuditItem(i, rec.id, rec.question, rec.answer, rec.image, None, str(rec.image.name), rec.mask,
-                             extra))
+                             extra, tuple(rec.images[1:]), rec.video, rec.frames))
     return out
 
 
@@ -86,26 +91,56 @@ def _image_folder(loaded: LoadedConfig, source: ImageFolderSource) -> list[Audit
     text = read_utf8(table)  # another encoding: one line naming the CSV's line, not a traceback
     try:
         reader = csv.DictReader(io.StringIO(text, newline=""))
-        missing = [c for c in ("image", "question") if c not in (reader.fieldnames or [])]
+        columns = reader.fieldnames or []
+        missing = [c for c in ("question",) if c not in columns]
+        if "image" not in columns and "video" not in columns:
+            missing.insert(0, "image")
         if missing:
-            raise SampleSetError(f"{table}: missing column {missing[0]!r} (columns: image, question, answer, id)")
+            raise SampleSetError(f"{table}: missing column {missing[0]!r} (columns: image or video, question, answer, "
+                                 "id, frames, evidence_image)")
         for row in reader:
             where = f"{table}:{reader.line_num}"
-            for name in ("image", "question"):
-                if not (row.get(name) or "").strip():
-                    raise SampleSetError(f"{where}: field {name!r} must be a non-empty string")
-            sid = (row.get("id") or "").strip() or row["image"]
+            if not (row.get("question") or "").strip():
+                raise SampleSetError(f"{where}: field 'question' must be a non-empty string")
+            cells = {k: (row.get(k) or "").strip() for k in ("image", "video", "frames", "evidence_image")}
+            if bool(cells["image"]) == bool(cells["video"]):
+                raise SampleSetError(f"{where}: give field 'image' (several joined by '{CSV_SEPARATOR}') or 'video', "
+                                     "one of them")
+            key = "video" if cells["video"] else "image"
+            names = [n.strip() for n in cells[key].split(CSV_SEPARATOR)] if key == "image" else [cells["video"]]
+            if not all(names):
+                raise SampleSetError(f"{where}: field 'image' has an empty name between '{CSV_SEPARATOR}'")
+            frames = _positive(cells["frames"], where, "frames") if key == "video" else None
+            if cells["frames"] and key == "image":
+                raise SampleSetError(f"{where}: field 'frames' applies to a 'video'")
+            evidence = _positive(cells["evidence_image"], where, "evidence_image")
+            if evidence is not None and key == "image" and evidence > len(names):
+                raise SampleSetError(f"{where}: field 'evidence_image' must be a picture's number, 1 to {len(names)}")
+            sid = (row.get("id") or "").strip() or cells[key]
             if sid in seen:
                 raise SampleSetError(f"{where}: duplicate sample id {sid!r}")
             seen.add(sid)
-            image = _resolve(folder, row["image"], where, "image", allow)
-            out.append(AuditItem(len(out), sid, row["question"], (row.get("answer") or None), image, None,
-                                 image.name))
+            paths = [_resolve(folder, name, where, key, allow) for name in names]
+            extra = {"evidence_image": evidence} if evidence is not None else {}
+            out.append(AuditItem(len(out), sid, row["question"], (row.get("answer") or None), paths[0], None,
+                                 paths[0].name, None, extra, tuple(paths[1:]), key == "video", frames))
     except csv.Error as exc:
         raise SampleSetError(f"{table}: not a readable CSV ({exc})") from None
     if not out:
         raise SampleSetError(f"{table}: sample set is empty")
     return out
+
+
+CSV_SEPARATOR = "|"
+"""Joins the file names of a CSV sample's several images in its ``image`` cell."""
+
+
+def _positive(cell: str, where: str, name: str) -> int | None:
+    if not cell:
+        return None
+    if not cell.isdigit() or int(cell) < 1:
+        raise SampleSetError(f"{where}: field {name!r} must be a positive integer, got {cell!r}")
+    return int(cell)
 
 
 def _hf_dataset(loaded: LoadedConfig, source: HfDatasetSource) -> list[AuditItem]:

@@ -123,6 +123,7 @@ def _row(out: Path, r: dict[str, Any]) -> dict[str, Any]:
         "mean_drop_blank": (r.get("reliance") or {}).get("mean_drop_blank"),
         "hallucination": pope.get("hallucination"), "blank_answer": blank.get("answer"),
         "flags": r["flags"], "report": report_path(out, r),
+        "pictures": r.get("pictures"), "evidence_image": r.get("evidence_image"), "carried_by": r.get("carried_by") or {},
     }
 
 

@@ -46,6 +46,8 @@ class SampleTask:
     image_bytes: bytes | None = None
     mask_bytes: bytes | None = None
     read_error: str | None = None
+    more_bytes: tuple[bytes, ...] = ()
+    """The second and later pictures' bytes."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,10 @@ class AuditWorker:
             "expected": item.expected, "image": item.image_name, "input_sha256": task.input_sha256,
             "fingerprint": self.spec.fingerprint, "status": "ok", "error": None,
         }
+        if item.more_images or item.video:
+            record["pictures"] = "video" if item.video else 1 + len(item.more_images)
+        if item.extra.get("evidence_image") is not None:
+            record["evidence_image"] = int(item.extra["evidence_image"])
         timings: dict[str, float] = {}
         folder = self._scratch()
         try:
@@ -166,14 +172,25 @@ class AuditWorker:
         from xmllm.images import load_image
 
         item = task.item
+        if item.video:  # the frames that fit the model's context (or those asked for), as pictures
+            from ..video import DEFAULT_FRAMES, frames_for, load_video, video_record
+
+            path = _spill(task.image_bytes, _input_path(folder, item))
+            clip = frames_for(self.loaded, load_video(path, item.frames or DEFAULT_FRAMES), item.question,
+                               item.frames, self.plan)
+            record = {**video_record(clip), "path": str(item.image)}
+            return ExplainSample(list(clip.frames), item.question, id=item.id, expected=item.expected,
+                                 extra={**item.extra, "video": record})
         image = load_image(_spill(task.image_bytes, _input_path(folder, item)))
+        pictures = [image] + [load_image(_spill(data, folder / f"input-{k + 1}{_suffix(path.name)}"))
+                              for k, (data, path) in enumerate(zip(task.more_bytes, item.more_images))]
         mask = None
         if task.mask_bytes is not None:
             mask = np.asarray(load_image(_spill(task.mask_bytes, folder / "mask.png"), mode="L")) >= 128
             if mask.shape != (image.height, image.width):
                 raise _SampleFailure(f"{item.mask}: mask is {mask.shape[1]}x{mask.shape[0]} pixels but the image is "
                                      f"{image.width}x{image.height}")
-        return ExplainSample([image], item.question, id=item.id, expected=item.expected, mask=mask,
+        return ExplainSample(pictures, item.question, id=item.id, expected=item.expected, mask=mask,
                              extra=dict(item.extra))
 
     def _audit(self, task: SampleTask, folder: Path, record: dict[str, Any], timings: dict[str, float]) -> None:
@@ -187,7 +204,7 @@ class AuditWorker:
 
         config, seed = self.config, self.config.seed
         sample = self._sample(task, folder)
-        for spilled in (_input_path(folder, task.item), folder / "mask.png"):
+        for spilled in (_input_path(folder, task.item), folder / "mask.png", *folder.glob("input-*")):
             spilled.unlink(missing_ok=True)  # inputs are not outputs
         # the audit scores faithfulness itself (config steps and baseline, with a random floor)
         from xmllm.explainers.memory import memory_budget
@@ -225,6 +242,8 @@ class AuditWorker:
             record["checks"][name] = CHECKS[name](prepared, seed)
             timings[f"check.{name}"] = time.perf_counter() - t
 
+        record["carried_by"] = carried_by(result)
+
         record["faithfulness"] = {}
         if config.faithfulness.enabled:
             t = time.perf_counter()
@@ -254,6 +273,23 @@ class AuditWorker:
                        "insertion_area": _num(v["insertion_area"])} for name, v in got.items()}
 
 
+def carried_by(result: Any) -> dict[str, dict[str, Any]]:
+    """With several pictures (or frames): per explainer that ranks cells, the picture (1-based) with
+    the largest share of its map, and that share."""
+    from xmllm.explainers.metrics.image_shares import image_shares
+    from xmllm.explainers.registry import registered
+
+    out: dict[str, dict[str, Any]] = {}
+    if len(result.images) < 2:
+        return out
+    for exp in result.explanations:
+        declared = registered().get(exp.explainer)
+        shares = image_shares(exp, result.manifest.get("layouts"), len(result.images))
+        if shares is not None and declared is not None and declared.ranks_cells:
+            out[exp.explainer] = {"image": shares.carrier + 1, "share": round(shares.shares[shares.carrier], 4)}
+    return out
+
+
 def item_expected(record: dict[str, Any]) -> bool:
     return isinstance(record.get("expected"), str) and bool(record["expected"].strip())
 
@@ -271,6 +307,13 @@ def flags_of(record: dict[str, Any], kinds: list[str]) -> list[dict[str, str]]:
     blank = (record.get("checks") or {}).get("blank_image") or {}
     if blank.get("unchanged"):
         found["unchanged_without_image"] = f"the same answer {blank.get('answer')!r} with a blank image"
+    carried, evidence = record.get("carried_by") or {}, record.get("evidence_image")
+    if carried and evidence is not None:
+        votes = [v["image"] for v in carried.values()]
+        top = max(sorted(set(votes)), key=votes.count)
+        if top != evidence:
+            said = ", ".join(f"{k} {v['share']:.0%}" for k, v in carried.items() if v["image"] == top)
+            found["unexpected_image"] = f"carried by picture {top} ({said}), the evidence is in picture {evidence}"
     faith = record.get("faithfulness") or {}
     floor = (faith.get(RANDOM) or {}).get("deletion_area")
     worse = [name for name, v in faith.items() if name != RANDOM and floor is not None

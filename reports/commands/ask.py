@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, **placed)
     rows = []
     for sid, image, question, expected in items:
-        images = [image.load_image()] if hasattr(image, "load_image") else list(image)
+        images = image.load_pictures() if hasattr(image, "load_pictures") else list(image)
         ans = generate_answer(loaded, images, question, args.max_new_tokens)
         row = {"id": sid, "question": question, "answer": ans.text, "tokens": list(ans.tokens),
                "probs": [round(p, 4) for p in ans.probs], "stopped": ans.stopped}
