@@ -708,7 +708,6 @@ def compute_relevancy(
     gradients at once); only the rest of each block is recomputed.
     """
     device = prepared.inputs["input_ids"].device
-    seq_len = prepared.seq_len
     positions = prepared.logit_positions.to(device)
     token_ids = prepared.target_ids()  # (T,), or (2, T) with a contrast
     count = int(positions.numel())

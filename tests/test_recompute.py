@@ -13,7 +13,6 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from relevancy_reference import assert_close, forced, slow_relevancy, tiny_prepared
-from tiny_models import TEST_IMAGE_SIZES, tiny_image
 
 from xmllm.explainers import relevancy_propagation as rp
 from xmllm.explainers.hooks import Hooks
