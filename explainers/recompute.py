@@ -121,14 +121,27 @@ def recomputed_blocks(adapter: Any, enabled: bool = True) -> Iterator[dict[str, 
 _MISSING = object()
 
 
-def resolve(setting: Any, kept_bytes: Callable[[], int], device: torch.device | str) -> bool:
+def offloaded(model: Any) -> bool:
+    """Whether ``model`` (a dispatched one) keeps blocks off the device it computes on: on disk, or
+    in CPU memory beside a GPU. A kept backward then holds every such block's loaded weights until
+    it ends, which undoes the offload; a recomputed one loads each block again in its turn."""
+    placed = getattr(model, "hf_device_map", None) or {}
+    places = {str(v) for v in placed.values()}
+    return "disk" in places or ("cpu" in places and len(places) > 1)
+
+
+def resolve(setting: Any, kept_bytes: Callable[[], int], device: torch.device | str, *,
+            model: Any = None) -> bool:
     """``recompute`` as a bool: True/False as given; ``"auto"``: on where one kept backward's
-    activations (``kept_bytes()``) do not fit the memory budget. On a CPU without an explicit
-    :func:`~xmllm.explainers.memory.memory_budget` it stays off (memory is not what bounds a CPU run)."""
+    activations (``kept_bytes()``) do not fit the memory budget, or ``model`` is :func:`offloaded`.
+    On a CPU without an explicit :func:`~xmllm.explainers.memory.memory_budget` and no offload it
+    stays off (memory is not what bounds a CPU run)."""
     if isinstance(setting, bool):
         return setting
     if setting != "auto":
         raise ValueError(f"recompute must be 'auto', True or False, not {setting!r}")
+    if model is not None and offloaded(model):
+        return True
     from .memory import device_type, explicit_budget, fits
 
     if device_type(device) == "cpu" and explicit_budget() is None:

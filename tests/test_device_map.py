@@ -351,3 +351,20 @@ def test_an_audit_with_a_device_map_equals_the_plain_one(tmp_path, capsys) -> No
     [manifest] = (tmp_path / "offloaded" / "samples").glob("*/run/manifest.json")
     recorded = json.loads(manifest.read_text(encoding="utf-8"))["model"]["device_map"]
     assert recorded["offload_folder"] == str(tmp_path / "off") and recorded["blocks"]["disk"] >= 2
+
+
+def test_training_compare_loads_its_other_checkpoint_dispatched_alike(plain, offloaded, sample) -> None:
+    expected = xmllm.explain(plain, sample.image(), sample.text, ["training.compare"], faithfulness=False)
+    got = xmllm.explain(offloaded[0], sample.image(), sample.text, ["training.compare"], faithfulness=False)
+    _assert_same(expected, got)
+
+
+def test_the_randomisation_check_refuses_an_offloaded_model_in_one_line(offloaded, sample) -> None:
+    from xmllm.explainers.metrics.sanity import randomisation_check
+    from xmllm.explainers.prepared import ExplainSample, prepare
+
+    loaded = offloaded[0]
+    prepared = prepare(loaded, ExplainSample([sample.image()], sample.text))
+    with pytest.raises(XmllmError, match="offloaded") as err:
+        randomisation_check(loaded, [prepared], ["gradient.saliency"])
+    assert "\n" not in str(err.value)

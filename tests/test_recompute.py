@@ -297,3 +297,18 @@ def test_recompute_on_a_model_offloaded_to_disk_gives_the_plain_load_maps(explai
     again = cls().explain(offloaded, demo_prepared(offloaded), recompute=True)
     assert again.params["recompute"] is True
     assert_same_maps(kept, again)
+
+
+def test_auto_recomputes_where_blocks_are_offloaded(tmp_path):
+    """A kept backward would hold every offloaded block's loaded weights to its end: auto recomputes."""
+    pytest.importorskip("accelerate")
+    from xmllm.explainers.models import load_model
+    from xmllm.explainers.recompute import offloaded
+
+    disk = load_model("demo", dtype="float32", device_map="auto", device_memory={"cpu": "4MB"}, offload_folder=tmp_path)
+    plain = load_model("demo", dtype="float32")
+    assert offloaded(disk.model) and not offloaded(plain.model)
+    for eid in ("gradient.saliency", "relevancy.chefer", "neurons.top_activations"):
+        cls = get_explainer(eid)
+        assert cls().explain(disk, demo_prepared(disk)).params["recompute"] is True, eid
+        assert cls().explain(plain, demo_prepared(plain)).params["recompute"] is False, eid

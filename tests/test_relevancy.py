@@ -138,7 +138,7 @@ def test_the_model_own_answer_on_the_demo(demo):
     exp = CheferRelevancy().explain(demo, ExplainSample([sample.image()], sample.text, id=sample.id))
     assert exp.target.text and exp.maps["image"].shape[0] == len(exp.target.token_ids)
     assert np.isfinite(exp.maps["image"]).all() and exp.maps["image"].max() > 0
-    assert exp.params == {"through": "decoder", "target": "logit", "batch": 1}
+    assert exp.params == {"through": "decoder", "target": "logit", "batch": 1, "recompute": False}
 
 
 # --- every family ----------------------------------------------------------------------------------

@@ -454,7 +454,8 @@ class IntegratedGradients(_PixelAttribution):
 def uses_recompute(prep: Prepared, params: Any) -> bool:
     """``params.recompute`` resolved: "auto" recomputes where one kept backward does not fit the budget."""
     eager = eager_unless_fused(prep, params.fast_attention)
-    return resolve(params.recompute, lambda: backward_copy_bytes(prep, eager=eager), prep.loaded.device)
+    return resolve(params.recompute, lambda: backward_copy_bytes(prep, eager=eager), prep.loaded.device,
+                   model=prep.model)
 
 
 def path_batch(prep: Prepared, params: Any) -> int:

@@ -359,7 +359,8 @@ class TopActivations(Explainer):
             raise ParamError(f"{self.id}: parameter top_k={top_k} must be below the model's {space.total} MLP neurons")
 
         eager = eager_unless_fused(prep, fast_attention)
-        recompute = resolve(params.recompute, lambda: backward_copy_bytes(prep, eager=eager), prep.loaded.device)
+        recompute = resolve(params.recompute, lambda: backward_copy_bytes(prep, eager=eager), prep.loaded.device,
+                            model=prep.model)
         with fused_attention(prep.model, fast_attention):
             values, grads, logprob = value_attribution(prep, space, recompute)
         per_position = [v * g for v, g in zip(values, grads)]  # (seq, width) per layer

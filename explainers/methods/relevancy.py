@@ -98,7 +98,7 @@ def _recompute(prep: Prepared, setting: bool | str, through: str) -> bool:
     """``recompute`` resolved against what the kept run holds: every block's activations with eager
     attention (the relevancy forward keeps every layer's attention weights)."""
     return resolve(setting, lambda: backward_copy_bytes(prep, eager=True, through_vision=through != "decoder"),
-                   prep.loaded.device)
+                   prep.loaded.device, model=prep.model)
 
 
 # --- the explainers --------------------------------------------------------------------------------

@@ -80,6 +80,10 @@ def load_other(model: Any, other: Any) -> Any:
         other = DEMO_PAIRS.get(getattr(model, "spec", None))
     if not isinstance(other, str) or not other.strip():
         raise ParamError(f"parameter other={other!r} must be a model spec (a folder, a hub id or 'demo-early')")
+    dispatch = getattr(model, "dispatch", None)
+    if dispatch is not None:  # dispatched as the explained model is (its own scratch offload folder)
+        return load_model(other, dtype=model.dtype, eager_attention=model.eager_attention,
+                          device_map=dispatch.device_map, device_memory=dispatch.max_memory)
     return load_model(other, device=model.device, dtype=model.dtype, eager_attention=model.eager_attention)
 
 

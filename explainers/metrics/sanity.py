@@ -130,6 +130,11 @@ def randomisation_check(loaded: "LoadedModel", prepared: Sequence["Prepared"], e
 
     ``progress`` is called with the stage name after each (stage, sample); ``map_of`` makes an
     explainer's map (default :func:`explainer_map`: the registered explainer's scored map)."""
+    if any(p.device.type == "meta" for p in loaded.model.parameters()):
+        from xmllm import XmllmError
+
+        raise XmllmError("model randomisation check: the model is offloaded (a device map): its weights are "
+                         "reloaded at every forward and cannot be randomised in place; run it on a plain load")
     params = params or {}
     explainer_map_of = map_of or explainer_map
     ids = list(explainer_ids)
