@@ -312,3 +312,17 @@ def test_auto_recomputes_where_blocks_are_offloaded(tmp_path):
         cls = get_explainer(eid)
         assert cls().explain(disk, demo_prepared(disk)).params["recompute"] is True, eid
         assert cls().explain(plain, demo_prepared(plain)).params["recompute"] is False, eid
+
+
+def test_the_causal_sets_gradient_ranking_recomputes_to_the_same_set():
+    from xmllm.explainers.models import load_model
+
+    demo = load_model("demo", dtype="float32")
+    cls = get_explainer("causal.minimal_set")
+    kept = cls().explain(demo, demo_prepared(demo), rank_by="gradient", regenerate=False, recompute=False)
+    again = cls().explain(demo, demo_prepared(demo), rank_by="gradient", regenerate=False, recompute=True)
+    assert again.params["recompute"] is True and kept.params["recompute"] is False
+    importance = [r["importance"] for r in kept.meta["ranking"]]
+    assert np.allclose([r["importance"] for r in again.meta["ranking"]], importance, rtol=1e-5, atol=1e-7)
+    assert again.meta["set"] == kept.meta["set"]
+    assert_same_maps(kept, again)

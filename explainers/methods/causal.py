@@ -14,6 +14,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..memory import backward_copy_bytes
+from ..recompute import RECOMPUTE_CHOICES, RECOMPUTE_HELP, resolve
 from ..citations import LVLM_INTERPRET, ZEILER_FERGUS
 from xmllm.explainers.prepared import Prepared
 from ..explanation import Explanation
@@ -159,13 +161,16 @@ def occlusion_importance(scorer: FirstToken, units: Sequence[Unit], base_logp: f
     return base_logp - logp.double()
 
 
-def gradient_importance(prep: Prepared, masker: Masker, units: Sequence[Unit]) -> torch.Tensor:
+def gradient_importance(prep: Prepared, masker: Masker, units: Sequence[Unit], recompute: bool = False) -> torch.Tensor:
     """First-order estimate of each unit's drop: gradient x (input - baseline), summed over the
-    unit's pixels (cells) or the word's embedding (words), from one backward pass."""
+    unit's pixels (cells) or the word's embedding (words), from one backward pass (its blocks
+    recomputed in the backward with ``recompute``)."""
+    from ..recompute import recomputed_blocks
+
     embed = prep.adapter.input_embeddings
     captured: list[torch.Tensor] = []
     pixels = masker.inputs["pixel_values"].detach().clone().requires_grad_(True)
-    with Hooks() as hooks, torch.enable_grad():
+    with Hooks() as hooks, torch.enable_grad(), recomputed_blocks(prep.adapter, recompute):
         hooks.add(embed.register_forward_hook(lambda module, args, out: captured.append(out) if not captured else None))
         target = logprobs_at(prep.model, {**masker.inputs, "pixel_values": pixels}, prep.logit_positions[:1],
                              answer_ids(prep)[:1])[0, 0]
@@ -226,11 +231,11 @@ class Search:
 
 
 def search(prep: Prepared, masker: Masker, scorer: FirstToken, units: Sequence[Unit], limit: int,
-           rank_by: str) -> Search:
+           rank_by: str, recompute: bool = False) -> Search:
     """Rank, grow the shortest flipping prefix of the ranking, then prune it to minimality."""
     base = scorer.logprobs([[]])[0]
     importance = (occlusion_importance(scorer, units, float(base[scorer.token])) if rank_by == "occlusion"
-                  else gradient_importance(prep, masker, units))
+                  else gradient_importance(prep, masker, units, recompute))
     order = sorted(range(len(units)), key=lambda i: (-float(importance[i]), i))[:limit]
     rank = {i: k for k, i in enumerate(order)}
     chosen: list[int] = list(order)
@@ -328,6 +333,7 @@ class MinimalSet(Explainer):
         replacement: int | str | None = param(None, "the token masked words become, as an id or a token "
                                                     "(null: unk, else pad)")
         regenerate: bool = param(True, "regenerate the answer under the mask and under its complement")
+        recompute: bool | str = param("auto", "with rank_by=gradient: " + RECOMPUTE_HELP, choices=RECOMPUTE_CHOICES)
 
     def compute(self, model: LoadedModel, sample: Prepared, params: Params) -> Explanation:
         rank_by, include_text, baseline, views = params.rank_by, params.include_text, params.baseline, params.views
@@ -342,7 +348,9 @@ class MinimalSet(Explainer):
         masker = Masker(prep, baseline_pixels(prep, baseline, params.seed, radius), cell_map(prep), repl)
         scorer = FirstToken(prep, masker, batch_size)
         with fused_attention(prep.model, params.fast_attention):
-            found = search(prep, masker, scorer, units, limit, rank_by)
+            recompute = rank_by == "gradient" and resolve(params.recompute, lambda: backward_copy_bytes(prep),
+                                                          prep.loaded.device, model=prep.model)
+            found = search(prep, masker, scorer, units, limit, rank_by, recompute)
             # without a flip there is no set: "masked" then reports the largest set tried
             tried = [units[i] for i in found.chosen]
             members = tried if found.found else []
@@ -360,7 +368,7 @@ class MinimalSet(Explainer):
 
         exp = Explanation(
             self.id,
-            {**params.as_dict(), "max_cells": limit, "batch_size": batch_size,
+            {**params.as_dict(), "max_cells": limit, "batch_size": batch_size, "recompute": recompute,
              "blur_radius": radius if baseline == "blur" else None, "replacement": repl if include_text else None},
             prep.target(),
         )
