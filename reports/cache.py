@@ -21,13 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-def default_cache_dir() -> Path:
-    """``$XMLLM_CACHE_DIR``, else ``xmllm`` in the user's cache folder (``$XDG_CACHE_HOME`` or
-    ``~/.cache``): one cache for every folder xmllm is run from, never inside a checkout."""
-    if os.environ.get("XMLLM_CACHE_DIR"):
-        return Path(os.environ["XMLLM_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "xmllm"
+from xmllm.explainers.scratch import default_cache_dir  # noqa: F401  (re-exported: xmllm.cache.default_cache_dir)
 
 COMPLETE = ".complete"
 """Written last inside an entry: an entry without it is ignored (and rebuilt)."""

@@ -13,11 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+from xmllm.explainers.scratch import _umask, make_dir, remove_stale, scratch_dir  # noqa: F401  (re-exported)
 
 
 def atomic(path: Path, write: Callable[[IO[Any]], Any], binary: bool = False) -> None:
@@ -115,43 +111,3 @@ def write_dir(final: Path, fill: Callable[[Path], Any]) -> Path:
     return final
 
 
-def make_dir(path: Path) -> Path:
-    """``mkdir -p`` whose new folders get the mode a plain ``mkdir`` gives (the umask applies)."""
-    Path(path).mkdir(parents=True, exist_ok=True)
-    return Path(path)
-
-
-def scratch_dir(parent: Path, prefix: str) -> Path:
-    """A new empty folder ``parent/<prefix><pid>-<random>`` for work in progress.
-
-    Its name carries the process id, so that :func:`remove_stale` can tell a folder left by a
-    process that was killed from one in use; its mode follows the umask (``mkdtemp`` would make
-    it private, and it may become the output itself)."""
-    make_dir(parent)
-    path = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
-    os.chmod(path, 0o777 & ~_umask())
-    return path
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
-def remove_stale(parent: Path, prefix: str) -> list[Path]:
-    """Delete the :func:`scratch_dir` folders under ``parent`` whose process has ended (killed,
-    say, before it could clean up); returns what was removed."""
-    removed = []
-    if not Path(parent).is_dir():
-        return removed
-    for path in Path(parent).glob(f"{prefix}*"):
-        pid, sep, _ = path.name[len(prefix):].partition("-")
-        if sep and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)) and path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed

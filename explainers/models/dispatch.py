@@ -85,7 +85,7 @@ def parse_device_memory(value: str | Mapping[Any, Any] | None, what: str = "--de
     Keys are a GPU index (``0``, ``cuda:1``), ``mps`` or ``cpu``; sizes as ``parse_memory`` reads
     them. Anything else is a one-line error naming ``what`` and the value.
     """
-    from ..memory import MemorySizeError, parse_memory
+    from ..sizes import MemorySizeError, parse_memory
 
     if value is None:
         return None
@@ -170,7 +170,7 @@ def make_dispatch(device_map: str | Mapping[str, Any] | Dispatch | None, device_
 
 
 def offload_root() -> Path:
-    from xmllm.cache import default_cache_dir
+    from ..scratch import default_cache_dir
 
     return default_cache_dir() / OFFLOAD_SCRATCH
 
@@ -186,7 +186,7 @@ def load_kwargs(dispatch: Dispatch) -> tuple[dict[str, Any], Path | None]:
         folder = dispatch.offload_folder
         folder.mkdir(parents=True, exist_ok=True)
     else:
-        from xmllm.files import remove_stale, scratch_dir
+        from ..scratch import remove_stale, scratch_dir
 
         root = offload_root()
         remove_stale(root, OFFLOAD_PREFIX)  # folders of processes that were killed before removing theirs
