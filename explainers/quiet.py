@@ -45,6 +45,9 @@ KNOWN_HARMLESS: tuple[re.Pattern[str], ...] = (
     # hybrid decoders (Qwen3.5's linear attention) without the optional CUDA kernels: the reference
     # PyTorch path is exact, only slower, and on a CPU there is no other
     re.compile(r"is falling back to its reference PyTorch implementation"),
+    # a family's config built without RoPE settings (its vision or audio part, or xmllm models
+    # reading every config class): transformers' defaults apply, as they do for the checkpoint
+    re.compile(r"`standardize_rope_params` was called but no RoPE parameters were found"),
 )
 _TRUTHY = {"1", "true", "yes", "on"}
 _lock = threading.Lock()

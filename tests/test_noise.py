@@ -91,6 +91,28 @@ def test_a_refused_long_question_prints_our_one_line_only(tmp_path: Path, image:
     assert not (tmp_path / "run").exists()
 
 
+def test_models_and_a_video_explanation_print_only_our_lines(tmp_path: Path, image: Path) -> None:
+    done = xmllm("models", "--json", cwd=tmp_path)  # builds every family's config
+    assert done.returncode == 0 and foreign_lines(done.stderr) == [], done.stderr[-2000:]
+    import av
+    import numpy as np
+    from PIL import Image
+
+    clip = tmp_path / "clip.mp4"
+    with av.open(str(clip), "w") as container:
+        stream = container.add_stream("mpeg4", rate=2)
+        stream.width, stream.height, stream.pix_fmt = 128, 128, "yuv420p"
+        for _ in range(3):
+            frame = np.asarray(Image.open(image).convert("RGB").resize((128, 128)))
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    done = xmllm("explain", "--video", str(clip), "--question", "What colour is the triangle?", "--explainers",
+                 "attention.raw", "--device", "cpu", "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert done.returncode == 0 and foreign_lines(done.stderr) == [], done.stderr[-2000:]
+
+
 def test_verbose_shows_the_libraries_own_lines(tmp_path: Path, image: Path) -> None:
     for args in (["--verbose", "explain"], ["explain", "--verbose"]):  # before or after the command
         done = xmllm(*args, "--image", str(image), "--question", LONG_QUESTION, "--explainers", "attention.raw",

@@ -18,8 +18,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from xmllm.explainers.models.coverage import all_families, coverage
+    from xmllm.explainers.quiet import route_library_output
     from xmllm.explainers.registry import sample_level_ids
 
+    import transformers  # noqa: F401  (imported first, so that routing reaches its logger)
+
+    route_library_output()  # building every family's config talks; only our lines reach the user
     rows = all_families()
     total = len(sample_level_ids())
     if args.model_type is not None:
