@@ -40,16 +40,22 @@ def jsonl_samples(path: Path) -> "list[ExplainSample]":
 
     out = []
     for record in read_sample_set(path):
-        image = record.load_image()
-        mask = record.load_mask()
+        pictures = record.load_pictures()
+        evidence = int(record.extra.get("evidence_image") or 1)
+        if evidence > len(pictures):
+            raise XmllmError(f"{path}: sample {record.id!r}: evidence_image {evidence} but {len(pictures)} pictures")
+        image = pictures[evidence - 1]
+        mask = record.load_mask()  # the evidence picture's; the cell metrics score the first picture's grid
         if mask is not None and mask.shape != (image.height, image.width):
             raise XmllmError(f"{path}: sample {record.id!r}: mask {record.mask} is {mask.shape[1]}x{mask.shape[0]} "
                              f"pixels but its image is {image.width}x{image.height}")
+        if evidence != 1:
+            mask = None
         extra = dict(record.extra)
         if record.question_type:
             extra["question_type"] = record.question_type
         if record.pair:
             extra["pair"] = record.pair
-        out.append(ExplainSample([image], record.question, id=record.id, expected=record.answer,
+        out.append(ExplainSample(pictures, record.question, id=record.id, expected=record.answer,
                                  mask=None if mask is None else np.asarray(mask, dtype=bool), extra=extra))
     return out

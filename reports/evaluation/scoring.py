@@ -239,6 +239,7 @@ def evaluate(loaded: "LoadedModel", samples: Sequence["ExplainSample"], config: 
                 progress("samples", index + 1, len(samples))
             continue
         maps: dict[str, np.ndarray] = {}
+        explained: dict[str, Any] = {}
         current = plan.only(active)
         refused = current.refusals(loaded, sample)
         for outcome in run_plan(loaded, prepared, current, refused, tolerate=(XmllmError, ValueError, RuntimeError)):
@@ -268,6 +269,7 @@ def evaluate(loaded: "LoadedModel", samples: Sequence["ExplainSample"], config: 
                 continue
             map_names[eid] = scored.describe()
             maps[eid] = scored.values
+            explained[eid] = outcome.explanation
         if not maps:
             if not active:
                 raise XmllmError("none of the explainers gives an image map to score")
@@ -289,6 +291,8 @@ def evaluate(loaded: "LoadedModel", samples: Sequence["ExplainSample"], config: 
                     sums = curve_sums.setdefault(name, {})
                     sums[kind] = sums.get(kind, 0.0) + curve
                     sums[f"{kind}_n"] = sums.get(f"{kind}_n", 0) + 1
+        for eid, hit in image_pointing(sample, prepared, explained, config.seed + index).items():
+            scores.setdefault(eid, {})[IMAGE_POINTING] = hit
         records.append(_record(sample, prepared, is_correct, truth_cells, scores))
         if len(kept) < config.sanity_samples:
             kept.append((prepared, {k: v for k, v in maps.items() if k != RANDOM_LABEL}))
@@ -355,7 +359,9 @@ def evaluate(loaded: "LoadedModel", samples: Sequence["ExplainSample"], config: 
             "sanity_samples": len(kept) if sanity else 0,
             "pointing_bar": POINTING_BAR,
         },
-        "metrics": [cls.describe() for cls in registered_metrics().values()],
+        "metrics": [cls.describe() for cls in registered_metrics().values()]
+        + ([IMAGE_POINTING_METRIC] if any(IMAGE_POINTING in (r["scores"].get(RANDOM_LABEL) or {}) for r in records)
+           else []),
         "maps": map_names,
         "skipped_explainers": skipped,
         "skipped_samples": skipped_samples,
@@ -367,6 +373,39 @@ def evaluate(loaded: "LoadedModel", samples: Sequence["ExplainSample"], config: 
     }
     result.update(summarise(result, curve_sums))
     return result
+
+
+IMAGE_POINTING = "image_pointing"
+IMAGE_POINTING_METRIC = {
+    "name": IMAGE_POINTING, "title": "Image pointing", "higher_is_better": True, "applies_to": "image maps",
+    "needs_model": False, "needs_truth": True,
+    "summary": ("with several pictures and the sample's evidence_image: 1 when the picture with the largest "
+                "share of the map (positive mass) is the evidence's, else 0; the random floor picks a picture "
+                "at random (1 / pictures)"),
+    "reference": "xmllm (#25): image-level pointing game",
+}
+"""Scored only on samples with several pictures and an ``evidence_image``; the cell-level metrics
+score the first picture's grid (its mask, where the evidence is the first picture)."""
+
+
+def image_pointing(sample: "ExplainSample", prepared: "Prepared", explained: dict[str, Any],
+                   seed: int) -> dict[str, float | None]:
+    """Per explainer (and the random floor): whether its largest share falls on the evidence picture."""
+    from xmllm.explainers.metrics.image_shares import image_shares
+
+    from ..runner import layouts_json
+
+    evidence = sample.extra.get("evidence_image")
+    pictures = len(sample.images)
+    if evidence is None or pictures < 2:
+        return {}
+    layouts = layouts_json(prepared.layouts)
+    out: dict[str, float | None] = {}
+    for eid, exp in explained.items():
+        shares = image_shares(exp, layouts, pictures)
+        out[eid] = None if shares is None else float(shares.carrier + 1 == int(evidence))
+    out[RANDOM_LABEL] = float(int(np.random.default_rng([seed, 0x1A6E]).integers(pictures)) + 1 == int(evidence))
+    return out
 
 
 def _score(metrics: dict[str, Any], maps: dict[str, np.ndarray],

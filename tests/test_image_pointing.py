@@ -1,0 +1,54 @@
+"""Image-level pointing in ``xmllm evaluate`` (#25 item 4, on user sample sets): with several
+pictures and an ``evidence_image``, 1 where the largest share of an explainer's map falls on the
+evidence picture; the random floor picks a picture at random."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import xmllm
+from xmllm.explainers.demo.samples import generate_samples
+from xmllm.evaluation.scoring import split_label
+from xmllm.explainers.metrics.image_shares import image_shares
+
+EXPLAINERS = ["gradient.saliency", "relevancy.chefer"]
+
+
+@pytest.fixture(scope="module")
+def paired_set(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("paired")
+    samples = generate_samples(6, 4)
+    lines = []
+    for k in range(3):
+        evidence, other = samples[2 * k], samples[2 * k + 1]
+        evidence.image().save(folder / f"{evidence.id}.png")
+        other.image().save(folder / f"{other.id}.png")
+        order = [f"{other.id}.png", f"{evidence.id}.png"] if k % 2 == 0 else [f"{evidence.id}.png", f"{other.id}.png"]
+        lines.append({"id": f"pair-{k}", "image": order, "question": evidence.text, "answer": evidence.answer,
+                      "evidence_image": 2 if k % 2 == 0 else 1})
+    path = folder / "samples.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    return path, lines
+
+
+def test_image_pointing_is_scored_per_sample_and_summarised(paired_set):
+    path, lines = paired_set
+    result = xmllm.evaluate("demo", samples=path, explainers=EXPLAINERS, sanity_samples=0)
+    assert "image_pointing" in [m["name"] for m in result["metrics"]]
+    by_id = {r["id"]: r for r in result["per_sample"]}
+    labels = result["config"]["explainers"]  # a target-taking explainer is scored per target
+    assert {split_label(label)[0] for label in labels} == set(EXPLAINERS)
+    for line in lines:
+        pictures = [str(path.parent / name) for name in line["image"]]
+        for label in labels:  # the carrier of an independent explanation of the same sample
+            eid, params = split_label(label)
+            run = xmllm.explain("demo", pictures, line["question"], [eid], params={eid: params}, faithfulness=False)
+            shares = image_shares(run[eid], run.manifest["layouts"], 2)
+            expected = float(shares.carrier + 1 == line["evidence_image"])
+            assert by_id[line["id"]]["scores"][label]["image_pointing"] == expected, (line["id"], label)
+        assert by_id[line["id"]]["scores"]["random"]["image_pointing"] in (0.0, 1.0)
+    for label in labels:
+        hits = [by_id[line["id"]]["scores"][label]["image_pointing"] for line in lines]
+        assert result["table"][label]["image_pointing"]["mean"] == pytest.approx(np.mean(hits))
