@@ -114,9 +114,10 @@ def test_free_arithmetic_equals_real_arithmetic_for_every_explainer(family):
 
 PUBLISHED_PARAMETERS = {
     "llava-1.5-7b": 7.06e9, "llava-1.5-13b": 13.35e9, "llava-next-7b": 7.06e9, "qwen2-vl-7b": 8.29e9,
-    "idefics3-8b": 8.46e9,
+    "idefics3-8b": 8.46e9, "qwen2.5-vl-7b": 8.29e9, "internvl3.5-8b": 8.53e9, "llava-onevision-7b": 8.03e9,
 }
-"""Parameter counts the model cards give (7B, 13B, 7B, 8.3B, 8.5B), to three figures."""
+"""Parameter counts the model cards give (7B, 13B, 7B, 8.3B, 8.5B, 8.3B, 8.5B, 8.0B), to three figures
+(the hub's safetensors counts for the last three)."""
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.name)
@@ -219,6 +220,9 @@ def test_scale_section_writes_json_rows_projected_past_the_weights():
     (("--scale", "--configs", "llava-99b"), "llava-99b"),
     (("--scale", "--only", "no-such-explainer"), "no-such-explainer"),
     (("--configs", "llava-1.5-7b"), "--configs needs --scale"),
+    (("--growth",), "--growth needs --scale"),
+    (("--scale", "--growth", "--configs", "qwen2-vl-7b"), "qwen2_vl"),
+    (("--scale", "--growth", "--configs", "llava-1.5-7b,llava-1.5-13b"), "--growth fits one config"),
 ])
 def test_scale_options_are_one_line_errors(argv, words):
     code, out, err = run_cli("bench", *argv)
