@@ -39,7 +39,7 @@ from xmllm.explainers.answering import Answer
 from xmllm.explainers.prepared import ExplainSample, Prepared, prepare
 from xmllm.explainers.memory import CUDA_FREE_SHARE, CUDA_RESERVE, memory_budget, planning
 from xmllm.explainers.registry import get_explainer, registered, sample_level_ids
-from xmllm.explainers.scaleplan import ScalePlan
+from xmllm.explainers.scaleplan import ScalePlan, recomputed
 
 from .scale_configs import CONFIGS, ScaleConfig, bench_image, build, build_processor, parameter_count
 
@@ -134,6 +134,31 @@ class Costs:
                 "forward_equivalents": round(forwards + 2 * backwards, 2)}
 
 
+# --- run keys: an explainer, or its recomputed run -------------------------------------------------------
+
+RECOMPUTED = "@recompute"
+"""Suffix of the run key of an explainer's recomputed run (``gradient.saliency@recompute``): the same
+explanation with ``recompute=True`` (every decoder and vision block recomputed in the backward,
+:mod:`xmllm.explainers.recompute`), for every explainer that declares the parameter."""
+
+
+def differentiates(eid: str) -> bool:
+    """Whether ``eid`` declares ``recompute`` (it runs a backward pass that can recompute its blocks)."""
+    return "recompute" in registered()[eid].Params.names()
+
+
+def run_keys(ids: Sequence[str], recompute: bool = True) -> list[str]:
+    """Each explainer's run key, followed by its recomputed run's where it differentiates."""
+    return [key for eid in ids for key in (eid, *([eid + RECOMPUTED] if recompute and differentiates(eid) else []))]
+
+
+def split_key(key: str) -> tuple[str, dict[str, Any]]:
+    """The explainer of a run key and the parameters its variant adds."""
+    if key.endswith(RECOMPUTED):
+        return key[: -len(RECOMPUTED)], {"recompute": True}
+    return key, {}
+
+
 # --- one measurement --------------------------------------------------------------------------------------
 
 
@@ -171,7 +196,14 @@ def measure_one(eid: str, prep: Prepared, params: dict[str, Any], device: torch.
                 stop_batch: int | None = None, stop_backwards: int | None = None) -> Measured:
     """One explanation's peak tensor bytes (free arithmetic on a CPU, the allocator on CUDA); with
     ``stop_batch``, stopped after its first forward of that many copies; with ``stop_backwards``,
-    once that many backward passes have run."""
+    once that many backward passes have run.
+
+    A run that may recompute (an explainer declaring ``recompute``, unless it is False: "auto"
+    recomputes where a kept backward does not fit the budget) keeps the backward's elementwise
+    operators real: the blocks' forward runs again inside the backward, where free arithmetic would
+    also answer its functional operators, and checkpointing refuses recomputed tensors whose
+    metadata differ from the saved ones (free products stay free; the peak counts the same bytes,
+    checked on the narrow LLaVA against real arithmetic)."""
     from .free_compute import collector_paused, measure
 
     cls = registered()[eid]
@@ -195,7 +227,8 @@ def measure_one(eid: str, prep: Prepared, params: dict[str, Any], device: torch.
         torch.cuda.synchronize(device)
         value = torch.cuda.max_memory_allocated(device) - before
     else:
-        result, value = measure(run)
+        may_recompute = differentiates(eid) and params.get("recompute", "auto") is not False
+        result, value = measure(run, free_backward=not may_recompute)
     seconds = time.perf_counter() - start
     stopped = isinstance(result, _Stop)
     error = None
@@ -263,10 +296,10 @@ def _prep_for(prep: Prepared, chosen: ScalePlan) -> Prepared:
 
 def measure_points(builder: Callable[[int, int], Any], image: Any, ids: Sequence[str],
                    points: Sequence[tuple[int, int]], full: tuple[int, int], budget: int | None,
-                   device: torch.device, tell: Callable[[str], None] | None = None, label: str = ""
-                   ) -> tuple[dict[str, dict[tuple[int, int], Measured]], dict[str, ScalePlan],
+                   device: torch.device, tell: Callable[[str], None] | None = None, label: str = "",
+                   answer_tokens: int = ANSWER_TOKENS) -> tuple[dict[str, dict[tuple[int, int], Measured]], dict[str, ScalePlan],
                               dict[str, Measured], dict[str, Any]]:
-    """Every explainer at every (decoder, vision) point of the models ``builder`` makes, chunking as
+    """Every run key (:func:`run_keys`) at every (decoder, vision) point of the models ``builder`` makes, chunking as
     the ``full``-depth model would on a GPU under ``budget`` (None: the device's default). A batching
     explainer runs at its larger trial batch at every point and at its smaller one at the first point
     (the per-copy bytes); returns the runs, the plans, those smaller-batch runs, and the sizes."""
@@ -276,24 +309,25 @@ def measure_points(builder: Callable[[int, int], Any], image: Any, ids: Sequence
     info: dict[str, Any] = {}
     for layers, vision_layers in points:
         loaded = builder(layers, vision_layers)
-        prep = forced(loaded, image)
+        prep = forced(loaded, image, answer_tokens)
         info.update(seq_len=prep.seq_len, image_tokens=int(prep.image_positions.numel()),
                     answer_tokens=len(prep.answer.token_ids))
         with memory_budget(budget), planning(*full, device="cuda"):
-            for eid in ids:
+            for key in ids:
+                eid, extra = split_key(key)
                 if tell is not None:
-                    tell(f"{label} {layers}+{vision_layers} {eid}")
-                if eid not in plans:
-                    plans[eid] = get_explainer(eid).scale_plan(prep, full[0])
-                chosen = plans[eid]
+                    tell(f"{label} {layers}+{vision_layers} {key}")
+                if key not in plans:
+                    plans[key] = get_explainer(eid).scale_plan(prep, full[0])
+                chosen = plans[key]
                 sample = _prep_for(prep, chosen)
                 trial = max(chosen.trials) if chosen.trials else None
-                params = chosen.at(trial) if trial else chosen.params
-                runs[eid][(layers, vision_layers)] = measure_one(eid, sample, params, device, trial,
+                params = {**(chosen.at(trial) if trial else chosen.params), **extra}
+                runs[key][(layers, vision_layers)] = measure_one(eid, sample, params, device, trial,
                                                                  chosen.stop_backwards)
                 if len(chosen.trials) > 1 and (layers, vision_layers) == points[0]:
                     low = min(chosen.trials)
-                    small[eid] = measure_one(eid, sample, chosen.at(low), device, low)
+                    small[key] = measure_one(eid, sample, {**chosen.at(low), **extra}, device, low)
         del loaded, prep
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -302,8 +336,10 @@ def measure_points(builder: Callable[[int, int], Any], image: Any, ids: Sequence
 
 def measure_config(model: Model, ids: Sequence[str], device: torch.device, depths: Sequence[int] = DEPTHS,
                    vision: tuple[int, int] = (VISION_BASE, VISION_STEP),
-                   tell: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Every explainer in ``ids`` on ``model`` at each depth, fitted and projected: one row each."""
+                   tell: Callable[[str], None] | None = None, image: Any = None,
+                   answer_tokens: int = ANSWER_TOKENS) -> list[dict[str, Any]]:
+    """Every run key in ``ids`` (:func:`run_keys`) on ``model`` at each depth, fitted and projected: one
+    row each (``image``: the bench image by default; ``answer_tokens``: the forced answer's length)."""
     config = model.config
     full = (config.decoder_layers, config.vision_layers)
     base, step = vision
@@ -314,9 +350,14 @@ def measure_config(model: Model, ids: Sequence[str], device: torch.device, depth
         return build(config, layers, vision_layers, values=values, device=device, dtype=DTYPE,
                      processor=model.processor)
 
-    runs, plans, small, info = measure_points(builder, bench_image(config), ids, points, full, model.budget,
-                                              device, tell, config.name)
-    return [_row(model, eid, plans[eid], runs[eid], small.get(eid), points, full, info) for eid in ids]
+    runs, plans, small, info = measure_points(builder, bench_image(config) if image is None else image, ids, points,
+                                              full, model.budget, device, tell, config.name, answer_tokens)
+    rows = {key: _row(model, key, plans[key], runs[key], small.get(key), points, full, info) for key in ids}
+    for key, row in rows.items():  # a recomputed run costs its kept run's forwards plus one per backward
+        eid, extra = split_key(key)
+        if extra:
+            row["costs"] = recomputed(rows[eid]["costs"] if eid in rows else row["costs"])
+    return list(rows.values())
 
 
 def projection(runs: dict[tuple[int, int], Measured], points: Sequence[tuple[int, int]], chosen: ScalePlan,
@@ -351,12 +392,14 @@ def projection(runs: dict[tuple[int, int], Measured], points: Sequence[tuple[int
             "vision_slope_bytes": vision_slope, "projected_activation_bytes": activations}
 
 
-def _row(model: Model, eid: str, chosen: ScalePlan, runs: dict[tuple[int, int], Measured], small: Measured | None,
+def _row(model: Model, key: str, chosen: ScalePlan, runs: dict[tuple[int, int], Measured], small: Measured | None,
          points: list[tuple[int, int]], full: tuple[int, int], info: dict[str, Any]) -> dict[str, Any]:
     measured = [*runs.values(), *([small] if small is not None else [])]
     errors = sorted({m.error for m in measured if m.error})
+    eid, extra = split_key(key)
     row: dict[str, Any] = {
-        "config": model.config.name, "explainer": eid, "note": chosen.note, "gpu_budget_gib": model.gpu,
+        "config": model.config.name, "explainer": eid, "run": "recomputed" if extra else "default",
+        "key": key, "note": chosen.note, "gpu_budget_gib": model.gpu,
         "budget_bytes": model.budget, "weights_bytes": model.weights, "parameters": model.parameters,
         "peaks": {f"{layers}+{vision}": runs[(layers, vision)].peak for layers, vision in points},
         "seconds": round(sum(m.seconds for m in measured), 1),
@@ -376,10 +419,11 @@ def _row(model: Model, eid: str, chosen: ScalePlan, runs: dict[tuple[int, int], 
 
 
 def run_scale(config_names: Sequence[str] | None, only: str | None, device: torch.device,
-              tell: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """The ``--scale`` report: rows per configuration and explainer, with timing."""
+              tell: Callable[[str], None] | None = None, recompute: bool = True) -> dict[str, Any]:
+    """The ``--scale`` report: rows per configuration and explainer (and, with ``recompute``, per
+    differentiating explainer's recomputed run), with timing."""
     start = time.perf_counter()
-    ids = [eid for eid in sample_level_ids() if not only or only in eid]
+    ids = run_keys([eid for eid in sample_level_ids() if not only or only in eid], recompute)
     configs = [c for c in CONFIGS if not config_names or c.name in config_names]
     rows: list[dict[str, Any]] = []
     models = {}
@@ -401,6 +445,19 @@ def run_scale(config_names: Sequence[str] | None, only: str | None, device: torc
             "seconds": round(time.perf_counter() - start, 1), "threads": torch.get_num_threads()}
 
 
+def _key(row: dict[str, Any]) -> str:
+    return row.get("key", row["explainer"])
+
+
+def _cost(costs: dict[str, Any]) -> str:
+    """Forward-equivalents as a table cell: ``x65``, ``x579+`` (a lower bound)."""
+    value = costs.get("forward_equivalents")
+    if value is None:
+        return ""
+    shown = f"{value:.0f}" if value >= 100 else f"{value:g}"
+    return f"x{shown}{'+' if costs.get('lower_bound') else ''}"
+
+
 def _gib(value: float | None) -> str:
     return "-" if value is None else f"{value / GIB:.1f}"
 
@@ -408,12 +465,13 @@ def _gib(value: float | None) -> str:
 def render(report: dict[str, Any]) -> str:
     """The projected peaks as a table (GiB) against each GPU size, then the fits and notes."""
     configs = list(report["models"])
-    explainers = sorted({r["explainer"] for r in report["rows"]})
-    by = {(r["config"], r["explainer"]): r for r in report["rows"]}
+    keys = sorted({_key(r) for r in report["rows"]})
+    by = {(r["config"], _key(r)): r for r in report["rows"]}
     lines = [f"xmllm bench --scale on {report['device']}: {report['method']}; bfloat16, one image, "
              f"a {report['answer_tokens']}-token forced answer; decoder cut to {report['depths']} blocks, "
              f"vision to {report['vision_blocks'][0]} (+1 for its slope); projected to the published depth "
-             f"+ weights, in GiB"]
+             f"+ weights, in GiB, then the cost in forward-equivalents (forwards + 2 x backwards, + 1 forward a "
+             f"backward when recomputed; '+': a lower bound); {RECOMPUTED}: the run with recompute=True"]
     for name, info in report["models"].items():
         lines.append(f"  {name}: {info['source']}, {info['parameters'] / 1e9:.2f}B parameters "
                      f"({info['weights_bytes'] / GIB:.1f} GiB bf16), {info['decoder_layers']} + "
@@ -421,10 +479,10 @@ def render(report: dict[str, Any]) -> str:
                      f"GB GPU ({info['budget_bytes'] / GIB:.1f} GiB)")
     header = ["explainer", *configs]
     table = []
-    for eid in explainers:
-        cells = [eid]
+    for key in keys:
+        cells = [key]
         for name in configs:
-            row = by.get((name, eid))
+            row = by.get((name, key))
             if row is None:
                 cells.append("")
             elif row.get("projected_bytes") is None:
@@ -432,7 +490,7 @@ def render(report: dict[str, Any]) -> str:
             else:
                 fits = row["fits"]
                 mark = next((f"<={g}" for g in report["gpus_gib"] if fits.get(str(g))), ">80")
-                cells.append(f"{_gib(row['projected_bytes'])} {mark}")
+                cells.append(f"{_gib(row['projected_bytes'])} {mark} {_cost(row['costs'])}")
         table.append(cells)
     lines += ["", _table(header, table)]
     lines += ["", "per block, GiB: the projection's slope (2-4 blocks), the 1-2-4 line's slope and residual (rms / max), "
@@ -440,11 +498,11 @@ def render(report: dict[str, Any]) -> str:
     for row in report["rows"]:
         if row.get("fit"):
             f = row["fit"]
-            lines.append(f"  {row['config']:14s} {row['explainer']:34s} slope {row['settled']['slope'] / GIB:7.3f}  "
+            lines.append(f"  {row['config']:14s} {_key(row):44s} slope {row['settled']['slope'] / GIB:7.3f}  "
                          f"line {f['slope'] / GIB:7.3f} rms {f['residual_rms'] / GIB:.4f} max {f['residual_max'] / GIB:.4f}  "
                          f"vision {row['vision_slope_bytes'] / GIB:7.3f}  fwd-eq {row['costs']['forward_equivalents']}")
         else:
-            lines.append(f"  {row['config']:14s} {row['explainer']:34s} {row.get('error')}")
+            lines.append(f"  {row['config']:14s} {_key(row):44s} {row.get('error')}")
     notes = sorted({(r["explainer"], r["note"]) for r in report["rows"] if r["note"]})
     if notes:
         lines += ["", "measured with cheaper parameters where memory does not depend on them:"]

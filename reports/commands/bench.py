@@ -43,11 +43,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-large", action="store_true", help="skip the large random 576-image-token model")
     p.add_argument("--scale", action="store_true",
                    help="instead of the cases: every sample-level explainer's peak memory on real-width LLaVA-1.5-7B/"
-                        "13B, LLaVA-NeXT-7B, Qwen2-VL-7B and Idefics3-8B configs, projected to full depth against "
-                        "24/48/80 GB GPUs (with --only: explainers whose id contains it)")
+                        "13B, LLaVA-NeXT-7B, Qwen2-VL-7B, Idefics3-8B, Qwen2.5-VL-7B, InternVL3.5-8B and "
+                        "LLaVA-OneVision-7B configs, projected to full depth against 24/48/80 GB GPUs, with each "
+                        "run's cost in forward-equivalents and the recomputed run of every explainer that "
+                        "differentiates (with --only: explainers whose id contains it)")
     p.add_argument("--configs", metavar="NAMES",
                    help="with --scale: comma-separated configs (default all: "
-                        "llava-1.5-7b,llava-1.5-13b,llava-next-7b,qwen2-vl-7b,idefics3-8b)")
+                        "llava-1.5-7b,llava-1.5-13b,llava-next-7b,qwen2-vl-7b,idefics3-8b,qwen2.5-vl-7b,"
+                        "internvl3.5-8b,llava-onevision-7b)")
+    p.add_argument("--no-recompute", action="store_true",
+                   help="with --scale: leave out the recomputed runs (recompute=True) of the explainers that "
+                        "differentiate")
+    p.add_argument("--growth", action="store_true",
+                   help="with --scale: instead of the table, fit each explainer's projected peak memory and "
+                        "forward-equivalents against answer length (32, 128, 512 tokens) and image tokens "
+                        "(576, 2,916, 8,100) on one config (--configs, default llava-1.5-7b; LLaVA-style only), "
+                        "and what a 500-token description costs")
     p.set_defaults(func=run)
 
 
@@ -251,12 +262,27 @@ def run_scale(args: argparse.Namespace) -> int:
     device = resolve_device("cpu" if args.device == "auto" else args.device)
     if device.type not in ("cpu", "cuda"):
         raise XmllmError(f"--device {args.device!r}: --scale measures on cpu (free arithmetic) or cuda (the allocator)")
+    if args.growth:
+        from ..bench.scale_costs import GROWTH_FAMILIES
+
+        if len(names or []) > 1:
+            raise XmllmError(f"--growth fits one config; --configs {args.configs!r} names {len(names)}")
+        growth_config = (names or ["llava-1.5-7b"])[0]
+        family = next(c.model_type for c in CONFIGS if c.name == growth_config)
+        if family not in GROWTH_FAMILIES:
+            raise XmllmError(f"--growth resizes a LLaVA-style vision tower; {growth_config!r} is {family}")
     with tqdm(desc="bench --scale", unit="run", file=sys.stderr, ncols=PROGRESS_WIDTH) as bar:
         def tell(label: str) -> None:
             bar.set_postfix_str(label)
             bar.update(1)
 
-        report = measure_scale(names, args.only, device, tell)
+        if args.growth:
+            from ..bench.scale_costs import render_growth, run_growth
+
+            report = run_growth(growth_config, args.only, device, tell, recompute=not args.no_recompute)
+            print(json.dumps(report, indent=2, allow_nan=False) if args.json else render_growth(report))
+            return 0
+        report = measure_scale(names, args.only, device, tell, recompute=not args.no_recompute)
     print(json.dumps(report, indent=2, allow_nan=False) if args.json else render(report))
     return 0
 
@@ -266,6 +292,9 @@ def run(args: argparse.Namespace) -> int:
         return run_scale(args)
     if getattr(args, "configs", None):
         raise XmllmError("--configs needs --scale")
+    for flag in ("growth", "no_recompute"):
+        if getattr(args, flag, False):
+            raise XmllmError(f"--{flag.replace('_', '-')} needs --scale")
     if args.repeat < 1:
         raise XmllmError(f"--repeat {args.repeat}: must be at least 1")
     cases = [case for case in discover() if case.matches(args.only)]
