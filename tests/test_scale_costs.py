@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-
 from xmllm.bench import scale, scale_costs
 from xmllm.bench.scale_configs import ScaleConfig
 from xmllm.explainers.scaleplan import recomputed
@@ -50,8 +49,8 @@ def test_rows_carry_their_cost_and_recomputed_runs_cost_one_forward_more_per_bac
 
 
 def test_a_recomputed_run_counts_the_bytes_of_real_arithmetic():
-    """The recomputed run's forward runs again inside the backward: measured with free products and a
-    real backward (as ``measure_one`` measures a run that may recompute), the peak equals real arithmetic's."""
+    """The recomputed run's forward runs again inside the backward: measured as ``measure_one`` measures
+    (free arithmetic, the recomputation answered as a forward), the peak equals real arithmetic's."""
     from xmllm.bench.free_compute import measure
     from xmllm.bench.scale_configs import bench_image, build
     from xmllm.explainers.registry import registered
@@ -61,8 +60,11 @@ def test_a_recomputed_run_counts_the_bytes_of_real_arithmetic():
     for values, free in (("random", False), ("free", True)):
         loaded = build(NARROW, 2, 2, processor=model.processor, values=values)
         prep = scale.forced(loaded, bench_image(NARROW), 4)
-        result, peak = measure(lambda: registered()["gradient.saliency"]().explain(loaded, prep, recompute=True),
-                               free=free, free_backward=False)
+
+        def run(loaded=loaded, prep=prep):
+            return registered()["gradient.saliency"]().explain(loaded, prep, recompute=True)
+
+        result, peak = scale.measure_free(run) if free else measure(run, free=False)
         assert not isinstance(result, Exception), result
         peaks.append(peak)
     assert peaks[0] == peaks[1] > 0

@@ -1,7 +1,9 @@
 """``xmllm bench --scale``: every sample-level explainer's peak memory on real-width models.
 
 For each published architecture of :mod:`xmllm.bench.scale_configs` (LLaVA-1.5-7B and -13B,
-LLaVA-NeXT-7B, Qwen2-VL-7B, Idefics3-8B) and each sample-level explainer: the peak tensor memory
+LLaVA-NeXT-7B, Qwen2-VL-7B, Idefics3-8B, Qwen2.5-VL-7B, InternVL3.5-8B, LLaVA-OneVision-7B) and each
+sample-level explainer (and the recomputed run, ``recompute=True``, of each one that differentiates,
+:data:`RECOMPUTED`), with its cost in forward-equivalents: the peak tensor memory
 of one explanation (bfloat16, one image, a 32-token forced answer, eager attention as ``xmllm
 explain`` loads a model) with the decoder cut to 1, 2 and 4 blocks and the vision tower to
 :data:`VISION_BASE` blocks, plus one run with :data:`VISION_STEP` vision blocks; a least-squares
@@ -34,14 +36,27 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-
 from xmllm.explainers.answering import Answer
+from xmllm.explainers.memory import (
+    CUDA_FREE_SHARE,
+    CUDA_RESERVE,
+    memory_budget,
+    planning,
+)
 from xmllm.explainers.prepared import ExplainSample, Prepared, prepare
-from xmllm.explainers.memory import CUDA_FREE_SHARE, CUDA_RESERVE, memory_budget, planning
+from xmllm.explainers.recompute import recomputing
 from xmllm.explainers.registry import get_explainer, registered, sample_level_ids
 from xmllm.explainers.scaleplan import ScalePlan, recomputed
 
-from .scale_configs import CONFIGS, ScaleConfig, bench_image, build, build_processor, parameter_count
+from .free_compute import FreeCompute
+from .scale_configs import (
+    CONFIGS,
+    ScaleConfig,
+    bench_image,
+    build,
+    build_processor,
+    parameter_count,
+)
 
 GIB = 1 << 30
 DEPTHS: tuple[int, ...] = (1, 2, 4)
@@ -178,6 +193,35 @@ def forced(loaded: Any, image: Any, tokens: int = ANSWER_TOKENS) -> Prepared:
     return prepare(loaded, sample, answer=answer)
 
 
+class RecomputeAware(FreeCompute):
+    """:class:`~xmllm.bench.free_compute.FreeCompute` that answers a block's recomputation in the
+    backward (:func:`xmllm.explainers.recompute.recomputing`) as it answers a forward: its functional
+    operators run (unless they are products), so the recomputed tensors have the saved ones' metadata."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if self.free_backward and recomputing() is not None:
+            self.free_backward = False
+            try:
+                return super().__torch_dispatch__(func, types, args, kwargs)
+            finally:
+                self.free_backward = True
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+def measure_free(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """:func:`~xmllm.bench.free_compute.measure` under :class:`RecomputeAware`."""
+    from .free_compute import collector_paused
+
+    mode = RecomputeAware()
+    with collector_paused():
+        try:
+            with mode:
+                result = fn()
+        except Exception as error:  # noqa: BLE001 - the caller decides whether the peak still holds
+            result = error
+    return result, mode.peak
+
+
 KNOWN_AFTER_FORWARDS = ("nothing to restore",)
 """Errors raised after every forward on free arithmetic (patching's clean and corrupted runs give the
 same logits when no product depends on the input): the peak still holds."""
@@ -198,13 +242,11 @@ def measure_one(eid: str, prep: Prepared, params: dict[str, Any], device: torch.
     ``stop_batch``, stopped after its first forward of that many copies; with ``stop_backwards``,
     once that many backward passes have run.
 
-    A run that may recompute (an explainer declaring ``recompute``, unless it is False: "auto"
-    recomputes where a kept backward does not fit the budget) keeps the backward's elementwise
-    operators real: the blocks' forward runs again inside the backward, where free arithmetic would
-    also answer its functional operators, and checkpointing refuses recomputed tensors whose
-    metadata differ from the saved ones (free products stay free; the peak counts the same bytes,
-    checked on the narrow LLaVA against real arithmetic)."""
-    from .free_compute import collector_paused, measure
+    A recomputed block's forward runs inside the backward, where free arithmetic answers functional
+    operators unwritten; checkpointing refuses recomputed tensors whose metadata differ from the
+    saved ones, so :class:`RecomputeAware` runs the recomputation's operators as a forward's (free
+    products, real elementwise ones; the peak counts the same bytes as real arithmetic, tested)."""
+    from .free_compute import collector_paused
 
     cls = registered()[eid]
     costs = Costs(prep, stop_batch, stop_backwards)
@@ -227,8 +269,7 @@ def measure_one(eid: str, prep: Prepared, params: dict[str, Any], device: torch.
         torch.cuda.synchronize(device)
         value = torch.cuda.max_memory_allocated(device) - before
     else:
-        may_recompute = differentiates(eid) and params.get("recompute", "auto") is not False
-        result, value = measure(run, free_backward=not may_recompute)
+        result, value = measure_free(run)
     seconds = time.perf_counter() - start
     stopped = isinstance(result, _Stop)
     error = None
@@ -532,7 +573,6 @@ def narrow_builder(folder: Any, values: str = "free", dtype: torch.dtype = DTYPE
     import copy
 
     from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
-
     from xmllm.explainers.models import LoadedModel, adapter_for
 
     from .free_compute import materialise, parameters_on_meta

@@ -340,8 +340,10 @@ def hf_config(config: ScaleConfig, processor: Any, decoder_layers: int | None = 
         return tf.Qwen2VLConfig(vision_config=tf.Qwen2VLVisionConfig(**vision),
                                 text_config=tf.Qwen2VLTextConfig(**text), **ids, **config.top)
     if config.model_type == "qwen2_5_vl":
-        from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import (Qwen2_5_VLTextConfig,
-                                                                             Qwen2_5_VLVisionConfig)
+        from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import (
+            Qwen2_5_VLTextConfig,
+            Qwen2_5_VLVisionConfig,
+        )
 
         ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
             ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),

@@ -26,11 +26,23 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-
 from xmllm.explainers.registry import sample_level_ids
 
-from .scale import (ANSWER_TOKENS, FREE, CUDA, GIB, RECOMPUTED, VISION_BASE, VISION_STEP, Model, describe,
-                    fit, measure_config, project, run_keys)
+from .scale import (
+    ANSWER_TOKENS,
+    CUDA,
+    FREE,
+    GIB,
+    RECOMPUTED,
+    VISION_BASE,
+    VISION_STEP,
+    Model,
+    describe,
+    fit,
+    measure_config,
+    project,
+    run_keys,
+)
 from .scale_configs import CONFIGS, ScaleConfig
 
 GROWTH_FAMILIES: tuple[str, ...] = ("llava",)
@@ -163,7 +175,7 @@ def description_table(report: dict[str, Any]) -> str:
     """The 500-token description's cost per explainer as a markdown table (GiB, forward-equivalents;
     the recomputed run beside the kept one where there is one)."""
     by = {line["key"]: line for line in report["lines"]}
-    out = [f"| explainer | peak GiB | forward-equivalents | recomputed: peak GiB | forward-equivalents |",
+    out = ["| explainer | peak GiB | forward-equivalents | recomputed: peak GiB | forward-equivalents |",
            "| --- | ---: | ---: | ---: | ---: |"]
 
     def cells(line: dict[str, Any] | None) -> list[str]:
