@@ -75,7 +75,9 @@ def test_ask_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "missing.png: image not found" in err and "\n" not in err
     assert main(["ask", "--question", "Hi?"]) == 2
-    assert "--image and a non-empty --question" in capsys.readouterr().err
+    assert "give --image (repeatable) or --video" in capsys.readouterr().err
+    assert main(["ask", "--image", str(tmp_path / "missing.png"), "--question", " "]) == 2
+    assert "--question: a non-empty question is required" in capsys.readouterr().err
 
 
 def test_demo_eval_json(capsys):
