@@ -16,6 +16,11 @@ saying how bent the growth is: attention grows with the square of the sequence) 
 explainer, bytes and forward-equivalents per answer token and per image token; a 500-token
 description is read off the answer-length line at 500 tokens (576 image tokens). To keep the run
 short the decoder is measured at 2 and 4 blocks only (the two points the projection follows).
+
+Free arithmetic still allocates what it counts: at 8,100 image tokens one layer's eager attention
+softmax (32 heads x 8,150^2, in float32) is 8.5 GB, so the 1,260 px point needs a machine with
+well over 16 GB of free memory (``image_sides`` of :func:`run_growth` takes smaller sides: 1,008 px
+is 5,184 tokens).
 """
 from __future__ import annotations
 
