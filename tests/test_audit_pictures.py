@@ -3,6 +3,8 @@ forms, each picture's share, the flag for an answer carried by another picture t
 and one-line errors for malformed records; real forwards of the random demo model."""
 from __future__ import annotations
 
+import os
+
 import json
 
 import av
@@ -18,6 +20,10 @@ from xmllm.report.explained import load_run
 from xmllm.samples import read_sample_set
 
 EXPLAINERS = {"relevancy.chefer": {}, "gradient.saliency": {}}
+
+LONG_CHECKS = os.environ.get("XMLLM_LONG_CHECKS") == "1"
+long_check = pytest.mark.skipif(not LONG_CHECKS, reason="a long check: .ci/run runs it as its own step (XMLLM_LONG_CHECKS=1)")
+
 
 
 def write_clip(path, pictures) -> None:
@@ -80,6 +86,8 @@ def test_an_audit_over_pictures_and_a_video(picture_set, model):
     assert clip.manifest["video"]["path"].endswith("clip.mp4")
 
 
+@pytest.mark.slow
+@long_check
 def test_the_csv_form_takes_joined_images_and_a_video_column(picture_set, model, tmp_path):
     root, samples = picture_set
     rows = ["image,video,frames,question,answer,id,evidence_image",

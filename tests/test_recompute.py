@@ -7,6 +7,8 @@ keep at most one layer's attention weights alive at a time where the kept run ho
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -39,6 +41,10 @@ DIFFERENTIATING = [
     ("relevancy.chefer", {"batch": 2}),
     ("relevancy.modality", {}),
 ]
+
+LONG_CHECKS = os.environ.get("XMLLM_LONG_CHECKS") == "1"
+long_check = pytest.mark.skipif(not LONG_CHECKS, reason="a long check: .ci/run runs it as its own step (XMLLM_LONG_CHECKS=1)")
+
 
 
 def demo_prepared(demo, text: str = "red circle blue"):
@@ -104,6 +110,8 @@ def test_recompute_gives_the_kept_maps_on_the_demo(demo, explainer, params):
     assert_same_maps(kept, again)
 
 
+@pytest.mark.slow
+@long_check
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
 @pytest.mark.parametrize(("explainer", "params"), [("gradient.saliency", {}), ("relevancy.chefer", {}),
                                                    ("relevancy.chefer", {"batch": 2})])
@@ -145,6 +153,8 @@ def test_streamed_relevancy_with_recompute_matches_the_reference_on_the_demo(dem
     assert float(result.decoder.abs().sum()) > 0
 
 
+@pytest.mark.slow
+@long_check
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "idefics3"])
 @pytest.mark.parametrize("path", ["kernel", "eager"])
 def test_streamed_relevancy_with_recompute_matches_the_reference_on_tiny_families(family, path, monkeypatch):
@@ -260,6 +270,8 @@ def large(tmp_path_factory):
     return forced_prepared(loaded, "what is in the picture", 4)
 
 
+@pytest.mark.slow
+@long_check
 @pytest.mark.parametrize(("explainer", "params", "eager"), [
     ("gradient.saliency", {"per_token": False}, False),
     ("relevancy.chefer", {}, True),

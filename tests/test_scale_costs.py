@@ -3,6 +3,8 @@ each explainer that differentiates, and ``--growth``'s lines (memory and cost ag
 image tokens), measured on a narrow LLaVA-shaped configuration so that they run in seconds."""
 from __future__ import annotations
 
+import os
+
 import math
 
 import pytest
@@ -21,6 +23,10 @@ NARROW = ScaleConfig(
     {"size": {"shortest_edge": 56}, "crop_size": {"height": 56, "width": 56}},
     (56, 56), 16, "4 x 4 patches")
 IDS = ["lens.logit", "gradient.saliency"]
+
+LONG_CHECKS = os.environ.get("XMLLM_LONG_CHECKS") == "1"
+long_check = pytest.mark.skipif(not LONG_CHECKS, reason="a long check: .ci/run runs it as its own step (XMLLM_LONG_CHECKS=1)")
+
 
 
 def test_rows_carry_their_cost_and_recomputed_runs_cost_one_forward_more_per_backward():
@@ -70,6 +76,8 @@ def test_a_recomputed_run_counts_the_bytes_of_real_arithmetic():
     assert peaks[0] == peaks[1] > 0
 
 
+@pytest.mark.slow
+@long_check
 def test_growth_fits_one_line_per_run_with_finite_slopes():
     ids = ["gradient.saliency"]  # a kept and a recomputed line (lens.logit's is the other tests')
     report = scale_costs.run_growth(NARROW, ids=ids, answer_lengths=(2, 4, 8), image_sides=(28, 42, 56))
