@@ -57,6 +57,8 @@ def picture_set(tmp_path_factory):
     return root, samples
 
 
+@pytest.mark.slow
+@long_check
 def test_an_audit_over_pictures_and_a_video(picture_set, model):
     root, _ = picture_set
     cfg = write_config(root / "c.yaml", model, explainers=EXPLAINERS, checks=[], faithfulness={"enabled": False},

@@ -3,6 +3,8 @@ pictures and an ``evidence_image``, 1 where the largest share of an explainer's 
 evidence picture; the random floor picks a picture at random."""
 from __future__ import annotations
 
+import os
+
 import json
 
 import numpy as np
@@ -14,6 +16,10 @@ from xmllm.evaluation.scoring import split_label
 from xmllm.explainers.metrics.image_shares import image_shares
 
 EXPLAINERS = ["gradient.saliency", "relevancy.chefer"]
+
+LONG_CHECKS = os.environ.get("XMLLM_LONG_CHECKS") == "1"
+long_check = pytest.mark.skipif(not LONG_CHECKS, reason="a long check: .ci/run runs it as its own step (XMLLM_LONG_CHECKS=1)")
+
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +39,8 @@ def paired_set(tmp_path_factory):
     return path, lines
 
 
+@pytest.mark.slow
+@long_check
 def test_image_pointing_is_scored_per_sample_and_summarised(paired_set):
     path, lines = paired_set
     result = xmllm.evaluate("demo", samples=path, explainers=EXPLAINERS, sanity_samples=0)

@@ -29,6 +29,8 @@ long_check = pytest.mark.skipif(not LONG_CHECKS, reason="a long check: .ci/run r
 
 
 
+@pytest.mark.slow
+@long_check
 def test_rows_carry_their_cost_and_recomputed_runs_cost_one_forward_more_per_backward():
     keys = scale.run_keys(IDS)
     assert keys == ["lens.logit", "gradient.saliency", "gradient.saliency" + scale.RECOMPUTED]

@@ -116,7 +116,8 @@ def test_every_explainer_has_a_page_with_parameters_and_citations(generated) -> 
 def test_parameters_come_from_the_declaration() -> None:
     cls = registered()["relevancy.modality"]
     params = {p["name"]: p for p in explainer_pages.parameters(cls)}
-    assert set(params) == {"target", "top_k", "batch"} == set(cls.Params.names())
+    assert set(params) == {"target", "top_k", "batch", "recompute"} == set(cls.Params.names())
+    assert params["recompute"]["default"] == "auto" and params["recompute"]["choices"]
     assert params["top_k"]["default"] == 3 and params["top_k"]["type"] == "integer >= 1"
     assert params["target"]["choices"] and params["top_k"]["help"]
 
