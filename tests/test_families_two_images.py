@@ -21,7 +21,7 @@ from xmllm.pipeline import make_plan, run_plan
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
 FAST_FAMILIES = ("llava", "qwen2_vl", "idefics3", "llava_onevision", "internvl")
-"""The default suite's families (about 30 s); every family with XMLLM_FAMILY_MATRIX=1 (about 8 min,
+"""The default suite's families (about 30 s); every family with XMLLM_FAMILY_MATRIX=1 (about 1 min,
 the CI's matrix step)."""
 FAMILIES = ALL_FAMILIES if os.environ.get("XMLLM_FAMILY_MATRIX") == "1" else [f for f in ALL_FAMILIES if f in FAST_FAMILIES]
 
