@@ -3,6 +3,8 @@ of the map, a whole picture hidden by occlusion, a causal set that may span pict
 report's strip saying which picture carried the answer (#25 items 2-3)."""
 from __future__ import annotations
 
+import os
+
 from html.parser import HTMLParser
 
 import numpy as np
@@ -16,6 +18,10 @@ from xmllm.explainers.metrics.image_shares import image_shares
 from xmllm.report.summary import why_panel
 
 EXPLAINERS = ["relevancy.chefer", "gradient.saliency", "perturbation.occlusion", "causal.minimal_set"]
+
+LONG_CHECKS = os.environ.get("XMLLM_LONG_CHECKS") == "1"
+long_check = pytest.mark.skipif(not LONG_CHECKS, reason="a long check: .ci/run runs it as its own step (XMLLM_LONG_CHECKS=1)")
+
 
 
 def layouts(n: int) -> list[dict]:
@@ -57,6 +63,8 @@ def two_pictures():
     return pictures, question, run
 
 
+@pytest.mark.slow
+@long_check
 def test_every_map_explainer_maps_both_pictures(two_pictures) -> None:
     _, _, run = two_pictures
     for eid in EXPLAINERS:
@@ -65,6 +73,8 @@ def test_every_map_explainer_maps_both_pictures(two_pictures) -> None:
         assert exp.maps["image"].shape[-2:] == exp.maps["image1.image"].shape[-2:]
 
 
+@pytest.mark.slow
+@long_check
 def test_occlusion_hides_each_picture_whole_as_a_black_picture_would(two_pictures) -> None:
     pictures, question, run = two_pictures
     occlusion = run["perturbation.occlusion"]
@@ -77,6 +87,8 @@ def test_occlusion_hides_each_picture_whole_as_a_black_picture_would(two_picture
         assert occlusion.scores[f"image_drop.{k + 1}"] == pytest.approx(drop, abs=1e-4)
 
 
+@pytest.mark.slow
+@long_check
 def test_the_causal_set_is_searched_over_both_pictures(two_pictures) -> None:
     _, _, run = two_pictures
     causal = run["causal.minimal_set"]
@@ -103,6 +115,8 @@ class Strips(HTMLParser):
             self.carried = True
 
 
+@pytest.mark.slow
+@long_check
 def test_the_report_strip_shows_each_pictures_share(two_pictures, tmp_path) -> None:
     _, _, run = two_pictures
     panel = why_panel(run)

@@ -3,6 +3,8 @@ process gives the digits the first would, a whole-study cache hit starts no proc
 model, a failure in the child comes back as one line, and torch's thread count is put back."""
 from __future__ import annotations
 
+import os
+
 import json
 import shutil
 from pathlib import Path
@@ -19,6 +21,10 @@ from xmllm.session import ModelSession
 PAIRS = 2
 needs_two_cpus = pytest.mark.skipif(available_cpus() < 2, reason="the second process runs only with two CPUs")
 
+LONG_CHECKS = os.environ.get("XMLLM_LONG_CHECKS") == "1"
+long_check = pytest.mark.skipif(not LONG_CHECKS, reason="a long check: .ci/run runs it as its own step (XMLLM_LONG_CHECKS=1)")
+
+
 
 def without_seconds(study: dict) -> dict:
     return {**study, "samples": [{k: v for k, v in s.items() if k != "seconds"} for s in study["samples"]]}
@@ -33,6 +39,8 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_random_demo(tmp_path_factory.mktemp("study-model") / "model")
 
 
+@pytest.mark.slow
+@long_check
 @needs_two_cpus
 def test_second_process_gives_the_in_process_study_and_a_hit_reads_it_whole(model: Path, tmp_path: Path) -> None:
     config = CaseStudyConfig(pairs=PAIRS, seed=3)
@@ -88,6 +96,8 @@ def test_without_other_work_the_study_runs_here(model: Path, tmp_path: Path) -> 
     assert study["results"]["pairs"] == 1 and s.loaded_now
 
 
+@pytest.mark.slow
+@long_check
 @needs_two_cpus
 def test_the_second_process_takes_examples_from_the_end_and_the_first_reads_them(model: Path, tmp_path: Path) -> None:
     from xmllm.example_reports import build_examples
