@@ -72,7 +72,7 @@ def test_a_recomputed_run_counts_the_bytes_of_real_arithmetic():
         def run(loaded=loaded, prep=prep):
             return registered()["gradient.saliency"]().explain(loaded, prep, recompute=True)
 
-        result, peak = scale.measure_free(run) if free else measure(run, free=False)
+        result, peak = measure(run) if free else measure(run, free=False)
         assert not isinstance(result, Exception), result
         peaks.append(peak)
     assert peaks[0] == peaks[1] > 0

@@ -34,6 +34,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from xmllm.explainers.recompute import recomputing
+
 from .memory import _StorageCounter
 
 aten = torch.ops.aten
@@ -197,8 +199,10 @@ class FreeCompute(_StorageCounter):
             # products in a backward pass: every row non-zero somewhere (no row of a gradient is skipped
             # that the real one would not be), the rest unwritten; in a forward, the fill pattern
             out = allocated_output(func, args, kwargs, values="rows" if _in_backward() else True)
-        elif self.free and self.free_backward and _in_backward() and _functional(func):
-            # gradients' values decide no size: left unwritten (and their pages untouched)
+        elif self.free and self.free_backward and _in_backward() and recomputing() is None and _functional(func):
+            # gradients' values decide no size: left unwritten (and their pages untouched); a block
+            # recomputed in the backward (recompute=True) runs them as a forward does, since
+            # checkpointing refuses recomputed tensors whose metadata differ from the saved ones
             out = allocated_output(func, args, kwargs, floating_only=True, values=False)
         if out is None:
             out = func(*args, **kwargs)

@@ -44,11 +44,9 @@ from xmllm.explainers.memory import (
     planning,
 )
 from xmllm.explainers.prepared import ExplainSample, Prepared, prepare
-from xmllm.explainers.recompute import recomputing
 from xmllm.explainers.registry import get_explainer, registered, sample_level_ids
 from xmllm.explainers.scaleplan import ScalePlan, recomputed
 
-from .free_compute import FreeCompute
 from .scale_configs import (
     CONFIGS,
     ScaleConfig,
@@ -193,35 +191,6 @@ def forced(loaded: Any, image: Any, tokens: int = ANSWER_TOKENS) -> Prepared:
     return prepare(loaded, sample, answer=answer)
 
 
-class RecomputeAware(FreeCompute):
-    """:class:`~xmllm.bench.free_compute.FreeCompute` that answers a block's recomputation in the
-    backward (:func:`xmllm.explainers.recompute.recomputing`) as it answers a forward: its functional
-    operators run (unless they are products), so the recomputed tensors have the saved ones' metadata."""
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        if self.free_backward and recomputing() is not None:
-            self.free_backward = False
-            try:
-                return super().__torch_dispatch__(func, types, args, kwargs)
-            finally:
-                self.free_backward = True
-        return super().__torch_dispatch__(func, types, args, kwargs)
-
-
-def measure_free(fn: Callable[[], Any]) -> tuple[Any, int]:
-    """:func:`~xmllm.bench.free_compute.measure` under :class:`RecomputeAware`."""
-    from .free_compute import collector_paused
-
-    mode = RecomputeAware()
-    with collector_paused():
-        try:
-            with mode:
-                result = fn()
-        except Exception as error:  # noqa: BLE001 - the caller decides whether the peak still holds
-            result = error
-    return result, mode.peak
-
-
 KNOWN_AFTER_FORWARDS = ("nothing to restore",)
 """Errors raised after every forward on free arithmetic (patching's clean and corrupted runs give the
 same logits when no product depends on the input): the peak still holds."""
@@ -244,9 +213,10 @@ def measure_one(eid: str, prep: Prepared, params: dict[str, Any], device: torch.
 
     A recomputed block's forward runs inside the backward, where free arithmetic answers functional
     operators unwritten; checkpointing refuses recomputed tensors whose metadata differ from the
-    saved ones, so :class:`RecomputeAware` runs the recomputation's operators as a forward's (free
-    products, real elementwise ones; the peak counts the same bytes as real arithmetic, tested)."""
-    from .free_compute import collector_paused
+    saved ones, so :class:`~xmllm.bench.free_compute.FreeCompute` runs the recomputation's operators as a
+    forward's (free products, real elementwise ones; the peak counts the same bytes as real arithmetic,
+    tested)."""
+    from .free_compute import collector_paused, measure
 
     cls = registered()[eid]
     costs = Costs(prep, stop_batch, stop_backwards)
@@ -269,7 +239,7 @@ def measure_one(eid: str, prep: Prepared, params: dict[str, Any], device: torch.
         torch.cuda.synchronize(device)
         value = torch.cuda.max_memory_allocated(device) - before
     else:
-        result, value = measure_free(run)
+        result, value = measure(run)
     seconds = time.perf_counter() - start
     stopped = isinstance(result, _Stop)
     error = None
