@@ -68,6 +68,29 @@ def first_layout(prep: Prepared) -> ImageLayout:
     return prep.layouts[0]
 
 
+def scored_picture(prep: Prepared) -> int:
+    """The picture (0-based) the metrics score: with several pictures, the sample's
+    ``extra["evidence_image"]`` (1 = the first) where it names a mapped picture; else the first."""
+    evidence = (prep.sample.extra or {}).get("evidence_image")
+    if evidence is None or len(prep.sample.images) < 2:
+        return 0
+    k = int(evidence) - 1
+    return k if any(layout.image_index == k and layout.grids for layout in prep.layouts) else 0
+
+
+def scored_layout(prep: Prepared) -> ImageLayout:
+    """The layout of :func:`scored_picture`: the grid the faithfulness curves and the ground truth use."""
+    k = scored_picture(prep)
+    return next(layout for layout in prep.layouts if layout.image_index == k) if k else first_layout(prep)
+
+
+def scored_map_name(prep: Prepared) -> str:
+    """The plain name of the scored picture's main-grid map (``image``, or ``image1.image`` for
+    the second picture; see :func:`~xmllm.explainers.models.layout.grid_names`)."""
+    k = scored_picture(prep)
+    return "image" if k == 0 else f"image{k}.{scored_layout(prep).main_grid.name}"
+
+
 def mapped_layouts(prep: Prepared) -> list[ImageLayout]:
     """Every image (or video frame) that has a grid, in input order: what a map over several
     pictures covers."""

@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from xmllm.audit.driver import AuditOutcome
     from .catalog import Catalog
     from .explainers.models import LoadedModel
+    from .video import Video
     from .pipeline import Plan
     from xmllm.report.explained import Run
 
@@ -110,7 +111,7 @@ def explain(
     question: str | None = None,
     explainers: "Sequence[str] | Plan | None" = None,
     *,
-    video: str | os.PathLike[str] | None = None,
+    video: "str | os.PathLike[str] | Video | None" = None,
     frames: int | None = None,
     leaf: str | None = None,
     params: Mapping[str, Mapping[str, Any]] | None = None,
@@ -133,7 +134,7 @@ def explain(
 
     ``model`` is a loaded model (:func:`load_model`) or a spec to load. ``image`` is a path, a PIL
     image or an array (or a list of them for several images). ``video`` (a file, instead of
-    ``image``) gives ``frames`` evenly spaced frames (default: as many as the family's video
+    ``image``; or a clip already decoded by :func:`xmllm.video.load_video`) gives ``frames`` evenly spaced frames (default: as many as the family's video
     processor samples, else 8), decoded by PyAV and fed as pictures in order; the manifest records
     each frame's index and time. ``explainers`` names explainer ids
     (default: every sample-level one); ``leaf`` takes a catalog leaf's instead. ``params`` maps an
@@ -191,11 +192,11 @@ def explain(
         raise XmllmError("frames: applies to a video")
     clip = None
     if video is not None:  # read before the model loads: a bad video is one line, at once
-        from .video import DEFAULT_FRAMES, load_video
+        from .video import DEFAULT_FRAMES, Video, load_video
 
-        clip = load_video(video, frames or DEFAULT_FRAMES)
+        clip = video if isinstance(video, Video) else load_video(video, frames or DEFAULT_FRAMES)
         images = clip.frames
-        name = sample_id or Path(video).stem
+        name = sample_id or Path(clip.path).stem
     else:
         images = [as_image(img, f"image {k}") for k, img in enumerate(image)] if isinstance(image, (list, tuple)) \
             else [as_image(image)]
@@ -234,6 +235,7 @@ def evaluate(
     *,
     samples: str | os.PathLike[str] | None = None,
     demo: int | None = None,
+    demo_pictures: int | None = None,
     explainers: Sequence[str] | None = None,
     params: Mapping[str, Mapping[str, Any]] | None = None,
     seed: int = 0,
@@ -248,8 +250,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Which explainer to trust: score every image-map explainer against ground-truth masks
     (pointing game, relevance mass and rank, deletion and insertion against random floors, the
-    model-randomisation check) over a JSONL sample set (``samples``) or ``demo`` N grounded demo
-    questions. Returns the result (``evaluation.json``'s content); with ``out``, also writes
+    model-randomisation check) over a JSONL sample set (``samples``), ``demo`` N grounded demo
+    questions, or ``demo_pictures`` N demo questions over two pictures or a clip's three frames whose
+    evidence is in one of them (also scored by image pointing). Returns the result (``evaluation.json``'s content); with ``out``, also writes
     ``evaluation.json``, ``table.txt`` and the "Which explainer to trust" page there.
 
     Example:
@@ -262,9 +265,11 @@ def evaluate(
     from .evaluation.scoring import check_options
     from .runner import resolve_explainers
 
-    if (samples is None) == (demo is None):
-        raise XmllmError("give either samples (a JSONL sample set) or demo (a number of demo questions)")
-    check_options(baseline=baseline, steps=steps, sanity_samples=sanity_samples, demo=demo, out=out)
+    if sum(x is not None for x in (samples, demo, demo_pictures)) != 1:
+        raise XmllmError("give one of samples (a JSONL sample set), demo (a number of demo questions) or "
+                         "demo_pictures (a number of demo questions over several pictures)")
+    check_options(baseline=baseline, steps=steps, sanity_samples=sanity_samples, demo=demo,
+                  demo_pictures=demo_pictures, out=out)
     budget = _budget(max_memory)
     named = list(explainers or [])
     ids = resolve_explainers(named or None)
@@ -275,9 +280,12 @@ def evaluate(
     if samples is not None:
         sample_set = jsonl_samples(Path(samples))
         source = {"source": "jsonl", "path": str(samples)}
-    else:
+    elif demo is not None:
         sample_set = demo_samples(demo, seed)
         source = {"source": "demo", "seed": seed, "grounded_only": True}
+    else:
+        sample_set = demo_samples(demo_pictures, seed, pictures=True)
+        source = {"source": "demo", "seed": seed, "grounded_only": True, "pictures": True}
     loaded = _model(model, device, dtype)
     from .explainers.memory import memory_budget
 

@@ -90,13 +90,22 @@ def test_training_is_reproducible(tmp_path):
     from xmllm.explainers.demo.train import TrainConfig, train
 
     cfg = TrainConfig(vision_steps=2, qa_steps=2, restart_steps=2, batch=4, qa_samples=16, warmup=1, early_step=1,
-                      threads=1, monitor_every=2)
+                      threads=1, monitor_every=2, picture_cycles=((2, 1e-3),), picture_samples=16,
+                      picture_single_samples=16)
     train(tmp_path / "a", cfg, log=lambda _: None)
     train(tmp_path / "b", cfg, log=lambda _: None)
     a = (tmp_path / "a" / "final" / "model.safetensors").read_bytes()
     b = (tmp_path / "b" / "final" / "model.safetensors").read_bytes()
     assert a == b
     assert (tmp_path / "a" / "early" / "xmllm_training.json").is_file()
+    # stage 3 grew the vocabulary by the picture questions' words; the single-image stages did not
+    final = json.loads((tmp_path / "a" / "final" / "tokenizer.json").read_text())["model"]["vocab"]
+    single = json.loads((tmp_path / "a" / "single" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert {"first", "frame", "up"} <= set(final) - set(single) and all(final[w] == i for w, i in single.items())
+    early = json.loads((tmp_path / "a" / "early" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert early == final  # grown too: training.compare sets it beside the final model
+    meta = json.loads((tmp_path / "a" / "final" / "xmllm_training.json").read_text())
+    assert "motion" in meta["question_types"] and meta["history"]["pictures"]
 
 
 def test_a_resumed_restart_cycle_equals_an_uninterrupted_run(tmp_path):
@@ -107,7 +116,7 @@ def test_a_resumed_restart_cycle_equals_an_uninterrupted_run(tmp_path):
     from xmllm.explainers.demo.train import TrainConfig, train
 
     cfg = TrainConfig(vision_steps=2, qa_steps=2, restart_steps=2, batch=4, qa_samples=16, warmup=1, early_step=1,
-                      threads=1, monitor_every=0)
+                      threads=1, monitor_every=0, picture_cycles=(), picture_samples=16, picture_single_samples=16)
     train(tmp_path / "a", cfg, log=lambda _: None)
     whole = (tmp_path / "a" / "final" / "model.safetensors").read_bytes()
     assert whole != (tmp_path / "a" / "cycle-1" / "model.safetensors").read_bytes()  # the restart trained
@@ -121,3 +130,30 @@ def test_a_resumed_restart_cycle_equals_an_uninterrupted_run(tmp_path):
     lines.clear()
     train(tmp_path / "a", other, log=lines.append)
     assert not any("cycle-1" in line for line in lines)
+
+
+def test_the_picture_stage_resumes_from_the_single_image_model(tmp_path):
+    """Stage 3 starts from the saved single-image model (as the committed weights were made: from the
+    committed single-image model) and ends with the same bytes as a run that never stopped."""
+    import shutil
+
+    from xmllm.explainers.demo.train import TrainConfig, train
+
+    cfg = TrainConfig(vision_steps=2, qa_steps=2, restart_steps=0, batch=4, qa_samples=16, warmup=1, early_step=1,
+                      threads=1, monitor_every=0, picture_cycles=((2, 1e-3), (2, 5e-4)), picture_samples=16,
+                      picture_single_samples=16)
+    train(tmp_path / "a", cfg, log=lambda _: None)
+    whole = (tmp_path / "a" / "final" / "model.safetensors").read_bytes()
+    for name in ("final", "pictures-1", "pictures-2", "vision.pt"):
+        path = tmp_path / "a" / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    lines: list[str] = []
+    train(tmp_path / "a", cfg, log=lines.append)
+    assert any("single-image stages resumed" in line for line in lines)
+    assert not any(line.startswith(("vision", "answer")) for line in lines)
+    assert (tmp_path / "a" / "final" / "model.safetensors").read_bytes() == whole
+    shutil.rmtree(tmp_path / "a" / "final")  # the second picture cycle alone reruns
+    lines.clear()
+    train(tmp_path / "a", cfg, log=lines.append)
+    assert any("picture cycle 2 resumed" in line for line in lines)
+    assert (tmp_path / "a" / "final" / "model.safetensors").read_bytes() == whole

@@ -164,3 +164,22 @@ def test_the_api_takes_a_video(demo_clip):
     run = xmllm.explain("demo", question=question, video=clip, frames=2, explainers=["gradient.saliency"])
     assert [f["index"] for f in run.manifest["video"]["frames"]] == sample_indices(4, 2)
     assert len(run.images) == 2 and "image1.image" in run["gradient.saliency"].maps
+
+
+def test_a_decoded_clip_is_not_decoded_again(demo_clip, monkeypatch):
+    """The command line decodes the clip once to check it and hands the decoded frames on; the API
+    takes them as they are (the same run as from the file), without reading the file again."""
+    import xmllm
+    import xmllm.video as video
+
+    clip, question = demo_clip
+    decoded = video.load_video(clip, 2)
+    calls = []
+    real = video._decode
+    monkeypatch.setattr(video, "_decode", lambda *a: calls.append(a) or real(*a))
+    run = xmllm.explain("demo", question=question, video=decoded, explainers=["gradient.saliency"])
+    assert calls == []
+    again = xmllm.explain("demo", question=question, video=clip, frames=2, explainers=["gradient.saliency"])
+    assert len(calls) == 1
+    assert run.manifest["video"] == again.manifest["video"]
+    assert np.array_equal(run["gradient.saliency"].maps["image1.image"], again["gradient.saliency"].maps["image1.image"])

@@ -6,7 +6,7 @@ from collections import defaultdict
 from typing import TYPE_CHECKING
 
 from ..answering import generate_answer, is_correct
-from .samples import generate_samples
+from .samples import PICTURE_TYPE_NAMES, generate_picture_samples, generate_samples
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models import LoadedModel
@@ -22,24 +22,30 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def evaluate(loaded: "LoadedModel", n: int, seed: int, progress: bool = True) -> dict:
-    """Answer ``n`` samples of ``seed`` greedily; accuracy overall and per question type."""
+def evaluate(loaded: "LoadedModel", n: int, seed: int, progress: bool = True, pictures: int = 0) -> dict:
+    """Answer ``n`` single-image samples and ``pictures`` samples over several pictures or a clip's
+    frames (both of ``seed``) greedily; accuracy overall, per group and per question type."""
     from tqdm import tqdm
 
     hits: dict[str, list[bool]] = defaultdict(list)
     mistakes = []
-    for s in tqdm(generate_samples(n, seed), desc="evaluating", unit="sample", disable=not progress):
-        got = generate_answer(loaded, [s.image()], s.text).text
+    samples = generate_samples(n, seed) + generate_picture_samples(pictures, seed)
+    for s in tqdm(samples, desc="evaluating", unit="sample", disable=not progress):
+        got = generate_answer(loaded, s.images(), s.text).text
         ok = is_correct(got, s.answer)
         hits[s.question_type].append(ok)
         if not ok and len(mistakes) < 20:
             mistakes.append({"id": s.id, "question": s.text, "expected": s.answer, "got": got})
     every = [h for v in hits.values() for h in v]
+    groups = {"single": [h for t, v in hits.items() if t not in PICTURE_TYPE_NAMES for h in v],
+              "pictures": [h for t, v in hits.items() if t in PICTURE_TYPE_NAMES for h in v]}
     report = {
         "n": len(every),
         "seed": seed,
         "accuracy": sum(every) / len(every),
         "interval": wilson(sum(every), len(every)),
+        "groups": {g: {"n": len(v), "accuracy": sum(v) / len(v), "interval": wilson(sum(v), len(v))}
+                   for g, v in groups.items() if v},
         "question_types": {
             qtype: {"n": len(v), "accuracy": sum(v) / len(v), "interval": wilson(sum(v), len(v))}
             for qtype, v in sorted(hits.items())

@@ -11,6 +11,7 @@ import re
 from xmllm import MissingInput
 
 from xmllm.explainers.prepared import ExplainSample
+from .pictures import Pictures
 from .questions import ALL_QUESTION_TYPES, Question
 from .samples import DemoSample, make_pair, to_explain_sample
 from .world import COLOURS, IMAGE_SIZE, SHAPES, Scene
@@ -60,8 +61,10 @@ def demo_sample_from(sample: ExplainSample) -> DemoSample | None:
     extra = sample.extra or {}
     if "objects" not in extra or "question_type" not in extra:
         return None
-    try:
-        scene = Scene.from_json(list(extra["objects"]), IMAGE_SIZE)
+    objects = list(extra["objects"])
+    try:  # several pictures: one list of objects per picture
+        several = bool(objects) and all(isinstance(o, list) for o in objects)
+        scene = Pictures.from_json(objects, IMAGE_SIZE) if several else Scene.from_json(objects, IMAGE_SIZE)
     except (TypeError, ValueError) as error:
         raise MissingInput(f"sample {sample.id!r}: extra['objects'] is not a list of demo objects ({error})") from None
     question = parse_question(str(extra["question_type"]), sample.question)

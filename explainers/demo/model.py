@@ -10,7 +10,8 @@ from __future__ import annotations
 import itertools
 import re
 
-from .questions import ALL_QUESTION_TYPES, NUMBER_WORDS
+from .pictures import ORDINALS, PICTURE_ANSWERS, PICTURE_QUESTION_TYPES
+from .questions import EXTRA_QUESTION_TYPES, NUMBER_WORDS, QUESTION_TYPES
 from .world import COLOURS, IMAGE_SIZE, SHAPES
 
 PATCH_SIZE = 16
@@ -21,7 +22,11 @@ CHAT_TEMPLATE = (
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}"
     "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '\\n' }}<image>{% endif %}{% endfor %}"
+    "{% set pictures = message['content'] | selectattr('type', 'equalto', 'image') | list | length %}"
+    "{% set seen = namespace(k=0) %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '\\n' }}"
+    "{% if pictures > 1 and seen.k < 4 %}{{ ['first', 'second', 'third', 'fourth'][seen.k] }} {% endif %}"
+    "<image>{% set seen.k = seen.k + 1 %}{% endif %}{% endfor %}"
     "{% endif %} "
     "{% elif message['role'] == 'assistant' %}ASSISTANT: "
     "{% if message['content'] is string %}{{ message['content'] }}"
@@ -32,40 +37,53 @@ CHAT_TEMPLATE = (
 )
 """``USER: {question}\n<image> ASSISTANT:``: LLaVA-1.5's roles with the question before the
 image, so that under causal attention every image token can already see what is asked
-(a small decoder then only has to pool the matching tokens; image-first needs two hops)."""
+(a small decoder then only has to pool the matching tokens; image-first needs two hops). With
+several pictures each is preceded by its ordinal (``first <image> second <image>``), as Qwen2-VL writes
+"Picture 1:", so that "which picture" can be read off a word rather than a distance."""
+assert all(f"'{w}'" in CHAT_TEMPLATE for w in ORDINALS)
 
 WORD_RE = re.compile(r"\w+|[^\w\s]+")
 """The word splitting of the tokenizer's Whitespace pre-tokenizer, used to build the vocabulary."""
 
 
-def vocabulary() -> list[str]:
-    """Every word the world's questions, answers and chat template use, lower-cased."""
-    words: set[str] = {"user", "assistant", ":"}
+def vocabulary(pictures: bool = True) -> list[str]:
+    """Every word the world's questions, answers and chat template use, lower-cased: the single-image
+    world's words sorted, then (with ``pictures``) the new words of the questions over several pictures,
+    sorted, so that adding them kept every earlier word's id (the demo was trained in that order)."""
+    base = _words([*QUESTION_TYPES.values(), *EXTRA_QUESTION_TYPES.values()],
+                  ["user", "assistant", ":", *NUMBER_WORDS, "yes", "no", "left", "right", "above", "below", "color", ","])
+    if not pictures:
+        return base
+    more = _words(list(PICTURE_QUESTION_TYPES.values()), [*PICTURE_ANSWERS, *ORDINALS])
+    return base + [w for w in more if w not in set(base)]
+
+
+def _words(question_types: list, extra: list[str]) -> list[str]:
+    words: set[str] = set(extra)
     slots = {
         "shape": list(SHAPES),
         "colour": list(COLOURS),
         "a": [f"{c} {s}" for c in COLOURS for s in SHAPES],
         "b": [f"{c} {s}" for c in COLOURS for s in SHAPES],
     }
-    for qtype in ALL_QUESTION_TYPES.values():
+    for qtype in question_types:
         templates = getattr(qtype, "by_kind", {"": qtype.templates})
         for template in itertools.chain.from_iterable(templates.values()):
             names = re.findall(r"{(\w+)}", template)
             for values in itertools.product(*(slots[n] for n in names)):
                 words.update(WORD_RE.findall(template.format(**dict(zip(names, values))).lower()))
-    words.update(NUMBER_WORDS)
-    words.update(["yes", "no", "left", "right", "above", "below", "color", ","])
     return sorted(words)
 
 
-def build_tokenizer():
-    """A word-level fast tokenizer: one token per word, ``<s>`` prepended."""
+def build_tokenizer(pictures: bool = True):
+    """A word-level fast tokenizer: one token per word, ``<s>`` prepended (``pictures``: with the
+    words of the questions over several pictures)."""
     from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    for word in vocabulary():
+    for word in vocabulary(pictures):
         vocab.setdefault(word, len(vocab))
     tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace("color", "colour")])
@@ -88,7 +106,7 @@ def build_tokenizer():
     return fast
 
 
-def build_processor():
+def build_processor(pictures: bool = True):
     """LlavaProcessor = CLIP image processor (identity-sized) + our tokenizer + chat template."""
     from transformers import LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -99,7 +117,7 @@ def build_processor():
     )
     return LlavaProcessor(
         image_processor=image_processor,
-        tokenizer=build_tokenizer(),
+        tokenizer=build_tokenizer(pictures),
         patch_size=PATCH_SIZE,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,

@@ -13,20 +13,25 @@ import numpy as np
 from PIL import Image
 
 from xmllm import atomic, write_atomic
+from .pictures import PICTURE_QUESTION_TYPES, Pictures, evidence_pictures
 from .questions import ALL_QUESTION_TYPES, QUESTION_TYPES, Question
 from .world import Scene
 
 QUESTION_TYPE_NAMES: tuple[str, ...] = tuple(QUESTION_TYPES)
 TRAIN_STREAM = 0x7A11_7EA1
 """First element of every training rng key; user-facing seeds use 2-element keys."""
+PICTURE_STREAM = 0x91C7
+"""Marks the rng keys of samples over several pictures, so that they never repeat a single-image sample's draws."""
+PICTURE_TYPE_NAMES: tuple[str, ...] = tuple(PICTURE_QUESTION_TYPES)
 
 
 @dataclass
 class DemoSample:
-    """One question about one scene, with everything needed to check an explanation."""
+    """One question about one scene (or several pictures, or a clip's frames), with everything
+    needed to check an explanation."""
 
     id: str
-    scene: Scene
+    scene: Scene | Pictures
     question: Question
     answer: str
     pair: str | None = None
@@ -42,15 +47,43 @@ class DemoSample:
         return self.question.text()
 
     @property
-    def grounding(self) -> list[int]:
+    def grounding(self) -> list:
+        """Indices of the objects the answer depends on; ``(picture, object)`` pairs over several pictures."""
         return self.question.grounding(self.scene)
 
+    @property
+    def several(self) -> bool:
+        """Whether the sample has several pictures (or frames)."""
+        return isinstance(self.scene, Pictures)
+
+    @property
+    def evidence_image(self) -> int | None:
+        """The picture (1 = the first) that holds every grounded object, where one does; None for a
+        single-image sample, or where the evidence is in several pictures or none."""
+        if not self.several:
+            return None
+        holding = evidence_pictures(self.grounding)
+        return holding[0] + 1 if len(holding) == 1 else None
+
     def image(self) -> Image.Image:
-        return self.scene.render()
+        """The (first) picture."""
+        return self.images()[0]
+
+    def images(self) -> list[Image.Image]:
+        return self.scene.render() if self.several else [self.scene.render()]
 
     def mask(self) -> np.ndarray:
-        """Pixels of the objects the answer depends on."""
-        return self.scene.mask_of(self.grounding)
+        """Pixels of the objects the answer depends on: in the evidence picture over several pictures
+        (empty where no single picture holds the evidence)."""
+        if not self.several:
+            return self.scene.mask_of(self.grounding)
+        masks = self.masks()
+        k = self.evidence_image
+        return masks[k - 1] if k else np.zeros_like(masks[0])
+
+    def masks(self) -> np.ndarray:
+        """Bool ``(pictures, H, W)``: every picture's mask of the grounded objects."""
+        return self.scene.masks_of(self.grounding) if self.several else self.scene.mask_of(self.grounding)[None]
 
     def edited(self, suffix: str, scene: Scene | None = None, question: Question | None = None,
                edit: str | None = None) -> "DemoSample | None":
@@ -65,14 +98,22 @@ class DemoSample:
 
 def generate_sample(seed: int, index: int, question_type: str | None = None, *,
                     stream: tuple[int, ...] = ()) -> DemoSample:
-    """Sample ``index`` of ``seed``; its question type cycles through the evaluated ones unless given."""
-    rng = np.random.default_rng([*stream, seed, index])
-    qtype = ALL_QUESTION_TYPES[question_type or QUESTION_TYPE_NAMES[index % len(QUESTION_TYPE_NAMES)]]
+    """Sample ``index`` of ``seed``; its question type cycles through the evaluated ones unless given.
+    Questions over several pictures draw from their own keys (:data:`PICTURE_STREAM`) and ids (``p...``)."""
+    name = question_type or QUESTION_TYPE_NAMES[index % len(QUESTION_TYPE_NAMES)]
+    qtype = ALL_QUESTION_TYPES[name]
+    several = name in PICTURE_QUESTION_TYPES
+    rng = np.random.default_rng([*stream, *((PICTURE_STREAM,) if several else ()), seed, index])
     scene, question = qtype.generate(rng)
     answer = question.answer(scene)
     assert answer is not None, f"question type {qtype.name} generated an ill-posed question"
-    prefix = "t" if stream else "s"
+    prefix = "t" if stream else "p" if several else "s"
     return DemoSample(f"{prefix}{seed}-{index:05d}", scene, question, answer)
+
+
+def generate_picture_samples(n: int, seed: int) -> list[DemoSample]:
+    """``n`` samples of ``seed`` over several pictures and clips, cycling through their question types."""
+    return [generate_sample(seed, i, PICTURE_TYPE_NAMES[i % len(PICTURE_TYPE_NAMES)]) for i in range(n)]
 
 
 def generate_samples(n: int, seed: int, question_types: list[str] | None = None) -> list[DemoSample]:
@@ -111,7 +152,7 @@ def counterfactuals(sample: DemoSample, seed: int = 0) -> list[DemoSample]:
     rng = np.random.default_rng([seed, 0xCF, *map(ord, sample.id)])
     out: list[DemoSample] = []
     targets = sample.grounding
-    if targets:
+    if targets and not sample.several:  # over several pictures: rephrasings (scene edits are make_pair's)
         i = targets[0]
         obj = sample.scene.objects[i]
         new_colour = str(rng.choice([c for c in COLOURS if c != obj.colour]))
@@ -131,16 +172,20 @@ def counterfactuals(sample: DemoSample, seed: int = 0) -> list[DemoSample]:
 
 
 
-def sample_record(sample: DemoSample, image_path: str, mask_path: str) -> dict:
-    """The JSONL record of the project's sample-set format."""
+def sample_record(sample: DemoSample, image_path: str | list[str], mask_path: str | None) -> dict:
+    """The JSONL record of the project's sample-set format (over several pictures: a list of
+    images, the evidence picture's mask and ``evidence_image``)."""
     rec = {
         "id": sample.id,
         "image": image_path,
         "question": sample.text,
         "answer": sample.answer,
-        "mask": mask_path,
         "question_type": sample.question_type,
     }
+    if mask_path is not None:
+        rec["mask"] = mask_path
+    if sample.evidence_image is not None:
+        rec["evidence_image"] = sample.evidence_image
     if sample.pair:
         rec["pair"] = sample.pair
     if sample.edit:
@@ -159,10 +204,14 @@ def write_sample_set(samples: list[DemoSample], out_dir: Path, progress: bool = 
     (out_dir / "masks").mkdir(parents=True, exist_ok=True)
     lines = []
     for s in tqdm(samples, desc="writing samples", unit="sample", disable=not progress):
-        image_rel, mask_rel = f"images/{s.id}.png", f"masks/{s.id}.png"
-        _save_png(s.image(), out_dir / image_rel)
-        _save_png(Image.fromarray(s.mask().astype(np.uint8) * 255), out_dir / mask_rel)
-        lines.append(json.dumps(sample_record(s, image_rel, mask_rel)))
+        images = s.images()
+        names = [f"images/{s.id}.png"] if len(images) == 1 else [f"images/{s.id}-{k + 1}.png" for k in range(len(images))]
+        for image, name in zip(images, names):
+            _save_png(image, out_dir / name)
+        mask_rel = f"masks/{s.id}.png" if not s.several or s.evidence_image else None
+        if mask_rel:
+            _save_png(Image.fromarray(s.mask().astype(np.uint8) * 255), out_dir / mask_rel)
+        lines.append(json.dumps(sample_record(s, names[0] if len(names) == 1 else names, mask_rel)))
     target = out_dir / "samples.jsonl"
     write_atomic(target, "\n".join(lines) + "\n")
     return target
@@ -177,10 +226,17 @@ def to_explain_sample(sample: DemoSample) -> "ExplainSample":
     as a sample-set record (``question_type``, ``objects``, ``grounding``, ``pair``, ``edit``)."""
     from xmllm.explainers.prepared import ExplainSample
 
-    extra = {"question_type": sample.question_type, "objects": sample.scene.to_json(), "grounding": sample.grounding}
+    extra = {"question_type": sample.question_type, "objects": sample.scene.to_json(),
+             "grounding": [list(g) for g in sample.grounding] if sample.several else sample.grounding}
     if sample.pair:
         extra["pair"] = sample.pair
     if sample.edit:
         extra["edit"] = sample.edit
-    return ExplainSample([sample.image()], sample.text, id=sample.id, expected=sample.answer,
-                         mask=sample.mask(), extra=extra)
+    mask = sample.mask()
+    if sample.several:
+        if sample.evidence_image:  # the mask is that picture's, and the cell metrics score its grid
+            extra["evidence_image"] = sample.evidence_image
+        else:
+            mask = None
+    return ExplainSample(sample.images(), sample.text, id=sample.id, expected=sample.answer,
+                         mask=mask, extra=extra)

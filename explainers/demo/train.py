@@ -1,7 +1,7 @@
 """Training recipe of the demo model, reproducible on two CPU cores.
 
 A plain end-to-end run learns the answer priors and stalls around 50%. The recipe is a
-curriculum in two stages:
+curriculum in three stages:
 
 1. **Vision pretraining.** The CLIP tower learns, for each 16x16 patch, the colour and
    the shape of the object covering it, whether an object's centre lies in it, and its
@@ -17,15 +17,18 @@ curriculum in two stages:
    positions), without recomputing the tower every step, which makes each step about
    three times cheaper.
 
+3. **Pictures and clips** (:mod:`.train_pictures`). The vocabulary grows by the words of the
+   questions over two pictures and three-frame clips, and the projector and decoder go on learning
+   on batches that are half single-image questions and half questions over several pictures.
+
 Every random choice comes from the seed in :class:`TrainConfig`, so the same config on the
 same machine gives the same weights bit for bit.
 """
 from __future__ import annotations
 
 import json
-import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 
@@ -33,46 +36,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from .recipe import TrainConfig
+from .answer_data import answer_batch, answer_sample, cached_features, cosine_lr, forward_from_features
+from .checkpoints import load_weights, matches_first_cycle, save
 from .model import PATCH_SIZE, build_model, build_processor
-from .questions import QUESTION_TYPES
 from .samples import DemoSample, generate_sample, TRAIN_STREAM
+from .train_pictures import grow_checkpoint, train_pictures
 from .world import COLOURS, IMAGE_SIZE, SHAPES
 
 COLOUR_CLASSES = ("none", *COLOURS)
 SHAPE_CLASSES = ("none", *SHAPES)
 GRID = IMAGE_SIZE // PATCH_SIZE
-
-
-@dataclass
-class TrainConfig:
-    """Every knob of a training run; saved next to the weights."""
-
-    seed: int = 0
-    batch: int = 64
-    vision_steps: int = 1500
-    vision_lr: float = 3e-3
-    qa_samples: int = 80000
-    """Size of the fixed answer-training set whose tower features are cached."""
-    qa_steps: int = 6000
-    qa_lr: float = 2e-3
-    warmup: int = 100
-    early_step: int = 300
-    threads: int = 2
-    describe_every: int = 4
-    """Every n-th answer-training sample asks for a description (a dense training signal)."""
-    answer_mix: tuple[str, ...] = (
-        "colour", "shape", "count", "presence", "position", "count", "presence", "position", "position")
-    """Question types of the other answer-training samples, cycled: the multi-hop types
-    (position, then count and presence) learn last, so they get more of the data."""
-    restart_steps: int = 3000
-    """Steps of a second answer-training cycle (warm restart: fresh optimiser, a new cosine
-    schedule from ``restart_lr``); 0 for one cycle. The first cycle's cosine tail leaves the
-    slow question types (position, count) still climbing; a restart lets them go on."""
-    restart_lr: float = 1e-3
-    monitor_every: int = 500
-    """Answer-stage steps between accuracy checks on fresh samples (user seed 1; logging only)."""
-    coverage: float = 0.2
-    """Share of a patch an object must cover for the patch to carry its label."""
 
 
 def patch_labels(sample: DemoSample, coverage: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -124,15 +98,6 @@ class PatchHeads(nn.Module):
         return sum(parts.values()), {k: float(v.detach()) for k, v in parts.items()}
 
 
-def answer_sample(i: int, cfg: TrainConfig) -> DemoSample:
-    """Sample ``i`` of the answer-training set: a description or a question type from the mix."""
-    if cfg.describe_every and i % cfg.describe_every == cfg.describe_every - 1:
-        qtype = "describe"
-    else:
-        qtype = cfg.answer_mix[(i - i // cfg.describe_every if cfg.describe_every else i) % len(cfg.answer_mix)]
-    return generate_sample(i // cfg.batch, i % cfg.batch, qtype, stream=(TRAIN_STREAM,))
-
-
 def training_sample(step: int, index: int, describe_every: int) -> DemoSample:
     """Sample ``index`` of training step ``step``; every ``describe_every``-th is a description."""
     describe = describe_every and index % describe_every == describe_every - 1
@@ -169,54 +134,6 @@ def collate(processor, samples: list[DemoSample], coverage: float, with_text: bo
     return out
 
 
-def answer_batch(processor, samples: list[DemoSample]) -> dict[str, torch.Tensor]:
-    """Prompt through the chat template, then answer tokens and EOS; loss on those only."""
-    tok = processor.tokenizer
-    seqs, targets = [], []
-    for s in samples:
-        ids = _prompt_ids(processor, s.text)
-        answer = tok(s.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        seqs.append(ids + answer)
-        targets.append([-100] * len(ids) + answer)
-    width = max(map(len, seqs))
-    pad = tok.pad_token_id
-    input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, (ids, tgt) in enumerate(zip(seqs, targets)):
-        input_ids[r, width - len(ids):] = torch.tensor(ids)
-        labels[r, width - len(ids):] = torch.tensor(tgt)
-        mask[r, width - len(ids):] = 1
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "position_ids": position_ids}
-
-
-_PROMPTS: dict[str, list[int]] = {}
-
-
-def _prompt_ids(processor, question: str) -> list[int]:
-    """Token ids of the chat-templated prompt with its image tokens expanded (memoised:
-    the world has a few hundred distinct questions)."""
-    if question not in _PROMPTS:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-        _PROMPTS[question] = processor.tokenizer(expand_image_tokens(processor, prompt), add_special_tokens=True)["input_ids"]
-    return _PROMPTS[question]
-
-
-def expand_image_tokens(processor, prompt: str) -> str:
-    """The prompt with its ``<image>`` expanded exactly as the processor expands it."""
-    n = processor._get_num_multimodal_tokens(image_sizes=[(IMAGE_SIZE, IMAGE_SIZE)])["num_image_tokens"][0]
-    return prompt.replace(processor.image_token, processor.image_token * n)
-
-
-def _lr(step: int, total: int, peak: float, warmup: int) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def _loader(processor, steps: range, cfg: TrainConfig, with_text: bool):
     return torch.utils.data.DataLoader(
         TrainingBatches(processor, steps, cfg.batch, cfg.coverage, with_text, cfg.describe_every),
@@ -232,13 +149,42 @@ def train(out_dir: Path, cfg: TrainConfig | None = None, log=print) -> dict:
     cfg = cfg or TrainConfig()
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
-    processor = build_processor()
+    processor = build_processor(pictures=False)
     model = build_model(processor.tokenizer, seed=cfg.seed)
+    t0 = time.time()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    single = out_dir / "single"
+    if cfg.picture_cycles and _matches_single(single, cfg):
+        load_weights(model, single)
+        history = json.loads((single / "xmllm_training.json").read_text())["history"]
+        log(f"single-image stages resumed from {single}")
+    else:
+        history = _single_image_stages(model, processor, out_dir, cfg, t0, log)
+    steps = cfg.qa_steps + cfg.restart_steps
+    if cfg.picture_cycles:
+        if not _matches_single(single, cfg):
+            save(model, processor, single, cfg, history, steps)
+        processor = train_pictures(model, out_dir, cfg, history, t0, log)
+        steps += sum(n for n, _ in cfg.picture_cycles)
+        if grow_checkpoint(out_dir / "early", cfg):
+            log(f"early checkpoint {out_dir / 'early'}: vocabulary grown to the final model's")
+    save(model, processor, out_dir / "final", cfg, history, steps)
+    return {"seconds": time.time() - t0, "history": history}
+
+
+def _matches_single(folder: Path, cfg: TrainConfig) -> bool:
+    """Whether ``folder`` holds the single-image stages (1 and 2) of this config."""
+    if not matches_first_cycle(folder, cfg):
+        return False
+    saved = json.loads((folder / "xmllm_training.json").read_text())["train_config"]
+    return saved.get("restart_steps") == cfg.restart_steps and saved.get("restart_lr") == cfg.restart_lr
+
+
+def _single_image_stages(model, processor, out_dir: Path, cfg: TrainConfig, t0: float, log) -> dict:
+    """Stages 1 and 2 (vision pretraining, answer training) on ``model``; returns the history."""
     tower = model.model.vision_tower
     heads = PatchHeads(tower.config.hidden_size)
     history: dict[str, list] = {"vision": [], "qa": []}
-    t0 = time.time()
-    out_dir.mkdir(parents=True, exist_ok=True)
     stage1 = out_dir / "vision.pt"
     stage1_key = {k: v for k, v in asdict(cfg).items() if k in ("seed", "batch", "vision_steps", "vision_lr", "warmup", "coverage")}
     if stage1.is_file() and (saved := torch.load(stage1, weights_only=True))["config"] == stage1_key:
@@ -260,8 +206,8 @@ def train(out_dir: Path, cfg: TrainConfig | None = None, log=print) -> dict:
     cycles = [(cfg.qa_steps, cfg.qa_lr)] + ([(cfg.restart_steps, cfg.restart_lr)] if cfg.restart_steps else [])
     first = out_dir / "cycle-1"
     done = 0
-    if len(cycles) > 1 and _matches_first_cycle(first, cfg):
-        _load_weights(model, first)
+    if len(cycles) > 1 and matches_first_cycle(first, cfg):
+        load_weights(model, first)
         history = json.loads((first / "xmllm_training.json").read_text())["history"]
         done = 1
         log(f"first answer cycle resumed from {first}")
@@ -271,31 +217,7 @@ def train(out_dir: Path, cfg: TrainConfig | None = None, log=print) -> dict:
                       cycle=cycle, steps=steps, lr=lr, offset=offset)
         if cycle == 0 and len(cycles) > 1:
             save(model, processor, first, cfg, history, steps)
-    save(model, processor, out_dir / "final", cfg, history, sum(n for n, _ in cycles))
-    return {"seconds": time.time() - t0, "history": history}
-
-
-FIRST_CYCLE_KEYS = ("seed", "batch", "vision_steps", "vision_lr", "qa_samples", "qa_steps", "qa_lr", "warmup",
-                    "early_step", "describe_every", "answer_mix", "coverage")
-"""The settings that determine the first answer cycle's weights (a saved first cycle with the
-same values is reused)."""
-
-
-def _matches_first_cycle(folder: Path, cfg: TrainConfig) -> bool:
-    meta = folder / "xmllm_training.json"
-    if not (folder / "config.json").is_file() or not meta.is_file():
-        return False
-    saved = json.loads(meta.read_text())["train_config"]
-    ours = json.loads(json.dumps(asdict(cfg)))
-    return all(saved.get(k) == ours[k] for k in FIRST_CYCLE_KEYS)
-
-
-def _load_weights(model, folder: Path) -> None:
-    """The weights of a saved checkpoint into ``model``, through the same loader users have."""
-    from transformers import LlavaForConditionalGeneration
-
-    saved = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
-    model.load_state_dict(saved.state_dict(), strict=True)
+    return history
 
 
 def _answer_cycle(model, processor, samples, feats, cfg: TrainConfig, history: dict, t0: float, log, out_dir: Path,
@@ -309,7 +231,7 @@ def _answer_cycle(model, processor, samples, feats, cfg: TrainConfig, history: d
     model.train()
     for step in range(steps):
         for g in opt.param_groups:
-            g["lr"] = _lr(step, steps, lr, cfg.warmup)
+            g["lr"] = cosine_lr(step, steps, lr, cfg.warmup)
         idx = torch.randint(0, len(samples), (cfg.batch,), generator=draw)
         batch = answer_batch(processor, [samples[i] for i in idx])
         logits = forward_from_features(model, feats[idx], batch)
@@ -338,7 +260,7 @@ def _train_vision(model, heads: PatchHeads, processor, cfg: TrainConfig, history
     model.train()
     for step, batch in enumerate(_loader(processor, range(cfg.vision_steps), cfg, with_text=False)):
         for g in opt.param_groups:
-            g["lr"] = _lr(step, cfg.vision_steps, cfg.vision_lr, cfg.warmup)
+            g["lr"] = cosine_lr(step, cfg.vision_steps, cfg.vision_lr, cfg.warmup)
         feats = tower(pixel_values=batch["pixel_values"]).last_hidden_state[:, 1:]
         loss, parts = heads.loss(feats, batch)
         opt.zero_grad(set_to_none=True)
@@ -369,33 +291,3 @@ def monitor_accuracy(model, processor, tower, n: int = 500, seed: int = 1) -> di
     return {"all": sum(map(sum, hits.values())) / n, **{f: sum(v) / len(v) for f, v in hits.items()}}
 
 
-def cached_features(tower, processor, samples: list[DemoSample], chunk: int = 256) -> torch.Tensor:
-    """The frozen tower's patch features (CLS dropped, as LLaVA's "default" strategy does)."""
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(samples), chunk):
-            pixels = processor.image_processor([s.image() for s in samples[i:i + chunk]], return_tensors="pt")["pixel_values"]
-            out.append(tower(pixel_values=pixels).last_hidden_state[:, 1:])
-    return torch.cat(out)
-
-
-def forward_from_features(model, feats: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """LLaVA's forward from precomputed tower features: project them, scatter them into the
-    token embeddings at the image-token positions, run the decoder; returns the logits."""
-    embeds = model.get_input_embeddings()(batch["input_ids"])
-    is_image = (batch["input_ids"] == model.config.image_token_id)[..., None].expand_as(embeds)
-    embeds = embeds.masked_scatter(is_image, model.model.multi_modal_projector(feats).to(embeds.dtype))
-    hidden = model.model.language_model(
-        inputs_embeds=embeds, attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
-    ).last_hidden_state
-    return model.lm_head(hidden)
-
-
-def save(model, processor, folder: Path, cfg: TrainConfig, history: dict, qa_step: int) -> None:
-    """Hugging Face format plus the recipe that produced it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=True)
-    processor.save_pretrained(folder)
-    meta = {"train_config": asdict(cfg), "answer_steps_done": qa_step, "history": history,
-            "question_types": list(QUESTION_TYPES)}
-    (folder / "xmllm_training.json").write_text(json.dumps(meta, indent=1))

@@ -1,6 +1,7 @@
 """Deletion and insertion curves (Petsiuk et al. 2018; Quantus's region perturbation): real forwards.
 
-Cells of the first image's main grid are ranked by the map, most relevant first. *Deletion*
+Cells of the scored picture's main grid (the first image's, or the evidence picture's; see
+:func:`~xmllm.explainers.masking.scored_picture`) are ranked by the map, most relevant first. *Deletion*
 replaces the top ``n_k`` cells with the baseline and records the probability of the model's
 answer (teacher-forced, every answer token: ``exp(sum log p)``); *insertion* starts from the
 baseline image and puts the top ``n_k`` cells back. ``n_k = round(k N / steps)`` for ``k =
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from xmllm.explainers.masking import BASELINES, PixelCells, baseline_pixels, cell_map, first_layout, window_positions
+from xmllm.explainers.masking import BASELINES, PixelCells, baseline_pixels, cell_map, scored_layout, window_positions
 from xmllm.explainers.forward import answer_ids, batch_size_for, batched_logprobs, fused_attention, repeat_inputs
 from ..params import choice, positive_int
 from .maps import check_map
@@ -57,7 +58,7 @@ class CurveRunner:
                  seed: int = 0, batch_size: int | None = None) -> None:
         self.prepared = prepared
         self.baseline_kind = choice("baseline", baseline, BASELINES)
-        layout = first_layout(prepared)
+        layout = scored_layout(prepared)
         grid = layout.main_grid
         self.shape = (grid.rows, grid.cols)
         self.cells = [window_positions(layout, (r, r + 1), (c, c + 1), "all")

@@ -48,9 +48,11 @@ class ScoredMap:
         return self.name if not self.reduced else f"{self.name}, mean over {', '.join(self.reduced)}"
 
 
-def primary_image_map(explanation: "Explanation") -> ScoredMap | None:
-    """The whole answer's ``(rows, cols)`` map of the first image's main grid, or None."""
-    for name in (ANSWER_MAP, IMAGE_MAP):
+def primary_image_map(explanation: "Explanation", grid: str = IMAGE_MAP) -> ScoredMap | None:
+    """The whole answer's ``(rows, cols)`` map of the first image's main grid, or None; ``grid``
+    names another picture's main-grid map (``image1.image``: the scored picture of
+    :func:`~xmllm.explainers.masking.scored_map_name`)."""
+    for name in (grid + ANSWER_MAP[len(IMAGE_MAP):], grid):
         if name not in explanation.maps:
             continue
         axes = tuple(explanation.axes[name])

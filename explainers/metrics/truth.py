@@ -1,6 +1,7 @@
 """Ground truth on the patch grid: which cells show the objects an answer depends on.
 
-A sample's mask (``ExplainSample.mask``, bool ``H x W`` over the first image's pixels) goes
+A sample's mask (``ExplainSample.mask``, bool ``H x W`` over the scored picture's pixels: the first
+image's, or with several pictures the ``evidence_image``'s; see :func:`~xmllm.explainers.masking.scored_picture`) goes
 through the model's own processor as a white-on-black image, so it is resized, cropped, padded
 and tiled exactly as the image was; the adapter's ``pixel_cell_map`` then says which grid cell
 each processed pixel value feeds. A cell's *cover* is the share of its pixel values that show
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from xmllm.explainers.masking import cell_map, first_layout
+from xmllm.explainers.masking import cell_map, scored_layout, scored_picture
 
 if TYPE_CHECKING:  # pragma: no cover
     from xmllm.explainers.prepared import Prepared
@@ -41,9 +42,10 @@ class CellTruth:
         return not bool(self.cells.any())
 
 
-def processed_pixels(prepared: "Prepared", first_image: Image.Image) -> torch.Tensor:
-    """``pixel_values`` of the sample with its first image replaced, through the model's processor."""
-    images = [first_image, *prepared.sample.images[1:]]
+def processed_pixels(prepared: "Prepared", image: Image.Image, picture: int = 0) -> torch.Tensor:
+    """``pixel_values`` of the sample with its picture ``picture`` replaced, through the model's processor."""
+    images = list(prepared.sample.images)
+    images[picture] = image
     inputs, _ = prepared.adapter.build_inputs(images, prepared.sample.question)
     pixels = prepared.inputs["pixel_values"]
     out = inputs["pixel_values"].to(device=pixels.device, dtype=torch.float32)
@@ -55,27 +57,28 @@ def processed_pixels(prepared: "Prepared", first_image: Image.Image) -> torch.Te
 
 def processed_mask(prepared: "Prepared", mask: np.ndarray) -> torch.Tensor:
     """Bool, shaped like ``pixel_values``: which processed values show the mask."""
-    size = prepared.sample.images[0].size
+    k = scored_picture(prepared)
+    size = prepared.sample.images[k].size
     as_image = Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), "L").convert("RGB")
-    black = processed_pixels(prepared, Image.new("RGB", size, (0, 0, 0)))
-    white = processed_pixels(prepared, Image.new("RGB", size, (255, 255, 255)))
-    shown = processed_pixels(prepared, as_image)
+    black = processed_pixels(prepared, Image.new("RGB", size, (0, 0, 0)), k)
+    white = processed_pixels(prepared, Image.new("RGB", size, (255, 255, 255)), k)
+    shown = processed_pixels(prepared, as_image, k)
     span = white - black
     moving = span.abs() > 1e-6  # padding stays put whatever the image shows
     return moving & ((shown - black) >= HALF * span)
 
 
 def cell_truth(prepared: "Prepared", mask: np.ndarray | None = None, min_cover: float = MIN_COVER) -> CellTruth | None:
-    """The ground-truth cells of the first image's main grid, or None for a sample without a mask."""
+    """The ground-truth cells of the scored picture's main grid, or None for a sample without a mask."""
     mask = prepared.sample.mask if mask is None else mask
     if mask is None:
         return None
     mask = np.asarray(mask).astype(bool)
-    image = prepared.sample.images[0]
+    image = prepared.sample.images[scored_picture(prepared)]
     if mask.shape != (image.height, image.width):
         raise ValueError(f"sample {prepared.sample.id!r}: mask of shape {mask.shape} does not match the "
                          f"image's {image.height}x{image.width} pixels")
-    grid = first_layout(prepared).main_grid
+    grid = scored_layout(prepared).main_grid
     if not mask.any():
         zeros = np.zeros((grid.rows, grid.cols))
         return CellTruth(zeros, zeros.astype(bool))

@@ -42,9 +42,7 @@ def run(args: argparse.Namespace) -> int:
     if single:
         images, clip = pictures(args)
         if clip:
-            from xmllm.video import DEFAULT_FRAMES, load_video
-
-            frames = load_video(clip["video"], clip["frames"] or DEFAULT_FRAMES).frames
+            frames = clip["video"].frames  # decoded once, by pictures()
         else:
             frames = [load_image(path) for path in args.image]
         items = [(None, frames, args.question, None)]

@@ -18,7 +18,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
     s.add_argument("--out", type=Path, required=True, help="output folder")
     s.add_argument("--question-types", default="",
-                   help="comma-separated question types, e.g. colour,count (default: the five evaluated ones)")
+                   help="comma-separated question types, e.g. colour,count or motion,which_picture; 'pictures' "
+                        "stands for the four over several pictures and clips (default: the five single-image ones)")
     s.add_argument("--pairs", action="store_true",
                    help="add an MMVP-style partner for each sample (one detail changed, answer changed)")
     s.add_argument("--counterfactuals", action="store_true",
@@ -38,7 +39,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     e = demo.add_parser("eval", help="exact-match accuracy per question type on fresh samples")
     e.add_argument("--model", default="demo", help="model spec (default: the embedded demo model)")
-    e.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
+    e.add_argument("--n", type=int, default=1000, help="number of single-image samples (default 1000)")
+    e.add_argument("--pictures", type=int, default=None,
+                   help="number of samples over two pictures or a clip's three frames (default: as many as --n)")
     e.add_argument("--seed", type=int, default=12345, help="world seed (default 12345)")
     e.add_argument("--json", action="store_true", help="print JSON")
     e.set_defaults(func=run_eval)
@@ -52,10 +55,12 @@ def _positive(value: int, name: str) -> int:
 
 def run_samples(args: argparse.Namespace) -> int:
     from xmllm.explainers.demo.questions import ALL_QUESTION_TYPES
-    from xmllm.explainers.demo.samples import counterfactuals, generate_samples, make_pair, write_sample_set
+    from xmllm.explainers.demo.samples import (PICTURE_TYPE_NAMES, counterfactuals, generate_samples, make_pair,
+                                               write_sample_set)
 
     n = _positive(args.n, "n")
-    question_types = [t.strip() for t in args.question_types.split(",") if t.strip()] or None
+    named = [t.strip() for t in args.question_types.split(",") if t.strip()]
+    question_types = [x for t in named for x in (PICTURE_TYPE_NAMES if t == "pictures" else (t,))] or None
     for t in question_types or ():
         if t not in ALL_QUESTION_TYPES:
             raise XmllmError(f"--question-types: unknown question type {t!r}; "
@@ -98,14 +103,20 @@ def run_eval(args: argparse.Namespace) -> int:
     from xmllm.explainers.demo.evaluate import evaluate
     from xmllm.explainers.models import load_model
 
+    pictures = args.n if args.pictures is None else args.pictures
+    if pictures < 0:
+        raise XmllmError(f"--pictures must be 0 or more, got {pictures}")
     loaded = load_model(args.model)
-    report = evaluate(loaded, _positive(args.n, "n"), args.seed, progress=sys.stderr.isatty() or True)
+    report = evaluate(loaded, _positive(args.n, "n"), args.seed, progress=sys.stderr.isatty() or True,
+                      pictures=pictures)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     lo, hi = report["interval"]
     print(f"model {args.model}: {report['accuracy']:.1%} exact match on {report['n']} samples "
           f"(seed {args.seed}; 95% CI {lo:.1%}-{hi:.1%})")
+    for group, r in report.get("groups", {}).items():
+        print(f"  {group + ' total':<16} {r['accuracy']:.1%}  (n={r['n']})")
     for qtype, r in report["question_types"].items():
-        print(f"  {qtype:<10} {r['accuracy']:.1%}  (n={r['n']})")
+        print(f"  {qtype:<16} {r['accuracy']:.1%}  (n={r['n']})")
     return 0

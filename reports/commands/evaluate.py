@@ -17,6 +17,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--samples", type=Path, help="a JSONL sample set (masks give the ground truth)")
     source.add_argument("--demo", type=int, metavar="N", help="N object-grounded questions from the demo world")
+    source.add_argument("--demo-pictures", type=int, metavar="N",
+                        help="N demo questions over two pictures or a clip's three frames, the evidence in one "
+                             "of them (scores image pointing, and the maps within the evidence picture)")
     p.add_argument("--explainers", default="", help="comma-separated explainer ids (default: every sample-level one "
                                                      "with an image map but causal.minimal_set, whose 0/1 set costs "
                                                      "as much as the rest to find)")
@@ -41,7 +44,7 @@ def _check(args: argparse.Namespace) -> None:
     from xmllm.evaluation.scoring import check_options
 
     check_options(baseline=args.baseline, steps=args.steps, sanity_samples=args.sanity_samples, demo=args.demo,
-                  out=args.out, flags=True)
+                  demo_pictures=args.demo_pictures, out=args.out, flags=True)
     if args.max_memory is not None:
         from xmllm.explainers.memory import parse_memory
 
@@ -70,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
         bar.update(done - bar.n)
 
     try:
-        result = evaluate(args.model, samples=args.samples, demo=args.demo, explainers=named or None,
+        result = evaluate(args.model, samples=args.samples, demo=args.demo, demo_pictures=args.demo_pictures,
+                          explainers=named or None,
                           params=parse_params(args.param), seed=args.seed, baseline=args.baseline,
                           steps=args.steps, sanity_samples=args.sanity_samples, device=args.device,
                           dtype=args.dtype, max_memory=args.max_memory,

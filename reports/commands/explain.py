@@ -58,8 +58,8 @@ def pictures(args: argparse.Namespace) -> tuple[Any, dict]:
     if args.video is not None:
         from ..video import DEFAULT_FRAMES, load_video
 
-        load_video(args.video, args.frames or DEFAULT_FRAMES)  # decodes now: a bad video is one line, at once
-        return None, {"video": args.video, "frames": args.frames}
+        # decoded now (a bad video is one line, at once) and handed on decoded, not read again
+        return None, {"video": load_video(args.video, args.frames or DEFAULT_FRAMES), "frames": args.frames}
     for path in args.image:  # every picture readable before any output (a bad one is one line)
         load_image(path)
     return (args.image[0] if len(args.image) == 1 else list(args.image)), {}

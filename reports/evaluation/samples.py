@@ -16,21 +16,25 @@ MAX_DRAWS_PER_SAMPLE = 4
 running out means something is wrong with the world, not bad luck."""
 
 
-def demo_samples(n: int, seed: int) -> "list[ExplainSample]":
+def demo_samples(n: int, seed: int, pictures: bool = False) -> "list[ExplainSample]":
     """The first ``n`` object-grounded demo questions of ``seed``: those whose answer depends on
-    objects in the image (colour, shape, count above zero, presence answered yes, position)."""
-    from xmllm.explainers.demo.samples import generate_sample, to_explain_sample
+    objects in the image (colour, shape, count above zero, presence answered yes, position). With
+    ``pictures``: questions over two pictures or a clip's frames whose evidence is in exactly one
+    picture (which picture, which frame, a count whose objects are all in one picture); the mask is
+    that picture's and ``extra["evidence_image"]`` names it."""
+    from xmllm.explainers.demo.samples import PICTURE_TYPE_NAMES, generate_sample, to_explain_sample
 
+    flag = "--demo-pictures" if pictures else "--demo"
     if n <= 0:
-        raise XmllmError(f"--demo must be a positive number of samples, got {n}")
+        raise XmllmError(f"{flag} must be a positive number of samples, got {n}")
     out = []
     for index in range(n * MAX_DRAWS_PER_SAMPLE):
-        sample = generate_sample(seed, index)
-        if sample.grounding:
+        sample = generate_sample(seed, index, PICTURE_TYPE_NAMES[index % len(PICTURE_TYPE_NAMES)] if pictures else None)
+        if (sample.evidence_image is not None) if pictures else bool(sample.grounding):
             out.append(to_explain_sample(sample))
             if len(out) == n:
                 return out
-    raise XmllmError(f"--demo {n}: only {len(out)} grounded questions in {n * MAX_DRAWS_PER_SAMPLE} draws of seed {seed}")
+    raise XmllmError(f"{flag} {n}: only {len(out)} grounded questions in {n * MAX_DRAWS_PER_SAMPLE} draws of seed {seed}")
 
 
 def jsonl_samples(path: Path) -> "list[ExplainSample]":
@@ -45,12 +49,10 @@ def jsonl_samples(path: Path) -> "list[ExplainSample]":
         if evidence > len(pictures):
             raise XmllmError(f"{path}: sample {record.id!r}: evidence_image {evidence} but {len(pictures)} pictures")
         image = pictures[evidence - 1]
-        mask = record.load_mask()  # the evidence picture's; the cell metrics score the first picture's grid
+        mask = record.load_mask()  # the evidence picture's: the cell metrics score that picture's grid
         if mask is not None and mask.shape != (image.height, image.width):
             raise XmllmError(f"{path}: sample {record.id!r}: mask {record.mask} is {mask.shape[1]}x{mask.shape[0]} "
                              f"pixels but its image is {image.width}x{image.height}")
-        if evidence != 1:
-            mask = None
         extra = dict(record.extra)
         if record.question_type:
             extra["question_type"] = record.question_type

@@ -42,7 +42,8 @@ Progress = Callable[[str, int, int], None]
 
 
 def check_options(*, baseline: str | None = None, steps: int | None = None, sanity_samples: int | None = None,
-                  demo: int | None = None, out: Any = None, flags: bool = False) -> None:
+                  demo: int | None = None, demo_pictures: int | None = None, out: Any = None,
+                  flags: bool = False) -> None:
     """The evaluation's options, checked once for the command line and the API alike (``flags``:
     the error names ``--steps`` rather than ``steps``), before anything is loaded."""
     from pathlib import Path
@@ -54,7 +55,8 @@ def check_options(*, baseline: str | None = None, steps: int | None = None, sani
 
     if baseline is not None and baseline not in BASELINES:
         raise XmllmError(f"{name('baseline')} {baseline!r}: choose from {', '.join(BASELINES)}")
-    for option, value, low in (("steps", steps, 1), ("sanity_samples", sanity_samples, 0), ("demo", demo, 1)):
+    for option, value, low in (("steps", steps, 1), ("sanity_samples", sanity_samples, 0), ("demo", demo, 1),
+                               ("demo_pictures", demo_pictures, 1)):
         if value is not None and value < low:
             raise XmllmError(f"{name(option)} must be {'a positive number' if low else '0 or more'}, got {value}")
     if out is not None and Path(out).exists() and not Path(out).is_dir():
@@ -198,6 +200,7 @@ def evaluate(loaded: "LoadedModel", samples: Sequence["ExplainSample"], config: 
 
     from xmllm import MissingInput
     from xmllm.explainers.answering import is_correct
+    from xmllm.explainers.masking import scored_map_name
     from xmllm.explainers.prepared import prepare
     from xmllm.explainers.metrics import (
         DEFAULT_BASELINE,
@@ -260,7 +263,7 @@ def evaluate(loaded: "LoadedModel", samples: Sequence["ExplainSample"], config: 
                 entry = errors.setdefault(eid, {"count": 0, "first": f"{sample.id}: {message}"})
                 entry["count"] += 1
                 continue
-            scored = primary_image_map(outcome.explanation)
+            scored = primary_image_map(outcome.explanation, scored_map_name(prepared))
             if scored is None:
                 if config.explicit:
                     raise XmllmError(f"explainer {eid} gives no image map; evaluate scores maps over the image grid")
@@ -320,7 +323,7 @@ def evaluate(loaded: "LoadedModel", samples: Sequence["ExplainSample"], config: 
 
         def map_of(model: Any, prep: Any, label: str, params: dict[str, Any] | None) -> Any:
             outcome = next(run_plan(model, prep, unseeded.only([label])))
-            scored = primary_image_map(outcome.explanation)
+            scored = primary_image_map(outcome.explanation, scored_map_name(prep))
             return None if scored is None else scored.values
 
         sanity = sanity_clock.timed(lambda: randomisation_check(
@@ -385,7 +388,7 @@ IMAGE_POINTING_METRIC = {
     "reference": "xmllm (#25): image-level pointing game",
 }
 """Scored only on samples with several pictures and an ``evidence_image``; the cell-level metrics
-score the first picture's grid (its mask, where the evidence is the first picture)."""
+then score the evidence picture's grid against its mask (:func:`~xmllm.explainers.masking.scored_picture`)."""
 
 
 def image_pointing(sample: "ExplainSample", prepared: "Prepared", explained: dict[str, Any],
