@@ -134,7 +134,8 @@ def explain(
 
     ``model`` is a loaded model (:func:`load_model`) or a spec to load. ``image`` is a path, a PIL
     image or an array (or a list of them for several images). ``video`` (a file, instead of
-    ``image``; or a clip already decoded by :func:`xmllm.video.load_video`) gives ``frames`` evenly spaced frames (default: as many as the family's video
+    ``image``; or a clip decoded by :func:`xmllm.video.load_video`, used as it is where it holds the
+    frames wanted) gives ``frames`` evenly spaced frames (default: as many as the family's video
     processor samples, else 8), decoded by PyAV and fed as pictures in order; the manifest records
     each frame's index and time. ``explainers`` names explainer ids
     (default: every sample-level one); ``leaf`` takes a catalog leaf's instead. ``params`` maps an
