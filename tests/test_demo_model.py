@@ -47,11 +47,15 @@ def test_loads_through_the_hub_path_as_a_real_llava(demo):
 def test_answers_fresh_samples_correctly(demo):
     from xmllm.explainers.demo.evaluate import evaluate
 
-    # the bar (>= 95% overall, >= 90% per question type on 1,000 held-out samples) on a 500-sample
-    # slice of a seed never used in training: 100 per question type
-    report = evaluate(demo, 500, seed=20261122, progress=False)
+    # the bar (>= 95% overall, >= 90% per question type on 1,000 held-out samples of each group) on a
+    # slice of a seed never used in training: 100 per question type, single-image and over pictures
+    report = evaluate(demo, 500, seed=20261122, progress=False, pictures=400)
     assert report["accuracy"] >= 0.95, report["mistakes"][:5]
-    assert set(report["question_types"]) == {"colour", "shape", "count", "presence", "position"}
+    assert set(report["question_types"]) == {"colour", "shape", "count", "presence", "position", "which_picture",
+                                             "count_pictures", "motion", "which_frame"}
+    assert report["groups"]["single"]["n"] == 500 and report["groups"]["pictures"]["n"] == 400
+    for group in ("single", "pictures"):
+        assert report["groups"][group]["accuracy"] >= 0.95, (group, report["groups"][group])
     for qtype, r in report["question_types"].items():
         assert r["accuracy"] >= 0.9, (qtype, r)
 

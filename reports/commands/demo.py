@@ -64,7 +64,7 @@ def run_samples(args: argparse.Namespace) -> int:
     for t in question_types or ():
         if t not in ALL_QUESTION_TYPES:
             raise XmllmError(f"--question-types: unknown question type {t!r}; "
-                             f"choose from {', '.join(ALL_QUESTION_TYPES)}")
+                             f"choose from {', '.join(ALL_QUESTION_TYPES)} (or pictures: the last four)")
     samples = generate_samples(n, args.seed, question_types)
     out = list(samples)
     if args.pairs:
