@@ -85,9 +85,12 @@ def test_ask_errors_are_one_line(tmp_path, capsys):
 
 
 def test_demo_eval_json(capsys):
-    assert main(["demo", "eval", "--n", "10", "--seed", "5", "--json"]) == 0
+    assert main(["demo", "eval", "--n", "10", "--pictures", "4", "--seed", "5", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["n"] == 10 and 0 <= report["accuracy"] <= 1 and report["question_types"]
+    assert report["n"] == 14 and 0 <= report["accuracy"] <= 1 and report["question_types"]
+    assert {g: r["n"] for g, r in report["groups"].items()} == {"single": 10, "pictures": 4}
+    assert main(["demo", "eval", "--n", "10", "--pictures", "-1"]) == 2
+    assert "--pictures must be 0 or more" in capsys.readouterr().err
 
 
 def test_training_is_reproducible(tmp_path):

@@ -98,3 +98,15 @@ def forward_from_features(model, feats: torch.Tensor, batch: dict[str, torch.Ten
         inputs_embeds=embeds, attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
     ).last_hidden_state
     return model.lm_head(hidden)
+
+
+def first_token_right(model, processor, feats: torch.Tensor, samples: list[DemoSample]) -> list[bool]:
+    """Per sample, whether the teacher-forced first answer token is the model's top token (every
+    evaluated answer is one token, so this equals greedy exact match); ``feats`` are the samples'
+    pictures' cached features, in order."""
+    batch = answer_batch(processor, samples)
+    with torch.no_grad():
+        logits = forward_from_features(model, feats, batch)
+    first = (batch["labels"] != -100).float().argmax(-1)
+    rows = torch.arange(len(samples))
+    return (logits[rows, first - 1].argmax(-1) == batch["labels"][rows, first]).tolist()

@@ -68,7 +68,24 @@ class PictureQuestionType(QuestionType):
     unit: str = "picture"
 
     def grounding(self, slot: dict[str, str], scene: Pictures) -> Grounding:  # type: ignore[override]
-        raise NotImplementedError
+        """Every ``colour shape`` object the slot names, in every picture."""
+        return [(k, i) for k, s in enumerate(scene.scenes) for i in s.find(slot["colour"], slot["shape"])]
+
+
+class WhichOne(PictureQuestionType):
+    """"Which picture (or frame) holds the object?": the ordinal of the one picture that does."""
+
+    def answer(self, slot, scene):
+        holding = evidence_pictures(self.grounding(slot, scene))
+        return ORDINALS[holding[0]] if len(holding) == 1 else None
+
+    def _moving(self, rng: np.random.Generator, q: Question, scene: Pictures) -> tuple[int, int] | None:
+        """The picture holding the object and another one drawn to move it to; None when not one holds it."""
+        holding = evidence_pictures(self.grounding(q.slot, scene))
+        if len(holding) != 1:
+            return None
+        k = holding[0]
+        return k, int(rng.choice([p for p in range(len(scene.scenes)) if p != k]))
 
 
 def _target_slot(rng: np.random.Generator) -> tuple[str, str]:
@@ -87,7 +104,7 @@ def _place(rng: np.random.Generator, scene: Scene, colour: str, shape: str) -> S
     return None if obj is None or len(scene.objects) >= MAX_OBJECTS else scene.plus(obj)
 
 
-class WhichPicture(PictureQuestionType):
+class WhichPicture(WhichOne):
     """Two pictures; the asked-about object is in exactly one. Half the time the other picture
     holds an object of the same colour or the same shape."""
 
@@ -120,19 +137,11 @@ class WhichPicture(PictureQuestionType):
             if question.answer(pictures) is not None:
                 return pictures, question
 
-    def grounding(self, slot, scene):
-        return [(k, i) for k, s in enumerate(scene.scenes) for i in s.find(slot["colour"], slot["shape"])]
-
-    def answer(self, slot, scene):
-        holding = evidence_pictures(self.grounding(slot, scene))
-        return ORDINALS[holding[0]] if len(holding) == 1 else None
-
     def flip(self, rng, q, scene):
-        holding = evidence_pictures(self.grounding(q.slot, scene))
-        if len(holding) != 1:
+        moving = self._moving(rng, q, scene)
+        if moving is None:
             return None
-        k = holding[0]
-        other = int(rng.choice([p for p in range(len(scene.scenes)) if p != k]))
+        k, other = moving
         source = scene.scenes[k]
         for i in sorted(source.find(q.slot["colour"], q.slot["shape"]), reverse=True):
             source = source.without(i)
@@ -262,9 +271,6 @@ class Motion(PictureQuestionType):
                 return Pictures(tuple(back.plus(o) for o in path))
         return None
 
-    def grounding(self, slot, scene):
-        return [(k, i) for k, s in enumerate(scene.scenes) for i in s.find(slot["colour"], slot["shape"])]
-
     def answer(self, slot, scene):
         found = self.grounding(slot, scene)
         if [k for k, _ in found] != list(range(len(scene.scenes))):
@@ -284,7 +290,7 @@ class Motion(PictureQuestionType):
         return "play the clip backwards", Pictures(tuple(reversed(scene.scenes)))
 
 
-class WhichFrame(PictureQuestionType):
+class WhichFrame(WhichOne):
     """A three-frame clip of a still scene in which one object shows up in one frame only."""
 
     name = "which_frame"
@@ -306,19 +312,11 @@ class WhichFrame(PictureQuestionType):
                 frames = tuple(placed if f == k else back for f in range(self.pictures))
                 return Pictures(frames), self._question(rng, colour=colour, shape=shape)
 
-    def grounding(self, slot, scene):
-        return [(k, i) for k, s in enumerate(scene.scenes) for i in s.find(slot["colour"], slot["shape"])]
-
-    def answer(self, slot, scene):
-        holding = evidence_pictures(self.grounding(slot, scene))
-        return ORDINALS[holding[0]] if len(holding) == 1 else None
-
     def flip(self, rng, q, scene):
-        holding = evidence_pictures(self.grounding(q.slot, scene))
-        if len(holding) != 1:
+        moving = self._moving(rng, q, scene)
+        if moving is None:
             return None
-        k = holding[0]
-        other = int(rng.choice([f for f in range(len(scene.scenes)) if f != k]))
+        k, other = moving
         moved = scene.with_scene(other, scene.scenes[k]).with_scene(k, scene.scenes[other])
         return f"show the {q.slot['colour']} {q.slot['shape']} in the {ORDINALS[other]} frame", moved
 

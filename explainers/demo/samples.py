@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -16,6 +17,9 @@ from xmllm import atomic, write_atomic
 from .pictures import PICTURE_QUESTION_TYPES, Pictures, evidence_pictures
 from .questions import ALL_QUESTION_TYPES, QUESTION_TYPES, Question
 from .world import Scene
+
+if TYPE_CHECKING:  # pragma: no cover
+    from xmllm.explainers.prepared import ExplainSample
 
 QUESTION_TYPE_NAMES: tuple[str, ...] = tuple(QUESTION_TYPES)
 TRAIN_STREAM = 0x7A11_7EA1

@@ -37,7 +37,8 @@ import torch
 from torch import nn
 
 from .recipe import TrainConfig
-from .answer_data import answer_batch, answer_sample, cached_features, cosine_lr, forward_from_features
+from .answer_data import (answer_batch, answer_sample, cached_features, cosine_lr, first_token_right,
+                          forward_from_features)
 from .checkpoints import load_weights, matches_first_cycle, save
 from .model import PATCH_SIZE, build_model, build_processor
 from .samples import DemoSample, generate_sample, TRAIN_STREAM
@@ -281,12 +282,7 @@ def monitor_accuracy(model, processor, tower, n: int = 500, seed: int = 1) -> di
     hits: dict[str, list[bool]] = {}
     with torch.no_grad():
         feats = cached_features(tower, processor, samples)
-        batch = answer_batch(processor, samples)
-        logits = forward_from_features(model, feats, batch)
-        first = (batch["labels"] != -100).float().argmax(-1)
-        rows = torch.arange(len(samples))
-        right = logits[rows, first - 1].argmax(-1) == batch["labels"][rows, first]
-    for s, ok in zip(samples, right.tolist()):
+    for s, ok in zip(samples, first_token_right(model, processor, feats, samples)):
         hits.setdefault(s.question_type, []).append(ok)
     return {"all": sum(map(sum, hits.values())) / n, **{f: sum(v) / len(v) for f, v in hits.items()}}
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .answer_data import answer_batch, answer_sample, cached_features_of_images, cosine_lr, forward_from_features
+from .answer_data import (answer_batch, answer_sample, cached_features_of_images, cosine_lr, first_token_right,
+                          forward_from_features)
 from .checkpoints import FIRST_CYCLE_KEYS, load_weights, save
 from .model import build_model, build_processor
 from .samples import PICTURE_TYPE_NAMES, TRAIN_STREAM, DemoSample, generate_picture_samples, generate_sample
@@ -175,17 +176,11 @@ def picture_monitor(model, processor, n: int = 400, seed: int = 1) -> dict[str, 
     samples = generate_samples(n, seed) + generate_picture_samples(n, seed)
     model.eval()
     hits: dict[str, list[bool]] = {}
-    with torch.no_grad():
-        for lo in range(0, len(samples), 100):
-            part = samples[lo:lo + 100]
-            feats = PictureFeatures(tower, processor, part).batch(list(range(len(part))))
-            batch = answer_batch(processor, part)
-            logits = forward_from_features(model, feats, batch)
-            first = (batch["labels"] != -100).float().argmax(-1)
-            rows = torch.arange(len(part))
-            right = logits[rows, first - 1].argmax(-1) == batch["labels"][rows, first]
-            for s, ok in zip(part, right.tolist()):
-                hits.setdefault(s.question_type, []).append(ok)
+    for lo in range(0, len(samples), 100):
+        part = samples[lo:lo + 100]
+        feats = PictureFeatures(tower, processor, part).batch(list(range(len(part))))
+        for s, ok in zip(part, first_token_right(model, processor, feats, part)):
+            hits.setdefault(s.question_type, []).append(ok)
     single = [h for t, v in hits.items() if t not in PICTURE_TYPE_NAMES for h in v]
     pictures = [h for t, v in hits.items() if t in PICTURE_TYPE_NAMES for h in v]
     return {"single": sum(single) / len(single), "pictures": sum(pictures) / len(pictures),
