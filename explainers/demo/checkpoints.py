@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .pictures import PICTURE_QUESTION_TYPES
+from .pictures import ORDINALS, PICTURE_QUESTION_TYPES
 from .questions import QUESTION_TYPES
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -22,13 +22,27 @@ FIRST_CYCLE_KEYS = ("seed", "batch", "vision_steps", "vision_lr", "qa_samples", 
 same values is reused)."""
 
 
-def matches_first_cycle(folder: Path, cfg: "TrainConfig") -> bool:
+SINGLE_IMAGE_KEYS = (*FIRST_CYCLE_KEYS, "restart_steps", "restart_lr")
+"""The settings that determine the single-image model of stages 1-2."""
+
+
+def config_matches(folder: Path, cfg: "TrainConfig", keys: tuple[str, ...]) -> bool:
+    """Whether ``folder`` holds a checkpoint saved by a config with ``cfg``'s values of ``keys``."""
     meta = folder / "xmllm_training.json"
     if not (folder / "config.json").is_file() or not meta.is_file():
         return False
     saved = json.loads(meta.read_text())["train_config"]
     ours = json.loads(json.dumps(asdict(cfg)))
-    return all(saved.get(k) == ours[k] for k in FIRST_CYCLE_KEYS)
+    return all(saved.get(k) == ours[k] for k in keys)
+
+
+def matches_first_cycle(folder: Path, cfg: "TrainConfig") -> bool:
+    return config_matches(folder, cfg, FIRST_CYCLE_KEYS)
+
+
+def reads_pictures(vocabulary: dict[str, int]) -> bool:
+    """Whether a vocabulary has the words of the questions over several pictures (stage 3 grew it)."""
+    return ORDINALS[0] in vocabulary
 
 
 def load_weights(model, folder: Path) -> None:
@@ -45,5 +59,6 @@ def save(model, processor, folder: Path, cfg: "TrainConfig", history: dict, qa_s
     model.save_pretrained(folder, safe_serialization=True)
     processor.save_pretrained(folder)
     meta = {"train_config": asdict(cfg), "answer_steps_done": qa_step, "history": history,
-            "question_types": [*QUESTION_TYPES, *(PICTURE_QUESTION_TYPES if "first" in processor.tokenizer.get_vocab() else ())]}
+            "question_types": [*QUESTION_TYPES, *(PICTURE_QUESTION_TYPES if reads_pictures(processor.tokenizer.get_vocab())
+                                                  else ())]}
     (folder / "xmllm_training.json").write_text(json.dumps(meta, indent=1))

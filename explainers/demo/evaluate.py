@@ -6,7 +6,8 @@ from collections import defaultdict
 from typing import TYPE_CHECKING
 
 from ..answering import generate_answer, is_correct
-from .samples import PICTURE_TYPE_NAMES, generate_picture_samples, generate_samples
+from .pictures import by_group
+from .samples import generate_picture_samples, generate_samples
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models import LoadedModel
@@ -37,8 +38,7 @@ def evaluate(loaded: "LoadedModel", n: int, seed: int, progress: bool = True, pi
         if not ok and len(mistakes) < 20:
             mistakes.append({"id": s.id, "question": s.text, "expected": s.answer, "got": got})
     every = [h for v in hits.values() for h in v]
-    groups = {"single": [h for t, v in hits.items() if t not in PICTURE_TYPE_NAMES for h in v],
-              "pictures": [h for t, v in hits.items() if t in PICTURE_TYPE_NAMES for h in v]}
+    groups = by_group(hits)
     report = {
         "n": len(every),
         "seed": seed,

@@ -61,11 +61,9 @@ def evidence_pictures(grounding: Grounding) -> list[int]:
 
 class PictureQuestionType(QuestionType):
     """A question over several pictures: ``generate`` returns a :class:`Pictures`; ``answer``,
-    ``grounding`` and ``flip`` take one. ``unit`` names a picture in the wording ("picture" or
-    "frame")."""
+    ``grounding`` and ``flip`` take one."""
 
     pictures: int = PAIR_PICTURES
-    unit: str = "picture"
 
     def grounding(self, slot: dict[str, str], scene: Pictures) -> Grounding:  # type: ignore[override]
         """Every ``colour shape`` object the slot names, in every picture."""
@@ -238,7 +236,6 @@ class Motion(PictureQuestionType):
 
     name = "motion"
     pictures = CLIP_FRAMES
-    unit = "frame"
     templates = (
         "Which way does the {colour} {shape} move?",
         "In which direction does the {colour} {shape} move?",
@@ -295,7 +292,6 @@ class WhichFrame(WhichOne):
 
     name = "which_frame"
     pictures = CLIP_FRAMES
-    unit = "frame"
     templates = (
         "In which frame does the {colour} {shape} appear?",
         "Which frame shows the {colour} {shape}?",
@@ -327,8 +323,10 @@ PICTURE_QUESTION_TYPES: dict[str, PictureQuestionType] = {
 PICTURE_ANSWERS: tuple[str, ...] = (*ORDINALS, *DIRECTIONS)
 
 
-def is_pictures_question(question: Question) -> bool:
-    return question.question_type in PICTURE_QUESTION_TYPES
+def by_group(hits: dict[str, list[bool]]) -> dict[str, list[bool]]:
+    """Per-question-type results pooled into ``single`` (single-image types) and ``pictures``."""
+    return {"single": [h for t, v in hits.items() if t not in PICTURE_QUESTION_TYPES for h in v],
+            "pictures": [h for t, v in hits.items() if t in PICTURE_QUESTION_TYPES for h in v]}
 
 
 ALL_QUESTION_TYPES.update(PICTURE_QUESTION_TYPES)  # registered beside the single-image types: Question.kind finds them

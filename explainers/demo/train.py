@@ -39,7 +39,7 @@ from torch import nn
 from .recipe import TrainConfig
 from .answer_data import (answer_batch, answer_sample, cached_features, cosine_lr, first_token_right,
                           forward_from_features)
-from .checkpoints import load_weights, matches_first_cycle, save
+from .checkpoints import SINGLE_IMAGE_KEYS, config_matches, load_weights, matches_first_cycle, save
 from .model import PATCH_SIZE, build_model, build_processor
 from .samples import DemoSample, generate_sample, TRAIN_STREAM
 from .train_pictures import grow_checkpoint, train_pictures
@@ -155,7 +155,7 @@ def train(out_dir: Path, cfg: TrainConfig | None = None, log=print) -> dict:
     t0 = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
     single = out_dir / "single"
-    if cfg.picture_cycles and _matches_single(single, cfg):
+    if cfg.picture_cycles and config_matches(single, cfg, SINGLE_IMAGE_KEYS):
         load_weights(model, single)
         history = json.loads((single / "xmllm_training.json").read_text())["history"]
         log(f"single-image stages resumed from {single}")
@@ -163,7 +163,7 @@ def train(out_dir: Path, cfg: TrainConfig | None = None, log=print) -> dict:
         history = _single_image_stages(model, processor, out_dir, cfg, t0, log)
     steps = cfg.qa_steps + cfg.restart_steps
     if cfg.picture_cycles:
-        if not _matches_single(single, cfg):
+        if not config_matches(single, cfg, SINGLE_IMAGE_KEYS):
             save(model, processor, single, cfg, history, steps)
         processor = train_pictures(model, out_dir, cfg, history, t0, log)
         steps += sum(n for n, _ in cfg.picture_cycles)
@@ -171,14 +171,6 @@ def train(out_dir: Path, cfg: TrainConfig | None = None, log=print) -> dict:
             log(f"early checkpoint {out_dir / 'early'}: vocabulary grown to the final model's")
     save(model, processor, out_dir / "final", cfg, history, steps)
     return {"seconds": time.time() - t0, "history": history}
-
-
-def _matches_single(folder: Path, cfg: TrainConfig) -> bool:
-    """Whether ``folder`` holds the single-image stages (1 and 2) of this config."""
-    if not matches_first_cycle(folder, cfg):
-        return False
-    saved = json.loads((folder / "xmllm_training.json").read_text())["train_config"]
-    return saved.get("restart_steps") == cfg.restart_steps and saved.get("restart_lr") == cfg.restart_lr
 
 
 def _single_image_stages(model, processor, out_dir: Path, cfg: TrainConfig, t0: float, log) -> dict:

@@ -9,6 +9,7 @@ tokens in order, exactly as LLaVA's forward scatters several images.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import asdict
@@ -19,9 +20,10 @@ from torch import nn
 
 from .answer_data import (answer_batch, answer_sample, cached_features_of_images, cosine_lr, first_token_right,
                           forward_from_features)
-from .checkpoints import FIRST_CYCLE_KEYS, load_weights, save
+from .checkpoints import SINGLE_IMAGE_KEYS, config_matches, load_weights, reads_pictures, save
 from .model import build_model, build_processor
-from .samples import PICTURE_TYPE_NAMES, TRAIN_STREAM, DemoSample, generate_picture_samples, generate_sample
+from .pictures import by_group
+from .samples import TRAIN_STREAM, DemoSample, generate_picture_samples, generate_sample
 from .samples import generate_samples
 
 
@@ -37,13 +39,13 @@ def extend_vocabulary(model, tokenizer) -> None:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
-def grow_checkpoint(folder: Path, cfg, history: dict | None = None) -> bool:
+def grow_checkpoint(folder: Path, cfg) -> bool:
     """Grow a single-image checkpoint's vocabulary in place (as stage 3 grows the model's), so that it
     reads the same prompts as the final model: the early checkpoint, which ``training.compare`` sets
     beside the final one and which needs the same vocabulary. Its single-image answers are unchanged.
     Returns whether it grew (False: already grown, or no checkpoint)."""
     meta_path = folder / "xmllm_training.json"
-    if not meta_path.is_file() or "first" in build_processor_vocab(folder):
+    if not meta_path.is_file() or reads_pictures(saved_vocabulary(folder)):
         return False
     meta = json.loads(meta_path.read_text())
     base = build_processor(pictures=False)
@@ -52,11 +54,11 @@ def grow_checkpoint(folder: Path, cfg, history: dict | None = None) -> bool:
     torch.manual_seed(cfg.seed + 4)
     processor = build_processor(pictures=True)
     extend_vocabulary(model, processor.tokenizer)
-    save(model, processor, folder, cfg, history if history is not None else meta["history"], meta["answer_steps_done"])
+    save(model, processor, folder, cfg, meta["history"], meta["answer_steps_done"])
     return True
 
 
-def build_processor_vocab(folder: Path) -> dict[str, int]:
+def saved_vocabulary(folder: Path) -> dict[str, int]:
     """The vocabulary of a saved checkpoint's tokenizer."""
     return json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]
 
@@ -64,11 +66,9 @@ def build_processor_vocab(folder: Path) -> dict[str, int]:
 class PictureFeatures:
     """The frozen tower's features of every picture of a list of samples, and where each sample's are."""
 
-    def __init__(self, tower, processor, samples: list[DemoSample], chunk: int = 512, log=None):
+    def __init__(self, tower, processor, samples: list[DemoSample], chunk: int = 512):
         self.count = [len(s.scene.scenes) if s.several else 1 for s in samples]
-        self.start = [0]
-        for n in self.count[:-1]:
-            self.start.append(self.start[-1] + n)
+        self.start = [0, *itertools.accumulate(self.count[:-1])]
         parts, pending = [], []  # rendered as they are needed: all the pictures of 80,000 samples take gigabytes
         for s in samples:
             pending.extend(s.images())
@@ -114,19 +114,18 @@ def train_pictures(model, out_dir: Path, cfg, history: dict, t0: float, log) -> 
     return processor
 
 
-PICTURE_KEYS = ("picture_samples", "picture_single_samples", "picture_mix", "picture_cycles")
+PICTURE_SET_KEYS = ("picture_samples", "picture_single_samples", "picture_mix")
+"""The settings that determine stage 3's training sets (the cycles are compared up to the one asked for)."""
 
 
 def _matches(folder: Path, cfg, cycle: int) -> bool:
     """Whether ``folder`` holds picture cycle ``cycle`` of this very config (and all before it)."""
-    meta = folder / "xmllm_training.json"
-    if not meta.is_file() or not (folder / "model.safetensors").is_file():
+    if not (folder / "model.safetensors").is_file() or not config_matches(folder, cfg, (*SINGLE_IMAGE_KEYS,
+                                                                                          *PICTURE_SET_KEYS)):
         return False
-    saved = json.loads(meta.read_text())["train_config"]
+    saved = json.loads((folder / "xmllm_training.json").read_text())["train_config"]
     ours = json.loads(json.dumps(asdict(cfg)))
-    keys = (*FIRST_CYCLE_KEYS, "restart_steps", "restart_lr", "picture_samples", "picture_single_samples", "picture_mix")
-    return (all(saved.get(k) == ours[k] for k in keys)
-            and saved.get("picture_cycles", [])[:cycle + 1] == ours["picture_cycles"][:cycle + 1])
+    return saved.get("picture_cycles", [])[:cycle + 1] == ours["picture_cycles"][:cycle + 1]
 
 
 def _cycle(model, processor, singles, single_feats, several, several_feats, cfg, history, t0, log, *,
@@ -155,13 +154,12 @@ def _cycle(model, processor, singles, single_feats, several, several_feats, cfg,
                                                reduction="sum") / tokens
             part.backward()
             loss += float(part.detach())
-        loss = torch.tensor(loss)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         at = offset + step
         if step % 100 == 0 or step == steps - 1:
-            history["pictures"].append({"step": at, "answer_loss": float(loss.detach()), "t": time.time() - t0})
-            log(f"pictures {at:5d}  loss {float(loss.detach()):.4f}  {time.time() - t0:.0f}s")
+            history["pictures"].append({"step": at, "answer_loss": loss, "t": time.time() - t0})
+            log(f"pictures {at:5d}  loss {loss:.4f}  {time.time() - t0:.0f}s")
         if cfg.monitor_every and ((step + 1) % cfg.monitor_every == 0 or step + 1 == steps):
             acc = picture_monitor(model, processor)
             history["picture_monitor"] = [*history.get("picture_monitor", []), {"step": at + 1, **acc}]
@@ -181,7 +179,5 @@ def picture_monitor(model, processor, n: int = 400, seed: int = 1) -> dict[str, 
         feats = PictureFeatures(tower, processor, part).batch(list(range(len(part))))
         for s, ok in zip(part, first_token_right(model, processor, feats, part)):
             hits.setdefault(s.question_type, []).append(ok)
-    single = [h for t, v in hits.items() if t not in PICTURE_TYPE_NAMES for h in v]
-    pictures = [h for t, v in hits.items() if t in PICTURE_TYPE_NAMES for h in v]
-    return {"single": sum(single) / len(single), "pictures": sum(pictures) / len(pictures),
-            **{t: sum(v) / len(v) for t, v in hits.items()}}
+    groups = by_group(hits)
+    return {**{g: sum(v) / len(v) for g, v in groups.items()}, **{t: sum(v) / len(v) for t, v in hits.items()}}
