@@ -81,3 +81,21 @@ def test_the_demo_picture_questions_are_scored_on_the_evidence_picture():
     assert result["table"]["perturbation.occlusion"]["image_pointing"]["mean"] == pytest.approx(np.mean(hits))
     # a trained model answers from the evidence picture: occlusion finds it far above the random floor
     assert np.mean(hits) >= 0.8 and all(r["correct"] for r in records)
+
+
+def test_an_explainer_that_warns_is_counted_in_the_table_and_the_trust_page():
+    """Integrated gradients on two path points misses most of the log-probability change on the demo's
+    picture questions and says so; the evaluation counts those samples and names the first, so a score
+    over maps the explainer does not vouch for is never silent."""
+    from xmllm.evaluation.page import trust_page_markdown
+    from xmllm.evaluation.table import text_table
+
+    result = xmllm.evaluate("demo", demo_pictures=2, explainers=["gradient.integrated"],
+                            params={"gradient.integrated": {"n_steps": 2}}, sanity_samples=0, steps=2)
+    warned = result["warnings"]["gradient.integrated"]
+    assert 1 <= warned["count"] <= 2
+    assert warned["first"].startswith("p0-") and "increase n_steps (now 2)" in warned["first"]
+    assert f"warned gradient.integrated: {warned['count']} of 2 sample(s)" in text_table(result)
+    page = trust_page_markdown(result)
+    assert "warned** on" in page and "--demo-pictures 2 --seed 0" in page and "over two pictures" in page
+    assert json.loads(json.dumps(result))["warnings"] == result["warnings"]

@@ -141,7 +141,9 @@ def trust_page_markdown(result: dict[str, Any]) -> str:
     samples = result["samples"]
     verdict = result["verdict"]
     source = samples.get("source", "samples")
-    what = (f"{samples['n']} object-grounded demo questions (seed {samples.get('seed', result['config']['seed'])})"
+    pictures = bool(samples.get("pictures"))
+    kind = "demo questions over two pictures or a clip's three frames" if pictures else "object-grounded demo questions"
+    what = (f"{samples['n']} {kind} (seed {samples.get('seed', result['config']['seed'])})"
             if source == "demo" else f"{samples['n']} samples from {md(samples.get('path', source))}")
     lines = [
         "# Which explainer to trust",
@@ -150,7 +152,7 @@ def trust_page_markdown(result: dict[str, Any]) -> str:
         f"model {md(model.get('spec', '?'))} ({md(model.get('model_type', model.get('source', '')))}). "
         f"Evaluated {md(result.get('created', ''))}; reproduce with "
         + code(f"xmllm evaluate --model {model.get('spec', 'demo')} "
-               + (f"--demo {samples['n']}" if source == "demo" else "--samples FILE")
+               + (f"--demo{'-pictures' if pictures else ''} {samples['n']}" if source == "demo" else "--samples FILE")
                + f" --seed {result['config']['seed']}") + ".",
         "",
         "## Verdict",
@@ -171,6 +173,9 @@ def trust_page_markdown(result: dict[str, Any]) -> str:
                      f"{verdict['best_pointing_game']:.3f}, which {met} the bar of {verdict['pointing_bar']}.")
     elif verdict["trusted"] or verdict["flagged"]:
         lines.append("- No trusted explainer has a pointing game to report.")
+    for eid, warned in result.get("warnings", {}).items():
+        lines.append(f"- **{md(eid)} warned** on {warned['count']} of {samples['n']} samples (first "
+                     f"{md(warned['first'])}): its scores there are of maps it does not vouch for.")
     if verdict.get("best_flagged"):
         lines.append(f"- {md(verdict['best_flagged'])} points better ({verdict['best_flagged_pointing_game']:.3f}) but "
                      "is flagged above, so it is not counted as the best.")

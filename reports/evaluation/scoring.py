@@ -223,6 +223,9 @@ def evaluate(loaded: "LoadedModel", samples: Sequence["ExplainSample"], config: 
     active = plan.labels
     skipped_samples: list[dict[str, str]] = []
     errors: dict[str, dict[str, Any]] = {}
+    warnings: dict[str, dict[str, Any]] = {}
+    """Per explainer: the samples whose explanation warned (e.g. integrated gradients' completeness gap),
+    so a score over unconverged maps says so."""
     map_names: dict[str, str] = {}
     clocks = {eid: _Clock() for eid in active}
     prepare_clock, metric_clock, sanity_clock = _Clock(), _Clock(), _Clock()
@@ -270,6 +273,10 @@ def evaluate(loaded: "LoadedModel", samples: Sequence["ExplainSample"], config: 
                 skipped[eid] = "gives no image map"
                 active.remove(eid)
                 continue
+            warning = outcome.explanation.meta.get("warning")
+            if warning:
+                entry = warnings.setdefault(eid, {"count": 0, "first": f"{sample.id}: {str(warning).splitlines()[0]}"})
+                entry["count"] += 1
             map_names[eid] = scored.describe()
             maps[eid] = scored.values
             explained[eid] = outcome.explanation
@@ -369,6 +376,7 @@ def evaluate(loaded: "LoadedModel", samples: Sequence["ExplainSample"], config: 
         "skipped_explainers": skipped,
         "skipped_samples": skipped_samples,
         "errors": errors,
+        "warnings": warnings,
         "per_sample": records,
         "sanity": sanity,
         "timings": timings,

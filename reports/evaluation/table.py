@@ -57,6 +57,8 @@ def text_table(result: dict[str, Any]) -> str:
             lines.append(f"flag {eid}: {flag['kind']}: {flag['text']}")
     for eid, err in result.get("errors", {}).items():
         lines.append(f"errors {eid}: {err['count']} sample(s), first {err['first']}")
+    for eid, warned in result.get("warnings", {}).items():
+        lines.append(f"warned {eid}: {warned['count']} of {samples['n']} sample(s), first {warned['first']}")
     for eid, why in result.get("skipped_explainers", {}).items():
         lines.append(f"skipped {eid}: {why}")
     lines.append(f"cost per sample: {timing['wall_seconds']:.2f} s wall, {timing['cpu_seconds']:.2f} s CPU "
