@@ -256,3 +256,28 @@ def test_gemma3_two_tokens_per_image_is_the_one_pooled_token(root, tmp_path):
     assert main(["explain", "--model", str(folder), "--image", str(image), "--question", QUESTION,
                  "--explainers", "gradient.saliency", "--device", "cpu", "--out", str(out)]) == 0
     assert (out / "report.html").is_file()
+
+
+@pytest.mark.parametrize("family", ["minicpmv4_6", "minicpmv4_7"])
+def test_packed_patch_family_loads_from_its_folder_and_explains(family, root, tmp_path):
+    """MiniCPM-V (NaViT-packed patches, the image token id left to the checkpoint) saved as released:
+    the family's own processor class named, loaded through the user's path; a pixel explainer's map
+    covers the image and occlusion's batched copies reach the model packed."""
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    folder = root / f"{family}-released"
+    if not folder.exists():
+        model, processor = build_tiny(family)
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        _edit_json(folder / "processor_config.json", processor_class=PROCESSOR_MAPPING_NAMES[family])
+    loaded = xmllm.load_model(str(folder), device="cpu")
+    assert type(loaded.processor).__name__ == PROCESSOR_MAPPING_NAMES[family] and loaded.adapter.kind == "generic"
+    run = xmllm.explain(loaded, tiny_image(64, 40), QUESTION, ["gradient.saliency", "perturbation.occlusion"],
+                        answer="red", faithfulness=False)
+    maps = {e.explainer: e.maps["image"] for e in run.explanations}
+    assert set(maps) == {"gradient.saliency", "perturbation.occlusion"}
+    for name, values in maps.items():
+        values = torch.as_tensor(values)
+        assert values.shape[-2:] == (2, 4) and bool(torch.isfinite(values).all()), name  # a 32 x 64 view: 2 x 4 tokens
+        assert float(values.abs().sum()) > 0, name

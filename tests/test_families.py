@@ -93,6 +93,24 @@ def test_the_generic_adapter_refuses_in_one_line_what_it_cannot_derive():
     assert "\n" not in message and message.startswith("llava_next:") and "pixel_values of shape" in message
 
 
+def test_an_image_token_left_unset_in_the_config_is_taken_from_the_processor():
+    """MiniCPM-V's config class declares image_token_id with a default of None (the checkpoint sets
+    it): not a refusal by itself; the adapter takes the processor's, and refuses in one line when
+    neither names one."""
+    from xmllm.explainers.models.adapters.generic import generic_refusal
+
+    model, processor = build_tiny("minicpmv4_6")
+    model.config.image_token_id = None
+    assert generic_refusal(model.config) is None
+    assert GenericAdapter(model, processor).image_token_id == processor.image_token_id
+    model.config.image_token_id = None
+    processor.image_token_id = None
+    processor.image_token = processor.tokenizer.image_token = "<not-a-token>"
+    with pytest.raises(AdapterError) as error:
+        GenericAdapter(model, processor)
+    assert str(error.value) == "minicpmv4_6: no image token id in its config or processor"
+
+
 def test_explainers_run_or_refuse_with_a_reason(family):
     ids = sample_level_ids() if FULL_MATRIX else list(FAST_SUBSET)
     loaded = tiny_loaded(family)

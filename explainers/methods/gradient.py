@@ -373,7 +373,10 @@ class IntegratedGradients(_PixelAttribution):
         "blurred, through the model's processor) to the input, times the difference; attributions "
         "sum to the change in log-probability (completeness), and the gap is reported."
     )
-    evaluation_params: ClassVar[Mapping[str, Any]] = {"n_steps": 8, "per_token": False}
+    evaluation_params: ClassVar[Mapping[str, Any]] = {"per_token": False}
+    """The default path points are kept: with 8, the whole answer's completeness gap was 50% (median)
+    on demo questions over two pictures, 25% with 16, 5% with 32, 0.2% with 64; an evaluation at 8
+    scored the quadrature's error, not the method."""
 
     @classmethod
     def scale_plan(cls, prep: Prepared, full_layers: int) -> ScalePlan:
@@ -540,7 +543,7 @@ class GradCAM(Explainer):
     group = GROUP
     supports_contrast = True
     needs = frozenset({Need.GRADIENTS})
-    model_needs = frozenset({"pixel_cells"})  # pixel gradients pool onto cells through the pixel map
+    model_needs = frozenset({"pixel_cells", "vision_blocks"})  # a vision block's output; cells through the pixel map
     citations = (SELVARAJU,)
     summary = (
         "Grad-CAM on the patch tokens of a vision block's output: channel weights are the mean "

@@ -46,14 +46,15 @@ def _zero_output(module: torch.nn.Module, args: Any, output: Any) -> Any:
 
 @contextmanager
 def vision_attention_off(adapter: ModelAdapter) -> Iterator[None]:
-    """Every vision block's attention outputs zeros while inside."""
+    """Every vision block's attention outputs zeros while inside; a family without vision blocks
+    (Fuyu: each patch projected straight into the decoder) has nothing that mixes patches to switch off."""
     points = adapter.hook_points()
     handles = [
         module.register_forward_hook(_zero_output)
         for name, module in points.items()
         if name.startswith("vision.blocks.") and name.endswith(".attn")
     ]
-    if not handles:
+    if not handles and len(adapter.vision_layers()):
         raise AdapterError(f"{adapter.model_type}: no vision attention to switch off")
     try:
         yield

@@ -68,6 +68,7 @@ IMAGE_SIZES_ATTR = "xmllm_image_sizes"
 CAPABILITIES: dict[str, str] = {
     "decoder_attention": "every decoder block attends over the sequence (image tokens included) with an attention matrix",
     "vision_attention": "the vision tower is a stack of attention blocks",
+    "vision_blocks": "the vision tower is a stack of blocks whose outputs are the image's patch tokens",
     "pixel_cells": "each cell of an image grid maps back to the pixels that feed it",
     "mlp_neurons": "every decoder block has one dense MLP whose hidden units every token passes through",
 }
@@ -512,6 +513,7 @@ class ModelAdapter:
     # Reasons a family's own adapter declares for a capability it never has (None: it has it).
     lacks_pixel_cells: ClassVar[str | None] = None
     lacks_vision_attention: ClassVar[str | None] = None
+    lacks_vision_blocks: ClassVar[str | None] = None
 
     @classmethod
     def lacks_for_config(cls, config: Any, capability: str) -> str | None:
@@ -523,6 +525,8 @@ class ModelAdapter:
             return cls.lacks_pixel_cells
         if capability == "vision_attention":
             return cls.lacks_vision_attention
+        if capability == "vision_blocks":
+            return cls.lacks_vision_blocks
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         if capability == "mlp_neurons":
             experts = [getattr(text, name, None) for name in MOE_FIELDS]
@@ -560,6 +564,13 @@ class ModelAdapter:
             if missing:
                 return (f"{len(missing)} of its {blocks} decoder blocks have no dense MLP output projection "
                         "to read neurons from")
+        if capability == "vision_blocks":
+            try:
+                blocks = len(self.vision_layers())
+            except AdapterError as error:
+                return f"its vision tower has no blocks to read ({error})"
+            if not blocks:
+                return "its vision tower has no blocks whose outputs to read"
         if capability == "vision_attention":
             try:
                 for block in self.vision_layers():

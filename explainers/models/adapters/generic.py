@@ -1,10 +1,12 @@
 """The adapter of a family with none of its own: everything derived, then checked.
 
-Image-token positions come from the config's image token id; each image's grid from the
-processor's outputs (``image_grid_thw``, or the shape of ``pixel_values``) and the vision config
-(patch size, merge / pixel-shuffle / pooling factor). Before a layout is trusted, its token count
-is checked against the features the model itself computes for those pixels. What cannot be derived
-is refused in one line naming the model type and the missing piece; being unknown is no refusal.
+Image-token positions come from the config's image token id (or, where the config class declares
+one but leaves it unset, the processor's); each image's grid from the processor's outputs
+(``image_grid_thw``, NaViT-packed patches sized by ``target_sizes``, or the shape of
+``pixel_values``) and the vision config (patch size, merge / pixel-shuffle / pooling factor).
+Before a layout is trusted, its token count is checked against the features the model itself
+computes for those pixels. What cannot be derived is refused in one line naming the model type and
+the missing piece; being unknown is no refusal.
 
 Which families it serves (those transformers maps whose config names an image token and whose
 image features enter the decoder's sequence) is decided by :func:`generic_refusal`.
@@ -21,14 +23,14 @@ from torch import nn
 
 from ..errors import AdapterError
 from . import pixels as px
-from .base import ExtraPlan, GridPlan, ImagePlan, ModelAdapter, _tensor, register_fallback
+from .base import IMAGE_SIZES_ATTR, ExtraPlan, GridPlan, ImagePlan, ModelAdapter, _tensor, register_fallback
 from .thw import thw_patch_positions, thw_pixel_cell_map, thw_plans
 
 VISION_TOWERS = ("model.vision_tower", "model.visual", "model.vision_model", "model.vision_encoder",
                  "model.vision", "vision_tower", "vision_model")  # fmt: skip
 PROJECTORS = ("model.multi_modal_projector", "model.visual.merger", "model.connector", "model.mlp1",
               "model.aligner", "model.projector", "model.vision_projection", "model.embed_vision",
-              "multi_modal_projector")  # fmt: skip
+              "multi_modal_projector", "model.merger")  # fmt: skip
 LANGUAGE_MODELS = ("model.language_model", "model.text_model", "language_model", "model")
 # Config fields that name how many patches per side fuse into one decoder token.
 MERGE_FIELDS = ("spatial_merge_size", "merge_size", "scale_factor", "downsample_factor", "pooling_kernel_size")
@@ -37,7 +39,9 @@ MERGE_FIELDS = ("spatial_merge_size", "merge_size", "scale_factor", "downsample_
 def generic_refusal(config: Any) -> str | None:
     """Why the generic adapter cannot serve a model of ``config``, or None.
 
-    Decided from the config alone, so ``xmllm models`` can say it without building the model.
+    Decided from the config alone, so ``xmllm models`` can say it without building the model. A
+    config class that declares ``image_token_id`` (or ``image_token_index``) but leaves it None is
+    no refusal: the checkpoint's config or the processor names it (checked when the adapter is built).
     """
     if getattr(config, "is_encoder_decoder", False):
         return "encoder-decoder: the image enters an encoder, not the decoder's sequence"
@@ -53,11 +57,66 @@ def generic_refusal(config: Any) -> str | None:
     token = getattr(config, "image_token_id", None)
     if token is None:
         token = getattr(config, "image_token_index", None)
-    if token is None:
+    if token is None and not _declares_image_token(config):
         return "its config names no image token id, so image features have no positions in the sequence"
     if getattr(config, "vision_config", None) is None:
         return "its config has no vision_config to derive the patch grid from"
     return None
+
+
+def _declares_image_token(config: Any) -> bool:
+    """Whether the config's class declares an image token id field (a default of None included)."""
+    return any(hasattr(type(config), name) for name in ("image_token_id", "image_token_index"))
+
+
+def _config_image_token(config: Any) -> int | None:
+    token = getattr(config, "image_token_id", None)
+    return getattr(config, "image_token_index", None) if token is None else token
+
+
+def _processor_image_token(processor: Any) -> int | None:
+    """The processor's image token id, else its tokenizer's ``image_token`` converted to an id."""
+    token = getattr(processor, "image_token_id", None)
+    if token is not None:
+        return token
+    tokenizer = getattr(processor, "tokenizer", processor)
+    for owner in (processor, tokenizer):
+        name = getattr(owner, "image_token", None)
+        if isinstance(name, str) and hasattr(tokenizer, "convert_tokens_to_ids"):
+            token = tokenizer.convert_tokens_to_ids(name)
+            if token is not None and token != getattr(tokenizer, "unk_token_id", None):
+                return token
+    return None
+
+
+PACKED_COPIES_HOOK = "_xmllm_packs_stacked_copies"
+
+
+def _pack_stacked_copies(model: nn.Module) -> None:
+    """Where the base model reads NaViT-packed pixels (``(1, C, P, patches * P)`` sized by
+    ``target_sizes``, MiniCPM-V), let a batch of copies stacked on dim 0 (how every explainer batches
+    perturbed pixels) reach it packed along the patch axis, as the model packs a clip's frames itself;
+    it would otherwise read only the first copy. One pre-hook, registered once; a batch of one passes
+    unchanged."""
+    base = getattr(model, "model", None)
+    if not isinstance(base, nn.Module) or getattr(base, PACKED_COPIES_HOOK, False):
+        return
+    try:
+        takes_sizes = "target_sizes" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        takes_sizes = False
+    if not takes_sizes:
+        return
+
+    def pack(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        pixels = kwargs.get("pixel_values")
+        if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or pixels.shape[0] == 1:
+            return None
+        kwargs["pixel_values"] = pixels.permute(1, 2, 0, 3).reshape(1, pixels.shape[1], pixels.shape[2], -1)
+        return args, kwargs
+
+    base.register_forward_pre_hook(pack, with_kwargs=True)
+    setattr(base, PACKED_COPIES_HOOK, True)
 
 
 def _merge_factor(config: Any, processor: Any) -> int | None:
@@ -91,7 +150,18 @@ class GenericAdapter(ModelAdapter):
         why = generic_refusal(self.config)
         if why is not None:
             raise AdapterError(f"{self.model_type}: {why}")
+        self._image_token = _config_image_token(self.config)
+        if self._image_token is None:
+            self._image_token = _processor_image_token(processor)
+        if self._image_token is None:
+            raise AdapterError(f"{self.model_type}: no image token id in its config or processor")
         self._checked: dict[tuple, int] = {}
+        _pack_stacked_copies(model)
+
+    @property
+    def image_token_id(self) -> int:
+        """The config's image token id where it names one, else the processor's (see ``__init__``)."""
+        return int(self._image_token)
 
     # --- modules: the first known path that exists ----------------------------------------------
 
@@ -138,6 +208,8 @@ class GenericAdapter(ModelAdapter):
             plans = thw_plans(self, inputs, merge)
         elif pixels is None:
             return []
+        elif _tensor(inputs, "target_sizes") is not None:
+            plans = [ImagePlan((GridPlan("image", rows, cols),)) for rows, cols, _, _ in self._packed_views(inputs)]
         elif pixels.dim() == 4:
             plans = self._view_plans(inputs, pixels)
         else:
@@ -168,6 +240,46 @@ class GenericAdapter(ModelAdapter):
             f"{self.model_type}: cannot derive the image grid: {total} image tokens for {views} vision input(s) of "
             f"{prows}x{pcols} patches (patch size {patch}) fit no merge factor"
         )
+
+    def _packed_views(self, inputs: Mapping[str, Any]) -> list[tuple[int, int, int, int]]:
+        """NaViT-packed ``pixel_values`` ``(1, C, P, patches * P)``, one ``(h, w)`` patch grid per view in
+        ``target_sizes`` (MiniCPM-V), one view per image: per view ``(rows, cols, h, w)``, the merged
+        grid and the patch grid, ``h x w`` patches fusing into ``rows x cols`` tokens by one factor."""
+        pixels, sizes = _tensor(inputs, "pixel_values"), [tuple(map(int, s)) for s in _tensor(inputs, "target_sizes")]
+        patch, patches = self.patch_size, sum(h * w for h, w in sizes)
+        if pixels.dim() != 4 or pixels.shape[0] != 1 or pixels.shape[-2:] != (patch, patch * patches):
+            raise AdapterError(f"{self.model_type}: pixel_values of shape {tuple(pixels.shape)} are not NaViT-packed "
+                               f"patches of the target_sizes {sizes} (patch size {patch})")  # fmt: skip
+        noted = getattr(inputs, IMAGE_SIZES_ATTR, None)
+        if noted is not None and self._input_ids(inputs).shape[0] == 1 and len(noted) != len(sizes):
+            raise AdapterError(f"{self.model_type}: {len(sizes)} packed views for {len(noted)} image(s): the processor "
+                               "slices images into views the generic adapter cannot group (set \"slice_mode\": false in the "
+                               "checkpoint's preprocessor_config.json)")  # fmt: skip
+        total = int((self._input_ids(inputs) == self.image_token_id).sum())
+        factor = math.isqrt(patches // total) if total and patches % total == 0 else 0
+        if not factor or factor * factor * total != patches or any(h % factor or w % factor for h, w in sizes):
+            raise AdapterError(f"{self.model_type}: cannot derive the image grid: {total} image tokens for the packed "
+                               f"patch grids {sizes} fit no merge factor")  # fmt: skip
+        return [(h // factor, w // factor, h, w) for h, w in sizes]
+
+    def _packed_map(self, inputs: Mapping[str, Any], window: int) -> torch.Tensor:
+        """``(tokens,)``: per packed vision token (a ``window x window`` block of patches, row-major
+        within each view), the position of the grid cell it feeds."""
+        rows = []
+        for layout, (grid_rows, _, h, w) in zip(px.flat_layouts(self, inputs), self._packed_views(inputs), strict=True):
+            cells, factor = px.grid_cells(layout.grids[0]), h // grid_rows
+            ys, xs = torch.arange(0, h, window) // factor, torch.arange(0, w, window) // factor
+            rows.append(cells[ys][:, xs].reshape(-1))
+        return torch.cat(rows) if rows else torch.empty(0, dtype=torch.long)
+
+    def _tower_window(self) -> int:
+        """Patches per side a window merger inside the tower fuses before its last block (MiniCPM-V's
+        ``insert_layer_id`` / ``window_kernel_size``), 1 when none does."""
+        vision = self.config.vision_config
+        insert, kernel = getattr(vision, "insert_layer_id", None), getattr(vision, "window_kernel_size", None)
+        if isinstance(insert, int) and 0 <= insert < len(self.vision_layers()) - 1 and kernel:
+            return int(kernel[0])
+        return 1
 
     def _factors(self, prows: int, pcols: int, per_view: int) -> list[int]:
         """Merge factors that turn a ``prows x pcols`` patch grid into ``per_view`` tokens (the
@@ -225,6 +337,10 @@ class GenericAdapter(ModelAdapter):
     def pixel_cell_map(self, inputs: Mapping[str, Any]) -> torch.Tensor:
         if _tensor(inputs, "image_grid_thw") is not None:
             return thw_pixel_cell_map(self, inputs, self._merge() or 1)
+        if _tensor(inputs, "target_sizes") is not None:  # patch k holds columns k*P .. k*P+P-1 of every row
+            values = px.check_pixels(_tensor(inputs, "pixel_values"), (4,), self.model_type)
+            line = self._packed_map(inputs, 1).repeat_interleave(self.patch_size).to(values.device)
+            return line.expand(values.shape[-2], line.numel()).unsqueeze(0).unsqueeze(0).expand(values.shape)
         values = px.check_pixels(_tensor(inputs, "pixel_values"), (4,), self.model_type)
         grid = px.flat_layouts(self, inputs)[0].grids[0]
         return px.single_view_map(self, inputs, self.model_type, values.shape[-2] // grid.rows)
@@ -242,6 +358,8 @@ class GenericAdapter(ModelAdapter):
                     window_size=visual.window_size, patch_size=visual.patch_size)
                 rows = visual.permute_input_for_window_attn(rows[:, None], window_index, seq_len=rows.numel())[:, 0]
             return rows.to(values.device)
+        if _tensor(inputs, "target_sizes") is not None:  # the last block's tokens: (1, tokens)
+            return self._packed_map(inputs, self._tower_window()).unsqueeze(0).to(_tensor(inputs, "pixel_values").device)
         return super().vision_token_map(inputs)
 
 
