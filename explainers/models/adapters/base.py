@@ -73,6 +73,21 @@ CAPABILITIES: dict[str, str] = {
     "mlp_neurons": "every decoder block has one dense MLP whose hidden units every token passes through",
 }
 """What an explainer may need from a model family, with what it means; adapters say which they lack."""
+def processor_image_token(processor: Any) -> int | None:
+    """The processor's image token id, else its tokenizer's ``image_token`` converted to an id."""
+    token = getattr(processor, "image_token_id", None)
+    if token is not None:
+        return token
+    tokenizer = getattr(processor, "tokenizer", processor)
+    for owner in (processor, tokenizer):
+        name = getattr(owner, "image_token", None)
+        if isinstance(name, str) and hasattr(tokenizer, "convert_tokens_to_ids"):
+            token = tokenizer.convert_tokens_to_ids(name)
+            if token is not None and token != getattr(tokenizer, "unk_token_id", None):
+                return token
+    return None
+
+
 MOE_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 """Text-config fields that give a mixture-of-experts decoder's expert count."""
 
@@ -213,12 +228,15 @@ class ModelAdapter:
 
     @property
     def image_token_id(self) -> int:
-        """The placeholder id the model overwrites with image features, as the model reads it."""
-        token_id = getattr(self.config, "image_token_id", None)
+        """The placeholder id the model overwrites with image features, as the model reads it: the
+        first of :attr:`image_token_fields` the config sets, else the processor's."""
+        for name in self.image_token_fields:
+            token_id = getattr(self.config, name, None)
+            if token_id is not None:
+                return int(token_id)
+        token_id = processor_image_token(self.processor)
         if token_id is None:
-            token_id = getattr(self.processor, "image_token_id", None)
-        if token_id is None:
-            raise AdapterError(f"{self.model_type}: neither the config nor the processor names an image token id")
+            raise AdapterError(f"{self.model_type}: no image token id in its config or processor")
         return int(token_id)
 
     # --- positions ----------------------------------------------------------------------------
@@ -511,6 +529,8 @@ class ModelAdapter:
     # --- what the family offers explainers ---------------------------------------------------------
 
     # Reasons a family's own adapter declares for a capability it never has (None: it has it).
+    image_token_fields: ClassVar[tuple[str, ...]] = ("image_token_id",)
+    """Config fields that name the image token, in the order they are read."""
     lacks_pixel_cells: ClassVar[str | None] = None
     lacks_vision_attention: ClassVar[str | None] = None
     lacks_vision_blocks: ClassVar[str | None] = None

@@ -32,6 +32,8 @@ PROJECTORS = ("model.multi_modal_projector", "model.visual.merger", "model.conne
               "model.aligner", "model.projector", "model.vision_projection", "model.embed_vision",
               "multi_modal_projector", "model.merger")  # fmt: skip
 LANGUAGE_MODELS = ("model.language_model", "model.text_model", "language_model", "model")
+IMAGE_TOKEN_FIELDS = ("image_token_id", "image_token_index")
+"""Config fields that name the image token, in the order they are read."""
 # Config fields that name how many patches per side fuse into one decoder token.
 MERGE_FIELDS = ("spatial_merge_size", "merge_size", "scale_factor", "downsample_factor", "pooling_kernel_size")
 
@@ -54,38 +56,11 @@ def generic_refusal(config: Any) -> str | None:
                 "features to map back to pixels (not implemented yet)")
     if getattr(config, "qformer_config", None) is not None:
         return "a Q-Former resamples the image into learned queries that map to no image region"
-    token = getattr(config, "image_token_id", None)
-    if token is None:
-        token = getattr(config, "image_token_index", None)
-    if token is None and not _declares_image_token(config):
+    named = any(getattr(config, name, None) is not None for name in IMAGE_TOKEN_FIELDS)
+    if not named and not any(hasattr(type(config), name) for name in IMAGE_TOKEN_FIELDS):
         return "its config names no image token id, so image features have no positions in the sequence"
     if getattr(config, "vision_config", None) is None:
         return "its config has no vision_config to derive the patch grid from"
-    return None
-
-
-def _declares_image_token(config: Any) -> bool:
-    """Whether the config's class declares an image token id field (a default of None included)."""
-    return any(hasattr(type(config), name) for name in ("image_token_id", "image_token_index"))
-
-
-def _config_image_token(config: Any) -> int | None:
-    token = getattr(config, "image_token_id", None)
-    return getattr(config, "image_token_index", None) if token is None else token
-
-
-def _processor_image_token(processor: Any) -> int | None:
-    """The processor's image token id, else its tokenizer's ``image_token`` converted to an id."""
-    token = getattr(processor, "image_token_id", None)
-    if token is not None:
-        return token
-    tokenizer = getattr(processor, "tokenizer", processor)
-    for owner in (processor, tokenizer):
-        name = getattr(owner, "image_token", None)
-        if isinstance(name, str) and hasattr(tokenizer, "convert_tokens_to_ids"):
-            token = tokenizer.convert_tokens_to_ids(name)
-            if token is not None and token != getattr(tokenizer, "unk_token_id", None):
-                return token
     return None
 
 
@@ -140,6 +115,7 @@ class GenericAdapter(ModelAdapter):
 
     family: ClassVar[str] = "generic"
     kind: ClassVar[str] = "generic"
+    image_token_fields: ClassVar[tuple[str, ...]] = IMAGE_TOKEN_FIELDS
 
     @staticmethod
     def refusal(config: Any) -> str | None:
@@ -150,18 +126,9 @@ class GenericAdapter(ModelAdapter):
         why = generic_refusal(self.config)
         if why is not None:
             raise AdapterError(f"{self.model_type}: {why}")
-        self._image_token = _config_image_token(self.config)
-        if self._image_token is None:
-            self._image_token = _processor_image_token(processor)
-        if self._image_token is None:
-            raise AdapterError(f"{self.model_type}: no image token id in its config or processor")
+        self.image_token_id  # the config's or the processor's: refused here, in one line, when neither names one
         self._checked: dict[tuple, int] = {}
         _pack_stacked_copies(model)
-
-    @property
-    def image_token_id(self) -> int:
-        """The config's image token id where it names one, else the processor's (see ``__init__``)."""
-        return int(self._image_token)
 
     # --- modules: the first known path that exists ----------------------------------------------
 
@@ -337,11 +304,10 @@ class GenericAdapter(ModelAdapter):
     def pixel_cell_map(self, inputs: Mapping[str, Any]) -> torch.Tensor:
         if _tensor(inputs, "image_grid_thw") is not None:
             return thw_pixel_cell_map(self, inputs, self._merge() or 1)
+        values = px.check_pixels(_tensor(inputs, "pixel_values"), (4,), self.model_type)
         if _tensor(inputs, "target_sizes") is not None:  # patch k holds columns k*P .. k*P+P-1 of every row
-            values = px.check_pixels(_tensor(inputs, "pixel_values"), (4,), self.model_type)
             line = self._packed_map(inputs, 1).repeat_interleave(self.patch_size).to(values.device)
             return line.expand(values.shape[-2], line.numel()).unsqueeze(0).unsqueeze(0).expand(values.shape)
-        values = px.check_pixels(_tensor(inputs, "pixel_values"), (4,), self.model_type)
         grid = px.flat_layouts(self, inputs)[0].grids[0]
         return px.single_view_map(self, inputs, self.model_type, values.shape[-2] // grid.rows)
 
