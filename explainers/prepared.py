@@ -105,6 +105,12 @@ class Prepared:
     def seq_len(self) -> int:
         return int(self.inputs["input_ids"].shape[-1])
 
+    @property
+    def position_count(self) -> int:
+        """Positions the layouts may address: :attr:`seq_len`, and for a family that cross-attends to
+        the image, its cross-attended tokens after the sequence (``adapter.position_count``)."""
+        return self.adapter.position_count(self.inputs)
+
     def tokens(self) -> list[str]:
         return self.loaded.processor.tokenizer.convert_ids_to_tokens(self.inputs["input_ids"][0].tolist())
 

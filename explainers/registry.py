@@ -66,6 +66,9 @@ class Explainer:
     """What it needs from the model family beyond a forward pass (names of
     :data:`~xmllm.explainers.models.adapters.base.CAPABILITIES`); ``Need.ATTENTION`` implies
     ``decoder_attention``. A family that lacks one gets a declared refusal with the adapter's reason."""
+    reads_cross_attention: ClassVar[bool] = False
+    """Whether it reads the decoder's cross-attention where a family's image enters that way (Mllama),
+    instead of refusing for want of image tokens in the decoder's sequence."""
     supports_contrast: ClassVar[bool] = False
     """Whether it explains a contrast (``answer rather than foil``) through ``Prepared.target_ids``."""
 
@@ -126,17 +129,23 @@ class Explainer:
         return why
 
     @classmethod
-    def capabilities_needed(cls) -> frozenset[str]:
-        """:attr:`model_needs`, with what its :attr:`needs` imply."""
+    def capabilities_needed(cls, reads_image_through: str = "sequence") -> frozenset[str]:
+        """:attr:`model_needs`, with what its :attr:`needs` imply, on a family whose decoder reads the
+        image through ``reads_image_through`` (an adapter's ``reads_image_through``): where that is
+        cross-attention and the explainer reads it (:attr:`reads_cross_attention`), the decoder's
+        self-attention need not reach the image."""
         implied = {"decoder_attention"} if Need.ATTENTION in cls.needs else set()
-        return frozenset(cls.model_needs) | implied
+        needed = frozenset(cls.model_needs) | implied
+        if reads_image_through == "cross_attention" and cls.reads_cross_attention:
+            needed = needed - {"decoder_attention", "image_tokens"}
+        return needed
 
     def unmet_by_model(self, model: "LoadedModel") -> str | None:
         """Why the model's family cannot give what this explainer needs (its adapter's reason), or None."""
         adapter = getattr(model, "adapter", None)
         if adapter is None or not hasattr(adapter, "lacks"):
             return None
-        for capability in sorted(self.capabilities_needed()):
+        for capability in sorted(self.capabilities_needed(getattr(adapter, "reads_image_through", "sequence"))):
             why = adapter.lacks(capability)
             if why is not None:
                 return f"{adapter.model_type}: {why}"

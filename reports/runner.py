@@ -191,6 +191,10 @@ def faithfulness_entry(loaded: "LoadedModel", prepared: "Prepared", explanations
         return None
     entry: dict[str, Any] = {"baseline": DEFAULT_BASELINE, "steps": DEFAULT_STEPS, "seed": seed, "score": SCORE_NOTE,
                              "explainers": {}, "skipped": skipped}
+    unmaskable = loaded.adapter.lacks("pixel_cells") if maps else None
+    if unmaskable is not None:  # deletion and insertion mask cells through the pixel map
+        entry["skipped"].update({eid: f"not computed: {loaded.adapter.model_type}: {unmaskable}" for eid in maps})
+        return entry
     if maps:
         try:
             got = faithfulness_many(loaded, prepared, maps, seed=seed)

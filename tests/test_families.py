@@ -12,11 +12,12 @@ import os
 
 import pytest
 import torch
+from feature_positions import feature_positions
 from loaded_models import TINY_QUESTION, tiny_loaded, tiny_prepared
 from tiny_models import ALL_FAMILIES, NEW_FAMILIES, TEST_IMAGE_SIZES, build_tiny, tiny_image
 
 from xmllm.explainers.models import AdapterError, adapter_for
-from xmllm.explainers.models.adapters.generic import GenericAdapter, _feature_count, image_feature_getter
+from xmllm.explainers.models.adapters.generic import GenericAdapter
 from xmllm.explainers.models.adapters.llava import LlavaAdapter
 from xmllm.explainers.models.cell_check import check_cell_positions
 from xmllm.explainers.registry import sample_level_ids
@@ -42,15 +43,17 @@ def _inputs(family: str):
 
 
 def test_positions_are_the_image_tokens_and_count_the_models_features(family):
+    """In the sequence: the image tokens. Through cross-attention (Mllama): one position per
+    cross-attended token after the sequence, the image token of the sequence its marker."""
     loaded, inputs = _inputs(family)
     adapter = loaded.adapter
     (layout,) = adapter.image_layouts(inputs)
-    tokens = torch.nonzero(inputs["input_ids"][0] == adapter.image_token_id).flatten()
-    assert torch.equal(layout.all_positions, tokens)
-    keys = {k: v for k, v in inputs.items() if k in GenericAdapter._feature_kwargs(adapter, inputs)}
-    with torch.no_grad():
-        features = image_feature_getter(loaded.model)(pixel_values=inputs["pixel_values"], **keys)
-    assert _feature_count(features) == tokens.numel() == layout.num_tokens
+    positions, features = feature_positions(loaded, inputs)
+    assert torch.equal(layout.all_positions, positions)
+    assert features == positions.numel() == layout.num_tokens
+    if adapter.reads_image_through == "cross_attention":
+        assert adapter.position_count(inputs) == int(positions.max()) + 1
+        assert torch.equal(layout.marker_positions, torch.nonzero(inputs["input_ids"][0] == adapter.image_token_id)[0])
 
 
 def test_a_cells_pixels_reach_the_decoder_at_its_position_only(family):

@@ -8,12 +8,12 @@ import os
 
 import pytest
 import torch
+from feature_positions import feature_positions
 from loaded_models import TINY_QUESTION, tiny_loaded
 from tiny_models import ALL_FAMILIES, TEST_IMAGE_SIZES, tiny_image
 
 from xmllm import XmllmError
 from xmllm.explainers.answering import generate_answer
-from xmllm.explainers.models.adapters.generic import GenericAdapter, _feature_count, image_feature_getter
 from xmllm.explainers.models.cell_check import check_cell_positions
 from xmllm.explainers.prepared import ExplainSample, prepare
 from xmllm.pipeline import make_plan, run_plan
@@ -46,12 +46,9 @@ def test_two_pictures_two_layouts_at_the_image_tokens(family):
     layouts = adapter.image_layouts(inputs)
     assert [layout.image_index for layout in layouts] == [0, 1]
     positions = torch.cat([layout.all_positions for layout in layouts])
-    tokens = torch.nonzero(inputs["input_ids"][0] == adapter.image_token_id).flatten()
-    assert torch.equal(positions, tokens)
-    keys = {k: v for k, v in inputs.items() if k in GenericAdapter._feature_kwargs(adapter, inputs)}
-    with torch.no_grad():
-        features = image_feature_getter(loaded.model)(pixel_values=inputs["pixel_values"], **keys)
-    assert _feature_count(features) == tokens.numel()
+    expected, features = feature_positions(loaded, inputs)
+    assert torch.equal(torch.sort(positions).values, expected)  # pictures in order, each sorted
+    assert features == expected.numel()
     if not adapter.lacks("pixel_cells"):
         assert check_cell_positions(adapter, inputs) == []  # first, middle and last cell of every grid, both pictures
 

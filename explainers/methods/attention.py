@@ -19,7 +19,8 @@ from ..capture import (
     capture,
     capture_forward,
 )
-from xmllm.explainers.prepared import ExplainSample, Prepared
+from xmllm.explainers.prepared import ExplainSample, Prepared, as_prepared
+from ..cross_attention import attention_rows, extended
 from ..explanation import Explanation
 from ..models import LoadedModel
 from ..models.layout import grid_names
@@ -77,6 +78,10 @@ class RawAttention(Explainer):
     """Per layer and head, the attention row that generated each answer token, over every image grid
     and the prompt's words (LVLM-Interpret's answer->image view, one row per answer position).
 
+    On a family that reads the image through cross-attention (Mllama) the image maps are its
+    cross-attention blocks' rows over the vision tokens, and the prompt's its self-attention blocks'
+    (one teacher-forced forward).
+
     Cost: none beyond the answer's own generation (captured during generate), or one teacher-forced
     forward for a prepared sample; no backward. LVLM-Interpret, 2024 (arXiv 2404.03118).
     """
@@ -98,8 +103,12 @@ class RawAttention(Explainer):
     def ready(self, model: LoadedModel, sample: ExplainSample | Prepared) -> ExplainSample | Prepared:
         return sample  # a fresh sample is captured during the model's own generate
 
+    reads_cross_attention = True
+
     def compute(self, model: LoadedModel, sample: ExplainSample | Prepared, params: Params) -> Explanation:
         picked = _layers_param(params.layers, len(model.adapter.decoder_layers()))
+        if model.adapter.reads_image_through == "cross_attention":
+            return self._cross(model, as_prepared(model, sample), picked)
         prepared, record = capture(model, sample, blocks=False)
         rows = record.rows.index_select(1, torch.as_tensor(picked))
         exp = Explanation(
@@ -109,6 +118,31 @@ class RawAttention(Explainer):
         for name, grid in grid_names(prepared.layouts):
             exp.add(name, grid.gather(rows), RAW_IMAGE_AXES)
         exp.add("prompt", rows.index_select(-1, prepared.text_positions), RAW_PROMPT_AXES)
+        return exp
+
+    def _cross(self, model: LoadedModel, prepared: Prepared, picked: list[int]) -> Explanation:
+        """A family that reads the image through cross-attention: the image maps are the answer rows
+        of its cross-attention blocks (over the vision tokens), the prompt's those of its
+        self-attention blocks; each layer axis lists its own blocks (meta: image_layers, prompt_layers)."""
+        blocks, rows = attention_rows(prepared, self.id)
+        cross = [i for i, (block, kind) in enumerate(blocks) if kind == "cross" and block in picked]
+        own = [i for i, (block, kind) in enumerate(blocks) if kind == "self" and block in picked]
+        if not cross:
+            crossing = [block for block, kind in blocks if kind == "cross"]
+            raise ParamError(f"{self.id}: layers={picked}: none is a cross-attention block, where "
+                             f"{model.adapter.model_type} reads the image (blocks {crossing})")
+        image_layers, prompt_layers = [blocks[i][0] for i in cross], [blocks[i][0] for i in own]
+        exp = Explanation(
+            self.id, {"layers": picked}, prepared.target(),
+            meta=_meta(prepared, "forward", {"layers": picked, "image_layers": image_layers,
+                                             "prompt_layers": prompt_layers, "attention": "cross-attention"}),
+        )
+        image = extended(torch.stack([rows[i] for i in cross], dim=1), prepared)  # (T, layers, heads, positions)
+        for name, grid in grid_names(prepared.layouts):
+            exp.add(name, grid.gather(image), RAW_IMAGE_AXES)
+        if own:
+            text = torch.stack([rows[i] for i in own], dim=1)
+            exp.add("prompt", text.index_select(-1, prepared.text_positions), RAW_PROMPT_AXES)
         return exp
 
 

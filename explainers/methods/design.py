@@ -525,6 +525,7 @@ class ConceptBottleneck(Explainer):
     id = "design.concept_bottleneck"
     title = "Concept bottleneck: concept probes on image features and concept interventions"
     group = GROUP
+    model_needs = frozenset({"image_tokens"})  # its projector site is the decoder input at image-token positions
     scope = "dataset"
     needs = frozenset({Need.LABELLED_SET})
     citations = (KOH, LABO, ALAIN_BENGIO, TCAV)

@@ -465,6 +465,7 @@ class LinearProbe(Explainer):
     id = "embedding.probe"
     title = "Linear probes for ground-truth attributes across the vision tower, projector and decoder"
     group = GROUP
+    model_needs = frozenset({"image_tokens"})  # it reads decoder states at image-token positions
     scope = "dataset"
     needs = frozenset({Need.LABELLED_SET})
     citations = (ALAIN_BENGIO, HEWITT_LIANG, MMVP)
@@ -644,6 +645,7 @@ class HiddenStateProjection(Explainer):
     id = "embedding.projection"
     title = "2-D projections of hidden states per layer, and the modality gap"
     group = GROUP
+    model_needs = frozenset({"image_tokens"})  # it projects decoder states at image-token positions
     scope = "dataset"
     citations = (MIND_THE_GAP, VL_INTERPRET)
     summary = (

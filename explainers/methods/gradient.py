@@ -252,7 +252,7 @@ class _PixelAttribution(Explainer):
                 recomputed_blocks(prep.adapter, params.recompute):
             attr, scores, meta = self.attribute(objective, x, params)
         answer = attr.sum(0)
-        pooled = pool_positions(with_answer(attr, per_token), cell_map, prep.seq_len, pool)
+        pooled = pool_positions(with_answer(attr, per_token), cell_map, prep.position_count, pool)
         exp = Explanation(
             self.id,
             used,
@@ -594,7 +594,7 @@ class GradCAM(Explainer):
         grads = with_answer(grads.reshape(grads.shape[0], -1, hidden), per_token)
         cams = gradcam_scores(act.detach().float().reshape(-1, hidden), grads, flat_map,
                               _image_of(prep, flat_map))
-        pooled = pool_positions(cams, flat_map, prep.seq_len, pool)
+        pooled = pool_positions(cams, flat_map, prep.position_count, pool)
         exp = Explanation(
             self.id, {"layer": index, "pool": pool, "per_token": per_token, "token_batch": token_batch,
                       "fast_attention": params.fast_attention, "recompute": recompute},
@@ -619,7 +619,7 @@ class GradCAM(Explainer):
 
 def _image_of(prep: Prepared, token_map: torch.Tensor) -> torch.Tensor:
     """For each vision token, the index of the image whose grid it feeds (-1: none)."""
-    lookup = torch.full((prep.seq_len,), -1, dtype=torch.long)
+    lookup = torch.full((prep.position_count,), -1, dtype=torch.long)
     for index, layout in enumerate(prep.layouts):
         lookup[layout.all_positions] = index
     lookup = lookup.to(token_map.device)

@@ -635,6 +635,7 @@ class ActivationPatching(Explainer):
     id = "intervention.activation_patching"
     title = "Activation patching (causal tracing) per layer, component and token group"
     group = GROUP
+    model_needs = frozenset({"image_tokens"})  # it patches token groups, image tokens among them, block by block
     needs = frozenset({Need.PAIR})
     citations = (MENG, BASU, ZHANG_NANDA)
     summary = (

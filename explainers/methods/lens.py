@@ -108,6 +108,7 @@ class LogitLens(Explainer):
     id = "lens.logit"
     title = "Logit lens over layers at the answer and image-token positions"
     group = GROUP
+    model_needs = frozenset({"image_tokens"})  # it reads the residual stream at image-token positions
     citations = (LOGIT_LENS, NEO_ET_AL)
     summary = (
         "The residual stream after every decoder block, read out through the model's final norm and "

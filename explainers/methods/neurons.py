@@ -315,7 +315,7 @@ class TopActivations(Explainer):
     (arXiv 2308.01544); Pan et al., 2023 (2311.07470); Goh et al., 2021 (Distill, no arXiv id)."""
 
     id = "neurons.top_activations"
-    model_needs = frozenset({"mlp_neurons"})  # a unit is one entry of every block's MLP
+    model_needs = frozenset({"mlp_neurons", "image_tokens"})  # a unit is one entry of every block's MLP, read at image tokens too
     title = "Top answer neurons: activation x gradient, their patches, their ablation"
     group = GROUP
     needs = frozenset({Need.GRADIENTS})
@@ -603,7 +603,7 @@ class ModalitySpecific(Explainer):
     backward. Huo et al., 2024 (arXiv 2406.11193); Tang et al., 2024 (2402.16438); Huang et al., 2024 (2410.04819)."""
 
     id = "neurons.modality_specific"
-    model_needs = frozenset({"mlp_neurons"})  # a unit is one entry of every block's MLP
+    model_needs = frozenset({"mlp_neurons", "image_tokens"})  # a unit is one entry of every block's MLP, read at image tokens too
     title = "Modality- and domain-specific neurons (activation-probability entropy) and their ablation"
     group = GROUP
     scope = "dataset"

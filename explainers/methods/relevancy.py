@@ -2,7 +2,9 @@
 
 The propagation itself (one forward with attention weights in the graph, one backward per answer
 token folding gradient x attention into the token's row) is core code shared with the bench:
-:mod:`xmllm.explainers.relevancy_propagation`. This module turns its rows into the explainers' maps.
+:mod:`xmllm.explainers.relevancy_propagation`. This module turns its rows into the explainers' maps. A family whose decoder reads the image through
+cross-attention (Mllama) takes its rows from :mod:`xmllm.explainers.cross_attention` instead
+(Chefer et al.'s co-attention rules), over the adapter's extended positions.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from xmllm.explainers.prepared import Prepared
 from ..explanation import Explanation
 from ..models import LoadedModel
 from ..models.layout import grid_names
-from ..params import ExplainerParams, param
+from ..params import ExplainerParams, ParamError, param
 from ..citations import LVLM_INTERPRET
 from ..registry import Citation, Explainer, Need, register
 from ..relevancy_propagation import (
@@ -27,6 +29,7 @@ from ..relevancy_propagation import (
     Relevancy,
     compute_relevancy,
 )
+from ..cross_attention import cross_relevancy
 from ..memory import backward_copy_bytes
 from ..recompute import RECOMPUTE_CHOICES, RECOMPUTE_HELP, resolve
 from ..scaleplan import ScalePlan, costs
@@ -94,6 +97,23 @@ def _scale_plan(prep: Prepared) -> ScalePlan:
                      "the whole answer, each of the same sizes)", stop_backwards=1, cost=costs(1, answer + 1))
 
 
+def _relevancy(prep: Prepared, explainer: str, params: Any, through: str) -> tuple[Relevancy, bool]:
+    """The relevancy rows and whether blocks were recomputed: through the decoder's cross-attention
+    where the family reads the image that way (every layer's weights kept, nothing recomputed), else
+    through its sequence."""
+    if prep.adapter.reads_image_through == "cross_attention":
+        if through != "decoder":
+            raise ParamError(f"{explainer}: through={through!r}: on {prep.adapter.model_type}, whose decoder reads "
+                             "the image through cross-attention, relevancy runs through='decoder' only")
+        if params.recompute is True:
+            raise ParamError(f"{explainer}: recompute=True: the cross-attention relevancy keeps every layer's "
+                             "weights and recomputes nothing; use recompute='auto' or false")
+        return cross_relevancy(prep, target=params.target, explainer=explainer), False
+    recompute = _recompute(prep, params.recompute, through)
+    return compute_relevancy(prep, target=params.target, through=through, batch=params.batch, explainer=explainer,
+                             recompute=recompute), recompute
+
+
 def _recompute(prep: Prepared, setting: bool | str, through: str) -> bool:
     """``recompute`` resolved against what the kept run holds: every block's activations with eager
     attention (the relevancy forward keeps every layer's attention weights)."""
@@ -117,6 +137,7 @@ class CheferRelevancy(Explainer):
     id = "relevancy.chefer"
     title = "Relevancy maps (Chefer et al.)"
     group = "relevancy"
+    reads_cross_attention = True
     supports_contrast = True
     needs = frozenset({Need.ATTENTION, Need.GRADIENTS})
     citations = (CHEFER, LVLM_INTERPRET)
@@ -142,9 +163,7 @@ class CheferRelevancy(Explainer):
     def compute(self, model: LoadedModel, sample: Prepared, params: Params) -> Explanation:
         through = params.through
         prepared = sample
-        recompute = _recompute(prepared, params.recompute, through)
-        result = compute_relevancy(prepared, target=params.target, through=through, batch=params.batch,
-                                   explainer=self.id, recompute=recompute)
+        result, recompute = _relevancy(prepared, self.id, params, through)
 
         exp = Explanation(self.id, {**params.as_dict(), "recompute": recompute}, prepared.target())
         add_image_maps(exp, prepared, result.image, result.image_answer)
@@ -169,6 +188,7 @@ class ModalityRelevancy(Explainer):
     id = "relevancy.modality"
     title = "Image vs text relevancy"
     group = "relevancy"
+    reads_cross_attention = True
     supports_contrast = True
     needs = frozenset({Need.ATTENTION, Need.GRADIENTS})
     citations = (LVLM_INTERPRET, CHEFER)
@@ -193,9 +213,7 @@ class ModalityRelevancy(Explainer):
     def compute(self, model: LoadedModel, sample: Prepared, params: Params) -> Explanation:
         top_k = params.top_k
         prepared = sample
-        recompute = _recompute(prepared, params.recompute, "decoder")
-        result = compute_relevancy(prepared, target=params.target, through="decoder", batch=params.batch,
-                                   explainer=self.id, recompute=recompute)
+        result, recompute = _relevancy(prepared, self.id, params, "decoder")
 
         exp = Explanation(self.id, {**params.as_dict(), "recompute": recompute}, prepared.target())
         per_token = result.shares(result.decoder)

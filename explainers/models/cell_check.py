@@ -64,12 +64,13 @@ def vision_attention_off(adapter: ModelAdapter) -> Iterator[None]:
 
 
 def decoder_inputs(adapter: ModelAdapter, inputs: Mapping[str, Any]) -> torch.Tensor:
-    """The hidden states entering the first decoder block (image features written in)."""
+    """The hidden states entering the first decoder block (image features written in), over the
+    adapter's positions (a cross-attending family's image tokens after the text)."""
     captured: dict[str, torch.Tensor] = {}
 
     def grab(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]
-        captured["hidden"] = hidden.detach().clone()
+        captured["hidden"] = adapter.decoder_input_sequence(hidden, kwargs).detach().clone()
         raise _Stop
 
     handle = adapter.decoder_layers()[0].register_forward_pre_hook(grab, with_kwargs=True)

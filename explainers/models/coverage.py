@@ -101,7 +101,7 @@ def family_status(model_type: str, model_class: str = "") -> FamilyStatus:
         cls = GenericAdapter
     refusals = {}
     for explainer_id in sample_level_ids():
-        for capability in sorted(get_explainer(explainer_id).capabilities_needed()):
+        for capability in sorted(get_explainer(explainer_id).capabilities_needed(cls.reads_image_through)):
             why = cls.lacks_for_config(config, capability)
             if why is not None:
                 refusals[explainer_id] = why

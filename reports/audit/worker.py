@@ -264,7 +264,7 @@ class AuditWorker:
             scored = primary_image_map(exp)
             if scored is not None:
                 maps[exp.explainer], described[exp.explainer] = scored.values, scored.describe()
-        if not maps:
+        if not maps or self.loaded.adapter.lacks("pixel_cells") is not None:  # cells are masked through the pixel map
             return {}
         shape = next(iter(maps.values())).shape
         maps[RANDOM], described[RANDOM] = random_map(shape, seed), "uniform random map (the floor)"

@@ -71,6 +71,7 @@ CAPABILITIES: dict[str, str] = {
     "vision_blocks": "the vision tower is a stack of blocks whose outputs are the image's patch tokens",
     "pixel_cells": "each cell of an image grid maps back to the pixels that feed it",
     "mlp_neurons": "every decoder block has one dense MLP whose hidden units every token passes through",
+    "image_tokens": "the image's features are positions of the decoder's sequence, read by its blocks",
 }
 """What an explainer may need from a model family, with what it means; adapters say which they lack."""
 def processor_image_token(processor: Any) -> int | None:
@@ -353,6 +354,16 @@ class ModelAdapter:
         extra = {reason: torch.cat(chunks) for reason, chunks in extras.items()}
         return ImageLayout(index, tuple(grids), extra), cursor
 
+    def position_count(self, inputs: Mapping[str, Any]) -> int:
+        """How many positions image layouts may address in one batch row: the decoder's sequence, or
+        for a family that cross-attends to the image, the sequence then the cross-attended tokens."""
+        return int(self._input_ids(inputs).shape[-1])
+
+    def decoder_input_sequence(self, hidden: torch.Tensor, kwargs: Mapping[str, Any]) -> torch.Tensor:
+        """The first decoder block's inputs over :meth:`position_count` positions, from its hidden
+        states and keyword arguments: the hidden states, for a family whose image is in the sequence."""
+        return hidden
+
     def text_positions(
         self, inputs: Mapping[str, Any], row: int = 0, exclude: torch.Tensor | Sequence[int] | None = None
     ) -> torch.Tensor:
@@ -534,6 +545,11 @@ class ModelAdapter:
     lacks_pixel_cells: ClassVar[str | None] = None
     lacks_vision_attention: ClassVar[str | None] = None
     lacks_vision_blocks: ClassVar[str | None] = None
+    lacks_image_tokens: ClassVar[str | None] = None
+    reads_image_through: ClassVar[str] = "sequence"
+    """How the decoder reads image features: "sequence" (tokens of its sequence) or "cross_attention"
+    (keys and values of cross-attention layers; positions then extend past the sequence, see
+    :meth:`position_count`)."""
 
     @classmethod
     def lacks_for_config(cls, config: Any, capability: str) -> str | None:
@@ -547,6 +563,8 @@ class ModelAdapter:
             return cls.lacks_vision_attention
         if capability == "vision_blocks":
             return cls.lacks_vision_blocks
+        if capability == "image_tokens":
+            return cls.lacks_image_tokens
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         if capability == "mlp_neurons":
             experts = [getattr(text, name, None) for name in MOE_FIELDS]

@@ -49,11 +49,11 @@ def generic_refusal(config: Any) -> str | None:
         return "encoder-decoder: the image enters an encoder, not the decoder's sequence"
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     if getattr(text, "cross_attention_layers", None):
-        return ("the image enters the decoder through cross-attention layers, not its sequence "
-                "(cross-attention views are not implemented yet)")
+        return ("the image enters the decoder through cross-attention layers, not its sequence, in a layout of "
+                "the family's own, and this family has no adapter that reads it (Mllama's has one)")
     if getattr(config, "vq_config", None) is not None:
-        return ("early fusion: a VQ tokenizer turns the image into vocabulary tokens, with no vision-tower "
-                "features to map back to pixels (not implemented yet)")
+        return ("early fusion: a VQ tokenizer turns the image into vocabulary tokens in a layout of the family's "
+                "own, and this family has no adapter that reads it (Chameleon's has one)")
     if getattr(config, "qformer_config", None) is not None:
         return "a Q-Former resamples the image into learned queries that map to no image region"
     named = any(getattr(config, name, None) is not None for name in IMAGE_TOKEN_FIELDS)

@@ -1,0 +1,157 @@
+"""Llama 3.2 Vision (Mllama): the image reaches the decoder through cross-attention (#24 item 3).
+
+The attention and relevancy views read the cross-attention and are checked against references that
+share nothing with them but the model: the attention weights transformers itself returns
+(``output_attentions``), and Chefer et al.'s co-attention rules written out as whole matrices, layer by
+layer from the first (the explainer carries one row per answer token from the last block to the first).
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from loaded_models import TINY_QUESTION, tiny_loaded, tiny_prepared
+from tiny_models import build_tiny, tiny_image
+
+import xmllm
+from xmllm import MissingInput
+from xmllm.cli import main
+from xmllm.explainers.capture import eager_attention
+from xmllm.explainers.models.coverage import family_status
+from xmllm.explainers.params import ParamError
+from xmllm.explainers.registry import get_explainer, sample_level_ids
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def prepared():
+    return tiny_prepared("mllama", TINY_QUESTION, tokens=3)
+
+
+def _grid(prepared, rows: torch.Tensor) -> torch.Tensor:
+    """Rows over the vision tokens ``(..., V)`` laid out on the image's grid."""
+    grid = prepared.layouts[0].main_grid
+    return rows.index_select(-1, grid.positions - prepared.seq_len).reshape(*rows.shape[:-1], grid.rows, grid.cols)
+
+
+def _own_attentions(prepared, grad: bool = False):
+    """The model's own per-layer attention weights (self or cross), from one eager forward."""
+    with eager_attention(prepared.model), torch.set_grad_enabled(grad):
+        out = prepared.model(**prepared.inputs, output_attentions=True, use_cache=False)
+    return out, out.attentions
+
+
+def test_raw_attention_is_the_models_own_cross_attention(prepared):
+    exp = get_explainer("attention.raw")().explain(prepared.loaded, prepared)
+    _, attentions = _own_attentions(prepared)
+    cross = prepared.adapter.config.text_config.cross_attention_layers
+    assert exp.meta["image_layers"] == list(cross)
+    rows = prepared.logit_positions
+    own = torch.stack([attentions[i][0][:, rows].transpose(0, 1) for i in cross], dim=1)  # (T, layers, heads, V)
+    assert torch.allclose(torch.as_tensor(exp.maps["image"]), _grid(prepared, own).float(), atol=1e-6)
+    # the prompt's rows come from the self-attention blocks, over the prompt's words
+    own_self = [i for i in range(len(attentions)) if i not in cross]
+    assert exp.meta["prompt_layers"] == own_self
+    text = torch.stack([attentions[i][0][:, rows].transpose(0, 1) for i in own_self], dim=1)
+    assert torch.allclose(torch.as_tensor(exp.maps["prompt"]), text[..., prepared.text_positions].float(), atol=1e-6)
+    # every answer row spends its cross-attention on the image's tiles: the grid's cells and the
+    # tiles' class tokens take it all (the empty tiles none)
+    image = torch.as_tensor(exp.maps["image"]).sum(dim=(-1, -2))
+    assert bool((image > 0.5).all()) and bool((image <= 1 + 1e-5).all())
+
+
+def _reference_relevancy(prepared, target_index: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chefer et al.'s co-attention rules as whole matrices, first layer first: ``(R_tt - I, R_ti)``
+    rows of the answer token ``target_index`` (None: the whole answer)."""
+    out, attentions = _own_attentions(prepared, grad=True)
+    positions = prepared.logit_positions
+    logits = out.logits[0, positions].float()
+    ids = torch.as_tensor(prepared.answer.token_ids)
+    values = logits[torch.arange(len(ids)), ids]
+    target = values.sum() if target_index is None else values[target_index]
+    grads = torch.autograd.grad(target, attentions, allow_unused=True)
+    seq = prepared.seq_len
+    vision = attentions[prepared.adapter.config.text_config.cross_attention_layers[0]].shape[-1]
+    r_tt, r_ti = torch.eye(seq), torch.zeros(seq, vision)
+    for weights, grad in zip(attentions, grads):
+        if grad is None:
+            continue
+        a = (grad[0] * weights[0]).clamp_min(0).mean(dim=0).detach()
+        if a.shape[-1] == seq:  # self-attention: rules 6-7
+            r_tt, r_ti = r_tt + a @ r_tt, r_ti + a @ r_ti
+        else:  # cross-attention: rules 10-11 with R_ii = I, R_it = 0
+            r_ti = r_ti + a
+    rows = positions if target_index is None else positions[target_index : target_index + 1]
+    return (r_tt - torch.eye(seq))[rows].sum(0), r_ti[rows].sum(0)
+
+
+def test_relevancy_follows_the_co_attention_rules(prepared):
+    exp = get_explainer("relevancy.chefer")().explain(prepared.loaded, prepared)
+    image, prompt = torch.as_tensor(exp.maps["image"]), torch.as_tensor(exp.maps["prompt"])
+    for k in range(len(prepared.answer.token_ids)):
+        text_row, image_row = _reference_relevancy(prepared, k)
+        assert torch.allclose(image[k], _grid(prepared, image_row), rtol=1e-4, atol=1e-7), k
+        assert torch.allclose(prompt[k], text_row[prepared.text_positions], rtol=1e-4, atol=1e-7), k
+    text_row, image_row = _reference_relevancy(prepared, None)
+    assert torch.allclose(torch.as_tensor(exp.maps["image.answer"]), _grid(prepared, image_row), rtol=1e-4, atol=1e-7)
+    assert float(image_row.abs().sum()) > 0  # the gates are open: the image is relevant
+
+
+def test_modality_shares_count_the_cross_attended_tokens(prepared):
+    exp = get_explainer("relevancy.modality")().explain(prepared.loaded, prepared)
+    text_row, image_row = _reference_relevancy(prepared, None)
+    image, text = float(image_row.sum()), float(text_row[prepared.text_positions].sum())
+    assert exp.scores["image_share"] == pytest.approx(image / (image + text), rel=1e-4)
+
+
+def test_what_does_not_apply_is_refused_with_the_reason(prepared):
+    with pytest.raises(ParamError) as error:
+        get_explainer("relevancy.chefer")().explain(prepared.loaded, prepared, through="vision")
+    assert "\n" not in str(error.value) and "through='decoder' only" in str(error.value)
+    with pytest.raises(MissingInput) as refusal:
+        get_explainer("lens.logit")().explain(prepared.loaded, prepared)
+    assert str(refusal.value).startswith("lens.logit: mllama: the image enters the decoder through cross-attention")
+    with pytest.raises(ParamError) as layers:
+        get_explainer("attention.raw")().explain(prepared.loaded, prepared, layers=[0])
+    assert "none is a cross-attention block" in str(layers.value)
+
+
+def test_models_listing_says_what_runs_as_a_loaded_model_does():
+    status = family_status("mllama")
+    loaded = tiny_loaded("mllama")
+    assert status.adapter == "own" and status.tested
+    for explainer_id in sample_level_ids():
+        declared = status.refusals.get(explainer_id)
+        live = get_explainer(explainer_id)().unmet_by_model(loaded)
+        assert (declared is None) == (live is None), explainer_id
+    assert {"attention.raw", "relevancy.chefer", "relevancy.modality", "gradient.gradcam"}.isdisjoint(status.refusals)
+    assert {"attention.rollout", "lens.logit", "tokens.visual_importance"} <= set(status.refusals)
+
+
+@pytest.mark.parametrize("family", ["mllama", "chameleon"])
+def test_family_loads_from_its_folder_and_explains(family, tmp_path):
+    """Saved with save_pretrained and loaded through the user's path: the command line writes a report
+    with the explainers that run, and lists the refused ones with their reasons."""
+    folder = tmp_path / family
+    model, processor = build_tiny(family)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    loaded = xmllm.load_model(str(folder), device="cpu")
+    assert loaded.adapter.kind == "own" and loaded.adapter.model_type == family
+    image = tmp_path / "image.png"
+    tiny_image(64, 40).save(image)
+    out = tmp_path / "run"
+    explainers = "attention.raw,relevancy.chefer,gradient.saliency"
+    assert main(["explain", "--model", str(folder), "--image", str(image), "--question", TINY_QUESTION,
+                 "--explainers", explainers, "--device", "cpu", "--answer", "red", "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    text = json.dumps(manifest)
+    assert (out / "report.html").is_file()
+    ran = {"mllama": {"attention.raw", "relevancy.chefer", "gradient.saliency"},
+           "chameleon": {"attention.raw", "relevancy.chefer"}}[family]
+    for explainer in ran:
+        assert (out / "explanations" / f"{explainer}.json").is_file() or explainer in text, explainer
+    if family == "chameleon":
+        assert "no gradient reaches the pixels" in text  # saliency's declared refusal
