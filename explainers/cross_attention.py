@@ -30,7 +30,7 @@ from torch import nn
 
 from xmllm.explainers.prepared import Prepared, score_tokens
 
-from .capture import eager_attention
+from .capture import RESIDUAL_WEIGHT, RolloutOptions, discard_lowest, eager_attention, fuse_heads, rollout_layer
 from .params import ParamError
 from .relevancy_capture import _capture, _embeddings_require_grad, _single_weights
 from .relevancy_propagation import Relevancy
@@ -72,6 +72,35 @@ def attention_rows(prepared: Prepared, explainer: str) -> tuple[list[tuple[int, 
     _, weights = _weights(explainer, prepared, blocks, {"use_cache": False}, grad=False)
     rows = [w[0].index_select(1, positions.to(w.device)).transpose(0, 1).float().cpu() for w in weights]
     return [(index, kind) for index, kind, _, _ in blocks], rows
+
+
+def cross_rollout(prepared: Prepared, options: RolloutOptions, explainer: str) -> torch.Tensor:
+    """Attention rollout (Abnar and Zuidema) over the extended positions: ``(T, positions)``, each
+    answer token's generating row of ``F_L ... F_1``, carried from the last block to the first.
+
+    A self-attention block's factor is the usual ``0.5 I + 0.5 A`` on the text (rows normalised). A
+    cross-attention block mixes each text token that sees an image (the cross-attention mask) half
+    with itself and half with the vision tokens it attends, ``[0.5 I | 0.5 A]`` (rows normalised);
+    a token that sees no image keeps itself, and the vision tokens, never updated in the decoder, keep
+    themselves."""
+    blocks = attention_blocks(prepared)
+    _, weights = _weights(explainer, prepared, blocks, {"use_cache": False}, grad=False)
+    seq, total = prepared.seq_len, prepared.position_count
+    attending = prepared.adapter.cross_attending_rows(prepared.inputs).float()
+    positions = prepared.logit_positions
+    text = torch.zeros(positions.numel(), seq)
+    text[torch.arange(positions.numel()), positions] = 1.0
+    image = torch.zeros(positions.numel(), total - seq)
+    for (_, kind, _, _), weight in zip(reversed(blocks), reversed(weights)):
+        if kind == "self":
+            text = text @ rollout_layer(weight[0], options).cpu()
+            continue
+        attn = discard_lowest(fuse_heads(weight[0], options.head_fusion), options.discard_ratio).cpu()
+        mixed = attn * (RESIDUAL_WEIGHT * attending[:, None])
+        norm = (1.0 - RESIDUAL_WEIGHT) + mixed.sum(dim=-1)
+        image = image + (text / norm) @ mixed
+        text = text * ((1.0 - RESIDUAL_WEIGHT) / norm)
+    return torch.cat([text, image], dim=-1)
 
 
 def extended(rows: torch.Tensor, prepared: Prepared) -> torch.Tensor:

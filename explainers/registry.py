@@ -66,9 +66,10 @@ class Explainer:
     """What it needs from the model family beyond a forward pass (names of
     :data:`~xmllm.explainers.models.adapters.base.CAPABILITIES`); ``Need.ATTENTION`` implies
     ``decoder_attention``. A family that lacks one gets a declared refusal with the adapter's reason."""
-    reads_cross_attention: ClassVar[bool] = False
-    """Whether it reads the decoder's cross-attention where a family's image enters that way (Mllama),
-    instead of refusing for want of image tokens in the decoder's sequence."""
+    cross_attention_ready: ClassVar[bool] = False
+    """Whether it runs where a family's image enters the decoder through cross-attention (Mllama),
+    reading that cross-attention or leaving out what would need image positions in the decoder's
+    sequence, instead of refusing for want of them."""
     supports_contrast: ClassVar[bool] = False
     """Whether it explains a contrast (``answer rather than foil``) through ``Prepared.target_ids``."""
 
@@ -132,11 +133,11 @@ class Explainer:
     def capabilities_needed(cls, reads_image_through: str = "sequence") -> frozenset[str]:
         """:attr:`model_needs`, with what its :attr:`needs` imply, on a family whose decoder reads the
         image through ``reads_image_through`` (an adapter's ``reads_image_through``): where that is
-        cross-attention and the explainer reads it (:attr:`reads_cross_attention`), the decoder's
+        cross-attention and the explainer runs there (:attr:`cross_attention_ready`), the decoder's
         self-attention need not reach the image."""
         implied = {"decoder_attention"} if Need.ATTENTION in cls.needs else set()
         needed = frozenset(cls.model_needs) | implied
-        if reads_image_through == "cross_attention" and cls.reads_cross_attention:
+        if reads_image_through == "cross_attention" and cls.cross_attention_ready:
             needed = needed - {"decoder_attention", "image_tokens"}
         return needed
 

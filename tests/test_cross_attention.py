@@ -21,6 +21,7 @@ from xmllm.explainers.capture import eager_attention
 from xmllm.explainers.models.coverage import family_status
 from xmllm.explainers.params import ParamError
 from xmllm.explainers.registry import get_explainer, sample_level_ids
+from xmllm.report.slabs import build_slab
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
@@ -56,6 +57,9 @@ def test_raw_attention_is_the_models_own_cross_attention(prepared):
     assert exp.meta["prompt_layers"] == own_self
     text = torch.stack([attentions[i][0][:, rows].transpose(0, 1) for i in own_self], dim=1)
     assert torch.allclose(torch.as_tensor(exp.maps["prompt"]), text[..., prepared.text_positions].float(), atol=1e-6)
+    # the report's layer slider names each map's own blocks
+    assert [a.labels for a in build_slab(exp, "image", 2).lead if a.name == "layer"] == [[str(i) for i in cross]]
+    assert [a.labels for a in build_slab(exp, "prompt", 1).lead if a.name == "layer"] == [[str(i) for i in own_self]]
     # every answer row spends its cross-attention on the image's tiles: the grid's cells and the
     # tiles' class tokens take it all (the empty tiles none)
     image = torch.as_tensor(exp.maps["image"]).sum(dim=(-1, -2))
@@ -106,13 +110,46 @@ def test_modality_shares_count_the_cross_attended_tokens(prepared):
     assert exp.scores["image_share"] == pytest.approx(image / (image + text), rel=1e-4)
 
 
+@pytest.mark.parametrize("head_fusion", ["mean", "max"])
+def test_rollout_is_the_product_of_every_blocks_factor(prepared, head_fusion):
+    """The rollout equals ``F_L ... F_1`` built as whole (text + vision) x (text + vision) matrices from
+    the model's own attentions, first block first: self-attention ``0.5 I + 0.5 A`` on the text;
+    cross-attention ``[0.5 I | 0.5 A]`` for the text rows that see the image (the cross-attention
+    mask), the identity elsewhere; rows normalised."""
+    exp = get_explainer("attention.rollout")().explain(prepared.loaded, prepared, head_fusion=head_fusion)
+    _, attentions = _own_attentions(prepared)
+    seq = prepared.seq_len
+    total = prepared.position_count
+    sees = prepared.inputs["cross_attention_mask"][0].reshape(seq, -1).ne(0).any(-1)
+    product = torch.eye(total, dtype=torch.float64)
+    for weights in attentions:
+        heads = weights[0].double()
+        fused = heads.mean(0) if head_fusion == "mean" else heads.amax(0)
+        factor = torch.eye(total, dtype=torch.float64)
+        if fused.shape[-1] == seq:
+            factor[:seq, :seq] = 0.5 * fused + 0.5 * torch.eye(seq, dtype=torch.float64)
+        else:
+            factor[:seq, seq:] = 0.5 * fused * sees[:, None]
+            factor[:seq, :seq] = 0.5 * torch.eye(seq, dtype=torch.float64) + torch.diag((~sees).double() * 0.5)
+        factor = factor / factor.sum(-1, keepdim=True)
+        product = factor @ product
+    rows = product[prepared.logit_positions]
+    assert torch.allclose(torch.as_tensor(exp.maps["image"]).double(), _grid(prepared, rows[:, seq:]), atol=1e-6)
+    assert torch.allclose(torch.as_tensor(exp.maps["prompt"]).double(), rows[:, prepared.text_positions], atol=1e-6)
+    assert float(rows[:, seq:].sum()) > 0.05  # the answer draws on the image
+
+
 def test_what_does_not_apply_is_refused_with_the_reason(prepared):
     with pytest.raises(ParamError) as error:
         get_explainer("relevancy.chefer")().explain(prepared.loaded, prepared, through="vision")
     assert "\n" not in str(error.value) and "through='decoder' only" in str(error.value)
     with pytest.raises(MissingInput) as refusal:
-        get_explainer("lens.logit")().explain(prepared.loaded, prepared)
-    assert str(refusal.value).startswith("lens.logit: mllama: the image enters the decoder through cross-attention")
+        get_explainer("tokens.visual_importance")().explain(prepared.loaded, prepared)
+    assert str(refusal.value).startswith("tokens.visual_importance: mllama: the image enters the decoder through "
+                                         "cross-attention")
+    with pytest.raises(ParamError) as vision:
+        get_explainer("attention.rollout")().explain(prepared.loaded, prepared, through_vision=True)
+    assert "cross-attention" in str(vision.value) and "\n" not in str(vision.value)
     with pytest.raises(ParamError) as layers:
         get_explainer("attention.raw")().explain(prepared.loaded, prepared, layers=[0])
     assert "none is a cross-attention block" in str(layers.value)
@@ -126,8 +163,19 @@ def test_models_listing_says_what_runs_as_a_loaded_model_does():
         declared = status.refusals.get(explainer_id)
         live = get_explainer(explainer_id)().unmet_by_model(loaded)
         assert (declared is None) == (live is None), explainer_id
-    assert {"attention.raw", "relevancy.chefer", "relevancy.modality", "gradient.gradcam"}.isdisjoint(status.refusals)
-    assert {"attention.rollout", "lens.logit", "tokens.visual_importance"} <= set(status.refusals)
+    assert {"attention.raw", "attention.rollout", "relevancy.chefer", "relevancy.modality", "gradient.gradcam",
+            "lens.logit"}.isdisjoint(status.refusals)
+    assert {"attention.summary", "neurons.top_activations", "tokens.visual_importance"} <= set(status.refusals)
+
+
+def test_logit_lens_reads_the_answer_rows_only(prepared):
+    """No residual-stream row holds a patch; at the last layer the lens is the model's own output."""
+    exp = get_explainer("lens.logit")().explain(prepared.loaded, prepared)
+    assert not [name for name in exp.maps if name.startswith("image")] and "cross-attention" in exp.meta["image_rows"]
+    with torch.no_grad():
+        logits = prepared.model(**prepared.inputs, use_cache=False).logits[0, prepared.logit_positions]
+    own = torch.softmax(logits.double(), -1)[torch.arange(len(prepared.answer.token_ids)), prepared.answer.token_ids]
+    assert torch.allclose(torch.as_tensor(exp.maps["answer.prob"])[:, -1].double(), own, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["mllama", "chameleon"])

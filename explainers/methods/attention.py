@@ -20,7 +20,7 @@ from ..capture import (
     capture_forward,
 )
 from xmllm.explainers.prepared import ExplainSample, Prepared, as_prepared
-from ..cross_attention import attention_rows, extended
+from ..cross_attention import attention_rows, cross_rollout, extended
 from ..explanation import Explanation
 from ..models import LoadedModel
 from ..models.layout import grid_names
@@ -103,7 +103,7 @@ class RawAttention(Explainer):
     def ready(self, model: LoadedModel, sample: ExplainSample | Prepared) -> ExplainSample | Prepared:
         return sample  # a fresh sample is captured during the model's own generate
 
-    reads_cross_attention = True
+    cross_attention_ready = True
 
     def compute(self, model: LoadedModel, sample: ExplainSample | Prepared, params: Params) -> Explanation:
         picked = _layers_param(params.layers, len(model.adapter.decoder_layers()))
@@ -138,8 +138,11 @@ class RawAttention(Explainer):
                                              "prompt_layers": prompt_layers, "attention": "cross-attention"}),
         )
         image = extended(torch.stack([rows[i] for i in cross], dim=1), prepared)  # (T, layers, heads, positions)
+        labels = {"prompt:layer": [str(block) for block in prompt_layers]}
         for name, grid in grid_names(prepared.layouts):
             exp.add(name, grid.gather(image), RAW_IMAGE_AXES)
+            labels[f"{name}:layer"] = [str(block) for block in image_layers]
+        exp.meta["axis_labels"] = labels
         if own:
             text = torch.stack([rows[i] for i in own], dim=1)
             exp.add("prompt", text.index_select(-1, prepared.text_positions), RAW_PROMPT_AXES)
@@ -198,7 +201,9 @@ class AttentionSummary(Explainer):
 @register
 class AttentionRollout(Explainer):
     """Attention rollout: per layer 0.5 I + 0.5 A (heads fused), multiplied through the decoder and read
-    at each answer token's generating row; optionally carried on through the vision tower.
+    at each answer token's generating row; optionally carried on through the vision tower. Where the
+    decoder cross-attends to the image (Mllama), its cross-attention blocks join the product (each text
+    token that sees an image mixed half with the vision tokens it attends).
 
     Cost: one teacher-forced forward keeping every layer's full attention, no backward. Abnar and
     Zuidema, 2020 (arXiv 2005.00928); LVLM-Interpret, 2024 (arXiv 2404.03118).
@@ -222,11 +227,24 @@ class AttentionRollout(Explainer):
                                      low=0.0, high=1.0, high_open=True)
         through_vision: bool = param(False, "carry the rollout on through the vision tower onto its patch grid")
 
+    cross_attention_ready = True  # where the image is cross-attended, rolled out through those blocks too
+
     def compute(self, model: LoadedModel, sample: Prepared, params: Params) -> Explanation:
         through_vision = params.through_vision
         options = RolloutOptions(params.head_fusion, params.discard_ratio)
-        depth = vision_depth(model) if through_vision else None
         prepared = sample
+        if model.adapter.reads_image_through == "cross_attention":
+            if through_vision:
+                raise ParamError(f"{self.id}: through_vision=True is not supported for {model.adapter.model_type}, "
+                                 "whose decoder reads the image through cross-attention")
+            rollout = cross_rollout(prepared, options, self.id)
+            meta = _meta(prepared, "forward", {"residual": "0.5 I + 0.5 A, rows normalised; a cross-attention block "
+                                               "mixes each text token that sees an image half with the vision tokens",
+                                               "discard": "per row, smallest non-zero weights"})
+            exp = Explanation(self.id, params.as_dict(), prepared.target(), meta=meta)
+            self._add_maps(exp, prepared, rollout)
+            return exp
+        depth = vision_depth(model) if through_vision else None
         try:
             record = capture_forward(
                 prepared, blocks=False, rollout=options, vision=options if through_vision else None, vision_depth=depth
@@ -240,13 +258,7 @@ class AttentionRollout(Explainer):
         meta = _meta(prepared, record.source, {"residual": "0.5 I + 0.5 A, rows normalised",
                                                "discard": "per row, smallest non-zero weights"})
         exp = Explanation(self.id, params.as_dict(), prepared.target(), meta=meta)
-        for name, grid in grid_names(prepared.layouts):
-            per_token = grid.gather(rollout)
-            exp.add(name, per_token, ("answer_token", "row", "col"))
-            exp.add(f"{name}.answer", per_token.mean(0), ("row", "col"))
-        prompt = rollout.index_select(-1, prepared.text_positions)
-        exp.add("prompt", prompt, ("answer_token", "prompt_token"))
-        exp.add("prompt.answer", prompt.mean(0), ("prompt_token",))
+        self._add_maps(exp, prepared, rollout)
         if through_vision:
             assert record.vision_rollout is not None
             projected = project_through_vision(prepared, rollout, record.vision_rollout)
@@ -254,6 +266,18 @@ class AttentionRollout(Explainer):
             exp.add("image.vision.answer", projected.mean(0), ("row", "col"))
             meta["vision_layers"] = depth
         return exp
+
+
+    @staticmethod
+    def _add_maps(exp: Explanation, prepared: Prepared, rollout: torch.Tensor) -> None:
+        """Per answer token and for the whole answer (their mean): every grid and the prompt's words."""
+        for name, grid in grid_names(prepared.layouts):
+            per_token = grid.gather(rollout)
+            exp.add(name, per_token, ("answer_token", "row", "col"))
+            exp.add(f"{name}.answer", per_token.mean(0), ("row", "col"))
+        prompt = rollout.index_select(-1, prepared.text_positions)
+        exp.add("prompt", prompt, ("answer_token", "prompt_token"))
+        exp.add("prompt.answer", prompt.mean(0), ("prompt_token",))
 
 
 # --- through the vision tower ---------------------------------------------------------------------

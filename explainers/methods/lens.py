@@ -98,7 +98,8 @@ def settle_layer(ranks: np.ndarray, layers: Sequence[int]) -> int | None:
 class LogitLens(Explainer):
     """The residual stream after every decoder block read out through the model's final norm and LM
     head: each answer token's probability and rank per layer (where the answer forms), and the top
-    vocabulary tokens at every image patch per layer (what the patches come to mean).
+    vocabulary tokens at every image patch per layer (what the patches come to mean; not where the
+    decoder cross-attends to the image, Mllama, whose residual stream holds no patch).
 
     Cost: one teacher-forced forward, then one LM-head read-out per layer of the answer and image
     rows (in chunks the memory budget fits), no backward. The logit lens (nostalgebraist, 2020);
@@ -108,7 +109,7 @@ class LogitLens(Explainer):
     id = "lens.logit"
     title = "Logit lens over layers at the answer and image-token positions"
     group = GROUP
-    model_needs = frozenset({"image_tokens"})  # it reads the residual stream at image-token positions
+    cross_attention_ready = True  # where the image is cross-attended, it reads the answer rows only
     citations = (LOGIT_LENS, NEO_ET_AL)
     summary = (
         "The residual stream after every decoder block, read out through the model's final norm and "
@@ -125,7 +126,9 @@ class LogitLens(Explainer):
         top_k = params.top_k
         prep = sample
         picked = pick_layers(params.layers, len(prep.adapter.decoder_layers()), self.id)
-        grids = grid_names(prep.layouts)
+        # where the decoder cross-attends to the image, no residual-stream row belongs to a patch
+        in_sequence = prep.adapter.reads_image_through == "sequence"
+        grids = grid_names(prep.layouts) if in_sequence else []
         answer_rows = prep.logit_positions
         positions = torch.cat([answer_rows, *[grid.positions for _, grid in grids]])
         states, logits = residual_states(prep, positions, picked)
@@ -190,6 +193,9 @@ class LogitLens(Explainer):
             "answer_top_k_axes": ["answer_token", "layer", "k"],
             "model_type": prep.adapter.model_type,
         })
+        if not in_sequence:
+            exp.meta["image_rows"] = ("none: the decoder reads the image through cross-attention, so no position of "
+                                      "its residual stream holds an image patch")
         return exp
 
 

@@ -137,7 +137,7 @@ class CheferRelevancy(Explainer):
     id = "relevancy.chefer"
     title = "Relevancy maps (Chefer et al.)"
     group = "relevancy"
-    reads_cross_attention = True
+    cross_attention_ready = True
     supports_contrast = True
     needs = frozenset({Need.ATTENTION, Need.GRADIENTS})
     citations = (CHEFER, LVLM_INTERPRET)
@@ -188,7 +188,7 @@ class ModalityRelevancy(Explainer):
     id = "relevancy.modality"
     title = "Image vs text relevancy"
     group = "relevancy"
-    reads_cross_attention = True
+    cross_attention_ready = True
     supports_contrast = True
     needs = frozenset({Need.ATTENTION, Need.GRADIENTS})
     citations = (LVLM_INTERPRET, CHEFER)

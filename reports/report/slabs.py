@@ -98,9 +98,10 @@ def compact(values: np.ndarray) -> np.ndarray:
     return out
 
 
-def axis_labels(exp: Explanation, axis: str, size: int) -> list[str]:
+def axis_labels(exp: Explanation, axis: str, size: int, name: str | None = None) -> list[str]:
     """What each index of ``axis`` is called: answer and prompt tokens from the target, else the
-    first list of the right length among ``meta['axis_labels'][axis]``, ``meta['layers']`` (layer
+    first list of the right length among ``meta['axis_labels']['<map name>:<axis>']`` (one map's own,
+    e.g. a cross-attention map's blocks), ``meta['axis_labels'][axis]``, ``meta['layers']`` (layer
     numbers), ``meta['<axis>_labels']`` and the plural (``meta['modalities']``); else the indices."""
     target = exp.target
     if axis == "answer_token" and len(target.tokens) == size:
@@ -108,7 +109,7 @@ def axis_labels(exp: Explanation, axis: str, size: int) -> list[str]:
     if axis == "prompt_token" and len(target.prompt_tokens) == size:
         return [show_token(t) for t in target.prompt_tokens]
     table = exp.meta.get("axis_labels")
-    candidates = [table.get(axis)] if isinstance(table, dict) else []
+    candidates = [table.get(f"{name}:{axis}"), table.get(axis)] if isinstance(table, dict) else []
     plural = axis[:-1] + "ies" if axis.endswith("y") else axis + "s"
     keys = ("layers",) if axis == "layer" else ()
     candidates += [exp.meta.get(key) for key in (*keys, f"{axis}_labels", plural)]
@@ -128,7 +129,7 @@ def build_slab(exp: Explanation, name: str, drawn: int, sibling: str | None = No
     values = as_float(exp.maps[name])
     axes = exp.axes[name]
     lead_names, drawn_names = axes[: len(axes) - drawn], axes[len(axes) - drawn:]
-    lead = [Axis(a, axis_labels(exp, a, values.shape[i])) for i, a in enumerate(lead_names)]
+    lead = [Axis(a, axis_labels(exp, a, values.shape[i], name)) for i, a in enumerate(lead_names)]
     members = [name]
     notes: list[str] = []
     t = lead_names.index("answer_token") if "answer_token" in lead_names else None
@@ -150,7 +151,7 @@ def build_slab(exp: Explanation, name: str, drawn: int, sibling: str | None = No
     layer = lead_names.index("layer") if "layer" in lead_names else None
     if layer is not None:
         lead[layer].default = lead[layer].size - 1
-    drawn_labels = [axis_labels(exp, a, values.shape[len(lead) + i]) for i, a in enumerate(drawn_names)]
+    drawn_labels = [axis_labels(exp, a, values.shape[len(lead) + i], name) for i, a in enumerate(drawn_names)]
     slab = Slab(name, values, lead, tuple(drawn_names), drawn_labels, notes, members)
     return fit_budget(slab)
 
