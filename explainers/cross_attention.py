@@ -64,14 +64,20 @@ def _weights(explainer: str, prepared: Prepared, blocks: list[tuple[int, str, st
     return out, _single_weights(explainer, prepared, store, "the cross-attention view")
 
 
+def attention_weights(prepared: Prepared, explainer: str) -> tuple[list[tuple[int, str]], list[torch.Tensor]]:
+    """Each block's ``(block, kind)`` and its attention weights ``(heads, queries, keys)`` (float32, CPU):
+    keys are the text for a self-attention block, the vision tokens for a cross-attention one."""
+    blocks = attention_blocks(prepared)
+    _, weights = _weights(explainer, prepared, blocks, {"use_cache": False}, grad=False)
+    return [(index, kind) for index, kind, _, _ in blocks], [w[0].float().cpu() for w in weights]
+
+
 def attention_rows(prepared: Prepared, explainer: str) -> tuple[list[tuple[int, str]], list[torch.Tensor]]:
     """Each block's attention rows that generated the answer tokens: per block ``(T, heads, keys)``
     over the text (self-attention) or over the vision tokens (cross-attention)."""
-    blocks = attention_blocks(prepared)
+    blocks, weights = attention_weights(prepared, explainer)
     positions = prepared.logit_positions
-    _, weights = _weights(explainer, prepared, blocks, {"use_cache": False}, grad=False)
-    rows = [w[0].index_select(1, positions.to(w.device)).transpose(0, 1).float().cpu() for w in weights]
-    return [(index, kind) for index, kind, _, _ in blocks], rows
+    return blocks, [w.index_select(1, positions).transpose(0, 1) for w in weights]
 
 
 def cross_rollout(prepared: Prepared, options: RolloutOptions, explainer: str) -> torch.Tensor:

@@ -139,6 +139,26 @@ def test_rollout_is_the_product_of_every_blocks_factor(prepared, head_fusion):
     assert float(rows[:, seq:].sum()) > 0.05  # the answer draws on the image
 
 
+def test_attention_summary_reads_each_block_kind(prepared):
+    exp = get_explainer("attention.summary")().explain(prepared.loaded, prepared)
+    _, attentions = _own_attentions(prepared)
+    cross = list(prepared.adapter.config.text_config.cross_attention_layers)
+    own = [i for i in range(len(attentions)) if i not in cross]
+    rows, text = prepared.logit_positions, prepared.text_positions
+    image = prepared.image_positions - prepared.seq_len
+    sees = prepared.inputs["cross_attention_mask"][0].reshape(prepared.seq_len, -1).ne(0).any(-1)
+    expected = {
+        "answer_to_image": torch.stack([attentions[i][0][:, rows][:, :, image].mean((1, 2)) for i in cross]),
+        "answer_to_text": torch.stack([attentions[i][0][:, rows][:, :, text].mean((1, 2)) for i in own]),
+        "text_to_image": torch.stack([attentions[i][0][:, text[sees[text]]][:, :, image].mean((1, 2)) for i in cross]),
+        "text_to_text": torch.stack([attentions[i][0][:, text][:, :, text].mean((1, 2)) for i in own]),
+    }
+    assert {name for name in exp.maps if not name.endswith(".z")} == set(expected)
+    for name, values in expected.items():
+        assert torch.allclose(torch.as_tensor(exp.maps[name]), values.float(), atol=1e-6), name
+    assert exp.meta["axis_labels"]["answer_to_image:layer"] == [str(i) for i in cross]
+
+
 def test_what_does_not_apply_is_refused_with_the_reason(prepared):
     with pytest.raises(ParamError) as error:
         get_explainer("relevancy.chefer")().explain(prepared.loaded, prepared, through="vision")
@@ -163,9 +183,9 @@ def test_models_listing_says_what_runs_as_a_loaded_model_does():
         declared = status.refusals.get(explainer_id)
         live = get_explainer(explainer_id)().unmet_by_model(loaded)
         assert (declared is None) == (live is None), explainer_id
-    assert {"attention.raw", "attention.rollout", "relevancy.chefer", "relevancy.modality", "gradient.gradcam",
-            "lens.logit"}.isdisjoint(status.refusals)
-    assert {"attention.summary", "neurons.top_activations", "tokens.visual_importance"} <= set(status.refusals)
+    assert {"attention.raw", "attention.rollout", "attention.summary", "relevancy.chefer", "relevancy.modality",
+            "gradient.gradcam", "lens.logit"}.isdisjoint(status.refusals)
+    assert {"neurons.top_activations", "tokens.visual_importance"} <= set(status.refusals)
 
 
 def test_logit_lens_reads_the_answer_rows_only(prepared):
@@ -191,15 +211,29 @@ def test_family_loads_from_its_folder_and_explains(family, tmp_path):
     image = tmp_path / "image.png"
     tiny_image(64, 40).save(image)
     out = tmp_path / "run"
-    explainers = "attention.raw,relevancy.chefer,gradient.saliency"
+    explainers = "attention.raw,attention.summary,attention.rollout,relevancy.chefer,gradient.saliency,lens.logit"
     assert main(["explain", "--model", str(folder), "--image", str(image), "--question", TINY_QUESTION,
                  "--explainers", explainers, "--device", "cpu", "--answer", "red", "--out", str(out)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    text = json.dumps(manifest)
     assert (out / "report.html").is_file()
-    ran = {"mllama": {"attention.raw", "relevancy.chefer", "gradient.saliency"},
-           "chameleon": {"attention.raw", "relevancy.chefer"}}[family]
-    for explainer in ran:
-        assert (out / "explanations" / f"{explainer}.json").is_file() or explainer in text, explainer
+    ran = {"mllama": {"attention.raw", "attention.summary", "attention.rollout", "relevancy.chefer",
+                      "gradient.saliency", "lens.logit"},
+           "chameleon": {"attention.raw", "attention.summary", "attention.rollout", "relevancy.chefer", "lens.logit"}}[family]
+    assert {e["explainer"] for e in manifest["explanations"]} == ran
+    assert set(manifest.get("skipped", {})) == set(explainers.split(",")) - ran
+    text = json.dumps(manifest.get("skipped", {}))
     if family == "chameleon":
         assert "no gradient reaches the pixels" in text  # saliency's declared refusal
+
+
+@pytest.mark.parametrize("explainer", ["gradient.saliency", "gradient.gradcam"])
+def test_recomputed_blocks_give_the_kept_runs_maps(prepared, explainer):
+    """Cross-attention blocks recompute in the backward like any block (their vision states as keyword inputs)."""
+    kept = get_explainer(explainer)().explain(prepared.loaded, prepared, recompute=False)
+    again = get_explainer(explainer)().explain(prepared.loaded, prepared, recompute=True)
+    assert again.params["recompute"] is True
+    assert torch.equal(torch.as_tensor(kept.maps["image.answer"]), torch.as_tensor(again.maps["image.answer"]))
+    assert float(torch.as_tensor(kept.maps["image.answer"]).abs().sum()) > 0
+    with pytest.raises(ParamError) as error:
+        get_explainer("relevancy.chefer")().explain(prepared.loaded, prepared, recompute=True)
+    assert "recomputes nothing" in str(error.value)

@@ -20,7 +20,7 @@ from ..capture import (
     capture_forward,
 )
 from xmllm.explainers.prepared import ExplainSample, Prepared, as_prepared
-from ..cross_attention import attention_rows, cross_rollout, extended
+from ..cross_attention import attention_rows, attention_weights, cross_rollout, extended
 from ..explanation import Explanation
 from ..models import LoadedModel
 from ..models.layout import grid_names
@@ -152,7 +152,9 @@ class RawAttention(Explainer):
 @register
 class AttentionSummary(Explainer):
     """Mean attention per layer and head between answer, prompt text and image (answer->image,
-    answer->text, text->image, image->image, text->text, image->text), each also as z-scores.
+    answer->text, text->image, image->image, text->text, image->text), each also as z-scores. Where
+    the decoder cross-attends to the image (Mllama): the maps to the image from its cross-attention
+    blocks, to the text from its self-attention blocks, none from the image.
 
     Cost: as attention.raw, one forward at most, no backward. LVLM-Interpret, 2024 (arXiv 2404.03118);
     VL-InterpreT, 2022 (arXiv 2203.17247).
@@ -172,7 +174,11 @@ class AttentionSummary(Explainer):
     def ready(self, model: LoadedModel, sample: ExplainSample | Prepared) -> ExplainSample | Prepared:
         return sample  # a fresh sample is captured during the model's own generate
 
+    cross_attention_ready = True
+
     def compute(self, model: LoadedModel, sample: ExplainSample | Prepared, params: ExplainerParams) -> Explanation:
+        if model.adapter.reads_image_through == "cross_attention":
+            return self._cross(as_prepared(model, sample))
         prepared, record = capture(model, sample, blocks=True)
         images, text = prepared.image_positions, prepared.text_positions
         means: dict[str, torch.Tensor] = {}
@@ -190,6 +196,47 @@ class AttentionSummary(Explainer):
                 "mean": "mean weight over the block's (query, key) pairs; masked pairs count as zero",
                 "z": "z-score over all layers and heads of the same map",
                 "retained_bytes": record.nbytes(),
+            }),
+        )
+        for name, values in means.items():
+            exp.add(name, values, HEAD_AXES)
+            exp.add(f"{name}.z", zscore(values), HEAD_AXES)
+        return exp
+
+    def _cross(self, prepared: Prepared) -> Explanation:
+        """Where the decoder cross-attends to the image (Mllama): the maps to the image over its
+        cross-attention blocks (queries: the answer rows; the prompt's text tokens that see the image),
+        the maps to the text over its self-attention blocks; none from the image, whose tokens the
+        decoder never updates. Each map's layer axis names its own blocks."""
+        blocks, weights = attention_weights(prepared, self.id)
+        seq, text, answer = prepared.seq_len, prepared.text_positions, prepared.logit_positions
+        image = prepared.image_positions - seq
+        sees = prepared.adapter.cross_attending_rows(prepared.inputs)
+        seeing_text = text[sees[text]]
+        cross = [i for i, (_, kind) in enumerate(blocks) if kind == "cross"]
+        own = [i for i, (_, kind) in enumerate(blocks) if kind == "self"]
+        pairs = {"answer_to_image": (cross, answer, image), "answer_to_text": (own, answer, text),
+                 "text_to_image": (cross, seeing_text, image), "text_to_text": (own, text, text)}
+        means: dict[str, torch.Tensor] = {}
+        masses: dict[str, float] = {}
+        labels: dict[str, list[str]] = {}
+        for name, (which, queries, keys) in pairs.items():
+            if not which or not queries.numel() or not keys.numel():
+                continue
+            picked = torch.stack([weights[i].index_select(1, queries).index_select(2, keys) for i in which])
+            means[name] = picked.mean(dim=(2, 3))  # (layers, heads)
+            labels[f"{name}:layer"] = labels[f"{name}.z:layer"] = [str(blocks[i][0]) for i in which]
+            if name.startswith("answer_to_"):
+                masses[name.replace("answer_to_", "answer_mass_")] = float(picked.sum(-1).mean())
+        exp = Explanation(
+            self.id, {}, prepared.target(), scores=masses,
+            meta=_meta(prepared, "forward", {
+                "text": TEXT_MEANING,
+                "mean": "mean weight over the block's (query, key) pairs; masked pairs count as zero",
+                "z": "z-score over all layers and heads of the same map",
+                "attention": "cross-attention blocks for the maps to the image, self-attention blocks for the "
+                             "maps to the text; no map from the image (the decoder never updates its tokens)",
+                "axis_labels": labels,
             }),
         )
         for name, values in means.items():
