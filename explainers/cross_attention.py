@@ -85,14 +85,14 @@ def cross_rollout(prepared: Prepared, options: RolloutOptions, explainer: str) -
     answer token's generating row of ``F_L ... F_1``, carried from the last block to the first.
 
     A self-attention block's factor is the usual ``0.5 I + 0.5 A`` on the text (rows normalised). A
-    cross-attention block mixes each text token that sees an image (the cross-attention mask) half
-    with itself and half with the vision tokens it attends, ``[0.5 I | 0.5 A]`` (rows normalised);
-    a token that sees no image keeps itself, and the vision tokens, never updated in the decoder, keep
-    themselves."""
+    cross-attention block mixes each text token half with itself and half with the vision tokens it
+    attends, ``[0.5 I | 0.5 A]`` (rows normalised), as the model computes it: transformers' Mllama
+    lets a token before the image (which its cross-attention mask hides) attend to every vision
+    token alike and adds that to its state, masking only the block's MLP. The vision tokens, never
+    updated in the decoder, keep themselves."""
     blocks = attention_blocks(prepared)
     _, weights = _weights(explainer, prepared, blocks, {"use_cache": False}, grad=False)
     seq, total = prepared.seq_len, prepared.position_count
-    attending = prepared.adapter.cross_attending_rows(prepared.inputs).float()
     positions = prepared.logit_positions
     text = torch.zeros(positions.numel(), seq)
     text[torch.arange(positions.numel()), positions] = 1.0
@@ -102,7 +102,7 @@ def cross_rollout(prepared: Prepared, options: RolloutOptions, explainer: str) -
             text = text @ rollout_layer(weight[0], options).cpu()
             continue
         attn = discard_lowest(fuse_heads(weight[0], options.head_fusion), options.discard_ratio).cpu()
-        mixed = attn * (RESIDUAL_WEIGHT * attending[:, None])
+        mixed = attn * RESIDUAL_WEIGHT
         norm = (1.0 - RESIDUAL_WEIGHT) + mixed.sum(dim=-1)
         image = image + (text / norm) @ mixed
         text = text * ((1.0 - RESIDUAL_WEIGHT) / norm)

@@ -114,13 +114,12 @@ def test_modality_shares_count_the_cross_attended_tokens(prepared):
 def test_rollout_is_the_product_of_every_blocks_factor(prepared, head_fusion):
     """The rollout equals ``F_L ... F_1`` built as whole (text + vision) x (text + vision) matrices from
     the model's own attentions, first block first: self-attention ``0.5 I + 0.5 A`` on the text;
-    cross-attention ``[0.5 I | 0.5 A]`` for the text rows that see the image (the cross-attention
-    mask), the identity elsewhere; rows normalised."""
+    cross-attention ``[0.5 I | 0.5 A]`` for every text row (those before the image attend too, alike
+    to every vision token, and their states change with the pixels); rows normalised."""
     exp = get_explainer("attention.rollout")().explain(prepared.loaded, prepared, head_fusion=head_fusion)
     _, attentions = _own_attentions(prepared)
     seq = prepared.seq_len
     total = prepared.position_count
-    sees = prepared.inputs["cross_attention_mask"][0].reshape(seq, -1).ne(0).any(-1)
     product = torch.eye(total, dtype=torch.float64)
     for weights in attentions:
         heads = weights[0].double()
@@ -129,8 +128,8 @@ def test_rollout_is_the_product_of_every_blocks_factor(prepared, head_fusion):
         if fused.shape[-1] == seq:
             factor[:seq, :seq] = 0.5 * fused + 0.5 * torch.eye(seq, dtype=torch.float64)
         else:
-            factor[:seq, seq:] = 0.5 * fused * sees[:, None]
-            factor[:seq, :seq] = 0.5 * torch.eye(seq, dtype=torch.float64) + torch.diag((~sees).double() * 0.5)
+            factor[:seq, seq:] = 0.5 * fused
+            factor[:seq, :seq] = 0.5 * torch.eye(seq, dtype=torch.float64)
         factor = factor / factor.sum(-1, keepdim=True)
         product = factor @ product
     rows = product[prepared.logit_positions]
@@ -146,11 +145,10 @@ def test_attention_summary_reads_each_block_kind(prepared):
     own = [i for i in range(len(attentions)) if i not in cross]
     rows, text = prepared.logit_positions, prepared.text_positions
     image = prepared.image_positions - prepared.seq_len
-    sees = prepared.inputs["cross_attention_mask"][0].reshape(prepared.seq_len, -1).ne(0).any(-1)
     expected = {
         "answer_to_image": torch.stack([attentions[i][0][:, rows][:, :, image].mean((1, 2)) for i in cross]),
         "answer_to_text": torch.stack([attentions[i][0][:, rows][:, :, text].mean((1, 2)) for i in own]),
-        "text_to_image": torch.stack([attentions[i][0][:, text[sees[text]]][:, :, image].mean((1, 2)) for i in cross]),
+        "text_to_image": torch.stack([attentions[i][0][:, text][:, :, image].mean((1, 2)) for i in cross]),
         "text_to_text": torch.stack([attentions[i][0][:, text][:, :, text].mean((1, 2)) for i in own]),
     }
     assert {name for name in exp.maps if not name.endswith(".z")} == set(expected)
@@ -159,13 +157,52 @@ def test_attention_summary_reads_each_block_kind(prepared):
     assert exp.meta["axis_labels"]["answer_to_image:layer"] == [str(i) for i in cross]
 
 
+def _gates_closed_prob(prepared) -> float:
+    """The whole answer's probability with every cross-attention gate closed (no block adds its
+    cross-attention output): the model with no image flow, from a change of its own parameters."""
+    import copy
+
+    closed = copy.deepcopy(prepared.model)
+    for layer in closed.model.language_model.layers:
+        if hasattr(layer, "cross_attn_attn_gate"):
+            layer.cross_attn_attn_gate.data.zero_()
+    with torch.no_grad():
+        logits = closed(**prepared.inputs, use_cache=False).logits[0, prepared.logit_positions]
+    ids = torch.as_tensor(prepared.answer.token_ids)
+    return float(torch.log_softmax(logits.double(), -1)[torch.arange(len(ids)), ids].sum().exp())
+
+
+def test_dropping_every_vision_token_closes_the_cross_attention(prepared):
+    exp = get_explainer("tokens.visual_importance")().explain(prepared.loaded, prepared, steps=4)
+    assert exp.params["rank_layer"] in prepared.adapter.config.text_config.cross_attention_layers
+    assert exp.scores["prob_none"] == pytest.approx(_gates_closed_prob(prepared), rel=1e-4)
+    assert exp.scores["prob_full"] == pytest.approx(float(torch.tensor(prepared.answer.probs).double().prod()), rel=1e-4)
+    assert exp.scores["image_tokens"] == prepared.image_positions.numel()
+    with pytest.raises(ParamError) as error:
+        get_explainer("tokens.visual_importance")().explain(prepared.loaded, prepared, rank_layer=0)
+    assert "cross-attention blocks" in str(error.value)
+
+
+def test_knockout_cuts_the_cross_attention_flow(prepared):
+    """Cutting image -> all over every block leaves the answer as the model gives it with every
+    cross-attention gate closed (tanh(0) = 0: no block adds its cross-attention output); image ->
+    answer over the cross-attention blocks alone changes the answer's probability."""
+    knockout = get_explainer("intervention.attention_knockout")()
+    layers = len(prepared.adapter.decoder_layers())
+    exp = knockout.explain(prepared.loaded, prepared, edges=["image->all", "image->answer"],
+                           windows=[list(range(layers))], fast_attention=False)
+    assert float(exp.maps["prob"][0, 0]) == pytest.approx(_gates_closed_prob(prepared), rel=1e-4)
+    assert abs(float(exp.maps["prob_change"][1, 0])) > 0  # the answer's own image flow matters
+    assert float(exp.maps["cut_pairs"][0, 0]) > float(exp.maps["cut_pairs"][1, 0]) > 0
+
+
 def test_what_does_not_apply_is_refused_with_the_reason(prepared):
     with pytest.raises(ParamError) as error:
         get_explainer("relevancy.chefer")().explain(prepared.loaded, prepared, through="vision")
     assert "\n" not in str(error.value) and "through='decoder' only" in str(error.value)
     with pytest.raises(MissingInput) as refusal:
-        get_explainer("tokens.visual_importance")().explain(prepared.loaded, prepared)
-    assert str(refusal.value).startswith("tokens.visual_importance: mllama: the image enters the decoder through "
+        get_explainer("neurons.top_activations")().explain(prepared.loaded, prepared)
+    assert str(refusal.value).startswith("neurons.top_activations: mllama: the image enters the decoder through "
                                          "cross-attention")
     with pytest.raises(ParamError) as vision:
         get_explainer("attention.rollout")().explain(prepared.loaded, prepared, through_vision=True)
@@ -184,8 +221,9 @@ def test_models_listing_says_what_runs_as_a_loaded_model_does():
         live = get_explainer(explainer_id)().unmet_by_model(loaded)
         assert (declared is None) == (live is None), explainer_id
     assert {"attention.raw", "attention.rollout", "attention.summary", "relevancy.chefer", "relevancy.modality",
-            "gradient.gradcam", "lens.logit"}.isdisjoint(status.refusals)
-    assert {"neurons.top_activations", "tokens.visual_importance"} <= set(status.refusals)
+            "gradient.gradcam", "lens.logit", "intervention.attention_knockout", "tokens.visual_importance"}.isdisjoint(
+        status.refusals)
+    assert {"neurons.top_activations", "intervention.activation_patching"} <= set(status.refusals)
 
 
 def test_logit_lens_reads_the_answer_rows_only(prepared):

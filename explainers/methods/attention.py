@@ -211,12 +211,10 @@ class AttentionSummary(Explainer):
         blocks, weights = attention_weights(prepared, self.id)
         seq, text, answer = prepared.seq_len, prepared.text_positions, prepared.logit_positions
         image = prepared.image_positions - seq
-        sees = prepared.adapter.cross_attending_rows(prepared.inputs)
-        seeing_text = text[sees[text]]
         cross = [i for i, (_, kind) in enumerate(blocks) if kind == "cross"]
         own = [i for i, (_, kind) in enumerate(blocks) if kind == "self"]
         pairs = {"answer_to_image": (cross, answer, image), "answer_to_text": (own, answer, text),
-                 "text_to_image": (cross, seeing_text, image), "text_to_text": (own, text, text)}
+                 "text_to_image": (cross, text, image), "text_to_text": (own, text, text)}
         means: dict[str, torch.Tensor] = {}
         masses: dict[str, float] = {}
         labels: dict[str, list[str]] = {}
@@ -250,7 +248,7 @@ class AttentionRollout(Explainer):
     """Attention rollout: per layer 0.5 I + 0.5 A (heads fused), multiplied through the decoder and read
     at each answer token's generating row; optionally carried on through the vision tower. Where the
     decoder cross-attends to the image (Mllama), its cross-attention blocks join the product (each text
-    token that sees an image mixed half with the vision tokens it attends).
+    token mixed half with the vision tokens it attends).
 
     Cost: one teacher-forced forward keeping every layer's full attention, no backward. Abnar and
     Zuidema, 2020 (arXiv 2005.00928); LVLM-Interpret, 2024 (arXiv 2404.03118).
@@ -286,7 +284,7 @@ class AttentionRollout(Explainer):
                                  "whose decoder reads the image through cross-attention")
             rollout = cross_rollout(prepared, options, self.id)
             meta = _meta(prepared, "forward", {"residual": "0.5 I + 0.5 A, rows normalised; a cross-attention block "
-                                               "mixes each text token that sees an image half with the vision tokens",
+                                               "mixes each text token half with the vision tokens it attends",
                                                "discard": "per row, smallest non-zero weights"})
             exp = Explanation(self.id, params.as_dict(), prepared.target(), meta=meta)
             self._add_maps(exp, prepared, rollout)

@@ -166,9 +166,9 @@ class Edge:
         return cls(f"{src}->{dst}", src, dst)
 
     def block(self, prep: Prepared) -> torch.Tensor:
-        """(seq, seq) boolean: True where the (query, key) pair is cut."""
-        n = prep.seq_len
-        cut = torch.zeros(n, n, dtype=torch.bool)
+        """(seq, positions) boolean: True where the (query, key) pair is cut; keys past the sequence
+        are a cross-attending family's vision tokens (``prep.position_count``)."""
+        cut = torch.zeros(prep.seq_len, prep.position_count, dtype=torch.bool)
         rows, cols = positions_of(prep, self.dst), positions_of(prep, self.src)
         if rows.numel() and cols.numel():
             cut[rows[:, None], cols[None, :]] = True
@@ -213,8 +213,12 @@ class Knockout:
     The module's own mask is edited wherever it comes from (causal, sliding window, prefix or
     bidirectional image blocks, padding): a float mask gets the dtype's minimum, a boolean mask
     False, and a missing one (sdpa's causal shortcut) is built as the causal mask first.
-    ``plan`` holds, per batch row, the (seq, seq) cut and the set of blocks it applies to;
+    ``plan`` holds, per batch row, the (seq, positions) cut and the set of blocks it applies to;
     ``cut_pairs`` counts, per row, the pairs that were allowed and got cut.
+
+    A cross-attention block (Mllama) attends only to the image: a query whose image keys are cut
+    gets no cross-attention output in it (a mask cannot say that: a row with every key masked
+    would attend to all of them alike).
     """
 
     def __init__(self, prep: Prepared) -> None:
@@ -225,11 +229,34 @@ class Knockout:
 
     @contextmanager
     def hooked(self) -> Iterator["Knockout"]:
+        points = self.prep.adapter.hook_points()
         with Hooks() as hooks:
             for i in range(self.layers):
+                cross = points.get(f"{LAYER_POINT.format(i)}.cross_attn")
+                if cross is not None:
+                    hooks.add(cross.register_forward_hook(self._cross_hook(i), with_kwargs=True))
+                    continue
                 module = _hook_point(self.prep, f"{LAYER_POINT.format(i)}.attn")
                 hooks.add(module.register_forward_pre_hook(self._hook(i), with_kwargs=True))
             yield self
+
+    def _cross_hook(self, layer: int):
+        seq = self.prep.seq_len
+
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            rows = [(k, cut[:, seq:].any(dim=-1)) for k, (cut, layers) in enumerate(self.plan) if layer in layers]
+            if not rows:
+                return None
+            out = output[0].clone()
+            mask = kwargs.get("attention_mask")
+            for k, queries in rows:
+                queries = queries.to(out.device)
+                out[k, queries] = 0.0
+                allowed = (mask[k, 0] > torch.finfo(mask.dtype).min / 2) if torch.is_tensor(mask) else None
+                self.cut_pairs[k] += int(allowed[queries].sum()) if allowed is not None else int(queries.sum())
+            return (out, *output[1:])
+
+        return hook
 
     def _kernel(self, module: torch.nn.Module) -> str:
         config = getattr(module, "config", None)
@@ -260,7 +287,7 @@ class Knockout:
         kernel = self._kernel(module)
         cut = torch.zeros(batch, 1, seq, seq, dtype=torch.bool, device=device)
         for k, pairs in rows:
-            cut[k, 0] = pairs.to(device)
+            cut[k, 0] = pairs[:, :seq].to(device)
         if mask is None:  # sdpa's causal shortcut: the causal mask, made explicit
             allowed = torch.ones(seq, seq, dtype=torch.bool, device=device)
             if getattr(module, "is_causal", True):
@@ -310,6 +337,7 @@ class AttentionKnockout(Explainer):
 
     id = "intervention.attention_knockout"
     model_needs = frozenset({"decoder_attention"})  # it edits every block's attention mask
+    cross_attention_ready = True  # a cross-attention block's image flow is cut at its output
     title = "Attention knockout between image, question and answer over windows of layers"
     group = GROUP
     citations = (GEVA, ZHANG_FLOW)

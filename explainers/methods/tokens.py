@@ -33,6 +33,7 @@ from xmllm.explainers.forward import (
 )
 
 from ..capture import capture_forward, eager_attention
+from ..cross_attention import attention_rows
 from xmllm.explainers.prepared import Prepared
 from ..explanation import Explanation
 from ..hooks import Hooks
@@ -50,6 +51,7 @@ FASTV_RANK_LAYER = 1
 """FastV prunes after layer K = 2, ranking tokens by the attention of the layer before (index 1);
 the default ``rank_layer`` (the last block in a one-block decoder)."""
 ATTN_POINT = "decoder.blocks.{}.attn"
+CROSS_ATTN_POINT = "decoder.blocks.{}.cross_attn"
 
 FASTV = Citation(
     "An Image is Worth 1/2 Tokens After Layer 2: Plug-and-Play Inference Acceleration for Large "
@@ -75,28 +77,52 @@ def block_keys(mask: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
     return mask.masked_fill(blocked, torch.finfo(mask.dtype).min)
 
 
+def _four_d(prep: Prepared, mask: Any) -> torch.Tensor:
+    if not torch.is_tensor(mask) or mask.dim() != 4:
+        raise RuntimeError(f"{prep.adapter.model_type}: decoder attention got no 4-D mask to drop tokens from "
+                           f"({type(mask).__name__}); run under eager attention")
+    return mask
+
+
 @contextmanager
 def dropped_tokens(prep: Prepared, drop: torch.Tensor, from_layer: int = 0) -> Iterator[None]:
     """Within the block, decoder layers ``from_layer`` on attend to no position ``drop`` marks.
 
-    ``drop`` is ``(batch, seq)`` bool, one row per copy in the batch. Forwards must run with the
-    eager kernel (see :func:`eager_attention`), whose masks are 4-D tensors at every layer.
+    ``drop`` is ``(batch, positions)`` bool, one row per copy in the batch: the sequence, then a
+    cross-attending family's vision tokens (``prep.position_count``), which its cross-attention
+    blocks lose as keys (a query left with none gets no cross-attention output: a row with every key
+    masked would attend to all alike). Forwards must run with the eager kernel (see
+    :func:`eager_attention`), whose masks are 4-D tensors at every layer.
     """
     points = prep.adapter.hook_points()
     count = len(prep.adapter.decoder_layers())
+    seq = prep.seq_len
+    own, vision = drop[:, :seq], drop[:, seq:]
 
     def pre(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-        mask = kwargs.get("attention_mask")
-        if not torch.is_tensor(mask) or mask.dim() != 4:
-            raise RuntimeError(
-                f"{prep.adapter.model_type}: decoder attention got no 4-D mask to drop tokens from "
-                f"({type(mask).__name__}); run under eager attention"
-            )
-        return args, {**kwargs, "attention_mask": block_keys(mask, drop)}
+        return args, {**kwargs, "attention_mask": block_keys(_four_d(prep, kwargs.get("attention_mask")), own)}
+
+    def cross_pre(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        mask = _four_d(prep, kwargs.get("attention_mask"))
+        mask = mask.expand(vision.shape[0], *mask.shape[1:])
+        blocked = vision.to(mask.device)[:, None, None, :]
+        return args, {**kwargs, "attention_mask": mask.masked_fill(blocked, torch.finfo(mask.dtype).min)}
+
+    def cross_post(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        mask = kwargs["attention_mask"]  # as edited by cross_pre
+        empty = ~(mask > torch.finfo(mask.dtype).min / 2).any(dim=-1)[:, 0]  # (batch, queries)
+        if not bool(empty.any()):
+            return None
+        return (output[0].masked_fill(empty[..., None].to(output[0].device), 0.0), *output[1:])
 
     with Hooks() as hooks:
         for i in range(from_layer, count):
-            hooks.add(points[ATTN_POINT.format(i)].register_forward_pre_hook(pre, with_kwargs=True))
+            cross = points.get(CROSS_ATTN_POINT.format(i))
+            if cross is not None:
+                hooks.add(cross.register_forward_pre_hook(cross_pre, with_kwargs=True))
+                hooks.add(cross.register_forward_hook(cross_post, with_kwargs=True))
+            else:
+                hooks.add(points[ATTN_POINT.format(i)].register_forward_pre_hook(pre, with_kwargs=True))
         yield
 
 
@@ -109,7 +135,7 @@ def dropped_logprobs(prep: Prepared, drop_sets: Sequence[torch.Tensor], from_lay
     with eager_attention(prep.model), torch.inference_mode():
         for start in range(0, len(drop_sets), batch_size):
             chunk = drop_sets[start : start + batch_size]
-            drop = torch.zeros(len(chunk), prep.seq_len, dtype=torch.bool)
+            drop = torch.zeros(len(chunk), prep.position_count, dtype=torch.bool)
             for row, positions in enumerate(chunk):
                 drop[row, positions] = True
             with dropped_tokens(prep, drop, from_layer):
@@ -122,7 +148,12 @@ def dropped_logprobs(prep: Prepared, drop_sets: Sequence[torch.Tensor], from_lay
 
 def attention_received(prep: Prepared, rank_layer: int) -> torch.Tensor:
     """Per image position (``prep.image_positions`` order): the attention the answer tokens'
-    generating rows give it at ``rank_layer``, heads and answer tokens averaged (FastV's score)."""
+    generating rows give it at ``rank_layer``, heads and answer tokens averaged (FastV's score); a
+    cross-attention block's where the decoder cross-attends to the image."""
+    if prep.adapter.reads_image_through == "cross_attention":
+        blocks, rows = attention_rows(prep, VisualTokenImportance.id)
+        (index,) = [i for i, (block, kind) in enumerate(blocks) if block == rank_layer and kind == "cross"]
+        return rows[index].mean(dim=1).mean(dim=0).index_select(0, prep.image_positions - prep.seq_len).double()
     record = capture_forward(prep, blocks=False)
     rows = record.rows[:, rank_layer].mean(dim=1).mean(dim=0)  # (seq,)
     return rows.index_select(0, prep.image_positions).double()
@@ -179,6 +210,23 @@ class VisualTokenImportance(Explainer):
         batch_size: int | None = param(None, "dropped copies per forward (null: as many as the device's budget fits)",
                                        low=1)
 
+    cross_attention_ready = True  # the vision tokens are dropped from the cross-attention's keys
+
+    @staticmethod
+    def _rank_layer(prep: Prepared, value: int | None, count: int) -> int:
+        """The block whose attention ranks: FastV's block 1 (or the last of a shallower decoder); where
+        the decoder cross-attends to the image, a cross-attention block (by default the first)."""
+        crossing = [i for i in range(count) if f"decoder.blocks.{i}.cross_attn" in prep.adapter.hook_points()]
+        if not crossing:
+            return _layer_index("rank_layer", min(FASTV_RANK_LAYER, count - 1) if value is None else value, count)
+        if value is None:
+            return crossing[0]
+        index = _layer_index("rank_layer", value, count)
+        if index not in crossing:
+            raise ParamError(f"parameter rank_layer={value!r}: {prep.adapter.model_type} reads the image in its "
+                             f"cross-attention blocks {crossing}, which rank the image tokens")
+        return index
+
     @classmethod
     def scale_plan(cls, prep: Prepared, full_layers: int) -> ScalePlan:
         """Fewer steps than the defaults, never fewer dropped sets than a batch: every set is one row of
@@ -195,8 +243,7 @@ class VisualTokenImportance(Explainer):
         steps, seed = params.steps, params.seed
         prep = sample
         count = len(prep.adapter.decoder_layers())
-        rank_layer = _layer_index("rank_layer", min(FASTV_RANK_LAYER, count - 1) if params.rank_layer is None
-                                  else params.rank_layer, count)
+        rank_layer = self._rank_layer(prep, params.rank_layer, count)
         from_layer = _layer_index("from_layer", params.from_layer, count)
         batch_size = batch_size_for(prep, params.batch_size, eager=True)  # dropped tokens need the eager kernel
         image = prep.image_positions
@@ -231,7 +278,7 @@ class VisualTokenImportance(Explainer):
         exp.add("dropped", np.asarray(counts, dtype=np.int64), ("fraction",))
         rank = torch.empty(image.numel(), dtype=torch.float64)
         rank[orders["least_attended_first"]] = torch.arange(image.numel(), dtype=torch.float64)
-        index_of = torch.full((prep.seq_len,), -1, dtype=torch.long)
+        index_of = torch.full((prep.position_count,), -1, dtype=torch.long)
         index_of[image] = torch.arange(image.numel())
         for name, grid in grid_names(prep.layouts):
             where = index_of[grid.positions]
@@ -250,7 +297,8 @@ class VisualTokenImportance(Explainer):
             "fractions": fractions.tolist(),
             "dropped_counts": counts,
             "ranking": (f"attention received at decoder block {rank_layer} from the answer tokens' generating rows, "
-                        "heads and answer tokens averaged"),
+                        "heads and answer tokens averaged"
+                        + (" (its cross-attention)" if prep.adapter.reads_image_through == "cross_attention" else "")),
             "dropping": (f"removed from the keys of every query (own diagonal kept) in decoder blocks {from_layer}.."
                          f"{count - 1}, positions of the other tokens unchanged"),
             "image_positions": "every image-feature token of every image (grids and extra tokens)",

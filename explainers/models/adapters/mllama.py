@@ -244,15 +244,6 @@ class MllamaAdapter(ModelAdapter):
             inputs["cross_attention_mask"] = torch.cat([mask, last], dim=1)
         return inputs, positions
 
-    def cross_attending_rows(self, inputs: Mapping[str, Any], row: int = 0) -> torch.Tensor:
-        """``(sequence,)`` booleans: which tokens of batch row ``row`` see an image (the cross-attention
-        mask; the model zeroes the cross-attention output of the others)."""
-        mask = _tensor(inputs, "cross_attention_mask")
-        ids = self._input_ids(inputs)
-        if mask is None:
-            return torch.ones(ids.shape[-1], dtype=torch.bool)
-        return mask[row].detach().cpu().reshape(mask.shape[1], -1).ne(0).any(dim=-1)
-
     def decoder_input_sequence(self, hidden: torch.Tensor, kwargs: Mapping[str, Any]) -> torch.Tensor:
         """The first decoder block's inputs in the extended space: the text's hidden states, then the
         cross-attention states (``(batch * images * tiles, tokens, hidden)`` -> one row per batch row)."""
