@@ -18,6 +18,7 @@ import xmllm
 from xmllm import MissingInput
 from xmllm.cli import main
 from xmllm.explainers.capture import eager_attention
+from xmllm.explainers.models.cell_check import check_cell_positions
 from xmllm.explainers.models.coverage import family_status
 from xmllm.explainers.params import ParamError
 from xmllm.explainers.registry import get_explainer, sample_level_ids
@@ -29,6 +30,29 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::U
 @pytest.fixture(scope="module")
 def prepared():
     return tiny_prepared("mllama", TINY_QUESTION, tokens=3)
+
+
+@pytest.mark.parametrize("size", [(64, 40), (40, 64), (30, 30), (100, 20)])
+def test_the_canvas_is_placed_over_the_image_as_the_processor_resizes_it(size):
+    """The grid covers the canvas: the image as the processor's own functions resize it, then padding
+    to the bottom and right."""
+    from transformers.models.mllama.image_processing_pil_mllama import (
+        get_image_size_fit_to_canvas,
+        get_optimal_tiled_canvas,
+    )
+
+    loaded = tiny_loaded("mllama")
+    inputs, _ = loaded.adapter.build_inputs([tiny_image(*size)], TINY_QUESTION)
+    (layout,) = loaded.adapter.image_layouts(inputs)
+    tile = int(loaded.processor.image_processor.size["height"])
+    width, height = size
+    canvas_h, canvas_w = get_optimal_tiled_canvas(height, width, loaded.processor.image_processor.max_image_tiles, tile)
+    resized_h, resized_w = get_image_size_fit_to_canvas(height, width, canvas_h, canvas_w, tile)
+    grid = layout.main_grid
+    assert grid.region == pytest.approx((0.0, 0.0, canvas_h / resized_h, canvas_w / resized_w))
+    patch = loaded.model.config.vision_config.patch_size
+    assert (grid.rows * patch, grid.cols * patch) == (canvas_h, canvas_w)
+    assert check_cell_positions(loaded.adapter, inputs) == []  # empty tiles and any arrangement
 
 
 def _grid(prepared, rows: torch.Tensor) -> torch.Tensor:

@@ -12,10 +12,11 @@ Positions: explainers address image tokens by position, so this adapter numbers 
 vision tokens after the text (``sequence length + index along the cross-attention keys``): the
 *extended* position space (:meth:`ModelAdapter.position_count`). Each image's grid is its canvas,
 every cell one patch of one tile; class tokens and the empty tiles are extra tokens. Gradients,
-perturbation, the causal set and Grad-CAM work through the pixel map as on any family; explainers
-that read the decoder's self-attention or its hidden states at image positions refuse with
-:attr:`MllamaAdapter.lacks_image_tokens`, and the attention and relevancy views read the
-cross-attention instead.
+perturbation, the causal set and Grad-CAM work through the pixel map as on any family; the
+attention views, relevancy, knockout and token dropping read or cut the cross-attention
+(:mod:`xmllm.explainers.cross_attention`, explainers that declare ``cross_attention_ready``); the
+explainers that read the decoder's hidden states at image positions refuse with
+:attr:`MllamaAdapter.lacks_image_tokens`.
 """
 from __future__ import annotations
 
