@@ -90,7 +90,13 @@ def _wrapped(name: str, original: Callable[..., Any], counter: dict[str, int]) -
         counter["checkpointed"] += 1
         return checkpoint(body, *args, use_reentrant=False, **kwargs)
 
+    forward.xmllm_recomputes = True  # type: ignore[attr-defined]  # how a counter tells a recomputed block
     return forward
+
+
+def recomputes(block: torch.nn.Module) -> bool:
+    """Whether ``block`` is inside :func:`recomputed_blocks` now (its forward checkpointed)."""
+    return bool(getattr(block.__dict__.get("forward"), "xmllm_recomputes", False))
 
 
 @contextlib.contextmanager

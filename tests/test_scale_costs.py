@@ -56,6 +56,24 @@ def test_rows_carry_their_cost_and_recomputed_runs_cost_one_forward_more_per_bac
     assert f"x{kept['costs']['forward_equivalents']:g}" in text
 
 
+def test_a_default_run_that_recomputes_by_itself_is_costed_as_recomputed():
+    """recompute='auto' turns recomputation on where the kept backward does not fit the budget (the
+    growth run's long answers on LLaVA-1.5-7B): the default row then counts the extra forwards."""
+    keys = ["gradient.saliency", "gradient.saliency" + scale.RECOMPUTED]
+    roomy, tight = scale.describe(NARROW), scale.describe(NARROW)
+    tight.budget = 1 << 16  # 64 KiB: no kept backward fits
+    for model, auto in ((roomy, False), (tight, True)):
+        rows = {r["key"]: r for r in scale.measure_config(model, keys, torch.device("cpu"), answer_tokens=2)}
+        kept, again = rows["gradient.saliency"], rows["gradient.saliency" + scale.RECOMPUTED]
+        assert kept["auto_recompute"] is auto and again["auto_recompute"] is False
+        assert again["costs"] == recomputed(kept["kept_costs"])
+        if auto:
+            assert kept["costs"] == {**again["costs"], "recomputed": True}
+            assert scale._cost(kept["costs"]).endswith("*")
+        else:
+            assert kept["costs"] == kept["kept_costs"] and not scale._cost(kept["costs"]).endswith("*")
+
+
 def test_a_recomputed_run_counts_the_bytes_of_real_arithmetic():
     """The recomputed run's forward runs again inside the backward: measured as ``measure_one`` measures
     (free arithmetic, the recomputation answered as a forward), the peak equals real arithmetic's."""

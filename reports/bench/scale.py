@@ -45,6 +45,7 @@ from xmllm.explainers.memory import (
 )
 from xmllm.explainers.prepared import ExplainSample, Prepared, prepare
 from xmllm.explainers.registry import get_explainer, registered, sample_level_ids
+from xmllm.explainers.recompute import recomputes
 from xmllm.explainers.scaleplan import ScalePlan, recomputed
 
 from .scale_configs import (
@@ -107,6 +108,8 @@ class Costs:
         self.forward_tokens = 0
         self.backward_tokens = 0
         self.backwards = 0
+        self.recomputed = False
+        """Whether the blocks ran recomputed (``recompute="auto"`` switched it on under the budget)."""
         self.stop_batch = stop_batch
         self.stop_backwards = stop_backwards
         self.done = False
@@ -116,6 +119,7 @@ class Costs:
         if not torch.is_tensor(hidden):
             return
         self.forward_tokens += hidden.numel() // hidden.shape[-1]
+        self.recomputed = self.recomputed or recomputes(_module)
         if self.stop_batch is not None and hidden.shape[0] >= self.stop_batch:
             self.done = True  # the next forward repeats this batch's sizes: stop there
         if hidden.requires_grad:
@@ -143,8 +147,9 @@ class Costs:
     def summary(self) -> dict[str, float]:
         seq = self.prep.seq_len
         forwards, backwards = self.forward_tokens / seq, self.backward_tokens / seq
-        return {"forwards": round(forwards, 2), "backwards": round(backwards, 2),
-                "forward_equivalents": round(forwards + 2 * backwards, 2)}
+        out = {"forwards": round(forwards, 2), "backwards": round(backwards, 2),
+               "forward_equivalents": round(forwards + 2 * backwards, 2)}
+        return {**out, "recomputed": True} if self.recomputed else out
 
 
 # --- run keys: an explainer, or its recomputed run -------------------------------------------------------
@@ -367,7 +372,7 @@ def measure_config(model: Model, ids: Sequence[str], device: torch.device, depth
     for key, row in rows.items():  # a recomputed run costs its kept run's forwards plus one per backward
         eid, extra = split_key(key)
         if extra:
-            row["costs"] = recomputed(rows[eid]["costs"] if eid in rows else row["costs"])
+            row["costs"] = recomputed(rows[eid]["kept_costs"] if eid in rows else row["kept_costs"])
     return list(rows.values())
 
 
@@ -414,8 +419,12 @@ def _row(model: Model, key: str, chosen: ScalePlan, runs: dict[tuple[int, int], 
         "budget_bytes": model.budget, "weights_bytes": model.weights, "parameters": model.parameters,
         "peaks": {f"{layers}+{vision}": runs[(layers, vision)].peak for layers, vision in points},
         "seconds": round(sum(m.seconds for m in measured), 1),
-        "costs": chosen.cost or runs[points[-2]].costs, "stopped": any(m.stopped for m in measured), **info,
+        "kept_costs": chosen.cost or runs[points[-2]].costs, "stopped": any(m.stopped for m in measured), **info,
     }
+    # recompute="auto" switches recomputation on where the kept backward does not fit the budget: the
+    # default run then pays the recomputed run's extra forwards too
+    row["auto_recompute"] = not extra and any(m.costs.get("recomputed") for m in measured)
+    row["costs"] = {**recomputed(row["kept_costs"]), "recomputed": True} if row["auto_recompute"] else row["kept_costs"]
     if errors or any(m.peak is None for m in measured):
         row.update(error=errors[0] if errors else "no peak measured", projected_bytes=None, fits={})
         return row
@@ -466,7 +475,7 @@ def _cost(costs: dict[str, Any]) -> str:
     if value is None:
         return ""
     shown = f"{value:.0f}" if value >= 100 else f"{value:g}"
-    return f"x{shown}{'+' if costs.get('lower_bound') else ''}"
+    return f"x{shown}{'+' if costs.get('lower_bound') else ''}{'*' if costs.get('recomputed') else ''}"
 
 
 def _gib(value: float | None) -> str:
@@ -482,7 +491,8 @@ def render(report: dict[str, Any]) -> str:
              f"a {report['answer_tokens']}-token forced answer; decoder cut to {report['depths']} blocks, "
              f"vision to {report['vision_blocks'][0]} (+1 for its slope); projected to the published depth "
              f"+ weights, in GiB, then the cost in forward-equivalents (forwards + 2 x backwards, + 1 forward a "
-             f"backward when recomputed; '+': a lower bound); {RECOMPUTED}: the run with recompute=True"]
+             f"backward when recomputed; '+': a lower bound; '*': the default run recomputed its blocks by itself, "
+             f"recompute='auto' under the budget); {RECOMPUTED}: the run with recompute=True"]
     for name, info in report["models"].items():
         lines.append(f"  {name}: {info['source']}, {info['parameters'] / 1e9:.2f}B parameters "
                      f"({info['weights_bytes'] / GIB:.1f} GiB bf16), {info['decoder_layers']} + "
