@@ -218,6 +218,9 @@ def test_knockout_cuts_the_cross_attention_flow(prepared):
     assert float(exp.maps["prob"][0, 0]) == pytest.approx(_gates_closed_prob(prepared), rel=1e-4)
     assert abs(float(exp.maps["prob_change"][1, 0])) > 0  # the answer's own image flow matters
     assert float(exp.maps["cut_pairs"][0, 0]) > float(exp.maps["cut_pairs"][1, 0]) > 0
+    # the default edges, question->image among them: vision tokens are never queried, nothing to cut
+    default = knockout.explain(prepared.loaded, prepared, fast_attention=False)
+    assert "question->image" in default.meta["empty_edges"]
 
 
 def test_what_does_not_apply_is_refused_with_the_reason(prepared):

@@ -170,6 +170,7 @@ class Edge:
         are a cross-attending family's vision tokens (``prep.position_count``)."""
         cut = torch.zeros(prep.seq_len, prep.position_count, dtype=torch.bool)
         rows, cols = positions_of(prep, self.dst), positions_of(prep, self.src)
+        rows = rows[rows < prep.seq_len]  # cross-attended vision tokens are never queries: nothing reaches them
         if rows.numel() and cols.numel():
             cut[rows[:, None], cols[None, :]] = True
         cut.fill_diagonal_(False)
