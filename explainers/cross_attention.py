@@ -51,6 +51,17 @@ def attention_blocks(prepared: Prepared) -> list[tuple[int, str, str, nn.Module]
     return found
 
 
+def silence_unattended(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+    """Forward hook (``with_kwargs``) for a cross-attention block whose mask an intervention edited: a
+    query left with no key gets no output. A row with every key masked would otherwise attend to all
+    of them alike (transformers' Mllama does so for the text before the image), which is no removal."""
+    mask = kwargs["attention_mask"]
+    empty = ~(mask > torch.finfo(mask.dtype).min / 2).any(dim=-1)[:, 0]  # (batch, queries)
+    if not bool(empty.any()):
+        return None
+    return (output[0].masked_fill(empty[..., None].to(output[0].device), 0.0), *output[1:])
+
+
 def _weights(explainer: str, prepared: Prepared, blocks: list[tuple[int, str, str, nn.Module]],
              overrides: dict[str, Any], *, grad: bool) -> tuple[Any, list[torch.Tensor]]:
     """One forward of the final sequence with the eager kernel, each block's attention weights kept."""

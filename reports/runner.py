@@ -166,7 +166,13 @@ def faithfulness_entry(loaded: "LoadedModel", prepared: "Prepared", explanations
     import numpy as np
 
     from xmllm.explainers.masking import first_layout
-    from xmllm.explainers.metrics import DEFAULT_BASELINE, DEFAULT_STEPS, faithfulness_many, primary_image_map
+    from xmllm.explainers.metrics import (
+        DEFAULT_BASELINE,
+        DEFAULT_STEPS,
+        faithfulness_many,
+        primary_image_map,
+        unmaskable,
+    )
     from xmllm.explainers.metrics.curves import SCORE_NOTE
 
     maps: dict[str, Any] = {}
@@ -191,9 +197,9 @@ def faithfulness_entry(loaded: "LoadedModel", prepared: "Prepared", explanations
         return None
     entry: dict[str, Any] = {"baseline": DEFAULT_BASELINE, "steps": DEFAULT_STEPS, "seed": seed, "score": SCORE_NOTE,
                              "explainers": {}, "skipped": skipped}
-    unmaskable = loaded.adapter.lacks("pixel_cells") if maps else None
-    if unmaskable is not None:  # deletion and insertion mask cells through the pixel map
-        entry["skipped"].update({eid: f"not computed: {loaded.adapter.model_type}: {unmaskable}" for eid in maps})
+    why = unmaskable(loaded) if maps else None
+    if why is not None:
+        entry["skipped"].update({eid: f"not computed: {why}" for eid in maps})
         return entry
     if maps:
         try:

@@ -42,6 +42,7 @@ from ..capture import EAGER, attn_implementations
 from xmllm.explainers.prepared import ExplainSample, Prepared, prepare
 from ..demo.groundtruth import demo_pair, demo_sample_from
 from ..explanation import Explanation
+from ..cross_attention import CROSS_ATTN, silence_unattended
 from ..hooks import Hooks
 from ..models import LoadedModel
 from ..params import ExplainerParams, ParamError, param
@@ -217,9 +218,9 @@ class Knockout:
     ``plan`` holds, per batch row, the (seq, positions) cut and the set of blocks it applies to;
     ``cut_pairs`` counts, per row, the pairs that were allowed and got cut.
 
-    A cross-attention block (Mllama) attends only to the image: a query whose image keys are cut
-    gets no cross-attention output in it (a mask cannot say that: a row with every key masked
-    would attend to all of them alike).
+    A cross-attention block (Mllama) attends only to the image: its mask is edited the same way over
+    its keys (the plan's columns past the sequence), and a query left with no key gets no output
+    (:func:`~xmllm.explainers.cross_attention.silence_unattended`).
     """
 
     def __init__(self, prep: Prepared) -> None:
@@ -231,33 +232,17 @@ class Knockout:
     @contextmanager
     def hooked(self) -> Iterator["Knockout"]:
         points = self.prep.adapter.hook_points()
+        seq = self.prep.seq_len
         with Hooks() as hooks:
             for i in range(self.layers):
-                cross = points.get(f"{LAYER_POINT.format(i)}.cross_attn")
-                if cross is not None:
-                    hooks.add(cross.register_forward_hook(self._cross_hook(i), with_kwargs=True))
+                cross = points.get(CROSS_ATTN.format(i))
+                if cross is not None:  # its keys are the vision tokens, after the sequence
+                    hooks.add(cross.register_forward_pre_hook(self._hook(i, slice(seq, None)), with_kwargs=True))
+                    hooks.add(cross.register_forward_hook(silence_unattended, with_kwargs=True))
                     continue
                 module = _hook_point(self.prep, f"{LAYER_POINT.format(i)}.attn")
-                hooks.add(module.register_forward_pre_hook(self._hook(i), with_kwargs=True))
+                hooks.add(module.register_forward_pre_hook(self._hook(i, slice(0, seq)), with_kwargs=True))
             yield self
-
-    def _cross_hook(self, layer: int):
-        seq = self.prep.seq_len
-
-        def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-            rows = [(k, cut[:, seq:].any(dim=-1)) for k, (cut, layers) in enumerate(self.plan) if layer in layers]
-            if not rows:
-                return None
-            out = output[0].clone()
-            mask = kwargs.get("attention_mask")
-            for k, queries in rows:
-                queries = queries.to(out.device)
-                out[k, queries] = 0.0
-                allowed = (mask[k, 0] > torch.finfo(mask.dtype).min / 2) if torch.is_tensor(mask) else None
-                self.cut_pairs[k] += int(allowed[queries].sum()) if allowed is not None else int(queries.sum())
-            return (out, *output[1:])
-
-        return hook
 
     def _kernel(self, module: torch.nn.Module) -> str:
         config = getattr(module, "config", None)
@@ -266,9 +251,11 @@ class Knockout:
             raise MissingInput(f"attention knockout edits eager or sdpa masks; this model runs {kernel!r} attention")
         return kernel
 
-    def _hook(self, layer: int):
+    def _hook(self, layer: int, keys: slice):
+        """Pre-hook editing the mask of block ``layer``, whose keys are the plan's columns ``keys``."""
+
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            rows = [(k, cut) for k, (cut, layers) in enumerate(self.plan) if layer in layers]
+            rows = [(k, cut[:, keys]) for k, (cut, layers) in enumerate(self.plan) if layer in layers]
             if not rows:
                 return args, kwargs
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
@@ -286,10 +273,11 @@ class Knockout:
     def _edit(self, module: torch.nn.Module, mask: Any, rows: list[tuple[int, torch.Tensor]], batch: int, seq: int,
               device: torch.device) -> torch.Tensor:
         kernel = self._kernel(module)
-        cut = torch.zeros(batch, 1, seq, seq, dtype=torch.bool, device=device)
+        keys = int(rows[0][1].shape[-1])  # the sequence, or a cross-attention block's vision tokens
+        cut = torch.zeros(batch, 1, seq, keys, dtype=torch.bool, device=device)
         for k, pairs in rows:
-            cut[k, 0] = pairs[:, :seq].to(device)
-        if mask is None:  # sdpa's causal shortcut: the causal mask, made explicit
+            cut[k, 0] = pairs.to(device)
+        if mask is None and keys == seq:  # sdpa's causal shortcut: the causal mask, made explicit
             allowed = torch.ones(seq, seq, dtype=torch.bool, device=device)
             if getattr(module, "is_causal", True):
                 allowed = allowed.tril()
@@ -297,10 +285,10 @@ class Knockout:
             if kernel == EAGER:
                 dtype = self.prep.loaded.dtype
                 mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
-        if not torch.is_tensor(mask) or mask.dim() != 4 or tuple(mask.shape[-2:]) != (seq, seq):
-            raise ValueError(f"attention knockout needs a 4-D attention mask over {seq} positions, got "
+        if not torch.is_tensor(mask) or mask.dim() != 4 or tuple(mask.shape[-2:]) != (seq, keys):
+            raise ValueError(f"attention knockout needs a 4-D attention mask of {seq} queries over {keys} keys, got "
                              f"{getattr(mask, 'shape', type(mask).__name__)}")
-        mask = mask.expand(batch, 1, seq, seq)
+        mask = mask.expand(batch, 1, seq, keys)
         if mask.dtype == torch.bool:
             allowed = mask
             edited = mask & ~cut

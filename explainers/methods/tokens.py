@@ -33,7 +33,7 @@ from xmllm.explainers.forward import (
 )
 
 from ..capture import capture_forward, eager_attention
-from ..cross_attention import attention_rows
+from ..cross_attention import CROSS_ATTN, attention_blocks, attention_rows, silence_unattended
 from xmllm.explainers.prepared import Prepared
 from ..explanation import Explanation
 from ..hooks import Hooks
@@ -51,7 +51,6 @@ FASTV_RANK_LAYER = 1
 """FastV prunes after layer K = 2, ranking tokens by the attention of the layer before (index 1);
 the default ``rank_layer`` (the last block in a one-block decoder)."""
 ATTN_POINT = "decoder.blocks.{}.attn"
-CROSS_ATTN_POINT = "decoder.blocks.{}.cross_attn"
 
 FASTV = Citation(
     "An Image is Worth 1/2 Tokens After Layer 2: Plug-and-Play Inference Acceleration for Large "
@@ -108,19 +107,12 @@ def dropped_tokens(prep: Prepared, drop: torch.Tensor, from_layer: int = 0) -> I
         blocked = vision.to(mask.device)[:, None, None, :]
         return args, {**kwargs, "attention_mask": mask.masked_fill(blocked, torch.finfo(mask.dtype).min)}
 
-    def cross_post(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
-        mask = kwargs["attention_mask"]  # as edited by cross_pre
-        empty = ~(mask > torch.finfo(mask.dtype).min / 2).any(dim=-1)[:, 0]  # (batch, queries)
-        if not bool(empty.any()):
-            return None
-        return (output[0].masked_fill(empty[..., None].to(output[0].device), 0.0), *output[1:])
-
     with Hooks() as hooks:
         for i in range(from_layer, count):
-            cross = points.get(CROSS_ATTN_POINT.format(i))
+            cross = points.get(CROSS_ATTN.format(i))
             if cross is not None:
                 hooks.add(cross.register_forward_pre_hook(cross_pre, with_kwargs=True))
-                hooks.add(cross.register_forward_hook(cross_post, with_kwargs=True))
+                hooks.add(cross.register_forward_hook(silence_unattended, with_kwargs=True))
             else:
                 hooks.add(points[ATTN_POINT.format(i)].register_forward_pre_hook(pre, with_kwargs=True))
         yield
@@ -216,7 +208,7 @@ class VisualTokenImportance(Explainer):
     def _rank_layer(prep: Prepared, value: int | None, count: int) -> int:
         """The block whose attention ranks: FastV's block 1 (or the last of a shallower decoder); where
         the decoder cross-attends to the image, a cross-attention block (by default the first)."""
-        crossing = [i for i in range(count) if f"decoder.blocks.{i}.cross_attn" in prep.adapter.hook_points()]
+        crossing = [block for block, kind, _, _ in attention_blocks(prep) if kind == "cross"]
         if not crossing:
             return _layer_index("rank_layer", min(FASTV_RANK_LAYER, count - 1) if value is None else value, count)
         if value is None:

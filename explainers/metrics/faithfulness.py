@@ -16,6 +16,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..models import LoadedModel
 
 
+def unmaskable(loaded: "LoadedModel") -> str | None:
+    """Why deletion and insertion cannot run on ``loaded``'s family (they mask cells through its pixel
+    map; a VQ or resampler family has none), or None: the one rule reports and audits apply."""
+    why = loaded.adapter.lacks("pixel_cells")
+    return None if why is None else f"{loaded.adapter.model_type}: {why}"
+
+
 def faithfulness_many(loaded: "LoadedModel", prepared: "Prepared", maps: Mapping[str, np.ndarray], *,
                       baseline: str = DEFAULT_BASELINE, steps: int = DEFAULT_STEPS, seed: int = 0,
                       batch_size: int | None = None) -> dict[str, dict[str, Any]]:

@@ -256,7 +256,7 @@ class AuditWorker:
         timings["save"] = time.perf_counter() - t
 
     def _faithfulness(self, result: Any, prepared: Any) -> dict[str, Any]:
-        from xmllm.explainers.metrics import faithfulness_many, primary_image_map, random_map
+        from xmllm.explainers.metrics import faithfulness_many, primary_image_map, random_map, unmaskable
 
         fc, seed = self.config.faithfulness, self.config.seed
         described, maps = {}, {}
@@ -264,7 +264,7 @@ class AuditWorker:
             scored = primary_image_map(exp)
             if scored is not None:
                 maps[exp.explainer], described[exp.explainer] = scored.values, scored.describe()
-        if not maps or self.loaded.adapter.lacks("pixel_cells") is not None:  # cells are masked through the pixel map
+        if not maps or unmaskable(self.loaded) is not None:
             return {}
         shape = next(iter(maps.values())).shape
         maps[RANDOM], described[RANDOM] = random_map(shape, seed), "uniform random map (the floor)"

@@ -89,6 +89,11 @@ def processor_image_token(processor: Any) -> int | None:
     return None
 
 
+DECLARED = ("pixel_cells", "vision_attention", "vision_blocks", "image_tokens")
+"""Capabilities a family's adapter declares (``lacks_<capability>``: the reason, or None) rather than
+the config or the loaded model showing them."""
+
+
 MOE_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 """Text-config fields that give a mixture-of-experts decoder's expert count."""
 
@@ -557,14 +562,8 @@ class ModelAdapter:
         what the config and the adapter's declarations tell, before any model is built."""
         if capability not in CAPABILITIES:
             raise ValueError(f"unknown capability {capability!r}; known: {', '.join(CAPABILITIES)}")
-        if capability == "pixel_cells":
-            return cls.lacks_pixel_cells
-        if capability == "vision_attention":
-            return cls.lacks_vision_attention
-        if capability == "vision_blocks":
-            return cls.lacks_vision_blocks
-        if capability == "image_tokens":
-            return cls.lacks_image_tokens
+        if capability in DECLARED:
+            return getattr(cls, f"lacks_{capability}")
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         if capability == "mlp_neurons":
             experts = [getattr(text, name, None) for name in MOE_FIELDS]

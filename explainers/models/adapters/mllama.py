@@ -20,7 +20,6 @@ explainers that read the decoder's hidden states at image positions refuse with
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -35,20 +34,6 @@ CROSS_ATTENTION = (
     "the image enters the decoder through cross-attention layers, not its sequence: no decoder position holds an "
     "image token, so self-attention paths and hidden states never reach one"
 )
-
-
-def supported_aspect_ratios(max_tiles: int) -> list[tuple[int, int]]:
-    """``(tile rows, tile cols)`` per aspect ratio id - 1, in the image processor's order."""
-    return [(a, b) for a in range(1, max_tiles + 1) for b in range(1, max_tiles + 1) if a * b <= max_tiles]
-
-
-def fit_to_canvas(height: int, width: int, canvas_h: int, canvas_w: int, tile: int) -> tuple[int, int]:
-    """The size the image processor resizes an image to inside its canvas (aspect ratio kept)."""
-    target_w, target_h = min(max(width, tile), canvas_w), min(max(height, tile), canvas_h)
-    scale_h, scale_w = target_h / height, target_w / width
-    if scale_w < scale_h:
-        return min(math.floor(height * scale_w) or 1, target_h), target_w
-    return target_h, min(math.floor(width * scale_h) or 1, target_w)
 
 
 @register_adapter
@@ -114,7 +99,11 @@ class MllamaAdapter(ModelAdapter):
         if ids is None:
             raise AdapterError(f"{self.model_type}: inputs have no aspect_ratio_ids")
         ratio = int(ids[row, image])
-        ratios = supported_aspect_ratios(tiles)
+        # the image processor's own list, whose index (id - 1) names (tile rows, tile cols); imported here
+        # so that importing the adapters stays free of transformers' modules
+        from transformers.models.mllama.image_processing_pil_mllama import get_all_supported_aspect_ratios
+
+        ratios = get_all_supported_aspect_ratios(tiles)
         if not 1 <= ratio <= len(ratios):
             raise AdapterError(f"{self.model_type}: aspect ratio id {ratio} of image {image} is not one of the "
                                f"{len(ratios)} arrangements of {tiles} tiles")  # fmt: skip
@@ -139,7 +128,9 @@ class MllamaAdapter(ModelAdapter):
         if image_size is None:
             return None
         canvas_h, canvas_w = arrangement[0] * tile, arrangement[1] * tile
-        height, width = fit_to_canvas(image_size[0], image_size[1], canvas_h, canvas_w, tile)
+        from transformers.models.mllama.image_processing_pil_mllama import get_image_size_fit_to_canvas
+
+        height, width = get_image_size_fit_to_canvas(image_size[0], image_size[1], canvas_h, canvas_w, tile)
         return (0.0, 0.0, canvas_h / height, canvas_w / width)
 
     def image_layouts(
