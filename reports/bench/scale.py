@@ -32,7 +32,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -48,6 +48,7 @@ from xmllm.explainers.registry import get_explainer, registered, sample_level_id
 from xmllm.explainers.recompute import recomputes
 from xmllm.explainers.scaleplan import ScalePlan, recomputed
 
+from .scale_placement import Weights, place, render_placed, weights_of
 from .scale_configs import (
     CONFIGS,
     ScaleConfig,
@@ -168,6 +169,12 @@ def differentiates(eid: str) -> bool:
 def run_keys(ids: Sequence[str], recompute: bool = True) -> list[str]:
     """Each explainer's run key, followed by its recomputed run's where it differentiates."""
     return [key for eid in ids for key in (eid, *([eid + RECOMPUTED] if recompute and differentiates(eid) else []))]
+
+
+def selected(key: str, only: str | None) -> bool:
+    """Whether ``--only`` picks the run key ``key``: it contains one of the comma-separated
+    substrings (``gradient``, ``@recompute``, ``relevancy.chefer@recompute,lens``)."""
+    return not only or any(part.strip() in key for part in only.split(",") if part.strip())
 
 
 def split_key(key: str) -> tuple[str, dict[str, Any]]:
@@ -443,7 +450,7 @@ def run_scale(config_names: Sequence[str] | None, only: str | None, device: torc
     """The ``--scale`` report: rows per configuration and explainer (and, with ``recompute``, per
     differentiating explainer's recomputed run), with timing."""
     start = time.perf_counter()
-    ids = run_keys([eid for eid in sample_level_ids() if not only or only in eid], recompute)
+    ids = [key for key in run_keys(sample_level_ids(), recompute) if selected(key, only)]
     configs = [c for c in CONFIGS if not config_names or c.name in config_names]
     rows: list[dict[str, Any]] = []
     models = {}
@@ -457,12 +464,23 @@ def run_scale(config_names: Sequence[str] | None, only: str | None, device: torc
             "budget_bytes": model.budget,
             "numbers": {"text": config.text, "vision": config.vision, "top": config.top,
                         "processor": config.processor},
+            "weights_split": asdict(weights_of(config, model.processor, DTYPE)),
         }
         rows += measure_config(model, ids, device, tell=tell)
-    return {"device": str(device), "method": CUDA if device.type == "cuda" else FREE, "dtype": "bfloat16",
+    report = {"device": str(device), "method": CUDA if device.type == "cuda" else FREE, "dtype": "bfloat16",
             "answer_tokens": ANSWER_TOKENS, "depths": list(DEPTHS), "vision_blocks": [VISION_BASE, VISION_STEP],
             "gpus_gib": list(GPUS), "models": models, "rows": rows,
             "seconds": round(time.perf_counter() - start, 1), "threads": torch.get_num_threads()}
+    return {**report, "placed": placed(report)}
+
+
+def placed(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The sharded and offloaded placements of the report's configs too large for one GPU
+    (:mod:`xmllm.bench.scale_placement`), from its rows; reports merged from several runs get
+    theirs again from here."""
+    split = {name: Weights(**info["weights_split"]) for name, info in report["models"].items()
+             if "weights_split" in info}
+    return place(report, split, CUDA_CONTEXT, RECOMPUTED)
 
 
 def _key(row: dict[str, Any]) -> str:
@@ -528,8 +546,72 @@ def render(report: dict[str, Any]) -> str:
     if notes:
         lines += ["", "measured with cheaper parameters where memory does not depend on them:"]
         lines += [f"  {eid}: {note}" for eid, note in notes]
+    if report.get("placed"):
+        title, header, table = render_placed(report["placed"])
+        lines += ["", title, _table(header, table)]
     lines += ["", f"{len(report['rows'])} explanations x {len(report['depths']) + 1} depths in "
                   f"{report['seconds']:.0f} s ({report['threads']} threads)"]
+    return "\n".join(lines)
+
+
+SHARED = ("device", "method", "dtype", "answer_tokens", "depths", "vision_blocks", "gpus_gib")
+"""What every merged report must agree on."""
+
+
+def merge(reports: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """One report from several runs' JSON (``--merge``: (name, report) pairs, e.g. each config run
+    on its own): their configs and rows, a later run's row replacing an earlier one's of the same
+    config and run key, placements derived again, seconds summed."""
+    from xmllm.errors import XmllmError
+
+    first_name, first = reports[0]
+    models: dict[str, Any] = {}
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for name, report in reports:
+        missing = [f for f in (*SHARED, "models", "rows") if f not in report]
+        if missing:
+            raise XmllmError(f"--merge {name}: not an 'xmllm bench --scale --json' report (no {missing[0]!r})")
+        differ = next((f for f in SHARED if report[f] != first[f]), None)
+        if differ:
+            raise XmllmError(f"--merge {name}: {differ} {report[differ]!r} differs from {first_name}'s {first[differ]!r}")
+        models.update(report["models"])
+        rows.update({(r["config"], _key(r)): r for r in report["rows"]})
+    out = {**{f: first[f] for f in SHARED}, "models": models, "rows": list(rows.values()),
+           "seconds": round(sum(r.get("seconds", 0.0) for _, r in reports), 1),
+           "threads": first.get("threads"), "merged": [name for name, _ in reports]}
+    return {**out, "placed": placed(out)}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The table as Markdown (the README's): projected GiB per explainer run and config, "(48)" /
+    "(80)" / "(>80)" where a 24 GB GPU is too small, and the first config's forward-equivalents."""
+    configs = list(report["models"])
+    by = {(r["config"], _key(r)): r for r in report["rows"]}
+    keys = sorted({_key(r) for r in report["rows"]})
+    lines = [f"| explainer | {' | '.join(configs)} | forward-equivalents ({configs[0]}) |",
+             f"| --- |{' ---: |' * (len(configs) + 1)}"]
+    for key in keys:
+        cells = []
+        for name in configs:
+            row = by.get((name, key))
+            if row is None or row.get("projected_bytes") is None:
+                cells.append("" if row is None else "error")
+                continue
+            smallest = row.get("smallest_gpu")
+            mark = "" if smallest == report["gpus_gib"][0] else f" ({smallest or '>' + str(report['gpus_gib'][-1])})"
+            cells.append(f"{_gib(row['projected_bytes'])}{mark}")
+        head = by.get((configs[0], key))
+        cost = _cost(head["costs"]).lstrip("x") if head else ""
+        lines.append(f"| `{key}` | {' | '.join(cells)} | {cost} |")
+    if report.get("placed"):
+        lines += ["", "| config | explainer | largest shard, 2 x 24 GB | offloaded, one 24 GB | blocks on the GPU / "
+                      "offloaded | bus transfer per explanation |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+        for p in report["placed"]:
+            s, o = p["sharded"], p["offloaded"]
+            lines.append(f"| {p['config']} | `{p['explainer']}` | {_gib(max(s['peaks']))}{'' if s['fits'] else ' (no)'} | "
+                         f"{_gib(o['peak'])}{'' if o['fits'] else ' (no)'} | {o['resident_blocks']} / "
+                         f"{o['offloaded_blocks']} | {o['moved_per_pass'] / GIB:.1f} GiB x {o['passes']:g} = "
+                         f"{o['transfer_seconds']:g} s |")
     return "\n".join(lines)
 
 

@@ -46,7 +46,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "13B, LLaVA-NeXT-7B, Qwen2-VL-7B, Idefics3-8B, Qwen2.5-VL-7B, InternVL3.5-8B and "
                         "LLaVA-OneVision-7B configs, projected to full depth against 24/48/80 GB GPUs, with each "
                         "run's cost in forward-equivalents and the recomputed run of every explainer that "
-                        "differentiates (with --only: explainers whose id contains it)")
+                        "differentiates (with --only: the runs whose key contains one of its comma-separated "
+                        "substrings, e.g. 'relevancy,@recompute')")
     p.add_argument("--configs", metavar="NAMES",
                    help="with --scale: comma-separated configs (default all: "
                         "llava-1.5-7b,llava-1.5-13b,llava-next-7b,qwen2-vl-7b,idefics3-8b,qwen2.5-vl-7b,"
@@ -54,6 +55,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-recompute", action="store_true",
                    help="with --scale: leave out the recomputed runs (recompute=True) of the explainers that "
                         "differentiate")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="with --scale: measure nothing; merge the JSON of earlier --scale --json runs (a later "
+                        "file's row replaces an earlier one's) and print the table, or with --json the merged report")
+    p.add_argument("--markdown", action="store_true",
+                   help="with --scale: print the table as Markdown (the README's), placements below it")
     p.add_argument("--growth", action="store_true",
                    help="with --scale: instead of the table, fit each explainer's projected peak memory and "
                         "forward-equivalents against answer length (32, 128, 512 tokens) and image tokens "
@@ -248,8 +254,14 @@ def run_scale(args: argparse.Namespace) -> int:
     from xmllm.explainers.models import resolve_device
     from xmllm.explainers.registry import sample_level_ids
 
-    from ..bench.scale import render, run_scale as measure_scale
+    from ..bench.scale import markdown, render, run_keys, run_scale as measure_scale, selected
     from ..bench.scale_configs import CONFIGS
+
+    show = markdown if args.markdown else render
+    if args.merge:
+        report = merged(args.merge)
+        print(json.dumps(report, indent=2, allow_nan=False) if args.json else show(report))
+        return 0
 
     known = [c.name for c in CONFIGS]
     names = [n.strip() for n in args.configs.split(",") if n.strip()] if args.configs else None
@@ -257,8 +269,8 @@ def run_scale(args: argparse.Namespace) -> int:
     if unknown or names == []:
         raise XmllmError(f"--configs {args.configs!r}: unknown {', '.join(unknown) or 'empty list'}; "
                          f"known: {', '.join(known)}")
-    if args.only and not any(args.only in eid for eid in sample_level_ids()):
-        raise XmllmError(f"--only {args.only!r} matches no sample-level explainer")
+    if args.only and not any(selected(key, args.only) for key in run_keys(sample_level_ids())):
+        raise XmllmError(f"--only {args.only!r} matches no sample-level explainer or recomputed run")
     device = resolve_device("cpu" if args.device == "auto" else args.device)
     if device.type not in ("cpu", "cuda"):
         raise XmllmError(f"--device {args.device!r}: --scale measures on cpu (free arithmetic) or cuda (the allocator)")
@@ -283,8 +295,24 @@ def run_scale(args: argparse.Namespace) -> int:
             print(json.dumps(report, indent=2, allow_nan=False) if args.json else render_growth(report))
             return 0
         report = measure_scale(names, args.only, device, tell, recompute=not args.no_recompute)
-    print(json.dumps(report, indent=2, allow_nan=False) if args.json else render(report))
+    print(json.dumps(report, indent=2, allow_nan=False) if args.json else show(report))
     return 0
+
+
+def merged(paths: list[str]) -> dict[str, Any]:
+    """The ``--merge`` report of the JSON files at ``paths`` (a bad file is one error line naming it)."""
+    from ..bench.scale import merge
+
+    reports = []
+    for path in paths:
+        try:
+            reports.append((path, json.loads(Path(path).read_text(encoding="utf-8"))))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+            raise XmllmError(f"--merge {path}: {reason}") from None
+        if not isinstance(reports[-1][1], dict):
+            raise XmllmError(f"--merge {path}: not an 'xmllm bench --scale --json' report")
+    return merge(reports)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -292,7 +320,7 @@ def run(args: argparse.Namespace) -> int:
         return run_scale(args)
     if getattr(args, "configs", None):
         raise XmllmError("--configs needs --scale")
-    for flag in ("growth", "no_recompute"):
+    for flag in ("growth", "no_recompute", "merge", "markdown"):
         if getattr(args, flag, False):
             raise XmllmError(f"--{flag.replace('_', '-')} needs --scale")
     if args.repeat < 1:
