@@ -331,3 +331,23 @@ def test_trained_demo_top_neurons_matter_more_than_random_ones():
     for sample in demo_samples(3, seed=30):
         exp = TopActivations().explain(loaded, sample, top_k=10, random_draws=8)
         assert exp.scores["drop_top"] > float(exp.maps["random_drop"].max()), exp.scores
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_the_running_top_over_layers_equals_one_stable_sort_of_every_neuron(k):
+    """neurons.top_activations keeps only the best k columns as the backward visits each layer
+    (last layer first); with ties everywhere, that is still a stable descending sort of all keys."""
+    from xmllm.explainers.methods.neurons import _RunningTop
+
+    gen = torch.Generator().manual_seed(k)
+    widths, seq = [5, 3, 6, 4], 7
+    keys = [torch.randint(-2, 3, (w,), generator=gen).float() for w in widths]  # many ties
+    values = [torch.randn(seq, w, generator=gen) for w in widths]
+    offsets = np.cumsum([0, *widths[:-1]]).tolist()
+    running = _RunningTop(k)
+    for layer in reversed(range(len(widths))):
+        running.offer(offsets[layer], keys[layer], values[layer], 2 * values[layer])
+    expected = torch.argsort(torch.cat(keys), descending=True, stable=True)[:k]
+    assert running.flats.tolist() == expected.tolist()
+    columns = torch.cat(values, dim=1)[:, expected].T
+    assert torch.equal(running.values, columns) and torch.equal(running.attributions, 2 * columns)

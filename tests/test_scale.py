@@ -159,6 +159,16 @@ def test_the_projection_follows_the_two_deepest_points():
     assert row["projected_activation_bytes"] == pytest.approx(140 + 5 * 8 + 10 * (4 - 2))
 
 
+def test_a_vision_step_below_zero_adds_nothing():
+    """One more vision block cannot lower the peak: where the 1-block point's peak sat elsewhere
+    (the one-block model measured higher than the deeper vision tower), the vision tower adds 0."""
+    peaks = {(1, 2): 300.0, (2, 2): 150.0, (4, 2): 160.0, (1, 3): 110.0}
+    runs = {k: scale.Measured(v, 0.0, {}) for k, v in peaks.items()}
+    row = scale.projection(runs, list(peaks), ScalePlan(), None, (8, 27))
+    assert row["vision_step_bytes"] == pytest.approx(-190.0) and row["vision_slope_bytes"] == 0.0
+    assert row["projected_activation_bytes"] == pytest.approx(140 + 5 * 8)
+
+
 def test_a_batching_explainer_carries_its_trial_batches_to_the_default_batch():
     """Per-copy bytes from the two trial batches (listed under ``trials``) move every point's peak
     to the batch the defaults use: here 2 bytes a copy, 8 copies above the larger trial."""

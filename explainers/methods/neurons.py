@@ -276,34 +276,104 @@ def random_groups(total: int, size: int, draws: int, seed: int, exclude: Sequenc
 # --- neurons.top_activations -------------------------------------------------------------------------
 
 
-def value_attribution(prep: Prepared, space: NeuronSpace,
-                      recompute: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
-    """Per layer, the neuron values ``(seq, width)`` and their gradients of the summed answer
-    log-probability, from one forward and one backward; and that log-probability. ``recompute``:
-    the blocks are recomputed in the backward instead of keeping their activations (the values,
-    which the result returns, are kept either way)."""
-    values: list[torch.Tensor | None] = [None] * space.layers
+@dataclass
+class TopNeurons:
+    """What one forward and backward leave of the neuron values: every neuron's attribution summed
+    over positions, and for the top ``k`` (best first) their values and attributions at each position."""
+
+    attribution: torch.Tensor
+    """``(total,)`` float32, layer by layer."""
+    top: list[int]
+    value_at: torch.Tensor
+    """``(k, seq)`` float32."""
+    attribution_at: torch.Tensor
+    logprob: float
+
+
+class _RunningTop:
+    """The best ``k`` neurons over the layers offered so far, and their columns: exactly the first
+    ``k`` of a stable descending sort of every neuron's key (ties to the lower flat index), without
+    keeping any layer's ``(seq, width)`` values once it has been offered."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.keys: torch.Tensor | None = None
+        self.flats: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.attributions: torch.Tensor | None = None
+
+    def offer(self, offset: int, key: torch.Tensor, values: torch.Tensor, attributions: torch.Tensor) -> None:
+        order = torch.argsort(key, descending=True, stable=True)[: self.k]
+        parts = [(key[order], order + offset, values[:, order].T, attributions[:, order].T)]
+        if self.keys is not None:
+            parts.insert(0, (self.keys, self.flats, self.values, self.attributions))
+        keys, flats, vals, atts = (torch.cat(column) for column in zip(*parts))
+        by_flat = torch.argsort(flats, stable=True)  # ties go to the lower flat index, as one global sort
+        best = by_flat[torch.argsort(keys[by_flat], descending=True, stable=True)[: self.k]]
+        self.keys, self.flats, self.values, self.attributions = keys[best], flats[best], vals[best], atts[best]
+
+
+def top_neurons(prep: Prepared, space: NeuronSpace, top_k: int, signed: bool,
+                recompute: bool = False) -> TopNeurons:
+    """Activation x gradient of the summed answer log-probability at every neuron value, from one
+    forward and one backward, streamed: each layer's values and gradients are reduced to its
+    neurons' sums and its best ``top_k`` columns as the backward reaches it and then dropped, so no
+    two layers' ``(seq, width)`` gradients are alive at once (with ``recompute`` the values are the
+    block's recomputed ones, so none are kept from the forward either). ``signed``: rank by the
+    attribution, else by its magnitude."""
+    sums: list[torch.Tensor | None] = [None] * space.layers
+    forward: dict[int, torch.Tensor] = {}  # kept blocks: a value until its gradient arrives
+    again: dict[int, torch.Tensor] = {}  # recomputed blocks: the value the backward's recomputation made
+    ran: set[int] = set()
+    running = _RunningTop(top_k)
+    first: list[torch.Tensor] = []
+
+    def arrive(layer: int, grad: torch.Tensor) -> None:
+        value = again.pop(layer, None) if recompute else forward.pop(layer, None)
+        if value is None:
+            raise RuntimeError(f"{VALUE_POINT.format(layer)}: its value is gone before its gradient arrived")
+        acts, per_position = value[0].float(), value[0].float() * grad[0].float()
+        sums[layer] = per_position.sum(0)
+        running.offer(int(space.offsets[layer]), sums[layer] if signed else sums[layer].abs(), acts, per_position)
 
     def keep(layer: int, x: torch.Tensor) -> torch.Tensor:
         if recomputing() is not None:  # the backward's recomputation: the same graph start, nothing recorded
-            return x if x.requires_grad else x.detach().requires_grad_(True)
-        if values[layer] is not None:
+            x = x if x.requires_grad else x.detach().requires_grad_(True)
+            again[layer] = x.detach()
+            return x
+        if layer in ran:
             raise RuntimeError(f"{VALUE_POINT.format(layer)} ran twice in one forward")
+        ran.add(layer)
         if not x.requires_grad:  # the first block under frozen parameters: start the graph here
             x = x.detach().requires_grad_(True)
-        values[layer] = x
+        if layer == 0:
+            first.append(x)  # the backward's input: its gradient is the backward's result
+        else:
+            x.register_hook(lambda grad, layer=layer: arrive(layer, grad))
+        if not recompute or layer == 0:
+            forward[layer] = x.detach()
         return x
 
     with inputs_only_gradients(prep.model), torch.enable_grad(), on_values(space, keep), \
             recomputed_blocks(prep.adapter, recompute):
         target = logprobs_at(prep.model, dict(prep.inputs), prep.logit_positions, answer_ids(prep)).sum()
-        missing = [i for i, v in enumerate(values) if v is None]
+        missing = [i for i in range(space.layers) if i not in ran]
         if missing:
             raise RuntimeError(f"{VALUE_POINT.format(missing[0])} did not run in the forward")
-        grads = torch.autograd.grad(target, values, allow_unused=True)
-    acts = [v.detach()[0].float() for v in values]  # type: ignore[union-attr]
-    grads_out = [torch.zeros_like(a) if g is None else g[0].float() for a, g in zip(acts, grads)]
-    return acts, grads_out, float(target.detach())
+        (grad,) = torch.autograd.grad(target, first, allow_unused=True)
+    if recompute:
+        again[0] = forward.pop(0)
+    for layer in range(space.layers):  # a value the answer does not depend on: no gradient, attribution 0
+        if layer == 0 and grad is not None:
+            arrive(0, grad)
+        elif sums[layer] is None:
+            value = (again if recompute else forward).pop(layer, None)
+            width = space.widths[layer]
+            acts = value[0].float() if value is not None else torch.zeros(prep.seq_len, width, device=target.device)
+            sums[layer] = torch.zeros(width, device=acts.device)
+            running.offer(int(space.offsets[layer]), sums[layer], acts, torch.zeros_like(acts))
+    return TopNeurons(torch.cat(sums), running.flats.tolist(), running.values, running.attributions,  # type: ignore[arg-type]
+                      float(target.detach()))
 
 
 @register
@@ -362,14 +432,10 @@ class TopActivations(Explainer):
         recompute = resolve(params.recompute, lambda: backward_copy_bytes(prep, eager=eager), prep.loaded.device,
                             model=prep.model)
         with fused_attention(prep.model, fast_attention):
-            values, grads, logprob = value_attribution(prep, space, recompute)
-        per_position = [v * g for v, g in zip(values, grads)]  # (seq, width) per layer
-        attribution = torch.cat([p.sum(0) for p in per_position])  # (total,)
-        key = attribution if rank_by == "attribution" else attribution.abs()
-        top = torch.argsort(key, descending=True, stable=True)[:top_k].tolist()
+            found = top_neurons(prep, space, top_k, rank_by == "attribution", recompute)
+        attribution, top, logprob = found.attribution, found.top, found.logprob
         located = [space.locate(n) for n in top]
-        value_at = torch.stack([values[l][:, u] for l, u in located])  # (k, seq)
-        attribution_at = torch.stack([per_position[l][:, u] for l, u in located])
+        value_at, attribution_at = found.value_at, found.attribution_at  # (k, seq) each
 
         others = random_groups(space.total, top_k, random_draws, seed, exclude=top)
         groups = [[], top, *[[n] for n in top], *others]

@@ -409,10 +409,13 @@ def projection(runs: dict[tuple[int, int], Measured], points: Sequence[tuple[int
     peaks = [(layers, runs[(layers, v)].peak + shift) for layers, v in base_points]
     line = fit(peaks)
     settled = fit(peaks[-2:])
-    vision_slope = runs[points[-1]].peak - runs[points[0]].peak if vision else 0
+    step = runs[points[-1]].peak - runs[points[0]].peak if vision else 0
+    # one more vision block cannot lower the peak: a step below zero says the one-block point's peak
+    # sat elsewhere (measured: integrated gradients, recomputed, on Idefics3-8B), so it adds nothing
+    vision_slope = max(0.0, step)
     activations = project(settled, full[0]) + vision_slope * (full[1] - points[0][1])
     return {**out, "fit": line, "settled": {"intercept": settled["intercept"], "slope": settled["slope"]},
-            "vision_slope_bytes": vision_slope, "projected_activation_bytes": activations}
+            "vision_slope_bytes": vision_slope, "vision_step_bytes": step, "projected_activation_bytes": activations}
 
 
 def _row(model: Model, key: str, chosen: ScalePlan, runs: dict[tuple[int, int], Measured], small: Measured | None,
@@ -487,13 +490,15 @@ def _key(row: dict[str, Any]) -> str:
     return row.get("key", row["explainer"])
 
 
-def _cost(costs: dict[str, Any]) -> str:
-    """Forward-equivalents as a table cell: ``x65``, ``x579+`` (a lower bound)."""
+def _cost(row: dict[str, Any]) -> str:
+    """A row's forward-equivalents as a table cell: ``x65``, ``x579+`` (a lower bound), ``x97*`` (a
+    default run that recomputed its blocks by itself; a recomputed run is not marked)."""
+    costs = row["costs"]
     value = costs.get("forward_equivalents")
     if value is None:
         return ""
     shown = f"{value:.0f}" if value >= 100 else f"{value:g}"
-    return f"x{shown}{'+' if costs.get('lower_bound') else ''}{'*' if costs.get('recomputed') else ''}"
+    return f"x{shown}{'+' if costs.get('lower_bound') else ''}{'*' if costs.get('recomputed') and row.get('run') != 'recomputed' else ''}"
 
 
 def _gib(value: float | None) -> str:
@@ -529,7 +534,7 @@ def render(report: dict[str, Any]) -> str:
             else:
                 fits = row["fits"]
                 mark = next((f"<={g}" for g in report["gpus_gib"] if fits.get(str(g))), ">80")
-                cells.append(f"{_gib(row['projected_bytes'])} {mark} {_cost(row['costs'])}")
+                cells.append(f"{_gib(row['projected_bytes'])} {mark} {_cost(row)}")
         table.append(cells)
     lines += ["", _table(header, table)]
     lines += ["", "per block, GiB: the projection's slope (2-4 blocks), the 1-2-4 line's slope and residual (rms / max), "
@@ -558,6 +563,20 @@ SHARED = ("device", "method", "dtype", "answer_tokens", "depths", "vision_blocks
 """What every merged report must agree on."""
 
 
+def _clamped(row: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
+    """A row of a report made before :func:`projection` clamped a vision step below zero, projected
+    again without it (rows of later reports come back unchanged)."""
+    step = row.get("vision_slope_bytes")
+    if "vision_step_bytes" in row or step is None or step >= 0 or row.get("projected_bytes") is None:
+        return row
+    extra = report["models"][row["config"]]["vision_layers"] - report["vision_blocks"][0]
+    activations = row["projected_activation_bytes"] - step * extra
+    total = activations + row["weights_bytes"]
+    return {**row, "vision_slope_bytes": 0.0, "vision_step_bytes": step, "projected_activation_bytes": activations,
+            "projected_bytes": total, "fits": {str(g): total <= g * GIB for g in report["gpus_gib"]},
+            "smallest_gpu": next((g for g in report["gpus_gib"] if total <= g * GIB), None)}
+
+
 def merge(reports: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     """One report from several runs' JSON (``--merge``: (name, report) pairs, e.g. each config run
     on its own): their configs and rows, a later run's row replacing an earlier one's of the same
@@ -575,7 +594,7 @@ def merge(reports: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
         if differ:
             raise XmllmError(f"--merge {name}: {differ} {report[differ]!r} differs from {first_name}'s {first[differ]!r}")
         models.update(report["models"])
-        rows.update({(r["config"], _key(r)): r for r in report["rows"]})
+        rows.update({(r["config"], _key(r)): _clamped(r, report) for r in report["rows"]})
     out = {**{f: first[f] for f in SHARED}, "models": models, "rows": list(rows.values()),
            "seconds": round(sum(r.get("seconds", 0.0) for _, r in reports), 1),
            "threads": first.get("threads"), "merged": [name for name, _ in reports]}
@@ -601,7 +620,7 @@ def markdown(report: dict[str, Any]) -> str:
             mark = "" if smallest == report["gpus_gib"][0] else f" ({smallest or '>' + str(report['gpus_gib'][-1])})"
             cells.append(f"{_gib(row['projected_bytes'])}{mark}")
         head = by.get((configs[0], key))
-        cost = _cost(head["costs"]).lstrip("x") if head else ""
+        cost = _cost(head).lstrip("x") if head else ""
         lines.append(f"| `{key}` | {' | '.join(cells)} | {cost} |")
     if report.get("placed"):
         lines += ["", "| config | explainer | largest shard, 2 x 24 GB | offloaded, one 24 GB | blocks on the GPU / "
