@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import pkgutil
 import signal
 import sys
@@ -21,6 +23,9 @@ TERMINATED = 143
 """Exit status after SIGTERM (``kill``, a scheduler's timeout): 128 + 15. Either way the command
 stops as after Ctrl-C: ``xmllm: interrupted``, scratch folders removed, nothing half-written, and an
 audit resumes where it stopped when rerun."""
+BROKEN_PIPE = 141
+"""Exit status when the reader of the output goes away (``| head``): 128 + 13 (SIGPIPE), as ``cat``
+reports it, without a traceback."""
 
 
 class Terminated(KeyboardInterrupt):
@@ -85,6 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         print("xmllm: interrupted", file=sys.stderr)
         return TERMINATED if isinstance(exc, Terminated) else INTERRUPTED
+    except BrokenPipeError:  # the reader went away ('xmllm models --json | head'): stop quietly, as cat does
+        with contextlib.suppress(OSError):  # Python's flush at exit would raise again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return BROKEN_PIPE
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

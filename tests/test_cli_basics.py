@@ -67,6 +67,16 @@ def test_module_entry_point_runs() -> None:
     assert len(json.loads(proc.stdout)["leaves"]) == 16
 
 
+def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
+    """``xmllm catalog --json | head -c 1``: the reader closes the pipe before the command writes;
+    the command stops with 141 (128 + SIGPIPE), as ``cat`` does, and no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "xmllm.cli", "catalog", "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # long before the interpreter has started and the catalog is loaded
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141 and b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
+
+
 def test_explainers_id_lists_the_declared_parameters(capsys) -> None:
     assert main(["explainers", "perturbation.occlusion"]) == 0
     out = capsys.readouterr().out
