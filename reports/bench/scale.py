@@ -679,15 +679,16 @@ def narrow_builder(folder: Any, values: str = "free", dtype: torch.dtype = DTYPE
 
 
 def projection_check(folder: Any, ids: Sequence[str] | None = None,
-                     tell: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Per explainer: the 8-block peak of the narrow bench model projected from 1, 2 and 4 blocks
+                     tell: Callable[[str], None] | None = None, recompute: bool = True) -> list[dict[str, Any]]:
+    """Per run key (each explainer, and with ``recompute`` the recomputed run of each one that
+    differentiates): the 8-block peak of the narrow bench model projected from 1, 2 and 4 blocks
     (trial batches and all, as ``--scale`` measures), against the 8-block peak measured at the batch the
     defaults use (free arithmetic on the CPU, the device's default budget)."""
     from transformers import AutoConfig
 
     from .models import demo_sample
 
-    ids = list(ids or sample_level_ids())
+    ids = run_keys(list(ids or sample_level_ids()), recompute)
     builder = narrow_builder(folder)
     vision = AutoConfig.from_pretrained(folder).vision_config.num_hidden_layers
     points = [(layers, vision) for layers in CHECK_DEPTHS]
@@ -699,21 +700,22 @@ def projection_check(folder: Any, ids: Sequence[str] | None = None,
     prep = forced(loaded, image)
     out = []
     with planning(*full, device="cuda"):
-        for eid in ids:
-            chosen = plans[eid]
+        for key in ids:
+            eid, extra = split_key(key)
+            chosen = plans[key]
             if tell is not None:
-                tell(f"llava-576 {CHECK_TARGET}+{vision} {eid}")
-            params = chosen.at(chosen.batch) if chosen.batch else chosen.params
+                tell(f"llava-576 {CHECK_TARGET}+{vision} {key}")
+            params = {**(chosen.at(chosen.batch) if chosen.batch else chosen.params), **extra}
             target = measure_one(eid, _prep_for(prep, chosen), params, torch.device("cpu"), chosen.batch,
                                  chosen.stop_backwards)
-            measured = [*runs[eid].values(), *([small[eid]] if eid in small else [])]
+            measured = [*runs[key].values(), *([small[key]] if key in small else [])]
             failed = target.error or next((m.error for m in measured if m.error), None)
             if failed or target.peak is None or any(m.peak is None for m in measured):
-                out.append({"explainer": eid, "error": failed or "no peak measured"})
+                out.append({"explainer": key, "error": failed or "no peak measured"})
                 continue
-            row = projection(runs[eid], points, chosen, small.get(eid), full, vision=False)
+            row = projection(runs[key], points, chosen, small.get(key), full, vision=False)
             projected = row["projected_activation_bytes"]
-            out.append({"explainer": eid, "peaks": {f"{k[0]}": m.peak for k, m in runs[eid].items()},
+            out.append({"explainer": key, "peaks": {f"{k[0]}": m.peak for k, m in runs[key].items()},
                         "measured": target.peak, "projected": projected,
                         "error_share": (projected - target.peak) / target.peak, "fit": row["fit"],
                         "batch": chosen.batch, "trials": list(chosen.trials), "note": chosen.note})
