@@ -281,11 +281,9 @@ class TopNeurons:
     """What one forward and backward leave of the neuron values: every neuron's attribution summed
     over positions, and for the top ``k`` (best first) their values and attributions at each position."""
 
-    attribution: torch.Tensor
-    """``(total,)`` float32, layer by layer."""
+    attribution: torch.Tensor  # (total,) float32, layer by layer
     top: list[int]
-    value_at: torch.Tensor
-    """``(k, seq)`` float32."""
+    value_at: torch.Tensor  # (k, seq) float32, as attribution_at
     attribution_at: torch.Tensor
     logprob: float
 
@@ -325,8 +323,7 @@ def top_neurons(prep: Prepared, space: NeuronSpace, top_k: int, signed: bool,
     forward: dict[int, torch.Tensor] = {}  # kept blocks: a value until its gradient arrives
     again: dict[int, torch.Tensor] = {}  # recomputed blocks: the value the backward's recomputation made
     ran: set[int] = set()
-    running = _RunningTop(top_k)
-    first: list[torch.Tensor] = []
+    running, first = _RunningTop(top_k), []  # first: the first block's value, the backward's input
 
     def arrive(layer: int, grad: torch.Tensor) -> None:
         value = again.pop(layer, None) if recompute else forward.pop(layer, None)
@@ -350,8 +347,7 @@ def top_neurons(prep: Prepared, space: NeuronSpace, top_k: int, signed: bool,
             first.append(x)  # the backward's input: its gradient is the backward's result
         else:
             x.register_hook(lambda grad, layer=layer: arrive(layer, grad))
-        if not recompute or layer == 0:
-            forward[layer] = x.detach()
+        forward.update({layer: x.detach()} if not recompute or layer == 0 else {})
         return x
 
     with inputs_only_gradients(prep.model), torch.enable_grad(), on_values(space, keep), \
@@ -361,14 +357,12 @@ def top_neurons(prep: Prepared, space: NeuronSpace, top_k: int, signed: bool,
         if missing:
             raise RuntimeError(f"{VALUE_POINT.format(missing[0])} did not run in the forward")
         (grad,) = torch.autograd.grad(target, first, allow_unused=True)
-    if recompute:
-        again[0] = forward.pop(0)
+    again.update({0: forward.pop(0)} if recompute else {})
     for layer in range(space.layers):  # a value the answer does not depend on: no gradient, attribution 0
         if layer == 0 and grad is not None:
             arrive(0, grad)
         elif sums[layer] is None:
-            value = (again if recompute else forward).pop(layer, None)
-            width = space.widths[layer]
+            value, width = (again if recompute else forward).pop(layer, None), space.widths[layer]
             acts = value[0].float() if value is not None else torch.zeros(prep.seq_len, width, device=target.device)
             sums[layer] = torch.zeros(width, device=acts.device)
             running.offer(int(space.offsets[layer]), sums[layer], acts, torch.zeros_like(acts))
