@@ -329,7 +329,8 @@ def top_neurons(prep: Prepared, space: NeuronSpace, top_k: int, signed: bool,
         value = again.pop(layer, None) if recompute else forward.pop(layer, None)
         if value is None:
             raise RuntimeError(f"{VALUE_POINT.format(layer)}: its value is gone before its gradient arrived")
-        acts, per_position = value[0].float(), value[0].float() * grad[0].float()
+        acts = value[0].float()
+        per_position = acts * grad[0].float()
         sums[layer] = per_position.sum(0)
         running.offer(int(space.offsets[layer]), sums[layer] if signed else sums[layer].abs(), acts, per_position)
 

@@ -418,6 +418,12 @@ def projection(runs: dict[tuple[int, int], Measured], points: Sequence[tuple[int
             "vision_slope_bytes": vision_slope, "vision_step_bytes": step, "projected_activation_bytes": activations}
 
 
+def fitted(total: float, gpus: Sequence[int]) -> dict[str, Any]:
+    """A row's projected bytes and which of ``gpus`` (GiB) they fit: every size, and the smallest."""
+    return {"projected_bytes": total, "fits": {str(g): total <= g * GIB for g in gpus},
+            "smallest_gpu": next((g for g in gpus if total <= g * GIB), None)}
+
+
 def _row(model: Model, key: str, chosen: ScalePlan, runs: dict[tuple[int, int], Measured], small: Measured | None,
          points: list[tuple[int, int]], full: tuple[int, int], info: dict[str, Any]) -> dict[str, Any]:
     measured = [*runs.values(), *([small] if small is not None else [])]
@@ -440,8 +446,7 @@ def _row(model: Model, key: str, chosen: ScalePlan, runs: dict[tuple[int, int], 
         return row
     row.update(projection(runs, points, chosen, small, full))
     total = row["projected_activation_bytes"] + model.weights
-    row.update(projected_bytes=total, fits={str(g): total <= g * GIB for g in GPUS},
-               smallest_gpu=next((g for g in GPUS if total <= g * GIB), None))
+    row.update(fitted(total, GPUS))
     return row
 
 
@@ -571,10 +576,8 @@ def _clamped(row: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
         return row
     extra = report["models"][row["config"]]["vision_layers"] - report["vision_blocks"][0]
     activations = row["projected_activation_bytes"] - step * extra
-    total = activations + row["weights_bytes"]
     return {**row, "vision_slope_bytes": 0.0, "vision_step_bytes": step, "projected_activation_bytes": activations,
-            "projected_bytes": total, "fits": {str(g): total <= g * GIB for g in report["gpus_gib"]},
-            "smallest_gpu": next((g for g in report["gpus_gib"] if total <= g * GIB), None)}
+            **fitted(activations + row["weights_bytes"], report["gpus_gib"])}
 
 
 def merge(reports: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
